@@ -1,0 +1,232 @@
+"""The `lingregion` command: a thin layer over the Python API."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+from .store import LingregionError
+
+DEFAULT_OUT = "lingregion-run"
+
+
+def _langs(value: str) -> list[str]:
+    return [x.strip() for x in value.split(",") if x.strip()]
+
+
+def _ratios(value: str) -> list[float]:
+    try:
+        return [float(x) for x in _langs(value)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of numbers such as 0.01,0.03") from None
+
+
+def _texts(pairs: list[str]) -> tuple[list[str], dict[str, str]]:
+    """--lang ru or --lang ru=PATH: the languages named, and the user text for those given a path."""
+    langs, texts = [], {}
+    for item in pairs or []:
+        lang, sep, path = item.partition("=")
+        langs.append(lang)
+        if sep:
+            texts[lang] = path
+    return langs, texts
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="Hugging Face hub id or local folder (default: the built-in Gemma 3 270M base)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype; losses and scores are accumulated in fp32 regardless (default float32)")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+
+
+def _data_args(p: argparse.ArgumentParser, budget_default: int | None = None) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--lang", action="append", metavar="L[=PATH]",
+                   help="a language of the built-in corpus, or L=PATH for your own .txt/.jsonl/.parquet text "
+                        "(or L=hf:DATASET[:CONFIG]); repeat for several")
+    g.add_argument("--seq-len", type=int, default=512, help="tokens per window, BOS included (default 512)")
+    g.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+
+
+def _config(args, **extra):
+    from .experiments import Config
+
+    base = Config.quick if getattr(args, "quick", False) else Config
+    _, texts = _texts(args.lang)
+    kw = {"model": args.model, "dtype": args.dtype, "device": args.device,
+          "trust_remote_code": args.trust_remote_code, "seq_len": args.seq_len, "batch_size": args.batch_size,
+          "texts": texts, **extra}
+    return base(**{k: v for k, v in kw.items() if v is not None})
+
+
+def cmd_reproduce(args) -> None:
+    from . import report
+    from .experiments import reproduce
+
+    extra = {k: v for k, v in {
+        "score_langs": args.score_langs, "eval_langs": args.eval_langs, "score_tokens": args.tokens,
+        "eval_tokens": args.eval_tokens, "ratios": args.ratios, "scope": args.scope, "seed": args.seed,
+        "experiments": args.experiments}.items() if v is not None}
+    cfg = _config(args, **extra)
+    results = reproduce(cfg, Path(args.out))
+    if "removal" in results:
+        print(report.removal_table(results["removal"]))
+    print(f"\nreport: {Path(args.out) / 'report.md'}")
+
+
+def cmd_score(args) -> None:
+    from . import models
+    from .experiments import Run
+
+    langs, _ = _texts(args.lang)
+    if not langs:
+        raise LingregionError("name at least one language with --lang L (or --lang L=PATH)")
+    cfg = _config(args, score_langs=langs, eval_langs=[], score_tokens=args.tokens)
+    cfg.validate()
+    run = Run(Path(args.out), cfg, models.load(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code))
+    for lang in langs:
+        run.scores(lang)
+        print(f"{lang}: {Path(args.out) / 'scores' / (lang + '.safetensors')}")
+
+
+def cmd_locate(args) -> None:
+    from .regions import select
+    from .store import read_tensors
+
+    files = [Path(args.run) / "scores" / f"{lang}.safetensors" for lang in args.langs] if args.run else [Path(f) for f in args.scores]
+    if not files:
+        raise LingregionError("give score files with --scores FILE ... or a run folder with --run DIR --langs ar,es")
+    total, fingerprint, langs = {}, None, []
+    for f in files:
+        tensors, meta = read_tensors(f)
+        if meta.get("format") != "lingregion-scores-v1":
+            raise LingregionError(f"{f}: not a score file; pass files written by 'lingregion score'")
+        if fingerprint and meta["model_fingerprint"] != fingerprint:
+            raise LingregionError(f"{f}: scores come from another model ({meta['model_fingerprint']} ≠ {fingerprint}); "
+                                  "score every language with the same model")
+        fingerprint = meta["model_fingerprint"]
+        langs.append(meta["lang"])
+        for n, t in tensors.items():
+            total[n] = total[n].add_(t) if n in total else t
+    region = select(total, args.ratio, args.side, args.scope, args.seed,
+                    {"model": fingerprint, "languages": langs, "estimator": "taylor", "label": "core"})
+    region.save(Path(args.out))
+    print(f"{args.out}: {region.count():,} of {region.total():,} entries ({args.side} {args.ratio:g}, {args.scope}, "
+          f"languages {','.join(langs)})")
+
+
+def cmd_evaluate(args) -> None:
+    from . import corpus, evaluation, interventions, models, report
+    from .regions import Region
+
+    langs, texts = _texts(args.lang)
+    if not langs:
+        raise LingregionError("name at least one language with --lang L (or --lang L=PATH)")
+    region = Region.load(Path(args.remove)) if args.remove else None
+    m = models.load(args.model, args.dtype, args.device, args.trust_remote_code)
+    edits = []
+    if region:
+        region.check_model(m.model, m.info["fingerprint"])
+        edits = interventions.removal(region, models.removed_values(m.model, list(region.packed)))
+    rows = {}
+    with interventions.applied(m.model, edits):
+        for lang in langs:
+            w = corpus.load_windows(m.tokenizer, lang, "eval", args.seq_len, args.tokens, texts.get(lang))
+            rows[lang] = evaluation.perplexity(m.model, w, args.batch_size)
+    setting = "removed" if region else "base"
+    print(report.removal_table({"settings": [setting], "languages": langs, "table": {setting: rows}}))
+
+
+def cmd_report(args) -> None:
+    from . import report
+
+    report.write(Path(args.run_dir))
+    print(Path(args.run_dir) / "report.md")
+
+
+def cmd_languages(args) -> None:
+    from .corpus import manifest
+
+    for code, info in sorted(manifest()["languages"].items()):
+        print(f"{code}\t{info['name']}\tscore {info['chars']['score']:,} chars\teval {info['chars']['eval']:,} chars\t"
+              f"{'+'.join(info['sources'])}")
+
+
+def parser() -> argparse.ArgumentParser:
+    from .experiments import EXPERIMENTS
+
+    p = argparse.ArgumentParser(prog="lingregion", description="Find and test the linguistic regions of LLMs.")
+    p.add_argument("--version", action="version", version=f"lingregion {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("reproduce", help="run the paper's experiments end to end and write a report",
+                       description="Score languages, locate the core region, remove Top/Bottom/Random and evaluate "
+                                   "perplexity and bits per byte. Rerunning the same command resumes.")
+    _model_args(r)
+    _data_args(r)
+    r.add_argument("--quick", action="store_true", help="small token budgets (a few minutes on a 2-core CPU)")
+    r.add_argument("--out", default=DEFAULT_OUT, help=f"run folder (default {DEFAULT_OUT}); reused to resume")
+    r.add_argument("--experiments", type=_langs, help=f"comma-separated subset of: {', '.join(EXPERIMENTS)}")
+    r.add_argument("--score-langs", type=_langs, help="languages whose importance is summed (default ar,es,ru,zh,ko,vi)")
+    r.add_argument("--eval-langs", type=_langs, help="languages evaluated (default ar,zh,it,ja,ko,fa,pt,ru,es,uk,vi,en)")
+    r.add_argument("--tokens", type=int, help="scoring tokens per language (default 4096; 512 with --quick)")
+    r.add_argument("--eval-tokens", type=int, help="evaluation tokens per language (default 2048; 256 with --quick)")
+    r.add_argument("--ratios", type=_ratios, help="region sizes as fractions (default 0.01,0.03)")
+    r.add_argument("--scope", choices=["matrix", "global"], help="Top/Bottom k%% per matrix (default) or over all")
+    r.add_argument("--seed", type=int, help="seed of the Random region (default 0)")
+    r.set_defaults(func=cmd_reproduce)
+
+    s = sub.add_parser("score", help="compute per-language importance scores",
+                       description="Write OUT/scores/L.safetensors for each --lang: |(θ − θ_removed) ⊙ Σg| in fp32.")
+    _model_args(s)
+    _data_args(s)
+    s.add_argument("--tokens", type=int, default=4096, help="scoring tokens per language (default 4096)")
+    s.add_argument("--out", default=DEFAULT_OUT, help=f"run folder (default {DEFAULT_OUT})")
+    s.set_defaults(func=cmd_score)
+
+    loc = sub.add_parser("locate", help="select a region from score files",
+                         description="Sum the given languages' scores and keep the Top/Bottom/Random ratio.")
+    loc.add_argument("--scores", nargs="*", default=[], help="score files (.safetensors from 'lingregion score')")
+    loc.add_argument("--run", help="a run folder; use with --langs")
+    loc.add_argument("--langs", type=_langs, default=[], help="languages of --run to sum, e.g. ar,es,ru,zh,ko,vi")
+    loc.add_argument("--ratio", type=float, default=0.01, help="fraction of entries (default 0.01)")
+    loc.add_argument("--side", default="top", choices=["top", "bottom", "random"])
+    loc.add_argument("--scope", default="matrix", choices=["matrix", "global"])
+    loc.add_argument("--seed", type=int, default=0, help="seed for --side random (default 0)")
+    loc.add_argument("--out", required=True, help="region file to write (.safetensors)")
+    loc.set_defaults(func=cmd_locate)
+
+    e = sub.add_parser("evaluate", help="perplexity and bits per byte, optionally with a region removed")
+    _model_args(e)
+    _data_args(e)
+    e.add_argument("--remove", help="region file to remove before evaluating")
+    e.add_argument("--tokens", type=int, default=2048, help="evaluation tokens per language (default 2048)")
+    e.set_defaults(func=cmd_evaluate)
+
+    rep = sub.add_parser("report", help="rebuild a run folder's report from its saved results")
+    rep.add_argument("run_dir")
+    rep.set_defaults(func=cmd_report)
+
+    lg = sub.add_parser("languages", help="list the built-in corpus")
+    lg.set_defaults(func=cmd_languages)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LingregionError as e:
+        print(f"lingregion: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lingregion: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

