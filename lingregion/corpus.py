@@ -120,9 +120,10 @@ class Windows:
 
 def make_windows(tokenizer, docs: list[str], seq_len: int, max_tokens: int, lang: str = "",
                  split: str = "", source: str = "") -> Windows:
-    """Cut the joined documents into windows covering at least `max_tokens` predicted tokens.
+    """Cut the joined documents into ceil(max_tokens / seq_len) windows.
 
-    The budget is rounded up to whole windows; only the text running out makes a window shorter.
+    The budget counts window positions (BOS included), so 4096 tokens at seq_len 512 are 8 windows;
+    only the text running out makes a window shorter.
     """
     if seq_len < 2:
         raise LingregionError(f"--seq-len must be at least 2 (got {seq_len})")
@@ -135,10 +136,16 @@ def make_windows(tokenizer, docs: list[str], seq_len: int, max_tokens: int, lang
     bos = tokenizer.bos_token_id
     # Without a BOS token the first token of a window has no context to be predicted from.
     per_window = seq_len - 1 if bos is not None else seq_len
-    n_windows = -(-max_tokens // (per_window - (0 if bos is not None else 1)))
+    n_windows = -(-max_tokens // seq_len)
     take = min(n_windows * per_window, len(ids))
     encoded = text.encode("utf-8")
     char_to_byte = _char_to_byte_offsets(text)
+
+    def byte_at(i: int) -> int:
+        # Where token i starts; a character split over two windows' tokens counts in the later one,
+        # so the windows' byte counts partition the text exactly.
+        return char_to_byte[offsets[i][0]] if i < take else char_to_byte[offsets[take - 1][1]]
+
     windows, n_bytes = [], []
     for start in range(0, take, per_window):
         end = min(start + per_window, take)
@@ -147,7 +154,7 @@ def make_windows(tokenizer, docs: list[str], seq_len: int, max_tokens: int, lang
         if first_predicted >= end:
             break
         windows.append(torch.tensor(([bos] if bos is not None else []) + chunk, dtype=torch.long))
-        n_bytes.append(char_to_byte[offsets[end - 1][1]] - char_to_byte[offsets[first_predicted][0]])
+        n_bytes.append(byte_at(end) - byte_at(first_predicted))
     meta = {
         "lang": lang, "split": split, "source": source,
         "text_sha256": sha256_bytes(encoded), "text_bytes": len(encoded), "documents": len(docs),

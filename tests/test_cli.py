@@ -1,0 +1,93 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lingregion.cli import main
+from lingregion.regions import Region
+
+TINY = ["--seq-len", "16", "--tokens", "32", "--eval-tokens", "32", "--score-langs", "ru,es",
+        "--eval-langs", "ru,zh", "--ratios", "0.05", "--batch-size", "2"]
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_reproduce_end_to_end_and_resume(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = run(capsys, "reproduce", "--model", tiny_folder, "--out", out, *TINY)
+    assert code == 0
+    assert "| Language | Base | top 0.05 | bottom 0.05 | random 0.05 |" in stdout
+    summary = json.loads((out / "results" / "removal-summary.json").read_text())
+    assert summary["languages"] == ["ru", "zh"] and set(summary["table"]) == {"base", "top@0.05", "bottom@0.05", "random@0.05"}
+    # provenance: model, tokenizer, data hash, token counts, window length, dtype, seed, version
+    assert summary["model"]["fingerprint"] and summary["model"]["tokenizer"]
+    assert summary["eval_windows"]["ru"]["text_sha256"] and summary["eval_windows"]["ru"]["tokens"] == 2 * 15
+    assert summary["protocol"]["seq_len"] == 16 and summary["protocol"]["dtype"] == "float32"
+    assert summary["environment"]["lingregion"]
+    assert json.loads((out / "config.json").read_text())["seed"] == 0
+    for name in ["report.md", "removal.md", "scores/ru.safetensors", "regions/core-top-0.05.safetensors"]:
+        assert (out / name).is_file(), name
+    assert not list(out.rglob("*.tmp"))
+    region = Region.load(out / "regions" / "core-top-0.05.safetensors")
+    assert region.meta["languages"] == ["ru", "es"] and region.meta["model"] == summary["model"]["fingerprint"]
+
+    # a second identical command reuses scores and results instead of recomputing them
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "scores").iterdir()}
+    results = (out / "results" / "removal.json").read_text()
+    code, stdout2, _ = run(capsys, "reproduce", "--model", tiny_folder, "--out", out, *TINY)
+    assert code == 0 and stdout2 == stdout
+    assert stamps == {p: p.stat().st_mtime_ns for p in (out / "scores").iterdir()}
+    assert (out / "results" / "removal.json").read_text() == results
+
+    # the report is rebuilt from saved results alone
+    (out / "report.md").unlink()
+    assert run(capsys, "report", out)[0] == 0 and (out / "report.md").is_file()
+
+
+def test_score_locate_evaluate_commands(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(capsys, "score", "--model", tiny_folder, "--lang", "ru", "--lang", "es", "--seq-len", 16,
+               "--tokens", 32, "--out", out)[0] == 0
+    region = tmp_path / "top.safetensors"
+    code, stdout, _ = run(capsys, "locate", "--run", out, "--langs", "ru,es", "--ratio", 0.1, "--out", region)
+    assert code == 0 and "top 0.1" in stdout
+    code, stdout, _ = run(capsys, "evaluate", "--model", tiny_folder, "--lang", "ru", "--remove", region,
+                          "--seq-len", 16, "--tokens", 32)
+    assert code == 0 and "| ru |" in stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["reproduce", "--eval-langs", "xx"], "unknown language 'xx'"),
+    (["reproduce", "--ratios", "1.5"], "outside (0, 1)"),
+    (["reproduce", "--experiments", "nope"], "unknown experiment"),
+    (["evaluate", "--model", "/nonexistent/model", "--lang", "ru"], "cannot load model"),
+])
+def test_bad_input_is_one_line_exit_2(argv, message, tmp_path, capsys):
+    code, _, err = run(capsys, *argv, *(["--out", tmp_path / "o"] if argv[0] == "reproduce" else []))
+    assert code == 2
+    assert err.count("\n") == 1 and message in err and err.startswith("lingregion: error:")
+    assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_region_from_another_model_is_refused(tiny_folder, tmp_path, capsys):
+    bad = tmp_path / "foreign.safetensors"
+    Region.from_masks({"model.layers.0.mlp.up_proj.weight": torch.ones(48, 32, dtype=torch.bool)},
+                      {"model": "0000000000000000"}).save(bad)
+    code, _, err = run(capsys, "evaluate", "--model", tiny_folder, "--lang", "ru", "--remove", bad, "--seq-len", 16)
+    assert code == 2 and "made on model 0000000000000000" in err
+    (tmp_path / "cut.safetensors").write_bytes(bad.read_bytes()[:40])
+    code, _, err = run(capsys, "evaluate", "--model", tiny_folder, "--lang", "ru", "--remove",
+                       tmp_path / "cut.safetensors", "--seq-len", 16)
+    assert code == 2 and "corrupt or truncated" in err
+
+
+def test_console_script_exits_2():
+    proc = subprocess.run([sys.executable, "-m", "lingregion.cli", "locate", "--ratio", "0.1", "--out", "x"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "lingregion: error:" in proc.stderr
