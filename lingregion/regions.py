@@ -7,6 +7,7 @@ a fixed order (parameter order, then flat index), so a selection is exact in siz
 """
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -108,50 +109,49 @@ class Region:
                                   "locate the region again with this model")
 
 
-def _sortable(t: torch.Tensor) -> torch.Tensor:
-    """int64 keys whose order is the order of the float scores (non-negative, finite)."""
-    return t.detach().float().reshape(-1).view(torch.int32).to(torch.int64)
+def _float_of(bits: int) -> float:
+    return torch.tensor(bits, dtype=torch.int32).view(torch.float32).item()
 
 
 def _select_group(scores: Mapping[str, torch.Tensor], names: list[str], k: int, largest: bool) -> dict[str, torch.Tensor]:
     """The k largest (or smallest) entries across `names`; ties broken by parameter order, then index."""
     if k == 0:
         return {n: torch.zeros(scores[n].shape, dtype=torch.bool) for n in names}
-    sign = 1 if largest else -1
+    beyond = torch.gt if largest else torch.lt
 
-    def count_beyond(t: int) -> int:
-        return sum(int((sign * _sortable(scores[n]) > sign * t).sum()) for n in names)
+    def count_beyond(t: float) -> int:
+        return sum(int(beyond(scores[n], t).sum()) for n in names)
 
-    if len(names) == 1:  # one matrix: linear-time selection of the k-th key directly
-        keys = _sortable(scores[names[0]])
-        threshold = int(keys.kthvalue(len(keys) - k + 1 if largest else k).values)
+    if len(names) == 1:  # one matrix: partial selection (no full sort) gives the k-th value directly
+        kth = scores[names[0]].reshape(-1).float().topk(k, largest=largest, sorted=False).values
+        threshold = float(kth.min() if largest else kth.max())
     else:
         threshold = _bisect(count_beyond, k, largest)
     need = k - count_beyond(threshold)
     out = {}
     for n in names:
-        keys = _sortable(scores[n])
-        m = sign * keys > sign * threshold
+        m = beyond(scores[n], threshold)
         if need > 0:
-            tie = (keys == threshold).nonzero().squeeze(1)[:need]
-            m[tie] = True
+            tie = (scores[n].reshape(-1) == threshold).nonzero().squeeze(1)[:need]
+            m.view(-1)[tie] = True
             need -= len(tie)
-        out[n] = m.reshape(scores[n].shape)
+        out[n] = m
     return out
 
 
-def _bisect(count_beyond, k: int, largest: bool) -> int:
-    """The k-th key over several matrices, by bisection over int32 float patterns (+0.0 .. +inf)."""
-    lo, hi = 0, 0x7F800000
-    if largest:  # the smallest t with fewer than k keys above it
+def _bisect(count_beyond, k: int, largest: bool) -> float:
+    """The k-th value over several matrices, by bisection over the int32 patterns of non-negative floats
+    (whose order is the order of the values), counting one matrix at a time."""
+    lo, hi = 0, 0x7F800000  # +0.0 .. +inf
+    if largest:  # the smallest t with fewer than k values above it
         while lo < hi:
             mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if count_beyond(mid) < k else (mid + 1, hi)
-    else:  # the largest t with fewer than k keys below it
+            lo, hi = (lo, mid) if count_beyond(_float_of(mid)) < k else (mid + 1, hi)
+    else:  # the largest t with fewer than k values below it
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if count_beyond(mid) < k else (lo, mid - 1)
-    return lo
+            lo, hi = (mid, hi) if count_beyond(_float_of(mid)) < k else (lo, mid - 1)
+    return _float_of(lo)
 
 
 class _Uniform(Mapping):
@@ -189,8 +189,8 @@ def select(scores: Mapping[str, torch.Tensor], ratio: float, side: str = "top", 
         scores = _Uniform(shapes, seed)
     else:
         for n in names:
-            s = scores[n]
-            if not torch.isfinite(s).all() or (s < 0).any():
+            lo, hi = torch.aminmax(scores[n])
+            if not (lo >= 0 and hi < math.inf):  # NaN fails both
                 raise LingregionError(f"scores of {n} are negative or not finite; importance scores must be ≥ 0")
     groups = [[n] for n in names] if scope == "matrix" else [names]
     masks: dict[str, torch.Tensor] = {}
