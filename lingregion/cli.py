@@ -69,7 +69,8 @@ def cmd_reproduce(args) -> None:
     extra = {k: v for k, v in {
         "score_langs": args.score_langs, "eval_langs": args.eval_langs, "score_tokens": args.tokens,
         "eval_tokens": args.eval_tokens, "ratios": args.ratios, "scope": args.scope, "seed": args.seed,
-        "experiments": args.experiments}.items() if v is not None}
+        "experiments": args.experiments, "mono_langs": args.mono_langs, "mono_ratio": args.mono_ratio,
+        "mono_focus": args.mono_focus}.items() if v is not None}
     cfg = _config(args, **extra)
     results = reproduce(cfg, Path(args.out))
     if "removal" in results:
@@ -93,13 +94,13 @@ def cmd_score(args) -> None:
 
 
 def cmd_locate(args) -> None:
-    from .regions import select
+    from .regions import monolingual, select
     from .store import read_tensors
 
     files = [Path(args.run) / "scores" / f"{lang}.safetensors" for lang in args.langs] if args.run else [Path(f) for f in args.scores]
     if not files:
         raise LingregionError("give score files with --scores FILE ... or a run folder with --run DIR --langs ar,es")
-    total, fingerprint, langs = {}, None, []
+    total, tops, fingerprint, langs = {}, {}, None, []
     for f in files:
         tensors, meta = read_tensors(f)
         if meta.get("format") != "lingregion-scores-v1":
@@ -109,13 +110,23 @@ def cmd_locate(args) -> None:
                                   "score every language with the same model")
         fingerprint = meta["model_fingerprint"]
         langs.append(meta["lang"])
+        if args.kind == "monolingual":
+            tops[meta["lang"]] = select(tensors, args.ratio, "top", meta={"model": fingerprint, "estimator": "taylor"})
+            continue
         for n, t in tensors.items():
             total[n] = total[n].add_(t) if n in total else t
-    region = select(total, args.ratio, args.side, args.scope, args.seed,
-                    {"model": fingerprint, "languages": langs, "estimator": "taylor", "label": "core"})
+    if args.kind == "monolingual":
+        if args.side != "top" or args.scope != "matrix":
+            raise LingregionError("--kind monolingual uses per-matrix Top sets; drop --side/--scope")
+        if args.lang not in langs:
+            raise LingregionError(f"--lang {args.lang} is not among the scored languages {','.join(langs)}")
+        region = monolingual(tops, args.lang)
+    else:
+        region = select(total, args.ratio, args.side, args.scope, args.seed,
+                        {"model": fingerprint, "languages": langs, "estimator": "taylor", "label": "core"})
     region.save(Path(args.out))
-    print(f"{args.out}: {region.count():,} of {region.total():,} entries ({args.side} {args.ratio:g}, {args.scope}, "
-          f"languages {','.join(langs)})")
+    kind = f"monolingual {args.lang}" if args.kind == "monolingual" else f"{args.side} {args.ratio:g}, {args.scope}"
+    print(f"{args.out}: {region.count():,} of {region.total():,} entries ({kind}, languages {','.join(langs)})")
 
 
 def cmd_evaluate(args) -> None:
@@ -177,6 +188,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--ratios", type=_ratios, help="region sizes as fractions (default 0.01,0.03)")
     r.add_argument("--scope", choices=["matrix", "global"], help="Top/Bottom k%% per matrix (default) or over all")
     r.add_argument("--seed", type=int, help="seed of the Random region (default 0)")
+    r.add_argument("--mono-langs", type=_langs,
+                   help="languages whose monolingual regions are found (default ar,es,ru,zh,ko,vi,uk,pt,it,ja)")
+    r.add_argument("--mono-ratio", type=float, help="Top share of each language before the set difference (default 0.03)")
+    r.add_argument("--mono-focus", help="language of the Table 5 layout (default ru)")
     r.set_defaults(func=cmd_reproduce)
 
     s = sub.add_parser("score", help="compute per-language importance scores",
@@ -188,7 +203,11 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_score)
 
     loc = sub.add_parser("locate", help="select a region from score files",
-                         description="Sum the given languages' scores and keep the Top/Bottom/Random ratio.")
+                         description="core: sum the given languages' scores and keep the Top/Bottom/Random ratio. "
+                                     "monolingual: S_L* = S_L − ∪ S_L', the per-matrix Top ratio of L's own score "
+                                     "minus every other given language's.")
+    loc.add_argument("--kind", default="core", choices=["core", "monolingual"])
+    loc.add_argument("--lang", help="with --kind monolingual: the language L")
     loc.add_argument("--scores", nargs="*", default=[], help="score files (.safetensors from 'lingregion score')")
     loc.add_argument("--run", help="a run folder; use with --langs")
     loc.add_argument("--langs", type=_langs, default=[], help="languages of --run to sum, e.g. ar,es,ru,zh,ko,vi")

@@ -243,3 +243,23 @@ def removal_chart(result: dict) -> bytes:
                frameon=False, title="setting (side@share of parameters removed)")
     fig.tight_layout()
     return png(fig)
+
+
+def matrix_heatmap(rows: list[str], cols: list[str], values: list[list[float]], title: str, label: str,
+                   row_title: str, col_title: str, log: bool = False) -> bytes:
+    """A labelled languages × languages table as a heat map, each cell annotated with its value."""
+    data = np.array(values, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(cols), 1.0 + 0.45 * len(rows)))
+    shown = np.log10(np.clip(data, 1e-12, None)) if log else data
+    im = ax.imshow(shown, cmap="magma_r" if log else "viridis", aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=90 if len(cols) > 12 else 0)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel(col_title)
+    ax.set_ylabel(row_title)
+    ax.set_title(title)
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if shown[i, j] > np.nanmean(shown) else "black")
+    fig.colorbar(im, ax=ax, label=("log10 " if log else "") + label)
+    return png(fig)

@@ -199,3 +199,25 @@ def select(scores: Mapping[str, torch.Tensor], ratio: float, side: str = "top", 
         masks.update(_select_group(scores, group, k, largest=side != "bottom"))
     return Region.from_masks(masks, dict(meta or {}, ratio=ratio, side=side, scope=scope,
                                          seed=seed if side == "random" else None))
+
+
+def monolingual(tops: Mapping[str, Region], lang: str) -> Region:
+    """S_L* = S_L − ∪_{L' ≠ L} S_L': entries in L's own Top set and in no other language's."""
+    if lang not in tops or len(tops) < 2:
+        raise LingregionError(f"a monolingual region of {lang!r} needs its Top set and at least one other language's")
+    others = [r for other, r in tops.items() if other != lang]
+    union = others[0]
+    for r in others[1:]:
+        union = union | r
+    region = tops[lang] - union
+    region.meta = dict(tops[lang].meta, label=f"monolingual-{lang}", languages=list(tops),
+                       definition="S_L − ∪ S_L' (per-matrix Top sets)")
+    return region
+
+
+def matching(scores: Mapping[str, torch.Tensor], like: Region, side: str = "bottom", meta: dict | None = None) -> Region:
+    """The `side` entries of `scores` with exactly as many entries per matrix as `like` (a same-size control)."""
+    masks = {}
+    for n in like.packed:
+        masks.update(_select_group(scores, [n], like.count(n), largest=side == "top"))
+    return Region.from_masks(masks, dict(meta or {}, side=side, matches=like.meta.get("label")))

@@ -47,48 +47,102 @@ def findings(result: dict) -> list[str]:
     return out
 
 
+def lang_table(rows: list[str], cols: list[str], cell, corner: str = "") -> str:
+    lines = ["| " + " | ".join([corner] + cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    lines += ["| " + " | ".join([r] + [cell(r, c) for c in cols]) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def monolingual_section(res: dict) -> list[str]:
+    langs, evals, ratio = res["languages"], res["eval_languages"], res["ppl_ratio"]
+    out = ["## Monolingual regions (the paper's Table 5, and beyond)",
+           f"S_L* = S_L − ∪ S_L', S_L the per-matrix Top {res['ratio']:g} of L's own score, over {', '.join(langs)}.", ""]
+    out += [lang_table(["entries", "share of parameters"], langs, lambda r, c: (
+        f"{res['sizes'][c]['entries']:,}" if r == "entries" else f"{res['sizes'][c]['share']:.3%}")), ""]
+    out += ["### Interaction matrix: perplexity ratio (removed / base)",
+            "Rows: whose region is removed; columns: evaluation language. A language's own column should stand out.", "",
+            lang_table(langs, evals, lambda r, c: f"{ratio[r][c]:.3f}", "removed ↓ / eval →"), "",
+            "![interaction](figures/interaction.png)", ""]
+    out += ["### Related languages", "Does removing L's region hurt a related language more than the others?", ""]
+    for lang, rel in res["related"].items():
+        kin = ", ".join(f"{k} ×{v:.3f}" for k, v in rel["related"].items())
+        verdict = "yes" if all(v > rel["others_median"] for v in rel["related"].values()) else "no"
+        own = f"own ×{rel['own']:.3f}, " if rel["own"] is not None else ""
+        out.append(f"- remove {lang}: {own}related {kin}; median of the others ×{rel['others_median']:.3f} → {verdict}")
+    focus, t5 = res["focus"], res["table5"]
+    out += ["", f"### Table 5 layout: the {focus} monolingual region (Top) against Bottom of the same size", ""]
+    cols = ["Base"] + [f"{side} ({t5[b]['score_tokens']} tok)" for b in t5 for side in ("Top", "Bottom")]
+    cells = {"Base": lambda e: res["base"][e]["ppl"]}
+    for b in t5:
+        for side in ("Top", "Bottom"):
+            cells[f"{side} ({t5[b]['score_tokens']} tok)"] = (lambda b=b, k=side.lower(): lambda e: t5[b][k][e]["ppl"])()
+    out += [lang_table(evals, cols, lambda r, c: fmt(cells[c](r)), "Language"), ""]
+    out += ["### Generation cases (greedy)", "Which language's output breaks when each region is removed?", ""]
+    gens = res["generations"]
+    out += [lang_table(list(gens), list(res["prompts"]),
+                       lambda r, c: gens[r][c].replace("|", "\\|").replace("\n", " ").strip() or "∅", "setting"), ""]
+    out += ["### Overlap and location", f"Jaccard overlap of the languages' Top {res['ratio']:g} sets:", "",
+            lang_table(langs, langs, lambda r, c: f"{res['jaccard'][r][c]:.3f}"), "",
+            "![jaccard](figures/jaccard.png)", "", "Share of each region by matrix type:", ""]
+    dist = res["distribution"]
+    kinds = list(next(iter(dist.values()))["by_kind"])
+    out += [lang_table(list(dist), kinds, lambda r, c: f"{dist[r]['by_kind'][c]:.1%}", "region"), "",
+            "![distribution](figures/distribution.png)", ""]
+    return out
+
+
 def write(run_dir: Path) -> str:
-    """(Re)build report.md and removal.md in a run folder from its saved results."""
+    """(Re)build report.md (and removal.md) in a run folder from its saved results."""
     run_dir = Path(run_dir)
-    summary = run_dir / "results" / "removal-summary.json"
-    if not summary.is_file():
-        raise LingregionError(f"{run_dir}: no saved results (results/removal-summary.json); run 'lingregion reproduce --out {run_dir}' first")
+    results = {name: read_json(run_dir / "results" / f"{name}-summary.json")
+               for name in ("removal", "monolingual") if (run_dir / "results" / f"{name}-summary.json").is_file()}
+    if not results:
+        raise LingregionError(f"{run_dir}: no saved results (results/*-summary.json); run 'lingregion reproduce --out {run_dir}' first")
     run = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
-    result = read_json(summary)
-    model = result["model"]
-    cfg = run.get("config", {})
-    ppl, bpb = removal_table(result, "ppl"), removal_table(result, "bpb")
-    write_text(run_dir / "removal.md", f"## Perplexity\n\n{ppl}\n\n## Bits per byte\n\n{bpb}\n")
-    proto = result["protocol"]
+    first = next(iter(results.values()))
+    model, cfg = first["model"], run.get("config", {})
+    revision = model["revision"]
+    if isinstance(revision, dict):
+        revision = f"{revision['package']}, GGUF sha256 {revision['gguf_sha256'][:16]}…"
+    env = first["environment"]
     lines = [
         "# lingregion report",
         "",
         "## What was run",
         f"- Model: `{model['name']}` ({model['class']}, {model['parameters']:,} parameters, fingerprint "
-        f"`{model['fingerprint']}`), dtype {model['dtype']}, device {model['device']}",
-        f"- Revision: `{model['revision']}`",
-        f"- Scored languages: {', '.join(result['score_windows'])}; "
-        f"{cfg.get('score_tokens', '?')} tokens each; estimator |(θ − θ_removed) ⊙ Σg| in fp32",
-        f"- Regions: per-{cfg.get('scope', 'matrix')} Top / Bottom / Random (seed {cfg.get('seed', 0)}) over "
-        f"{result['scored_parameters']:,} transformer-layer parameters",
-        f"- Evaluation: {proto['weighting']}; windows {proto['windows']}; seq_len {proto['seq_len']}",
-        f"- Versions: {result['environment']}",
+        f"`{model['fingerprint']}`), {revision}; dtype {model['dtype']}, device {model['device']}",
+        f"- Experiments: {', '.join(results)}; scoring {cfg.get('score_tokens', '?')} tokens per language, "
+        f"estimator |(θ − θ_removed) ⊙ Σg| accumulated in fp32",
+        f"- Evaluation: {first['protocol']['weighting']}; {first['protocol']['windows']}; "
+        f"seq_len {first['protocol']['seq_len']}",
+        f"- Versions: lingregion {env['lingregion']}, torch {env['torch']}, transformers {env['transformers']}, "
+        f"Python {env['python']}",
         f"- Time taken: {run.get('seconds', '?')} s",
         "",
-        "## Findings",
-        *[f"- {s}" for s in findings(result)],
-        "",
-        "## Removal (the paper's Table 1): perplexity",
-        "Top should wipe out every language; Bottom and Random should stay near Base.",
-        "",
-        ppl,
-        "",
-        "## Removal: bits per byte",
-        "Comparable across languages, unlike per-token perplexity.",
-        "",
-        bpb,
-        "",
     ]
+    if "removal" in results:
+        result = results["removal"]
+        ppl, bpb = removal_table(result, "ppl"), removal_table(result, "bpb")
+        write_text(run_dir / "removal.md", f"## Perplexity\n\n{ppl}\n\n## Bits per byte\n\n{bpb}\n")
+        lines += [
+            "## Findings",
+            *[f"- {s}" for s in findings(result)],
+            "",
+            f"## Removal (the paper's Table 1): perplexity, core region of {', '.join(result['score_windows'])}",
+            f"Per-{cfg.get('scope', 'matrix')} Top / Bottom / Random (seed {cfg.get('seed', 0)}) over "
+            f"{result['scored_parameters']:,} transformer-layer parameters. "
+            "Top should wipe out every language; Bottom and Random should stay near Base.",
+            "",
+            ppl,
+            "",
+            "## Removal: bits per byte",
+            "Comparable across languages, unlike per-token perplexity.",
+            "",
+            bpb,
+            "",
+        ]
+    if "monolingual" in results:
+        lines += monolingual_section(results["monolingual"])
     text = "\n".join(lines)
     write_text(run_dir / "report.md", text)
     return text
