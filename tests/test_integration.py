@@ -42,3 +42,25 @@ def test_top_region_removal_breaks_the_model_bottom_less_than_random(gemma):
         assert t >= 100 * b
         assert abs(lo / b - 1) < abs(r / b - 1)
     assert ppl([]) == base  # undone exactly
+
+
+def test_monolingual_region_hurts_its_language_more_than_bottom(gemma):
+    from lingregion.regions import matching, monolingual
+
+    m, tok = gemma.model, gemma.tokenizer
+    names = models.scored_names(m)
+    removed = models.removed_values(m, names)
+    scores, tops = {}, {}
+    for lang in ["ru", "es", "zh", "ko"]:
+        scores[lang] = scoring.score(m, corpus.load_windows(tok, lang, "score", 256, 256), names, removed, progress=False)
+        tops[lang] = select(scores[lang], 0.03, "top")
+    mono = monolingual(tops, "ru")
+    assert mono.count() > 0
+    bottom = matching(scores["ru"], mono, "bottom")
+    w = corpus.load_windows(tok, "ru", "eval", 256, 256)
+    base = evaluation.perplexity(m, w, progress=False)["ppl"]
+    results = {}
+    for label, region in (("mono", mono), ("bottom", bottom)):
+        with interventions.applied(m, interventions.removal(region, removed)):
+            results[label] = evaluation.perplexity(m, w, progress=False)["ppl"]
+    assert results["mono"] > results["bottom"] and results["mono"] > base
