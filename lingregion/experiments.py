@@ -185,10 +185,16 @@ def removal(run: Run) -> dict:
     core = run.core_scores()
     params = dict(run.m.model.named_parameters())
     table = {"base": run.evaluate("removal.json", "base", [], langs)}
-    regions = {}
+    regions, figs = {}, run.out / "figures"
     for ratio in cfg.ratios:
         for side in cfg.sides:
             region = run.region(core, side, ratio)
+            if side == "top" and ratio == max(cfg.ratios):  # the paper's Figure 2 / 9 for the largest Top
+                write_bytes(figs / "core-grid.png", figures.region_grid(region))
+                q = next((n for n in region.packed if "q_proj" in n), None)
+                if q:
+                    head_dim = getattr(run.m.model.config, "head_dim", None)
+                    write_bytes(figs / "core-q_proj.png", figures.region_heatmap(region, q, head_dim))
             setting = f"{side}@{ratio:g}"
             table[setting] = run.evaluate("removal.json", setting, interventions.removal(region, run.removed), langs)
             already = sum(int((params[n].detach().reshape(-1)[region.indices(n)] == run.removed[n]).sum())
@@ -208,6 +214,7 @@ def removal(run: Run) -> dict:
         "eval_windows": {lang: run.windows(lang, "eval").meta for lang in langs},
         "score_windows": {lang: run.windows(lang, "score").meta for lang in cfg.score_langs},
     }
+    write_bytes(figs / "removal.png", figures.removal_chart(result))
     write_json(run.out / "results" / "removal-summary.json", run.provenance(**result))
     return result
 
