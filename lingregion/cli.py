@@ -42,12 +42,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
 
 
-def _data_args(p: argparse.ArgumentParser, budget_default: int | None = None) -> None:
+def _data_args(p: argparse.ArgumentParser, quick_preset: bool = False) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--lang", action="append", metavar="L[=PATH]",
                    help="a language of the built-in corpus, or L=PATH for your own .txt/.jsonl/.parquet text "
                         "(or L=hf:DATASET[:CONFIG]); repeat for several")
-    g.add_argument("--seq-len", type=int, default=512, help="tokens per window, BOS included (default 512)")
+    g.add_argument("--seq-len", type=int, default=None if quick_preset else 512,
+                   help="tokens per window, BOS included (default 512" + ("; 256 with --quick)" if quick_preset else ")"))
     g.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
 
 
@@ -177,7 +178,7 @@ def parser() -> argparse.ArgumentParser:
                        description="Score languages, locate the core region, remove Top/Bottom/Random and evaluate "
                                    "perplexity and bits per byte. Rerunning the same command resumes.")
     _model_args(r)
-    _data_args(r)
+    _data_args(r, quick_preset=True)
     r.add_argument("--quick", action="store_true", help="small token budgets (a few minutes on a 2-core CPU)")
     r.add_argument("--out", default=DEFAULT_OUT, help=f"run folder (default {DEFAULT_OUT}); reused to resume")
     r.add_argument("--experiments", type=_langs, help=f"comma-separated subset of: {', '.join(EXPERIMENTS)}")

@@ -66,7 +66,7 @@ class Config:
 
     @classmethod
     def quick(cls, **overrides) -> "Config":
-        return cls(**{"score_tokens": 1024, "eval_tokens": 256, "mono_eval_tokens": 256, **overrides})
+        return cls(**{"seq_len": 256, "score_tokens": 1024, "eval_tokens": 256, "mono_eval_tokens": 256, **overrides})
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
