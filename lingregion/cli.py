@@ -95,6 +95,7 @@ def cmd_score(args) -> None:
 
 
 def cmd_locate(args) -> None:
+    from . import scoring
     from .regions import monolingual, select
     from .store import read_tensors
 
@@ -114,8 +115,7 @@ def cmd_locate(args) -> None:
         if args.kind == "monolingual":
             tops[meta["lang"]] = select(tensors, args.ratio, "top", meta={"model": fingerprint, "estimator": "taylor"})
             continue
-        for n, t in tensors.items():
-            total[n] = total[n].add_(t) if n in total else t
+        scoring.accumulate(total, tensors)
     if args.kind == "monolingual":
         if args.side != "top" or args.scope != "matrix":
             raise LingregionError("--kind monolingual uses per-matrix Top sets; drop --side/--scope")

@@ -144,8 +144,7 @@ class Run:
         """Σ over the scored languages of their importance (the paper's core-region score)."""
         total: dict[str, torch.Tensor] = {}
         for lang in tqdm(self.cfg.score_langs, desc="scoring languages", disable=not self.progress):
-            for n, t in self.scores(lang).items():
-                total[n] = total[n].add_(t) if n in total else t.clone()
+            scoring.accumulate(total, self.scores(lang))
         return total
 
     def region(self, scores: dict[str, torch.Tensor], side: str, ratio: float, label: str = "core") -> Region:
@@ -240,8 +239,7 @@ def _tops(run: Run, langs: list[str], budget: int | None) -> tuple[dict[str, Reg
         s = run.scores(lang, budget)
         tops[lang] = select(s, run.cfg.mono_ratio, "top", meta={"model": run.m.info["fingerprint"], "languages": [lang],
                                                                "estimator": "taylor", "label": f"top-{lang}"})
-        for n, t in s.items():
-            total[n] = total[n].add_(t) if n in total else t.clone()
+        scoring.accumulate(total, s)
     return tops, total
 
 

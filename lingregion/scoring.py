@@ -75,3 +75,9 @@ def taylor_importance(model, grads: dict[str, torch.Tensor], removed: dict[str, 
 def score(model, windows: Windows, names: list[str], removed: dict[str, float], batch_size: int = 1,
           progress: bool = True) -> dict[str, torch.Tensor]:
     return taylor_importance(model, gradient_sum(model, windows, names, batch_size, progress), removed)
+
+
+def accumulate(total: dict[str, torch.Tensor], scores: dict[str, torch.Tensor]) -> None:
+    """total += scores, in place (the core-region score is the sum over languages)."""
+    for n, t in scores.items():
+        total[n] = total[n].add_(t) if n in total else t.clone()
