@@ -65,7 +65,7 @@ def _config(args, **extra):
 
 def cmd_reproduce(args) -> None:
     from . import report
-    from .experiments import reproduce
+    from .experiments import removal, reproduce
 
     extra = {k: v for k, v in {
         "score_langs": args.score_langs, "eval_langs": args.eval_langs, "score_tokens": args.tokens,
@@ -75,8 +75,8 @@ def cmd_reproduce(args) -> None:
     cfg = _config(args, **extra)
     results = reproduce(cfg, Path(args.out))
     if "removal" in results:
-        print(report.removal_table(results["removal"]))
-    print(f"\nreport: {Path(args.out) / 'report.md'}")
+        print(report.markdown_table(*removal.table(results["removal"])))
+    print(f"\nreport: {Path(args.out) / 'report.html'} (and report.md)")
 
 
 def cmd_score(args) -> None:
@@ -132,6 +132,7 @@ def cmd_locate(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from . import corpus, evaluation, interventions, models, report
+    from .experiments import removal
     from .regions import Region
 
     langs, texts = _texts(args.lang)
@@ -149,14 +150,14 @@ def cmd_evaluate(args) -> None:
             w = corpus.load_windows(m.tokenizer, lang, "eval", args.seq_len, args.tokens, texts.get(lang))
             rows[lang] = evaluation.perplexity(m.model, w, args.batch_size)
     setting = "removed" if region else "base"
-    print(report.removal_table({"settings": [setting], "languages": langs, "table": {setting: rows}}))
+    print(report.markdown_table(*removal.table({"settings": [setting], "languages": langs, "table": {setting: rows}})))
 
 
 def cmd_report(args) -> None:
     from . import report
 
     report.write(Path(args.run_dir))
-    print(Path(args.run_dir) / "report.md")
+    print(f"{Path(args.run_dir) / 'report.html'} (and report.md)")
 
 
 def cmd_languages(args) -> None:

@@ -1,7 +1,15 @@
-"""Saved results → Markdown tables and a short report, without recomputing anything."""
+"""Saved results → one report, as Markdown (with PNG files beside it) and as a self-contained HTML file,
+without recomputing anything.
+
+Experiments describe their part of the report as a list of blocks (heading, text, bullets, table,
+figure); the two renderers below turn the same blocks into both documents, so they never disagree.
+"""
 from __future__ import annotations
 
+import base64
+import html
 import math
+import re
 from pathlib import Path
 
 from .store import LingregionError, read_json, write_text
@@ -10,148 +18,164 @@ from .store import LingregionError, read_json, write_text
 def fmt(x: float) -> str:
     if math.isinf(x) or math.isnan(x):
         return str(x)
-    return f"{x:.3f}" if x < 1e4 else f"{x:.3g}"
+    return f"{x:.3f}" if abs(x) < 1e4 else f"{x:.3g}"
 
 
-def removal_table(result: dict, metric: str = "ppl") -> str:
-    settings, table = result["settings"], result["table"]
-    head = ["Language"] + [s.replace("@", " ") if s != "base" else "Base" for s in settings]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for lang in result["languages"]:
-        lines.append("| " + " | ".join([lang] + [fmt(table[s][lang][metric]) for s in settings]) + " |")
-    return "\n".join(lines)
+def heading(text: str, level: int = 2) -> dict:
+    return {"kind": "heading", "text": text, "level": level}
 
 
-def _ratio(result: dict, setting: str) -> list[float]:
-    t = result["table"]
-    return [t[setting][lang]["ppl"] / t["base"][lang]["ppl"] for lang in result["languages"]]
+def text(markdown: str) -> dict:
+    """A paragraph; `code` and **bold** are the only inline markup."""
+    return {"kind": "text", "text": markdown}
 
 
-def findings(result: dict) -> list[str]:
-    """Headline sentences computed from the numbers."""
+def bullets(items: list[str]) -> dict:
+    return {"kind": "bullets", "items": list(items)}
+
+
+def table(head: list[str], rows: list[list[str]], caption: str | None = None) -> dict:
+    if any(len(r) != len(head) for r in rows):
+        raise ValueError(f"table rows must have {len(head)} cells like its head")
+    return {"kind": "table", "head": [str(h) for h in head], "rows": [[str(c) for c in r] for r in rows],
+            "caption": caption}
+
+
+def figure(path: str, caption: str) -> dict:
+    """A PNG under the run folder, referenced by its relative path."""
+    return {"kind": "figure", "path": path, "caption": caption}
+
+
+# --- Markdown ---------------------------------------------------------------------------------------
+def _md_cell(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(map(_md_cell, head)) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows])
+
+
+def to_markdown(blocks: list[dict], run_dir: Path) -> str:
     out = []
-    for setting in result["settings"]:
-        if setting == "base":
-            continue
-        r = _ratio(result, setting)
-        out.append(f"Removing {setting.replace('@', ' ')} multiplies perplexity by {fmt(min(r))}–{fmt(max(r))} "
-                   f"(median {fmt(sorted(r)[len(r) // 2])}) across {len(r)} languages.")
-    share = result["share_already_at_removed_value"]
-    out.append(f"{share:.2%} of the scored parameters already sit at their removed value (exactly-zero weights from "
-               "the 4-bit source, or norm weights at −1), so their importance is 0: a Bottom region is drawn "
-               "from them first, and removing them changes nothing.")
-    for setting, info in result["regions"].items():
-        if setting.startswith("bottom"):
-            out.append(f"Of the {setting.replace('@', ' ')} region's {info['entries']:,} entries, "
-                       f"{info['already_at_removed_value']:.1%} were already at their removed value.")
-    return out
+    for b in blocks:
+        if b["kind"] == "heading":
+            out.append("#" * b["level"] + " " + b["text"])
+        elif b["kind"] == "text":
+            out.append(b["text"])
+        elif b["kind"] == "bullets":
+            out.append("\n".join(f"- {item}" for item in b["items"]))
+        elif b["kind"] == "table":
+            out.append((f"*{b['caption']}*\n\n" if b["caption"] else "") + markdown_table(b["head"], b["rows"]))
+        elif b["kind"] == "figure":
+            if (run_dir / b["path"]).is_file():
+                out.append(f"![{b['caption']}]({b['path']})\n\n*{b['caption']}*")
+    return "\n\n".join(out) + "\n"
 
 
-def lang_table(rows: list[str], cols: list[str], cell, corner: str = "") -> str:
-    lines = ["| " + " | ".join([corner] + cols) + " |", "|" + "---|" * (len(cols) + 1)]
-    lines += ["| " + " | ".join([r] + [cell(r, c) for c in cols]) + " |" for r in rows]
-    return "\n".join(lines)
+# --- HTML -------------------------------------------------------------------------------------------
+STYLE = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#1b1b1b;line-height:1.45}
+h1{border-bottom:2px solid #ccc;padding-bottom:.2em}h2{margin-top:2em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.9em;display:block;overflow-x:auto}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right;white-space:nowrap}
+th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}tr:nth-child(even) td{background:#fafafa}
+caption{caption-side:top;text-align:left;font-style:italic;color:#444;padding:.3em 0}
+figure{margin:1em 0 2em}figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{font-style:italic;color:#444}code{background:#f3f3f3;padding:0 .2em}
+"""
 
 
-def monolingual_section(res: dict) -> list[str]:
-    langs, evals, ratio = res["languages"], res["eval_languages"], res["ppl_ratio"]
-    out = ["## Monolingual regions (the paper's Table 5, and beyond)",
-           f"S_L* = S_L − ∪ S_L', S_L the per-matrix Top {res['ratio']:g} of L's own score, over {', '.join(langs)}.", ""]
-    out += [lang_table(["entries", "share of parameters"], langs, lambda r, c: (
-        f"{res['sizes'][c]['entries']:,}" if r == "entries" else f"{res['sizes'][c]['share']:.3%}")), ""]
-    out += ["### Interaction matrix: perplexity ratio (removed / base)",
-            "Rows: whose region is removed; columns: evaluation language. A language's own column should stand out.", "",
-            lang_table(langs, evals, lambda r, c: f"{ratio[r][c]:.3f}", "removed ↓ / eval →"), "",
-            "![interaction](figures/interaction.png)", ""]
-    out += ["### Related languages", "Does removing L's region hurt a related language more than the others?", ""]
-    for lang, rel in res["related"].items():
-        kin = ", ".join(f"{k} ×{v:.3f}" for k, v in rel["related"].items())
-        verdict = "yes" if all(v > rel["others_median"] for v in rel["related"].values()) else "no"
-        own = f"own ×{rel['own']:.3f}, " if rel["own"] is not None else ""
-        out.append(f"- remove {lang}: {own}related {kin}; median of the others ×{rel['others_median']:.3f} → {verdict}")
-    focus, t5 = res["focus"], res["table5"]
-    out += ["", f"### Table 5 layout: the {focus} monolingual region (Top) against Bottom of the same size", ""]
-    cols = ["Base"] + [f"{side} ({t5[b]['score_tokens']} tok)" for b in t5 for side in ("Top", "Bottom")]
-    cells = {"Base": lambda e: res["base"][e]["ppl"]}
-    for b in t5:
-        for side in ("Top", "Bottom"):
-            cells[f"{side} ({t5[b]['score_tokens']} tok)"] = (lambda b=b, k=side.lower(): lambda e: t5[b][k][e]["ppl"])()
-    out += [lang_table(evals, cols, lambda r, c: fmt(cells[c](r)), "Language"), ""]
-    out += ["### Generation cases (greedy)", "Which language's output breaks when each region is removed?", ""]
-    gens = res["generations"]
-    out += [lang_table(list(gens), list(res["prompts"]),
-                       lambda r, c: gens[r][c].replace("|", "\\|").replace("\n", " ").strip() or "∅", "setting"), ""]
-    out += ["### Overlap and location", f"Jaccard overlap of the languages' Top {res['ratio']:g} sets:", "",
-            lang_table(langs, langs, lambda r, c: f"{res['jaccard'][r][c]:.3f}"), "",
-            "![jaccard](figures/jaccard.png)", "", "Share of each region by matrix type:", ""]
-    dist = res["distribution"]
-    kinds = list(next(iter(dist.values()))["by_kind"])
-    out += [lang_table(list(dist), kinds, lambda r, c: f"{dist[r]['by_kind'][c]:.1%}", "region"), "",
-            "![distribution](figures/distribution.png)", ""]
-    return out
+def _inline(s: str) -> str:
+    s = html.escape(s, quote=False)
+    s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", s)
+
+
+def to_html(blocks: list[dict], run_dir: Path, title: str) -> str:
+    out = []
+    for b in blocks:
+        if b["kind"] == "heading":
+            out.append(f"<h{b['level']}>{_inline(b['text'])}</h{b['level']}>")
+        elif b["kind"] == "text":
+            out.append(f"<p>{_inline(b['text'])}</p>")
+        elif b["kind"] == "bullets":
+            out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b["items"]) + "</ul>")
+        elif b["kind"] == "table":
+            cap = f"<caption>{_inline(b['caption'])}</caption>" if b["caption"] else ""
+            head = "".join(f"<th>{_inline(h)}</th>" for h in b["head"])
+            rows = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in b["rows"])
+            out.append(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif b["kind"] == "figure":
+            path = run_dir / b["path"]
+            if path.is_file():  # embedded, so the file opens offline and can be mailed on its own
+                data = base64.b64encode(path.read_bytes()).decode("ascii")
+                out.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(b["caption"])}">'
+                           f"<figcaption>{_inline(b['caption'])}</figcaption></figure>")
+    body = "\n".join(out)
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>{html.escape(title)}</title>\n'
+            f"<style>{STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
+
+
+# --- the report ---------------------------------------------------------------------------------------
+def _revision(model: dict) -> str:
+    revision = model.get("revision")
+    if isinstance(revision, dict):
+        return f"{revision['package']}, GGUF sha256 {revision['gguf_sha256'][:16]}…"
+    return f"revision {revision}"
+
+
+def header(results: dict[str, dict], run: dict) -> list[dict]:
+    """What was run, from the saved provenance."""
+    first = next(iter(results.values()))
+    model, env, cfg = first["model"], first["environment"], run.get("config", {})
+    proto = first.get("protocol", {})
+    minutes = f"{run['seconds'] / 60:.1f} min" if "seconds" in run else "unknown (run.json missing)"
+    return [
+        heading("lingregion report", 1),
+        heading("What was run"),
+        bullets([
+            f"Model: `{model['name']}` ({model['class']}, {model['parameters']:,} parameters, fingerprint "
+            f"`{model['fingerprint']}`), {_revision(model)}; tokenizer `{model.get('tokenizer', '?')}`; dtype "
+            f"{model['dtype']}, device {model['device']}",
+            f"Experiments: {', '.join(results)}",
+            f"Scoring: {cfg.get('score_tokens', '?')} tokens per language in {cfg.get('seq_len', '?')}-token windows; "
+            "estimator |(θ − θ_removed) ⊙ Σg| accumulated in fp32",
+            f"Evaluation: {proto.get('weighting', '?')}; {proto.get('windows', '?')}; seq_len {proto.get('seq_len', '?')}",
+            f"Versions: lingregion {env['lingregion']}, torch {env['torch']}, transformers {env['transformers']}, "
+            f"Python {env['python']}",
+            f"Time taken: {minutes}",
+        ]),
+    ]
+
+
+def build(run_dir: Path) -> list[dict]:
+    """Every block of the report of a run folder, from its saved results."""
+    from .experiments import EXPERIMENTS
+
+    run_dir = Path(run_dir)
+    results = {name: read_json(run_dir / "results" / f"{name}-summary.json")
+               for name in EXPERIMENTS if (run_dir / "results" / f"{name}-summary.json").is_file()}
+    if not results:
+        raise LingregionError(f"{run_dir}: no saved results (results/*-summary.json); run "
+                              f"'lingregion reproduce --out {run_dir}' first")
+    run = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
+    found = [s for name, r in results.items() if EXPERIMENTS[name].findings for s in EXPERIMENTS[name].findings(r)]
+    blocks = header(results, run)
+    if found:
+        blocks += [heading("Findings"), bullets(found)]
+    for name, result in results.items():
+        blocks += EXPERIMENTS[name].section(result)
+    return blocks
 
 
 def write(run_dir: Path) -> str:
-    """(Re)build report.md (and removal.md) in a run folder from its saved results."""
+    """(Re)build report.md and report.html in a run folder from its saved results; returns the Markdown."""
     run_dir = Path(run_dir)
-    results = {name: read_json(run_dir / "results" / f"{name}-summary.json")
-               for name in ("removal", "monolingual") if (run_dir / "results" / f"{name}-summary.json").is_file()}
-    if not results:
-        raise LingregionError(f"{run_dir}: no saved results (results/*-summary.json); run 'lingregion reproduce --out {run_dir}' first")
-    run = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
-    first = next(iter(results.values()))
-    model, cfg = first["model"], run.get("config", {})
-    revision = model["revision"]
-    if isinstance(revision, dict):
-        revision = f"{revision['package']}, GGUF sha256 {revision['gguf_sha256'][:16]}…"
-    env = first["environment"]
-    lines = [
-        "# lingregion report",
-        "",
-        "## What was run",
-        f"- Model: `{model['name']}` ({model['class']}, {model['parameters']:,} parameters, fingerprint "
-        f"`{model['fingerprint']}`), {revision}; dtype {model['dtype']}, device {model['device']}",
-        f"- Experiments: {', '.join(results)}; scoring {cfg.get('score_tokens', '?')} tokens per language, "
-        f"estimator |(θ − θ_removed) ⊙ Σg| accumulated in fp32",
-        f"- Evaluation: {first['protocol']['weighting']}; {first['protocol']['windows']}; "
-        f"seq_len {first['protocol']['seq_len']}",
-        f"- Versions: lingregion {env['lingregion']}, torch {env['torch']}, transformers {env['transformers']}, "
-        f"Python {env['python']}",
-        f"- Time taken: {run.get('seconds', '?')} s",
-        "",
-    ]
-    if "removal" in results:
-        result = results["removal"]
-        ppl, bpb = removal_table(result, "ppl"), removal_table(result, "bpb")
-        write_text(run_dir / "removal.md", f"## Perplexity\n\n{ppl}\n\n## Bits per byte\n\n{bpb}\n")
-        lines += [
-            "## Findings",
-            *[f"- {s}" for s in findings(result)],
-            "",
-            f"## Removal (the paper's Table 1): perplexity, core region of {', '.join(result['score_windows'])}",
-            f"Per-{cfg.get('scope', 'matrix')} Top / Bottom / Random (seed {cfg.get('seed', 0)}) over "
-            f"{result['scored_parameters']:,} transformer-layer parameters. "
-            "Top should wipe out every language; Bottom and Random should stay near Base.",
-            "",
-            ppl,
-            "",
-            "![removal](figures/removal.png)",
-            "",
-            "Where the largest Top region sits (share of region members in each 3×3 neighbourhood; rows are "
-            "outputs, columns inputs): it lines up with whole rows, columns and heads rather than being uniform.",
-            "",
-            "![core region grid](figures/core-grid.png)",
-            "",
-            "![core region, first q_proj](figures/core-q_proj.png)",
-            "",
-            "## Removal: bits per byte",
-            "Comparable across languages, unlike per-token perplexity.",
-            "",
-            bpb,
-            "",
-        ]
-    if "monolingual" in results:
-        lines += monolingual_section(results["monolingual"])
-    text = "\n".join(lines)
-    write_text(run_dir / "report.md", text)
-    return text
+    blocks = build(run_dir)
+    md = to_markdown(blocks, run_dir)
+    write_text(run_dir / "report.md", md)
+    write_text(run_dir / "report.html", to_html(blocks, run_dir, f"lingregion report: {run_dir.name}"))
+    return md

@@ -31,7 +31,7 @@ def test_reproduce_end_to_end_and_resume(tiny_folder, tmp_path, capsys):
     assert summary["protocol"]["seq_len"] == 16 and summary["protocol"]["dtype"] == "float32"
     assert summary["environment"]["lingregion"]
     assert json.loads((out / "config.json").read_text())["seed"] == 0
-    for name in ["report.md", "removal.md", "scores/ru.safetensors", "regions/core-top-0.05.safetensors",
+    for name in ["report.md", "report.html", "scores/ru.safetensors", "regions/core-top-0.05.safetensors",
                  "figures/removal.png", "figures/core-grid.png", "figures/core-q_proj.png"]:
         assert (out / name).is_file(), name
     assert not list(out.rglob("*.tmp"))

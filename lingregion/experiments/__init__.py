@@ -1,0 +1,215 @@
+"""The paper's experiments, each a function composing corpus → scoring → regions → interventions →
+evaluation, and the run folder that makes them resumable.
+
+Each experiment lives in its own module and registers an `Experiment`: a function Run → result dict
+(saved as results/NAME-summary.json) and a function result → report blocks, so that the report can be
+rebuilt from saved results alone.
+
+A run folder holds everything a result depends on: the resolved config, per-language scores, regions,
+and results JSON that is rewritten (atomically) after every single evaluation, so an interrupted run
+picks up where it stopped when the same command is given again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import corpus, evaluation, interventions, models, scoring
+from ..regions import Region, select
+from ..store import LingregionError, environment, read_json, read_tensors, write_json, write_tensors
+
+PAPER_SCORE_LANGS = ["ar", "es", "ru", "zh", "ko", "vi"]
+PAPER_EVAL_LANGS = ["ar", "zh", "it", "ja", "ko", "fa", "pt", "ru", "es", "uk", "vi", "en"]
+MONO_LANGS = PAPER_SCORE_LANGS + ["uk", "pt", "it", "ja"]  # so that related pairs exist
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment: `run` computes and saves a result dict, `section` turns a saved result into report
+    blocks, `findings` into headline sentences, and `validate` rejects a config it cannot run."""
+
+    name: str
+    run: Callable[["Run"], dict]
+    section: Callable[[dict], list]
+    doc: str
+    findings: Callable[[dict], list[str]] | None = None
+    validate: Callable[["Config"], None] | None = None
+
+
+@dataclass
+class Config:
+    """Everything a run depends on. `quick()` is the small preset; every field can be overridden."""
+
+    model: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+    score_langs: list[str] = field(default_factory=lambda: list(PAPER_SCORE_LANGS))
+    eval_langs: list[str] = field(default_factory=lambda: list(PAPER_EVAL_LANGS))
+    texts: dict[str, str] = field(default_factory=dict)  # lang → user text path; built-in corpus otherwise
+    seq_len: int = 512
+    score_tokens: int = 4096  # per language
+    eval_tokens: int = 2048  # per language and setting
+    batch_size: int = 4
+    ratios: list[float] = field(default_factory=lambda: [0.01, 0.03])
+    sides: list[str] = field(default_factory=lambda: ["top", "bottom", "random"])
+    scope: str = "matrix"
+    include: str | None = None
+    exclude: str | None = None
+    seed: int = 0
+    mono_langs: list[str] = field(default_factory=lambda: list(MONO_LANGS))
+    mono_ratio: float = 0.03  # size of each language's own Top set before the set difference
+    mono_eval_tokens: int = 1024  # per language and setting, for the interaction matrix
+    mono_focus: str = "ru"  # the language of the Table 5 layout
+    gen_tokens: int = 16
+    experiments: list[str] = field(default_factory=lambda: list(EXPERIMENTS))
+
+    # The small preset: every experiment adds the overrides that bring it within the --quick budget.
+    QUICK = {"seq_len": 256, "score_tokens": 1024, "eval_tokens": 256, "mono_eval_tokens": 256}
+
+    @classmethod
+    def quick(cls, **overrides) -> "Config":
+        return cls(**{**cls.QUICK, **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise LingregionError(f"unknown config key(s): {', '.join(unknown)}; known keys are {', '.join(sorted(known))}")
+        return cls(**d)
+
+    def validate(self) -> None:
+        for r in self.ratios + [self.mono_ratio]:
+            if not 0 < r < 1:
+                raise LingregionError(f"ratio {r} is outside (0, 1); pass a fraction such as 0.01 for 1%")
+        unknown = sorted(set(self.experiments) - set(EXPERIMENTS))
+        if unknown:
+            raise LingregionError(f"unknown experiment(s) {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)}")
+        for name in self.experiments:
+            if EXPERIMENTS[name].validate:
+                EXPERIMENTS[name].validate(self)
+        builtin = set(corpus.builtin_languages())
+        for lang in dict.fromkeys(self.score_langs + self.eval_langs + self.mono_langs):
+            if lang not in builtin and lang not in self.texts:
+                raise LingregionError(f"unknown language {lang!r}; built-in languages are {', '.join(sorted(builtin))}, "
+                                      f"or pass your own text as --lang {lang}=PATH")
+        if self.seq_len < 2 or self.score_tokens < 1 or self.eval_tokens < 1 or self.batch_size < 1:
+            raise LingregionError("--seq-len must be ≥ 2 and token budgets and --batch-size ≥ 1")
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Run:
+    """A run folder: config, scores, regions and results, reused when the same command runs again."""
+
+    def __init__(self, out: Path, cfg: Config, model: models.Model, progress: bool = True):
+        self.out, self.cfg, self.m, self.progress = Path(out), cfg, model, progress
+        self.names = models.scored_names(model.model, cfg.include, cfg.exclude)
+        self.removed = models.removed_values(model.model, self.names)
+        self._windows: dict[tuple[str, str], corpus.Windows] = {}
+
+    def windows(self, lang: str, split: str, budget: int | None = None) -> corpus.Windows:
+        budget = budget or (self.cfg.score_tokens if split == "score" else self.cfg.eval_tokens)
+        key = (lang, split, budget)
+        if key not in self._windows:
+            self._windows[key] = corpus.load_windows(self.m.tokenizer, lang, split, self.cfg.seq_len, budget,
+                                                     self.cfg.texts.get(lang))
+        return self._windows[key]
+
+    def provenance(self, **extra) -> dict:
+        return {"model": self.m.info, "environment": environment(), **extra}
+
+    def save(self, name: str, result: dict) -> None:
+        """results/NAME-summary.json: what the report is rebuilt from, with how it was made."""
+        write_json(self.out / "results" / f"{name}-summary.json", self.provenance(**result))
+
+    # --- scores -------------------------------------------------------------------------------------
+    def scores(self, lang: str, budget: int | None = None) -> dict[str, torch.Tensor]:
+        """The paper's importance for one language, computed once and kept in scores/LANG.safetensors
+        (scores/LANG-BUDGET.safetensors for a budget other than the configured one)."""
+        budget = None if budget == self.cfg.score_tokens else budget
+        w = self.windows(lang, "score", budget)
+        made_of = {"fingerprint": self.m.info["fingerprint"], "windows": w.meta, "names": _digest(self.names),
+                   "dtype": self.cfg.dtype, "estimator": "taylor"}
+        path = self.out / "scores" / (f"{lang}-{budget}.safetensors" if budget else f"{lang}.safetensors")
+        if path.is_file():
+            tensors, meta = read_tensors(path)
+            if meta.get("made_of") == made_of:
+                return tensors
+        t0 = time.time()
+        s = scoring.score(self.m.model, w, self.names, self.removed, progress=self.progress)
+        write_tensors(path, s, self.provenance(
+            made_of=made_of, format="lingregion-scores-v1", lang=lang, model_fingerprint=self.m.info["fingerprint"],
+            estimator="taylor: |(θ − θ_removed) ⊙ Σ_windows ∂(mean token NLL)/∂θ|, fp32 accumulation",
+            score_dtype="float32", seconds=round(time.time() - t0, 1)))
+        return s
+
+    def core_scores(self) -> dict[str, torch.Tensor]:
+        """Σ over the scored languages of their importance (the paper's core-region score)."""
+        total: dict[str, torch.Tensor] = {}
+        for lang in tqdm(self.cfg.score_langs, desc="scoring languages", disable=not self.progress):
+            scoring.accumulate(total, self.scores(lang))
+        return total
+
+    def region(self, scores: dict[str, torch.Tensor], side: str, ratio: float, label: str = "core") -> Region:
+        meta = {"model": self.m.info["fingerprint"], "languages": self.cfg.score_langs, "estimator": "taylor",
+                "label": label}
+        region = select(scores, ratio, side, self.cfg.scope, self.cfg.seed, meta)
+        region.save(self.out / "regions" / f"{label}-{side}-{ratio:g}.safetensors")
+        return region
+
+    # --- evaluation -----------------------------------------------------------------------------------
+    def evaluate(self, results_file: str, setting: str, edits: list[interventions.Edit], langs: list[str],
+                 budget: int | None = None) -> dict:
+        """Perplexity of each language with `edits` applied; results are cached entry by entry."""
+        path = self.out / "results" / results_file
+        key_of = _digest({"fingerprint": self.m.info["fingerprint"], "cfg": asdict(self.cfg)})
+        cache = read_json(path) if path.is_file() else {}
+        if cache.get("config_digest") != key_of:
+            cache = {"config_digest": key_of, "entries": {}}
+        out = {}
+        todo = [lang for lang in langs if f"{setting}/{lang}" not in cache["entries"]]
+        if todo:
+            with interventions.applied(self.m.model, edits):
+                for lang in todo:
+                    r = evaluation.perplexity(self.m.model, self.windows(lang, "eval", budget), self.cfg.batch_size,
+                                              self.progress, desc=f"{setting} {lang}")
+                    cache["entries"][f"{setting}/{lang}"] = r
+                    write_json(path, cache)
+        for lang in langs:
+            out[lang] = cache["entries"][f"{setting}/{lang}"]
+        return out
+
+
+def reproduce(cfg: Config, out: Path, progress: bool = True) -> dict:
+    """Run the configured experiments on one model and write results and the report into `out`."""
+    from .. import report
+
+    cfg.validate()
+    out = Path(out)
+    started = time.time()
+    model = models.load(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
+    run = Run(out, cfg, model, progress)
+    write_json(out / "config.json", asdict(cfg))
+    results = {}
+    for name in [n for n in EXPERIMENTS if n in cfg.experiments]:  # registry order: later ones reuse earlier caches
+        results[name] = EXPERIMENTS[name].run(run)
+    write_json(out / "run.json", run.provenance(config=asdict(cfg), experiments=cfg.experiments,
+                                                  seconds=round(time.time() - started, 1)))
+    report.write(out)
+    return results
+
+
+from . import monolingual, removal  # noqa: E402  (the modules import Run and Experiment from here)
+
+EXPERIMENTS: dict[str, Experiment] = {e.name: e for module in (removal, monolingual) for e in module.EXPERIMENTS}
