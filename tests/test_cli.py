@@ -46,9 +46,17 @@ def test_reproduce_end_to_end_and_resume(tiny_folder, tmp_path, capsys):
     assert stamps == {p: p.stat().st_mtime_ns for p in (out / "scores").iterdir()}
     assert (out / "results" / "removal.json").read_text() == results
 
-    # the report is rebuilt from saved results alone
+    # the report is one self-contained HTML file, rebuilt identically from saved results alone
+    from test_report import check_html
+
+    html, md = (out / "report.html").read_text(), (out / "report.md").read_text()
+    check_html(html, out)
+    for f in (out / "figures").glob("*.png"):
+        assert f"(figures/{f.name})" in md
     (out / "report.md").unlink()
-    assert run(capsys, "report", out)[0] == 0 and (out / "report.md").is_file()
+    (out / "report.html").unlink()
+    assert run(capsys, "report", out)[0] == 0
+    assert (out / "report.html").read_text() == html and (out / "report.md").read_text() == md
 
 
 def test_score_locate_evaluate_commands(tiny_folder, tmp_path, capsys):
