@@ -36,9 +36,9 @@ def _texts(pairs: list[str]) -> tuple[list[str], dict[str, str]]:
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", help="Hugging Face hub id or local folder (default: the built-in Gemma 3 270M base)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="weights dtype; losses and scores are accumulated in fp32 regardless (default float32)")
-    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    g.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
 
 
@@ -49,18 +49,20 @@ def _data_args(p: argparse.ArgumentParser, quick_preset: bool = False) -> None:
                         "(or L=hf:DATASET[:CONFIG]); repeat for several")
     g.add_argument("--seq-len", type=int, default=None if quick_preset else 512,
                    help="tokens per window, BOS included (default 512" + ("; 256 with --quick)" if quick_preset else ")"))
-    g.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    g.add_argument("--batch-size", type=int, help="windows per forward pass (default 4)")
 
 
 def _config(args, **extra):
+    """Preset (default or --quick) < the --config file < flags given on the command line."""
     from .experiments import Config
 
-    base = Config.quick if getattr(args, "quick", False) else Config
     _, texts = _texts(args.lang)
-    kw = {"model": args.model, "dtype": args.dtype, "device": args.device,
-          "trust_remote_code": args.trust_remote_code, "seq_len": args.seq_len, "batch_size": args.batch_size,
-          "texts": texts, **extra}
-    return base(**{k: v for k, v in kw.items() if v is not None})
+    flags = {"model": args.model, "dtype": args.dtype, "device": args.device,
+             "trust_remote_code": args.trust_remote_code or None, "seq_len": args.seq_len,
+             "batch_size": args.batch_size, "texts": texts or None, **extra}
+    base = Config.read(args.config) if getattr(args, "config", None) else {}
+    return Config.from_dict({**base, **{k: v for k, v in flags.items() if v is not None}},
+                            quick=getattr(args, "quick", False))
 
 
 def cmd_reproduce(args) -> None:
@@ -139,7 +141,8 @@ def cmd_evaluate(args) -> None:
     if not langs:
         raise LingregionError("name at least one language with --lang L (or --lang L=PATH)")
     region = Region.load(Path(args.remove)) if args.remove else None
-    m = models.load(args.model, args.dtype, args.device, args.trust_remote_code)
+    cfg = _config(args)
+    m = models.load(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
     edits = []
     if region:
         region.check_model(m.model, m.info["fingerprint"])
@@ -147,8 +150,8 @@ def cmd_evaluate(args) -> None:
     rows = {}
     with interventions.applied(m.model, edits):
         for lang in langs:
-            w = corpus.load_windows(m.tokenizer, lang, "eval", args.seq_len, args.tokens, texts.get(lang))
-            rows[lang] = evaluation.perplexity(m.model, w, args.batch_size)
+            w = corpus.load_windows(m.tokenizer, lang, "eval", cfg.seq_len, args.tokens, texts.get(lang))
+            rows[lang] = evaluation.perplexity(m.model, w, cfg.batch_size)
     setting = "removed" if region else "base"
     print(report.markdown_table(*removal.table({"settings": [setting], "languages": langs, "table": {setting: rows}})))
 
@@ -181,6 +184,8 @@ def parser() -> argparse.ArgumentParser:
     _model_args(r)
     _data_args(r, quick_preset=True)
     r.add_argument("--quick", action="store_true", help="small token budgets (a few minutes on a 2-core CPU)")
+    r.add_argument("--config", metavar="FILE", help="YAML config (any Config key, e.g. a run folder's config.yaml); "
+                                                    "flags given on the command line override it")
     r.add_argument("--out", default=DEFAULT_OUT, help=f"run folder (default {DEFAULT_OUT}); reused to resume")
     r.add_argument("--experiments", type=_langs, help=f"comma-separated subset of: {', '.join(EXPERIMENTS)}")
     r.add_argument("--score-langs", type=_langs, help="languages whose importance is summed (default ar,es,ru,zh,ko,vi)")

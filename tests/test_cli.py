@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from lingregion.cli import main
 from lingregion.regions import Region
@@ -30,7 +31,7 @@ def test_reproduce_end_to_end_and_resume(tiny_folder, tmp_path, capsys):
     assert summary["eval_windows"]["ru"]["text_sha256"] and summary["eval_windows"]["ru"]["tokens"] == 2 * 15
     assert summary["protocol"]["seq_len"] == 16 and summary["protocol"]["dtype"] == "float32"
     assert summary["environment"]["lingregion"]
-    assert json.loads((out / "config.json").read_text())["seed"] == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 0
     for name in ["report.md", "report.html", "scores/ru.safetensors", "regions/core-top-0.05.safetensors",
                  "figures/removal.png", "figures/core-grid.png", "figures/core-q_proj.png"]:
         assert (out / name).is_file(), name
@@ -71,13 +72,37 @@ def test_score_locate_evaluate_commands(tiny_folder, tmp_path, capsys):
     assert code == 0 and "| ru |" in stdout
 
 
+def test_config_file_round_trip(tiny_folder, tmp_path, capsys):
+    """A run's saved config.yaml repeats it exactly; flags override the file; the file overrides the preset."""
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert run(capsys, "reproduce", "--model", tiny_folder, "--out", first, "--experiments", "removal", *TINY)[0] == 0
+    saved = yaml.safe_load((first / "config.yaml").read_text())
+    assert saved["seq_len"] == 16 and saved["score_langs"] == ["ru", "es"] and saved["experiments"] == ["removal"]
+    assert run(capsys, "reproduce", "--config", first / "config.yaml", "--out", again)[0] == 0
+    assert (again / "config.yaml").read_text() == (first / "config.yaml").read_text()
+    a, b = (json.loads((d / "results" / "removal-summary.json").read_text()) for d in (first, again))
+    assert a["table"] == b["table"] and a["regions"] == b["regions"]
+
+    from lingregion.cli import _config, parser
+
+    (tmp_path / "c.yaml").write_text("seq_len: 64\nscore_tokens: 999\nratios: [0.2]\n")
+    cfg = _config(parser().parse_args(["reproduce", "--quick", "--config", str(tmp_path / "c.yaml"), "--seq-len", "32"]))
+    assert (cfg.seq_len, cfg.score_tokens, cfg.ratios, cfg.eval_tokens) == (32, 999, [0.2], 256)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["reproduce", "--eval-langs", "xx"], "unknown language 'xx'"),
     (["reproduce", "--ratios", "1.5"], "outside (0, 1)"),
     (["reproduce", "--experiments", "nope"], "unknown experiment"),
+    (["reproduce", "--config", "/nonexistent.yaml"], "config file not found"),
+    (["reproduce", "--config", "BAD_KEY"], "unknown config key(s): score_tokenz"),
+    (["reproduce", "--config", "BAD_YAML"], "not valid YAML"),
     (["evaluate", "--model", "/nonexistent/model", "--lang", "ru"], "cannot load model"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, message, tmp_path, capsys):
+    (tmp_path / "key.yaml").write_text("score_tokenz: 5\n")
+    (tmp_path / "bad.yaml").write_text("ratios: [0.1\n")
+    argv = [{"BAD_KEY": tmp_path / "key.yaml", "BAD_YAML": tmp_path / "bad.yaml"}.get(a, a) for a in argv]
     code, _, err = run(capsys, *argv, *(["--out", tmp_path / "o"] if argv[0] == "reproduce" else []))
     assert code == 2
     assert err.count("\n") == 1 and message in err and err.startswith("lingregion: error:")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .. import corpus, evaluation, interventions, models, scoring
 from ..regions import Region, select
-from ..store import LingregionError, environment, read_json, read_tensors, write_json, write_tensors
+from ..store import LingregionError, environment, read_json, read_tensors, write_json, write_tensors, write_text
 
 PAPER_SCORE_LANGS = ["ar", "es", "ru", "zh", "ko", "vi"]
 PAPER_EVAL_LANGS = ["ar", "zh", "it", "ja", "ko", "fa", "pt", "ru", "es", "uk", "vi", "en"]
@@ -79,12 +79,34 @@ class Config:
         return cls(**{**cls.QUICK, **overrides})
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
+    def from_dict(cls, d: dict, quick: bool = False) -> "Config":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise LingregionError(f"unknown config key(s): {', '.join(unknown)}; known keys are {', '.join(sorted(known))}")
-        return cls(**d)
+        return cls.quick(**d) if quick else cls(**d)
+
+    @staticmethod
+    def read(path: Path) -> dict:
+        """The keys of a YAML config file (a run folder's config.yaml, or one written by hand)."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise LingregionError(f"{path}: config file not found")
+        try:
+            d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise LingregionError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+        if not isinstance(d, dict):
+            raise LingregionError(f"{path}: a config is a mapping of keys such as 'score_tokens: 4096', not {type(d).__name__}")
+        return d
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return ("# lingregion run config: repeat with `lingregion reproduce --config THIS_FILE --out DIR`\n"
+                + yaml.safe_dump(asdict(self), sort_keys=False, allow_unicode=True))
 
     def validate(self) -> None:
         for r in self.ratios + [self.mono_ratio]:
@@ -200,7 +222,7 @@ def reproduce(cfg: Config, out: Path, progress: bool = True) -> dict:
     started = time.time()
     model = models.load(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
     run = Run(out, cfg, model, progress)
-    write_json(out / "config.json", asdict(cfg))
+    write_text(out / "config.yaml", cfg.to_yaml())
     results = {}
     for name in [n for n in EXPERIMENTS if n in cfg.experiments]:  # registry order: later ones reuse earlier caches
         results[name] = EXPERIMENTS[name].run(run)
