@@ -156,6 +156,23 @@ def cmd_evaluate(args) -> None:
     print(report.markdown_table(*removal.table({"settings": [setting], "languages": langs, "table": {setting: rows}})))
 
 
+def cmd_plot(args) -> None:
+    from . import figures
+    from .regions import Region
+    from .store import write_bytes
+
+    region = Region.load(Path(args.region))
+    if args.matrix:
+        if args.matrix not in region.shapes:
+            near = [n for n in region.shapes if args.matrix in n][:3] or list(region.shapes)[:3]
+            raise LingregionError(f"--matrix {args.matrix} is not in this region; names look like {', '.join(near)}")
+        data = figures.region_heatmap(region, args.matrix, args.head_dim)
+    else:
+        data = figures.region_grid(region)
+    write_bytes(Path(args.out), data)
+    print(args.out)
+
+
 def cmd_report(args) -> None:
     from . import report
 
@@ -231,6 +248,16 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--remove", help="region file to remove before evaluating")
     e.add_argument("--tokens", type=int, default=2048, help="evaluation tokens per language (default 2048)")
     e.set_defaults(func=cmd_evaluate)
+
+    pl = sub.add_parser("plot", help="draw a region: the layers × matrix-types grid, or one matrix in detail",
+                        description="Heat map of the share of region members in each 3×3 neighbourhood (0 to 1), "
+                                    "reduced for display by area averaging; rows are outputs, columns inputs.")
+    pl.add_argument("region", help="region file (.safetensors from 'lingregion locate' or a run's regions/)")
+    pl.add_argument("--matrix", help="one parameter name, e.g. model.layers.0.self_attn.q_proj.weight "
+                                     "(default: the overview grid)")
+    pl.add_argument("--head-dim", type=int, help="with --matrix: mark head boundaries every N rows")
+    pl.add_argument("--out", required=True, help="PNG file to write")
+    pl.set_defaults(func=cmd_plot)
 
     rep = sub.add_parser("report", help="rebuild a run folder's report from its saved results")
     rep.add_argument("run_dir")

@@ -70,6 +70,13 @@ def test_score_locate_evaluate_commands(tiny_folder, tmp_path, capsys):
     code, stdout, _ = run(capsys, "evaluate", "--model", tiny_folder, "--lang", "ru", "--remove", region,
                           "--seq-len", 16, "--tokens", 32)
     assert code == 0 and "| ru |" in stdout
+    q = "model.layers.0.self_attn.q_proj.weight"
+    for extra in ([], ["--matrix", q, "--head-dim", 16]):
+        png = tmp_path / f"plot{len(extra)}.png"
+        assert run(capsys, "plot", region, "--out", png, *extra)[0] == 0
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, _, err = run(capsys, "plot", region, "--matrix", "q_proj", "--out", tmp_path / "x.png")
+    assert code == 2 and "names look like model.layers.0.self_attn.q_proj.weight" in err
 
 
 def test_config_file_round_trip(tiny_folder, tmp_path, capsys):
