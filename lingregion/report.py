@@ -133,6 +133,9 @@ def header(results: dict[str, dict], run: dict) -> list[dict]:
     model, env, cfg = first["model"], first["environment"], run.get("config", {})
     proto = first.get("protocol", {})
     minutes = f"{run['seconds'] / 60:.1f} min" if "seconds" in run else "unknown (run.json missing)"
+    if run.get("experiment_seconds"):
+        minutes += " (" + ", ".join(f"{k} {v / 60:.1f}" for k, v in run["experiment_seconds"].items()) + "); " \
+                   "a resumed run counts only its last invocation"
     return [
         heading("lingregion report", 1),
         heading("What was run"),
