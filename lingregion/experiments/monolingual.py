@@ -115,6 +115,11 @@ def run(run: Run) -> dict:
         "Jaccard", "language", "language"))
     write_bytes(figs / "distribution.png", figures.distribution_plot(
         {k: v for k, v in distributions.items() if k == "core" or k in {f"mono-{x}" for x in langs[:4]}}))
+    layers = sorted({str(k) for d in distributions.values() for k in d["by_layer"]}, key=int)
+    write_bytes(figs / "distribution-layers.png", figures.matrix_heatmap(  # every region, however many languages
+        list(distributions), layers, [[100 * d["by_layer"].get(k, d["by_layer"].get(int(k), 0.0)) for k in layers]
+                                      for d in distributions.values()],
+        "Share of each region per layer (%)", "share (%)", "region", "layer"))
     run.save("monolingual", result)
     return result
 
@@ -184,7 +189,10 @@ def section(res: dict) -> list:
     blocks += [
         report.table(["region", *kinds], [[r, *[f"{dist[r]['by_kind'][c]:.1%}" for c in kinds]] for r in dist],
                      caption="Share of each region by matrix type: where the core and the monolingual regions live."),
-        report.figure("figures/distribution.png", "Share of each region per layer and per matrix type."),
+        report.figure("figures/distribution.png", "Share of the core region and the first four monolingual regions "
+                      "per layer and per matrix type."),
+        report.figure("figures/distribution-layers.png", "Every region's share per layer: do the monolingual regions "
+                      "sit in the same layers as the core region?"),
     ]
     return blocks
 
