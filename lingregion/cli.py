@@ -39,7 +39,20 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="weights dtype; losses and scores are accumulated in fp32 regardless (default float32)")
     g.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    g.add_argument("--device-map", dest="device", choices=["auto"],
+                   help="auto: spread the model over all visible GPUs (accelerate), for models larger than one GPU")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+
+
+def _checkpoint_arg(p: argparse.ArgumentParser) -> None:
+    def positive(value: str) -> int:
+        if not value.isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of windows ≥ 1")
+        return int(value)
+
+    p.add_argument("--checkpoint-every", type=positive, metavar="N",
+                   help="save a scoring or evaluation job's running sums every N windows, so that a killed run "
+                        "resumes where it stopped (default 4; each save writes one fp32 copy of the scored parameters)")
 
 
 def _data_args(p: argparse.ArgumentParser, quick_preset: bool = False) -> None:
@@ -59,7 +72,8 @@ def _config(args, **extra):
     _, texts = _texts(args.lang)
     flags = {"model": args.model, "dtype": args.dtype, "device": args.device,
              "trust_remote_code": args.trust_remote_code or None, "seq_len": args.seq_len,
-             "batch_size": args.batch_size, "texts": texts or None, **extra}
+             "batch_size": args.batch_size, "texts": texts or None,
+             "scale_checkpoint_every": getattr(args, "checkpoint_every", None), **extra}
     base = Config.read(args.config) if getattr(args, "config", None) else {}
     return Config.from_dict({**base, **{k: v for k, v in flags.items() if v is not None}},
                             quick=getattr(args, "quick", False))
@@ -208,6 +222,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--score-langs", type=_langs, help="languages whose importance is summed (default ar,es,ru,zh,ko,vi)")
     r.add_argument("--eval-langs", type=_langs, help="languages evaluated (default ar,zh,it,ja,ko,fa,pt,ru,es,uk,vi,en)")
     r.add_argument("--tokens", type=int, help="scoring tokens per language (default 4096; 512 with --quick)")
+    _checkpoint_arg(r)
     r.add_argument("--eval-tokens", type=int, help="evaluation tokens per language (default 2048; 256 with --quick)")
     r.add_argument("--ratios", type=_ratios, help="region sizes as fractions (default 0.01,0.03)")
     r.add_argument("--scope", choices=["matrix", "global"], help="Top/Bottom k%% per matrix (default) or over all")
@@ -223,6 +238,7 @@ def parser() -> argparse.ArgumentParser:
     _model_args(s)
     _data_args(s)
     s.add_argument("--tokens", type=int, default=4096, help="scoring tokens per language (default 4096)")
+    _checkpoint_arg(s)
     s.add_argument("--out", default=DEFAULT_OUT, help=f"run folder (default {DEFAULT_OUT})")
     s.set_defaults(func=cmd_score)
 

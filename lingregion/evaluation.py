@@ -2,17 +2,24 @@
 
 The output layer is applied a few hundred positions at a time: with a 262K-token vocabulary, logits for
 a whole batch would be the largest tensor in the run. Losses are summed in fp32/fp64 whatever the dtype.
+
+Under torchrun each process evaluates its share of the windows and the summed NLL and token counts are
+all-reduced once; with a checkpoint path the sums are saved every few windows and a rerun resumes.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import distributed
+from .checkpoint import CHECKPOINT_EVERY, Checkpoint, windows_digest
 from .corpus import Windows
+from .models import fingerprint, input_device
 from .store import LingregionError
 
 LOGIT_CHUNK = 256  # positions per output-layer call: 256 × 262K fp32 logits ≈ 270 MB
@@ -40,7 +47,7 @@ def output_head(model):
         return torch.tanh(out / cap) * cap if cap else out
 
     if not getattr(model, "_lingregion_head_checked", False):
-        ids = torch.arange(1, 9, device=next(model.parameters()).device).unsqueeze(0)
+        ids = torch.arange(1, 9, device=input_device(model)).unsqueeze(0)
         with torch.no_grad():
             ref = model(input_ids=ids).logits.float()
             ours = logits(model.base_model(input_ids=ids)[0])
@@ -62,24 +69,47 @@ def summed_nll(logits_fn, hidden: torch.Tensor, targets: torch.Tensor) -> torch.
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
     for i in range(0, len(targets), LOGIT_CHUNK):
         logits = logits_fn(hidden[i:i + LOGIT_CHUNK])
-        total += F.cross_entropy(logits, targets[i:i + LOGIT_CHUNK], reduction="sum").double()
+        total += F.cross_entropy(logits, targets[i:i + LOGIT_CHUNK].to(logits.device), reduction="sum").double().to(total.device)
     return total
 
 
 @torch.inference_mode()
-def perplexity(model, windows: Windows, batch_size: int = 4, progress: bool = True, desc: str = "") -> dict:
-    """Token-weighted perplexity exp(Σ NLL / Σ tokens) and bits per byte Σ NLL / (ln 2 · Σ bytes)."""
+def perplexity(model, windows: Windows, batch_size: int = 4, progress: bool = True, desc: str = "",
+               checkpoint: Path | None = None, every: int = CHECKPOINT_EVERY) -> dict:
+    """Token-weighted perplexity exp(Σ NLL / Σ tokens) and bits per byte Σ NLL / (ln 2 · Σ bytes).
+
+    checkpoint: a file to save the running sums to every `every` windows; a rerun of the same job
+    resumes from it, and it is deleted once the sums are complete."""
     logits_fn = output_head(model)
-    device = next(model.parameters()).device
-    nll = 0.0
-    bar = tqdm(total=len(windows.input_ids), desc=desc or f"eval {windows.lang}", unit="win",
-               disable=not progress, leave=False)
-    for ids in batches(windows, batch_size):
-        hidden, targets = hidden_and_targets(model, ids.to(device))
-        nll += summed_nll(logits_fn, hidden, targets).item()
+    device = input_device(model)
+    ckpt = state = None
+    if checkpoint:
+        ckpt = Checkpoint(checkpoint, {"job": "perplexity", "model": fingerprint(model),
+                                       "windows": windows_digest(windows), "batch_size": batch_size}, every)
+        state = ckpt.load()
+    sums = state[0]["sums"] if state else torch.zeros(2, dtype=torch.float64)  # [Σ NLL, Σ predicted tokens]
+    start = state[1] if state else 0
+    mine = distributed.shard(windows)
+    bar = tqdm(total=len(mine.input_ids), desc=desc or f"eval {windows.lang}", unit="win",
+               disable=not progress or not distributed.is_main(), leave=False)
+    done = 0
+    for b, ids in enumerate(batches(mine, batch_size)):
+        done += len(ids)
         bar.update(len(ids))
+        if b < start:  # already in the checkpoint's sums
+            continue
+        hidden, targets = hidden_and_targets(model, ids.to(device))
+        sums[0] += summed_nll(logits_fn, hidden, targets).item()
+        sums[1] += len(targets)
+        if ckpt:
+            ckpt.update({"sums": sums}, b + 1, done)
     bar.close()
-    tokens, n_bytes = windows.n_tokens, sum(windows.n_bytes)
+    distributed.sum_([sums])
+    if ckpt:
+        ckpt.remove()
+    nll, tokens, n_bytes = sums[0].item(), windows.n_tokens, sum(windows.n_bytes)
+    if sums[1].item() != tokens:
+        raise RuntimeError(f"evaluated {sums[1].item():.0f} tokens of {tokens}: the processes saw different windows")
     return {
         "ppl": math.exp(nll / tokens) if nll / tokens < 700 else math.inf,
         "bpb": nll / math.log(2) / n_bytes,

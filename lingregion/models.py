@@ -76,18 +76,50 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go (the embedding's device, also when the model is spread over several GPUs)."""
+        return input_device(self.model)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def _placement(device: str) -> tuple[dict, str]:
+    """from_pretrained arguments and the device to move to afterwards ('' for none).
+
+    device "auto" spreads the layers over every visible GPU with accelerate (device_map="auto"), for
+    models larger than one GPU; under torchrun, "cuda" is each process's own GPU."""
+    from . import distributed
+
+    if device != "auto":
+        return {}, distributed.local_device(device)
+    if distributed.active():
+        raise LingregionError("--device-map auto spreads one model over all GPUs; it cannot be combined with "
+                              "torchrun's data parallelism: run it as a single process")
+    return {"device_map": "auto"}, ""
+
+
+def _check_placement(model: nn.Module) -> None:
+    """Accelerate offloads what does not fit on the GPUs to CPU or disk, leaving placeholder ("meta")
+    parameters: edits and gradients need every parameter to be real, so refuse that."""
+    offloaded = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise LingregionError(f"the model does not fit in GPU memory ({len(offloaded)} parameters offloaded, e.g. "
+                              f"{offloaded[0]}); use more GPUs, a smaller dtype (--dtype bfloat16) or a smaller model")
 
 
 def load(name: str | None = None, dtype: str = "float32", device: str = "cpu",
          trust_remote_code: bool = False) -> Model:
-    """Load a hub id, a local folder, or the built-in default (name None)."""
+    """Load a hub id, a local folder, or the built-in default (name None).
+
+    device: "cpu", "cuda", "cuda:1", ... or "auto" to spread the model over all visible GPUs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise LingregionError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     name = name or DEFAULT_MODEL
     info: dict = {"name": name, "dtype": dtype, "device": device}
+    placement, device = _placement(device)
     if name == DEFAULT_MODEL:
         path = default_model_dir()
         info["revision"] = read_json(path / "lingregion-source.json")
@@ -101,11 +133,16 @@ def load(name: str | None = None, dtype: str = "float32", device: str = "cpu",
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype],
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, **placement)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LingregionError(f"cannot load model {name!r}: {first}; pass a local HF folder or a reachable hub id") from None
-    model.to(device).eval()
+    if device:
+        model.to(device)
+    model.eval()
+    _check_placement(model)
+    if placement:
+        info["device_map"] = {k: str(v) for k, v in model.hf_device_map.items()}
     info["class"] = type(model).__name__
     info["tokenizer"] = type(tokenizer).__name__
     info["parameters"] = sum(p.numel() for p in model.parameters())

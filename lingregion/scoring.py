@@ -6,75 +6,134 @@ as in the paper's code, but summed in fp32 whatever the model's dtype.
 
 Only the scored parameters require gradients, so no weight gradient is computed for the embedding or
 the LM head. Each gradient is folded into its fp32 accumulator as soon as autograd produces it and then
-dropped, so no full set of `.grad` buffers is ever alive.
+dropped, so no full set of `.grad` buffers is ever alive. Peak memory is the weights, one fp32
+accumulator per scored parameter, the activations of one batch and one output-layer chunk.
+
+Under torchrun each process sums its share of the windows and the sums are all-reduced once; with a
+checkpoint path the sums are saved every few windows and a rerun resumes from them (see checkpoint.py).
 """
 from __future__ import annotations
 
+import hashlib
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import distributed
+from .checkpoint import CHECKPOINT_EVERY, Checkpoint, windows_digest
 from .corpus import Windows
 from .evaluation import LOGIT_CHUNK, batches, hidden_and_targets, output_head
+from .models import fingerprint, input_device
 from .store import LingregionError
 
 
-def gradient_sum(model, windows: Windows, names: list[str], batch_size: int = 1,
-                 progress: bool = True) -> dict[str, torch.Tensor]:
-    """Σ over windows of ∂(mean token NLL over all windows)/∂θ for each named parameter, in fp32."""
-    params = dict(model.named_parameters())
-    missing = [n for n in names if n not in params]
-    if missing:
-        raise LingregionError(f"parameters not in this model: {', '.join(missing[:3])}; were the scores made for another model?")
-    wanted = set(names)
-    flags = {n: p.requires_grad for n, p in params.items()}
-    acc = {n: torch.zeros(params[n].shape, dtype=torch.float32, device=params[n].device) for n in names}
-
+@contextmanager
+def _folded_into(params: dict[str, torch.nn.Parameter], acc: dict[str, torch.Tensor]):
+    """Within the block only the parameters of `acc` require grad, and each gradient autograd makes is
+    added to its accumulator and freed at once; flags are restored afterwards."""
     def fold(name):
         def hook(p):
             acc[name].add_(p.grad)
             p.grad = None
         return hook
 
-    hooks = [params[n].register_post_accumulate_grad_hook(fold(n)) for n in names]
+    flags = {n: p.requires_grad for n, p in params.items()}
+    hooks = [params[n].register_post_accumulate_grad_hook(fold(n)) for n in acc]
     for n, p in params.items():
-        p.requires_grad_(n in wanted)
-    logits_fn = output_head(model)
-    device = next(model.parameters()).device
-    total = windows.n_tokens
-    bar = tqdm(total=len(windows.input_ids), desc=f"score {windows.lang}", unit="win", disable=not progress, leave=False)
+        p.requires_grad_(n in acc)
     try:
-        for ids in batches(windows, batch_size):
-            hidden, targets = hidden_and_targets(model, ids.to(device))
-            # Backpropagate the output layer chunk by chunk into a detached copy of the hidden states,
-            # so that full-vocabulary logits never exist for more than one chunk; then run the
-            # transformer's backward once from the summed hidden-state gradient.
-            leaf = hidden.detach().requires_grad_(True)
-            for i in range(0, len(targets), LOGIT_CHUNK):
-                logits = logits_fn(leaf[i:i + LOGIT_CHUNK])
-                loss = torch.nn.functional.cross_entropy(logits, targets[i:i + LOGIT_CHUNK], reduction="sum") / total
-                loss.backward()
-            hidden.backward(leaf.grad)
-            bar.update(len(ids))
+        yield
     finally:
-        bar.close()
         for h in hooks:
             h.remove()
         for n, p in params.items():
             p.requires_grad_(flags[n])
-            if n in wanted:
+            if n in acc:
                 p.grad = None
+
+
+def _backward(model, logits_fn, ids: torch.Tensor, total: int) -> None:
+    """Backpropagate Σ NLL(ids) / total into the parameters that require grad.
+
+    The output layer is backpropagated chunk by chunk into a detached copy of the hidden states, so
+    full-vocabulary logits never exist for more than one chunk; the transformer's backward then runs
+    once from the summed hidden-state gradient."""
+    hidden, targets = hidden_and_targets(model, ids)
+    leaf = hidden.detach().requires_grad_(True)
+    for i in range(0, len(targets), LOGIT_CHUNK):
+        logits = logits_fn(leaf[i:i + LOGIT_CHUNK])
+        loss = F.cross_entropy(logits, targets[i:i + LOGIT_CHUNK].to(logits.device), reduction="sum") / total
+        loss.backward()
+    hidden.backward(leaf.grad)
+
+
+def gradient_sum(model, windows: Windows, names: list[str], batch_size: int = 1, progress: bool = True,
+                 checkpoint: Path | None = None, every: int = CHECKPOINT_EVERY) -> dict[str, torch.Tensor]:
+    """Σ over windows of ∂(mean token NLL over all windows)/∂θ for each named parameter, in fp32.
+
+    checkpoint: a file to save the running sums to every `every` windows; a rerun of the same job
+    resumes from it, and it is deleted once the sums are complete."""
+    params = dict(model.named_parameters())
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise LingregionError(f"parameters not in this model: {', '.join(missing[:3])}; were the scores made for another model?")
+    total = windows.n_tokens  # the mean runs over all windows, whichever process takes which
+    ckpt = state = None
+    if checkpoint:
+        shapes = hashlib.sha256(repr([(n, tuple(params[n].shape)) for n in names]).encode()).hexdigest()[:16]
+        ckpt = Checkpoint(checkpoint, {"job": "gradient_sum", "model": fingerprint(model), "names": shapes,
+                                       "windows": windows_digest(windows), "batch_size": batch_size}, every)
+        state = ckpt.load()
+    if state:
+        acc = {n: state[0][n].to(params[n].device) for n in names}
+    else:
+        acc = {n: torch.zeros(params[n].shape, dtype=torch.float32, device=params[n].device) for n in names}
+    start = state[1] if state else 0
+    logits_fn = output_head(model)
+    device = input_device(model)
+    mine = distributed.shard(windows)
+    show = progress and distributed.is_main()
+    bar = tqdm(total=len(mine.input_ids), desc=f"score {windows.lang}", unit="win", disable=not show, leave=False)
+    done = 0
+    with _folded_into(params, acc):
+        for b, ids in enumerate(batches(mine, batch_size)):
+            done += len(ids)
+            bar.update(len(ids))
+            if b < start:  # already in the checkpoint's sums
+                continue
+            if b == start and start and show:
+                tqdm.write(f"score {windows.lang}: resumed after {done - len(ids)} windows from {ckpt.path}",
+                           file=sys.stderr)
+            _backward(model, logits_fn, ids.to(device), total)
+            if ckpt:
+                ckpt.update(acc, b + 1, done)
+    bar.close()
+    distributed.sum_(acc.values())
+    if ckpt:
+        ckpt.remove()
     return acc
 
 
-def taylor_importance(model, grads: dict[str, torch.Tensor], removed: dict[str, float]) -> dict[str, torch.Tensor]:
-    """|(θ − θ_removed) ⊙ g| in fp32."""
+def taylor_importance(model, grads: dict[str, torch.Tensor], removed: dict[str, float],
+                      inplace: bool = False) -> dict[str, torch.Tensor]:
+    """|(θ − θ_removed) ⊙ g| in fp32. inplace=True overwrites `grads` with the result, so that no
+    second full-size fp32 copy is ever alive."""
     params = dict(model.named_parameters())
-    return {n: ((params[n].detach().float() - removed[n]) * g).abs_() for n, g in grads.items()}
+    out = grads if inplace else {n: g.clone() for n, g in grads.items()}
+    for n, g in out.items():
+        g.mul_(params[n].detach().float() - removed[n]).abs_()
+    return out
 
 
 def score(model, windows: Windows, names: list[str], removed: dict[str, float], batch_size: int = 1,
-          progress: bool = True) -> dict[str, torch.Tensor]:
-    return taylor_importance(model, gradient_sum(model, windows, names, batch_size, progress), removed)
+          progress: bool = True, checkpoint: Path | None = None,
+          every: int = CHECKPOINT_EVERY) -> dict[str, torch.Tensor]:
+    grads = gradient_sum(model, windows, names, batch_size, progress, checkpoint, every)
+    return taylor_importance(model, grads, removed, inplace=True)
 
 
 def accumulate(total: dict[str, torch.Tensor], scores: dict[str, torch.Tensor]) -> None:

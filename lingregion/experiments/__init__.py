@@ -69,6 +69,7 @@ class Config:
     mono_eval_tokens: int = 1024  # per language and setting, for the interaction matrix
     mono_focus: str = "ru"  # the language of the Table 5 layout
     gen_tokens: int = 16
+    scale_checkpoint_every: int = 4  # windows between saves of a scoring/evaluation job's running sums
     experiments: list[str] = field(default_factory=lambda: list(EXPERIMENTS))
 
     # The small preset: every experiment adds the overrides that bring it within the --quick budget.
@@ -171,7 +172,9 @@ class Run:
             if meta.get("made_of") == made_of:
                 return tensors
         t0 = time.time()
-        s = scoring.score(self.m.model, w, self.names, self.removed, progress=self.progress)
+        s = scoring.score(self.m.model, w, self.names, self.removed, progress=self.progress,
+                          checkpoint=path.with_name(f".{path.stem}.partial.safetensors"),
+                          every=self.cfg.scale_checkpoint_every)
         write_tensors(path, s, self.provenance(
             made_of=made_of, format="lingregion-scores-v1", lang=lang, model_fingerprint=self.m.info["fingerprint"],
             estimator="taylor: |(θ − θ_removed) ⊙ Σ_windows ∂(mean token NLL)/∂θ|, fp32 accumulation",
@@ -206,8 +209,10 @@ class Run:
         if todo:
             with interventions.applied(self.m.model, edits):
                 for lang in todo:
+                    partial = path.parent / ".partial" / f"{_digest([results_file, setting, lang, key_of])}.safetensors"
                     r = evaluation.perplexity(self.m.model, self.windows(lang, "eval", budget), self.cfg.batch_size,
-                                              self.progress, desc=f"{setting} {lang}")
+                                              self.progress, desc=f"{setting} {lang}", checkpoint=partial,
+                                              every=self.cfg.scale_checkpoint_every)
                     cache["entries"][f"{setting}/{lang}"] = r
                     write_json(path, cache)
         for lang in langs:
