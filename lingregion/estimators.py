@@ -1,0 +1,366 @@
+"""Importance estimators, selected by name, all producing per-parameter fp32 scores (higher = removing
+the entry matters more) that regions, interventions and evaluation consume unchanged.
+
+An estimator is one function over the statistics of a pass over a language's windows (`Stats`):
+
+- taylor         |(θ − θ_r) ⊙ Σ_w g_w|             the paper's (= scoring.score)
+- taylor-window  Σ_w |(θ − θ_r) ⊙ g_w|             per-window first-order terms (LLM-Pruner's elementwise Taylor)
+- fisher         ½ Σ_w g_w² (θ − θ_r)²             second-order term with the diagonal empirical Fisher
+- magnitude      |θ − θ_r|                         no data
+- wanda          |θ − θ_r| · ‖a‖₂                  a = the activation the entry multiplies, over all positions
+- lape           neuron activation-probability entropy over languages (Tang et al. 2024), mapped to the
+                 neuron's rows and columns
+
+g_w is the gradient of window w's share of the mean token loss (its summed NLL / all predicted tokens of
+the language), so Σ_w g_w is exactly the paper's gradient. θ_r is the value removal sets (models.removed_values).
+
+Per-language estimators are summed over languages for a core score, as the paper sums Taylor scores;
+"pooled" ones (lape, magnitude) are made once from all languages' statistics. One pass per language
+collects every statistic the requested estimators need, so several estimators cost one forward and one
+backward per window. Adding an estimator is one decorated function (and its test).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+
+from . import scoring
+from .corpus import Windows
+from .evaluation import hidden_and_targets, output_head
+from .store import LingregionError
+
+STATS = ("grad", "grad_abs", "grad_sq", "energy", "active")
+
+
+@dataclass
+class Stats:
+    """What one pass over one language's windows collects; sums in fp32, counts in int64."""
+
+    lang: str
+    tokens: int  # predicted tokens: the denominator of the mean loss
+    grad: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ_w g_w
+    grad_abs: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ_w |g_w|
+    grad_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ_w g_w²
+    energy: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ_positions a², broadcastable to the parameter
+    active: dict[str, torch.Tensor] = field(default_factory=dict)  # MLP activation module → positions with output > 0
+    seen: dict[str, int] = field(default_factory=dict)  # MLP activation module → positions
+
+
+@dataclass
+class Target:
+    """The parameters being scored and the values removal would set them to."""
+
+    model: nn.Module
+    names: list[str]
+    removed: dict[str, float]
+
+    def delta(self, name: str) -> torch.Tensor:
+        """θ − θ_r in fp32 (a fresh tensor, safe to modify in place)."""
+        return self.model.get_parameter(name).detach().float() - self.removed[name]
+
+
+@dataclass(frozen=True)
+class Estimator:
+    name: str
+    fn: Callable  # (Stats, Target) → scores; pooled: (list[Stats], Target) → scores
+    needs: frozenset[str]
+    pooled: bool  # one score from all languages' statistics instead of a sum of per-language scores
+    scope: str | None  # the selection scope the method itself prescribes; None: the user's choice
+    doc: str
+
+
+ESTIMATORS: dict[str, Estimator] = {}
+
+
+def estimator(name: str, needs: Sequence[str] = (), pooled: bool = False, scope: str | None = None):
+    unknown = set(needs) - set(STATS)
+    if unknown:
+        raise ValueError(f"estimator {name}: unknown statistics {sorted(unknown)}")
+
+    def register(fn):
+        ESTIMATORS[name] = Estimator(name, fn, frozenset(needs), pooled, scope, (fn.__doc__ or "").strip())
+        return fn
+    return register
+
+
+def get(name: str) -> Estimator:
+    if name not in ESTIMATORS:
+        raise LingregionError(f"unknown estimator {name!r}; choose from {', '.join(ESTIMATORS)}")
+    return ESTIMATORS[name]
+
+
+# --- the estimators -------------------------------------------------------------------------------
+@estimator("taylor", needs=["grad"])
+def taylor(stats: Stats, t: Target) -> dict[str, torch.Tensor]:
+    """|(θ − θ_r) ⊙ Σ_w g_w|: the paper's first-order Taylor estimate, gradients summed before the product."""
+    return scoring.taylor_importance(t.model, stats.grad, t.removed)
+
+
+@estimator("taylor-window", needs=["grad_abs"])
+def taylor_window(stats: Stats, t: Target) -> dict[str, torch.Tensor]:
+    """Σ_w |(θ − θ_r) ⊙ g_w| = |θ − θ_r| ⊙ Σ_w |g_w|: windows whose gradients disagree in sign do not cancel."""
+    return {n: t.delta(n).abs_().mul_(stats.grad_abs[n]) for n in t.names}
+
+
+@estimator("fisher", needs=["grad_sq"])
+def fisher(stats: Stats, t: Target) -> dict[str, torch.Tensor]:
+    """½ Σ_w g_w² (θ − θ_r)²: the second-order term of the loss change with the diagonal empirical Fisher."""
+    return {n: t.delta(n).square_().mul_(stats.grad_sq[n]).mul_(0.5) for n in t.names}
+
+
+@estimator("magnitude", pooled=True)
+def magnitude(stats: list[Stats], t: Target) -> dict[str, torch.Tensor]:
+    """|θ − θ_r|: no data at all, the floor any data-driven estimator should beat."""
+    return {n: t.delta(n).abs_() for n in t.names}
+
+
+@estimator("wanda", needs=["energy"])
+def wanda(stats: Stats, t: Target) -> dict[str, torch.Tensor]:
+    """|θ − θ_r| · ‖a‖₂ over positions, a the activation the entry multiplies: input feature j for W_ij of a
+    linear layer (Wanda's |W|·‖X_j‖₂), 1 for a bias, the normalized input x̂_c for a norm's weight. It is the
+    ℓ2 size of the change of the module's output when that one entry is removed."""
+    return {n: t.delta(n).abs_().mul_(stats.energy[n].sqrt()) for n in t.names}
+
+
+@estimator("lape", needs=["active"], pooled=True, scope="global")
+def lape(stats: list[Stats], t: Target) -> dict[str, torch.Tensor]:
+    """Per MLP neuron: its mean activation probability over languages × the entropy of its normalized
+    activation probabilities (LAPE), written on the neuron's parameters (gate/up rows, down column, the
+    producing bias); other parameters score 0. Neurons are ranked across layers (scope global), as Tang
+    et al. select them. High = fires often and evenly in every language."""
+    if len(stats) < 2:
+        raise LingregionError("lape compares languages: score at least two languages")
+    params = {n: t.model.get_parameter(n) for n in t.names}
+    out = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
+    for act in stats[0].active:
+        probs = torch.stack([s.active[act].double() / s.seen[act] for s in stats], dim=1)
+        neuron = lape_neuron_scores(probs).float()
+        for name, axis in neuron_parameters(t.model, act, len(neuron), t.names):
+            shape = [-1 if d == axis else 1 for d in range(out[name].dim())]
+            out[name] = neuron.to(params[name].device).reshape(shape).expand(out[name].shape).clone()
+    return out
+
+
+def lape_neuron_scores(probs: torch.Tensor) -> torch.Tensor:
+    """probs: neurons × languages activation probabilities → mean probability × LAPE entropy (nats).
+
+    Tang et al. rank neurons by the entropy of p normalized over languages after dropping rarely firing
+    neurons; weighting by the mean probability keeps silent neurons low without a threshold parameter.
+    A neuron that never fires scores 0."""
+    total = probs.sum(dim=1, keepdim=True)
+    q = torch.where(total > 0, probs / total.clamp_min(1e-300), torch.zeros_like(probs))
+    entropy = -(q * torch.where(q > 0, q.log(), torch.zeros_like(q))).sum(dim=1)
+    return probs.mean(dim=1) * entropy
+
+
+# --- one pass over a language's windows ------------------------------------------------------------
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def _in_axis(module: nn.Module) -> int:
+    """The weight axis along the input features (nn.Linear stores out × in, GPT-2's Conv1D in × out)."""
+    return 0 if isinstance(module, Conv1D) else 1
+
+
+def _by_module(names: Iterable[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for n in names:
+        mod, _, leaf = n.rpartition(".")
+        out.setdefault(mod, []).append(leaf)
+    return out
+
+
+def _energy_hooks(t: Target, energy: dict[str, torch.Tensor]) -> list:
+    """Hooks adding Σ_positions a² for each scored parameter (see `wanda`)."""
+    modules = dict(t.model.named_modules())
+    handles = []
+    for mod, leaves in _by_module(t.names).items():
+        module = modules[mod]
+        if _is_linear(module):
+            handles.append(module.register_forward_pre_hook(_linear_energy(module, mod, leaves, energy)))
+            continue
+        wide = [leaf for leaf in leaves if module.get_parameter(leaf).dim() != 1]
+        if wide:
+            raise LingregionError(f"wanda: {mod}.{wide[0]} belongs to a {type(module).__name__}, not a linear layer "
+                                  "or a norm; leave it out with --exclude")
+        handles.append(module.register_forward_hook(_channel_energy(module, mod, leaves, t.removed, energy),
+                                                    with_kwargs=True))
+    return handles
+
+
+def _linear_energy(module, mod: str, leaves: list[str], energy):
+    axis = _in_axis(module)
+
+    def hook(_, args):
+        x = args[0].detach().float()
+        sq = x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+        for leaf in leaves:
+            if leaf == "weight":
+                add = sq[None, :] if axis == 1 else sq[:, None]
+            else:  # a bias multiplies the constant 1 at every position
+                add = torch.tensor([x.numel() / x.shape[-1]], dtype=torch.float32, device=x.device)
+            key = f"{mod}.{leaf}"
+            energy[key] = energy[key].add_(add) if key in energy else add.clone()
+    return hook
+
+
+def _channel_energy(module, mod: str, leaves: list[str], removed, energy):
+    """For a norm's 1-D parameters: a = y(θ_c = θ_r + 1) − y(θ_c = θ_r), the output channel's slope in its
+    own parameter. Norms are affine in each of their parameters channel by channel, so this is exact."""
+    busy = []
+
+    def hook(_, args, kwargs, output):
+        if busy:  # our own functional calls below pass through this hook again
+            return
+        busy.append(True)
+        try:
+            with torch.no_grad():
+                for leaf in leaves:
+                    p = module.get_parameter(leaf)
+                    key = f"{mod}.{leaf}"
+                    at = {v: torch.full_like(p, removed[key] + v) for v in (0.0, 1.0)}
+                    a = (torch.func.functional_call(module, {leaf: at[1.0]}, args, kwargs).float()
+                         - torch.func.functional_call(module, {leaf: at[0.0]}, args, kwargs).float())
+                    if not isinstance(output, torch.Tensor) or a.shape[-1] != p.numel():
+                        raise LingregionError(f"wanda: {key} does not scale the last axis of its module's output "
+                                              "channel by channel; leave it out with --exclude")
+                    sq = a.pow(2).reshape(-1, p.numel()).sum(0)
+                    energy[key] = energy[key].add_(sq) if key in energy else sq
+        finally:
+            busy.clear()
+    return hook
+
+
+def activation_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """MLP activation-function modules whose parent holds scored linear layers (the neurons LAPE counts)."""
+    scored = set(_by_module(names))
+    modules = dict(model.named_modules())
+    out = []
+    for name, m in modules.items():
+        kind = type(m).__module__
+        if kind.startswith(("transformers.activations", "torch.nn.modules.activation")) and not any(m.parameters()):
+            parent = name.rpartition(".")[0]
+            if any(c.startswith(parent + ".") and _is_linear(modules[c]) for c in scored):
+                out.append(name)
+    return out
+
+
+def neuron_parameters(model: nn.Module, act: str, n: int, names: list[str]) -> list[tuple[str, int]]:
+    """(parameter, axis) pairs of the scored parameters that belong to the `n` neurons after `act`: rows
+    of the layers producing them (and their biases), columns of the layers consuming them."""
+    parent = act.rpartition(".")[0]
+    modules = dict(model.named_modules())
+    out = []
+    for mod, leaves in _by_module(names).items():
+        module = modules[mod]
+        if not (mod.startswith(parent + ".") and _is_linear(module)):
+            continue
+        w = module.weight
+        i_ax = _in_axis(module)
+        produces, consumes = w.shape[1 - i_ax] == n, w.shape[i_ax] == n
+        if produces and consumes:
+            raise LingregionError(f"lape: {mod} is square ({n}×{n}), so which side holds the neurons is unknown; "
+                                  "leave it out with --exclude")
+        for leaf in leaves:
+            if leaf == "weight" and (produces or consumes):
+                out.append((f"{mod}.weight", 1 - i_ax if produces else i_ax))
+            elif leaf == "bias" and produces:
+                out.append((f"{mod}.bias", 0))
+    return out
+
+
+def _activation_hooks(model: nn.Module, acts: list[str], stats: Stats) -> list:
+    modules = dict(model.named_modules())
+
+    def counter(act):
+        def hook(_, args, output):
+            on = (output.detach() > 0).reshape(-1, output.shape[-1]).sum(0)
+            stats.active[act] = stats.active[act].add_(on) if act in stats.active else on
+            stats.seen[act] = stats.seen.get(act, 0) + output.numel() // output.shape[-1]
+        return hook
+    return [modules[a].register_forward_hook(counter(a)) for a in acts]
+
+
+def collect(t: Target, windows: Windows, needs: Iterable[str], progress: bool = True) -> Stats:
+    """One pass over the windows, one window at a time, collecting the statistics in `needs`."""
+    needs = set(needs)
+    stats = Stats(windows.lang, windows.n_tokens)
+    model = t.model
+    output_head(model)  # its one-time check runs a forward, which the hooks below must not count
+    handles = []
+    if "energy" in needs:
+        handles += _energy_hooks(t, stats.energy)
+    if "active" in needs:
+        acts = activation_modules(model, t.names)
+        if not acts:
+            raise LingregionError("lape: no scored MLP layer with an activation function; include the MLP weights")
+        handles += _activation_hooks(model, acts, stats)
+    gradients = needs & {"grad", "grad_abs", "grad_sq"}
+    bar = tqdm(total=len(windows.input_ids), desc=f"estimators {windows.lang}", unit="win", disable=not progress,
+               leave=False)
+    try:
+        for ids, n_bytes in zip(windows.input_ids, windows.n_bytes):
+            if gradients:
+                one = replace(windows, input_ids=[ids], n_bytes=[n_bytes])
+                g = scoring.gradient_sum(model, one, t.names, progress=False)
+                _fold(stats, g, (len(ids) - 1) / stats.tokens, gradients)
+            else:
+                with torch.no_grad():
+                    hidden_and_targets(model, ids[None].to(model.get_input_embeddings().weight.device))
+            bar.update(1)
+    finally:
+        bar.close()
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _fold(stats: Stats, g: dict[str, torch.Tensor], share: float, which: set[str]) -> None:
+    """Add one window's gradient: gradient_sum gives that of the window's own mean loss; `share` (its
+    tokens / all tokens) turns it into the gradient of the window's part of the language's mean loss."""
+    for n, gw in g.items():
+        gw.mul_(share)
+        if "grad" in which:
+            stats.grad[n] = stats.grad[n].add_(gw) if n in stats.grad else gw.clone()
+        if "grad_abs" in which:
+            stats.grad_abs[n] = stats.grad_abs[n].add_(gw.abs()) if n in stats.grad_abs else gw.abs()
+        if "grad_sq" in which:
+            stats.grad_sq[n] = stats.grad_sq[n].addcmul_(gw, gw) if n in stats.grad_sq else gw * gw
+
+
+# --- several estimators, several languages ---------------------------------------------------------
+def estimate(t: Target, windows: Iterable[Windows], which: Sequence[str], progress: bool = True
+             ) -> dict[str, dict[str, torch.Tensor]]:
+    """Core scores of each estimator in `which`: per-language scores summed over the languages, pooled
+    ones made from all languages' statistics; one pass per language serves all of them."""
+    chosen = [get(name) for name in dict.fromkeys(which)]
+    needs = set().union(*(e.needs for e in chosen))
+    totals: dict[str, dict[str, torch.Tensor]] = {e.name: {} for e in chosen if not e.pooled}
+    kept: list[Stats] = []
+    for w in windows:
+        stats = collect(t, w, needs, progress) if needs else Stats(w.lang, w.n_tokens)
+        for e in chosen:
+            if not e.pooled:
+                scoring.accumulate(totals[e.name], e.fn(stats, t))
+        # pooled estimators get the small statistics only; the gradient ones are each as large as the model
+        kept.append(Stats(stats.lang, stats.tokens, active=stats.active, seen=stats.seen))
+        del stats
+    if not kept:
+        raise LingregionError("no languages to score; pass at least one language's windows")
+    return {e.name: e.fn(kept, t) if e.pooled else totals[e.name] for e in chosen}
+
+
+def score(name: str, t: Target, windows: Iterable[Windows], progress: bool = True) -> dict[str, torch.Tensor]:
+    """One estimator's core score."""
+    return estimate(t, windows, [name], progress)[name]
+
+
+def describe() -> dict[str, str]:
+    """name → one-line definition, for provenance and the report."""
+    return {name: e.doc.split("\n")[0] for name, e in ESTIMATORS.items()}

@@ -1,0 +1,230 @@
+import math
+
+import pytest
+import torch
+
+from lingregion import corpus, estimators, models, scoring
+from lingregion.regions import select
+from lingregion.store import LingregionError
+from conftest import TEXT
+
+
+def windows(tokenizer, texts, lang, seq_len=12):
+    return corpus.make_windows(tokenizer, texts, seq_len, 10_000, lang, "score", "test")
+
+
+def target(model, include=None):
+    names = models.scored_names(model, include)
+    return estimators.Target(model, names, models.removed_values(model, names))
+
+
+def per_window_gradients(model, w, names):
+    """Independent: each window's HF loss × its share of the tokens, one plain autograd backward each."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    params = dict(model.named_parameters())
+    out = []
+    for ids in w.input_ids:
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids[None], labels=ids[None]).loss * (len(ids) - 1) / w.n_tokens
+        loss.backward()
+        out.append({n: params[n].grad.detach().clone() for n in names})
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama", "qwen2", "gpt2"])
+def test_gradient_estimators_equal_per_window_autograd(tiny, tokenizer, family):
+    model = tiny(family, dtype=torch.float64)  # so the reference is exact and the fp32 accumulators are what is tested
+    t = target(model)
+    w = windows(tokenizer, TEXT[:2], "mix")
+    assert len(w.input_ids) >= 3 and len(w.input_ids[-1]) < len(w.input_ids[0])  # a short last window too
+    ours = estimators.estimate(t, [w], ["taylor", "taylor-window", "fisher"], progress=False)
+    gs = per_window_gradients(model, w, t.names)
+    params = dict(model.named_parameters())
+    for n in t.names:
+        d = params[n].detach() - t.removed[n]
+        ref = {"taylor": (d * sum(g[n] for g in gs)).abs(),
+               "taylor-window": sum((d * g[n]).abs() for g in gs),
+               "fisher": 0.5 * sum(g[n] ** 2 * d ** 2 for g in gs)}
+        for e, r in ref.items():
+            assert ours[e][n].dtype == torch.float32
+            torch.testing.assert_close(ours[e][n].double(), r, rtol=1e-5, atol=1e-6 * r.abs().max().item())
+    # per-window terms never cancel: taylor-window bounds taylor from above
+    assert all(bool((ours["taylor-window"][n] >= ours["taylor"][n] * (1 - 1e-5)).all()) for n in t.names)
+
+
+def test_taylor_equals_the_papers_scores_summed_over_languages(tiny, tokenizer):
+    model = tiny("gemma3")
+    t = target(model)
+    langs = [windows(tokenizer, TEXT[:2], "a"), windows(tokenizer, TEXT[2:4], "b")]
+    ours = estimators.score("taylor", t, langs, progress=False)
+    ref: dict = {}
+    for w in langs:
+        scoring.accumulate(ref, scoring.score(model, w, t.names, t.removed, progress=False))
+    for n in t.names:
+        torch.testing.assert_close(ours[n], ref[n], rtol=1e-5, atol=1e-9)
+
+
+def hand_normalized(module, x):
+    """What a norm's weight multiplies, written out by hand for each family's norm."""
+    x = x.float()
+    if isinstance(module, torch.nn.LayerNorm):
+        return (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + module.eps)
+    eps = getattr(module, "eps", None) or module.variance_epsilon
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama", "qwen2", "gpt2"])
+def test_wanda_equals_hand_captured_activations(tiny, tokenizer, family):
+    model = tiny(family)
+    t = target(model)
+    w = windows(tokenizer, TEXT[:3], "mix")
+    ours = estimators.score("wanda", t, [w], progress=False)
+
+    inputs: dict[str, list] = {}
+    modules = dict(model.named_modules())
+    owners = {n.rpartition(".")[0] for n in t.names}
+    handles = [modules[m].register_forward_hook(lambda mod, a, o, m=m: inputs.setdefault(m, []).append(a[0].detach()))
+               for m in owners]
+    with torch.no_grad():
+        for ids in w.input_ids:
+            model(input_ids=ids[None])
+    for h in handles:
+        h.remove()
+
+    params = dict(model.named_parameters())
+    for n in t.names:
+        mod, _, leaf = n.rpartition(".")
+        module = modules[mod]
+        x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs[mod]])
+        if leaf == "bias":
+            a_norm = torch.full((params[n].shape[0],), math.sqrt(len(x)))
+        elif isinstance(module, (torch.nn.Linear, estimators.Conv1D)):
+            a_norm = x.float().norm(dim=0)
+            a_norm = a_norm[None, :] if isinstance(module, torch.nn.Linear) else a_norm[:, None]
+        else:  # a norm: its weight multiplies the normalized input, channel by channel
+            a_norm = hand_normalized(module, x).norm(dim=0)
+        ref = (params[n].detach() - t.removed[n]).abs() * a_norm
+        torch.testing.assert_close(ours[n], ref.expand_as(ours[n]), rtol=1e-4, atol=1e-6)
+
+
+def test_lape_neuron_scores_from_a_hand_built_table():
+    probs = torch.tensor([
+        [0.5, 0.5, 0.5],  # fires evenly: entropy ln 3
+        [0.9, 0.0, 0.0],  # one language only: entropy 0
+        [0.0, 0.0, 0.0],  # never fires
+        [0.2, 0.1, 0.1],
+    ], dtype=torch.float64)
+    q = [0.5, 0.25, 0.25]
+    expected = [0.5 * math.log(3), 0.0, 0.0, (0.4 / 3) * -sum(v * math.log(v) for v in q)]
+    torch.testing.assert_close(estimators.lape_neuron_scores(probs), torch.tensor(expected, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_lape_maps_hand_counted_activations_to_neuron_rows_and_columns(tiny, tokenizer, family):
+    model = tiny(family)
+    t = target(model)
+    langs = [windows(tokenizer, TEXT[:1], "en"), windows(tokenizer, TEXT[1:2], "ru"), windows(tokenizer, TEXT[3:4], "zh")]
+    ours = estimators.score("lape", t, langs, progress=False)
+
+    acts = [n for n, m in model.named_modules() if n.endswith(("mlp.act_fn", "mlp.act"))]
+    assert len(acts) == 2
+    modules = dict(model.named_modules())
+    table = {a: [] for a in acts}
+    for w in langs:
+        outs = {a: [] for a in acts}
+        handles = [modules[a].register_forward_hook(lambda m, i, o, a=a: outs[a].append(o.detach())) for a in acts]
+        with torch.no_grad():
+            for ids in w.input_ids:
+                model(input_ids=ids[None])
+        for h in handles:
+            h.remove()
+        for a in acts:
+            o = torch.cat([x.reshape(-1, x.shape[-1]) for x in outs[a]])
+            table[a].append((o > 0).double().mean(0))
+    for a in acts:
+        probs = torch.stack(table[a], dim=1)
+        q = probs / probs.sum(1, keepdim=True)
+        s = (probs.mean(1) * -(q * q.log()).nansum(1)).float()
+        mlp = a.rpartition(".")[0]
+        if family == "llama":
+            expect = {f"{mlp}.gate_proj.weight": s[:, None], f"{mlp}.up_proj.weight": s[:, None],
+                      f"{mlp}.down_proj.weight": s[None, :]}
+        else:  # GPT-2's Conv1D stores in × out
+            expect = {f"{mlp}.c_fc.weight": s[None, :], f"{mlp}.c_fc.bias": s, f"{mlp}.c_proj.weight": s[:, None]}
+        for n, e in expect.items():
+            torch.testing.assert_close(ours[n], e.expand_as(ours[n]).contiguous(), rtol=1e-6, atol=1e-7)
+    neuron = {n for n in ours if any(n.startswith(a.rpartition(".")[0] + ".") for a in acts)}
+    others = [n for n in t.names if n not in neuron or n.endswith(("c_proj.bias",))]
+    assert others and all(bool((ours[n] == 0).all()) for n in others)
+
+    # the region code takes it unchanged: a global Top set of the right size, no unselected entry above it
+    region = select(ours, 0.05, "top", scope=estimators.get("lape").scope)
+    assert region.count() == round(0.05 * region.total())
+    inside = torch.cat([ours[n][region.mask(n)] for n in ours])
+    outside = torch.cat([ours[n][~region.mask(n)] for n in ours])
+    assert inside.min() >= outside.max() and inside.min() > 0
+
+
+def test_magnitude(tiny):
+    model = tiny("gemma3")
+    t = target(model)
+    ours = estimators.score("magnitude", t, [corpus.Windows("x", "score", [], [])], progress=False)
+    params = dict(model.named_parameters())
+    for n in t.names:
+        assert torch.equal(ours[n], (params[n].detach().float() - t.removed[n]).abs())
+    assert any(t.removed[n] == -1.0 for n in t.names)  # Gemma norms: distance to −1, not to 0
+
+
+def test_one_pass_equals_separate_passes(tiny, tokenizer):
+    model = tiny("gemma3")
+    t = target(model)
+    langs = [windows(tokenizer, TEXT[:2], "a"), windows(tokenizer, TEXT[2:5], "b")]
+    names = list(estimators.ESTIMATORS)
+    together = estimators.estimate(t, langs, names, progress=False)
+    for e in names:
+        alone = estimators.score(e, t, langs, progress=False)
+        assert set(alone) == set(t.names)
+        for n in t.names:
+            assert torch.equal(together[e][n], alone[n]), (e, n)
+    assert all(p.grad is None for p in model.parameters())  # nothing left behind
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_bf16_model_gets_fp32_statistics(tiny, tokenizer):
+    model = tiny("llama", dtype=torch.bfloat16)
+    t = target(model)
+    stats = estimators.collect(t, windows(tokenizer, TEXT[:1], "en"), estimators.STATS, progress=False)
+    for field in ("grad", "grad_abs", "grad_sq", "energy"):
+        d = getattr(stats, field)
+        assert set(d) == set(t.names) and all(v.dtype == torch.float32 for v in d.values())
+
+
+def test_adding_an_estimator_is_one_function(tiny, tokenizer):
+    @estimators.estimator("gradient-norm-test", needs=["grad_sq"])
+    def gradient_only(stats, t):
+        return {n: stats.grad_sq[n].sqrt() for n in t.names}
+    try:
+        model = tiny("llama")
+        t = target(model)
+        w = windows(tokenizer, TEXT[:2], "mix")
+        out = estimators.estimate(t, [w], ["gradient-norm-test", "fisher"], progress=False)
+        gs = per_window_gradients(model, w, t.names)
+        n = t.names[0]
+        torch.testing.assert_close(out["gradient-norm-test"][n], sum(g[n] ** 2 for g in gs).sqrt(), rtol=1e-4, atol=1e-9)
+    finally:
+        del estimators.ESTIMATORS["gradient-norm-test"]
+
+
+def test_bad_input_is_a_one_line_error(tiny, tokenizer):
+    model = tiny("gemma3")
+    w = windows(tokenizer, TEXT[:1], "en")
+    with pytest.raises(LingregionError, match="unknown estimator"):
+        estimators.score("nope", target(model), [w])
+    with pytest.raises(LingregionError, match="at least two languages"):
+        estimators.score("lape", target(model), [w], progress=False)
+    with pytest.raises(LingregionError, match="wanda: .*embed"):
+        estimators.score("wanda", target(model, include=r"embed|layers\.0\."), [w], progress=False)
+    with pytest.raises(LingregionError, match="lape: no scored MLP"):
+        estimators.score("lape", target(model, include="self_attn"), [w, w], progress=False)
