@@ -235,12 +235,34 @@ def edits_for(model, group_map: dict[str, list[Slice]], chosen: dict[str, torch.
     return [Edit(name, m.reshape(-1).nonzero().squeeze(1), 0.0) for name, m in marks.items()]
 
 
+@dataclass
+class Ranked:
+    """A family's index spaces and the Top-region entries each index holds: count once, pick many times."""
+
+    groups: dict[str, list[Slice]]
+    counts: dict[str, torch.Tensor]
+
+    def removal(self, model, n: int, how: str, seed: int = 0) -> tuple[list[Edit], dict[str, list[int]]]:
+        """Edits removing `n` indices of every space, picked by `how`, and the picks."""
+        chosen = {space: pick(c, n, how, seed, space) for space, c in self.counts.items()}
+        return edits_for(model, self.groups, chosen), {space: idx.tolist() for space, idx in chosen.items()}
+
+
+def ranked(model, region: Region, family: str, mode: str = "common") -> Ranked:
+    group_map = groups(model, family, mode)
+    return Ranked(group_map, {space: counts(region, g) for space, g in group_map.items()})
+
+
 def removal(model, region: Region, family: str, n: int, how: str, mode: str = "common",
             seed: int = 0) -> tuple[list[Edit], dict[str, list[int]]]:
     """Edits removing `n` dimensions of `family` per space, picked by Top-region counts, and the picks."""
-    group_map = groups(model, family, mode)
-    chosen = {space: pick(counts(region, g), n, how, seed, space) for space, g in group_map.items()}
-    return edits_for(model, group_map, chosen), {space: idx.tolist() for space, idx in chosen.items()}
+    return ranked(model, region, family, mode).removal(model, n, how, seed)
+
+
+def in_region(region: Region, name: str, index: torch.Tensor) -> torch.Tensor:
+    """Whether each flat index of `name` is in the region, read from the packed bits (no unpacking)."""
+    byte = region.packed[name][index // 8].to(torch.int64)
+    return ((byte >> (7 - index % 8)) & 1).bool()
 
 
 def dimension_removal(model, dims: list[int]) -> list[Edit]:
