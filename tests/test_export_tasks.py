@@ -3,6 +3,7 @@ import gzip
 import json
 import math
 import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from tokenizers import processors
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from conftest import CONFIGS
+from conftest import CONFIGS, TEXT
 from lingregion import corpus, evaluation, export, interventions, models, tasks
 from lingregion.cli import main
 from lingregion.experiments import PAPER_EVAL_LANGS
@@ -27,26 +28,29 @@ def test_items_are_parallel_across_languages_with_exactly_one_true_continuation(
     assert len(langs) >= 12 and set(PAPER_EVAL_LANGS) <= set(langs)
     m = tasks.manifest()
     ref = tasks.load_items("en")
-    assert len(ref) == m["items"] >= 40
+    assert len(ref) == m["items"] >= 40 and sorted(it["unit"] for it in ref) == list(range(m["units"]))
     for lang in langs:
         assert sha256_file(tasks.items_path(lang)) == m["languages"][lang]["sha256"], lang
         items = tasks.load_items(lang)
-        # parallel: the same units, article and answer position in every language
-        assert [(it["id"], it["article"], it["units"], it["label"]) for it in items] == \
-               [(it["id"], it["article"], it["units"], it["label"]) for it in ref], lang
-        text_of = {}
+        # parallel: the same paragraphs, candidates and answer position in every language
+        assert [(it["id"], it["article"], it["unit"], it["units"], it["label"]) for it in items] == \
+               [(it["id"], it["article"], it["unit"], it["units"], it["label"]) for it in ref], lang
+        ending = {it["unit"]: it["choices"][it["label"]] for it in items}
         for it in items:
-            for u, t in zip(it["units"], [it["context"]] + it["choices"]):
-                assert text_of.setdefault(u, t) == t, (lang, u)  # one text per unit within a language
-        for it, nxt in zip(items, items[1:]):
             assert len(it["choices"]) == 4 and len(set(it["choices"])) == 4, (lang, it["id"])
-            # exactly one candidate is the paragraph that comes next: the context of the following item
-            assert [c == nxt["context"] for c in it["choices"]].count(True) == 1, (lang, it["id"])
-            assert it["choices"][it["label"]] == nxt["context"] and it["context"] not in it["choices"]
-            assert it["units"][1 + it["label"]] == it["units"][0] + 1
-        last = items[-1]
-        assert last["units"][1 + last["label"]] == last["units"][0] + 1
-        assert text_of[last["units"][0] + 1] == last["choices"][last["label"]]
+            assert it["context"] and all(it["choices"]), (lang, it["id"])
+            # exactly one candidate is the context's own ending: the others end other paragraphs
+            assert [u == it["unit"] for u in it["units"]].count(True) == 1 and it["units"][it["label"]] == it["unit"]
+            assert [c == ending[it["unit"]] for c in it["choices"]].count(True) == 1, (lang, it["id"])
+            assert all(c == ending[u] for u, c in zip(it["units"], it["choices"])), (lang, it["id"])
+            others = {ref[u]["article"] for u in it["units"] if u != it["unit"]}
+            assert it["article"] not in others, (lang, it["id"])
+
+
+def _paragraph(lang, a, p):
+    words = " ".join(f"w{a}x{p}y{k}" for k in range(3 + (7 * a + 3 * p) % 9))
+    return f"{lang} article {a} paragraph {p}: {words}." if lang not in build_task.UNSPACED else \
+        f"{lang}第{a}条第{p}段、" + "字" * (5 + (7 * a + 3 * p) % 9) + "。"
 
 
 def _fake_udhr(root: Path, paragraphs_per_article) -> Path:
@@ -56,31 +60,44 @@ def _fake_udhr(root: Path, paragraphs_per_article) -> Path:
     (root / "package.json").write_text(json.dumps({"version": "6.0.0"}))
     for lang, code in build_task.FILES.items():
         arts = "".join(f'<article data-number="{a}"><h2>{a}</h2>' + "".join(
-            f"<p>{lang} article {a} paragraph {p} " + "x" * (10 + (7 * a + 3 * p) % 40) + "</p>"
-            for p in range(paragraphs_per_article(lang, a))) + "</article>" for a in build_task.ARTICLES)
+            f"<p>{_paragraph(lang, a, p)}</p>" for p in range(paragraphs_per_article(lang, a))) + "</article>"
+            for a in build_task.ARTICLES)
         (decl / f"{code}.html").write_text(f"<html><body><header><p>{lang} preamble</p></header>{arts}</body></html>",
                                            encoding="utf-8")
     return root
 
 
 def test_build_script_is_deterministic_and_refuses_unaligned_translations(tmp_path):
-    src = _fake_udhr(tmp_path / "udhr", lambda lang, a: 1 + (a % 3 == 0))
+    per_article = lambda lang, a: 1 + (a % 3 == 0)  # noqa: E731
+    src = _fake_udhr(tmp_path / "udhr", per_article)
     assert build_task.main(["--udhr", str(src), "--out", str(tmp_path / "a")]) == 0
     assert build_task.main(["--udhr", str(src), "--out", str(tmp_path / "b")]) == 0
     for f in sorted((tmp_path / "a").iterdir()):
         assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes(), f.name
-    with gzip.open(tmp_path / "a" / "ru.jsonl.gz", "rt", encoding="utf-8") as f:
-        items = [json.loads(line) for line in f]
-    n_units = sum(1 + (a % 3 == 0) for a in build_task.ARTICLES)
-    assert len(items) == n_units - 1
-    for it in items:
-        assert "preamble" not in it["context"]
-        arts = {it["context"].split()[2]} | {it["choices"][it["label"]].split()[2]}
-        distractors = [c for k, c in enumerate(it["choices"]) if k != it["label"]]
-        assert all(c.split()[2] not in arts for c in distractors)  # from other articles
+    paragraphs = [(a, p) for a in build_task.ARTICLES for p in range(per_article("", a))]
+    for lang in ("ru", "zh"):
+        with gzip.open(tmp_path / "a" / f"{lang}.jsonl.gz", "rt", encoding="utf-8") as f:
+            items = [json.loads(line) for line in f]
+        assert len(items) == len(paragraphs)
+        for it in items:
+            a, p = paragraphs[it["unit"]]
+            assert it["context"] + it["choices"][it["label"]] == _paragraph(lang, a, p)  # the true ending
+            assert "preamble" not in it["context"]
+            for u, c in zip(it["units"], it["choices"]):
+                assert _paragraph(lang, *paragraphs[u]).endswith(c)
+                assert u == it["unit"] or paragraphs[u][0] != a  # distractors end other articles
     bad = _fake_udhr(tmp_path / "bad", lambda lang, a: 2 if (lang, a) == ("ja", 5) else 1)
     assert build_task.main(["--udhr", str(bad), "--out", str(tmp_path / "c")]) == 2
     assert not (tmp_path / "c").exists()
+
+
+def test_cut_keeps_the_text_and_graphemes():
+    assert build_task.cut("one two three four five", "en") == ("one two three ", "four five")
+    ctx, end = build_task.cut("甲乙丙丁戊、己庚辛壬癸", "zh")
+    assert (ctx, end) == ("甲乙丙丁戊、", "己庚辛壬癸")
+    thai = "ภาษาไทยไม่มีช่องว่างระหว่างคำเลย"
+    ctx, end = build_task.cut(thai, "th")
+    assert ctx + end == thai and not unicodedata.category(end[0]).startswith("M")
 
 
 # --- scoring ------------------------------------------------------------------------------------------
@@ -102,13 +119,18 @@ def long_model(family="gemma3"):
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
-def reference_loglik(model, tokenizer, context, choice):
-    """log p(choice | context), one sequence at a time, from the model's own full logits."""
-    whole = tokenizer(context + "\n" + choice).input_ids
-    n_ctx = len(tokenizer(context).input_ids)
+def reference_loglik(model, tokenizer, context, choice, max_length=None):
+    """log p(choice | context), one sequence at a time, from the model's own full logits: the context's
+    own tokens, then the tokens of context + choice past them (lm-eval's split), the start of the context
+    dropped if the whole does not fit."""
+    ctx = tokenizer(context.rstrip()).input_ids
+    cont = tokenizer(context + choice).input_ids[len(ctx):]
+    seq = ctx + cont
+    if max_length and len(seq) - 1 > max_length:
+        seq = seq[len(seq) - 1 - max_length:]
     with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
-    return sum(logp[i - 1, whole[i]].item() for i in range(n_ctx, len(whole)))
+        logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), -1)
+    return sum(logp[i - 1, seq[i]].item() for i in range(len(seq) - len(cont), len(seq)))
 
 
 @pytest.mark.parametrize("family", ["gemma3", "gpt2"])
@@ -127,6 +149,21 @@ def test_direct_evaluator_matches_a_plain_computation(family, bos_tokenizer):
     assert r["acc_stderr"] == pytest.approx(math.sqrt(sum((a - p) ** 2 for a in acc) / 4 / 5))
 
 
+def test_long_items_lose_the_start_of_their_context(tiny, bos_tokenizer):
+    model = tiny("gemma3")  # 128 positions
+    items = [{"id": k, "context": TEXT[1] * 3 + " " + TEXT[k], "choices": [t[:30] for t in TEXT[:4]], "label": k}
+             for k in range(2)]
+    assert all(len(bos_tokenizer(it["context"]).input_ids) > 150 for it in items)
+    got = tasks.loglikelihoods(model, bos_tokenizer, items, batch_size=8)
+    for it, lls in zip(items, got):
+        ref = [reference_loglik(model, bos_tokenizer, it["context"], c, 128) for c in it["choices"]]
+        assert lls == pytest.approx(ref, rel=1e-5, abs=1e-3)
+    long = [{"id": 0, "context": "a", "choices": ["b " * 200] * 4, "label": 0}]
+    assert tasks.longest_candidate(bos_tokenizer, long) > 128 == tasks.max_length(model)
+    with pytest.raises(LingregionError, match="does not fit the model's 128 positions"):
+        tasks.loglikelihoods(model, bos_tokenizer, long)
+
+
 def test_accuracy_counts_the_right_answers():
     items = [{"choices": ["a", "bb", "ccc", "d"], "label": k} for k in (0, 2, 1)]
     lls = [[-1.0, -2.0, -3.0, -4.0], [-9.0, -8.0, -6.0, -7.0], [-5.0, -5.0, -8.0, -9.0]]  # tie → first
@@ -136,16 +173,12 @@ def test_accuracy_counts_the_right_answers():
     assert r["acc_norm"] == 1.0
 
 
-def test_bad_task_inputs(bos_tokenizer):
+def test_bad_task_inputs():
     with pytest.raises(LingregionError, match="has no language 'xx'"):
         tasks.load_items("xx")
-    short = CONFIGS["gemma3"]()  # 128 positions: a paragraph of byte-level tokens does not fit
-    torch.manual_seed(0)
-    with pytest.raises(LingregionError, match="more than the model's 128 positions"):
-        tasks.evaluate(AutoModelForCausalLM.from_config(short).eval(), bos_tokenizer, "ru", limit=2)
 
 
-def test_lmeval_in_process_agrees_with_the_direct_evaluator(bos_tokenizer):
+def test_lmeval_in_process_agrees_with_the_direct_evaluator(tiny, bos_tokenizer, tmp_path):
     pytest.importorskip("lm_eval")
     model = long_model()
     names = dict(model.named_parameters())
@@ -160,9 +193,19 @@ def test_lmeval_in_process_agrees_with_the_direct_evaluator(bos_tokenizer):
         for a, b in zip(ours["loglik"], theirs["loglik"]):
             assert a == pytest.approx(b, rel=1e-4, abs=1e-2)
         assert theirs["acc"] == ours["acc"] and theirs["acc_norm"] == ours["acc_norm"]
+        assert theirs["target"] == [it["label"] for it in tasks.load_items("ru", 6)]
         if setting:
             assert ours["loglik"] != base_ll  # the removal reached lm-eval's forward passes
         base_ll = ours["loglik"]
+    # contexts longer than the model's 128 positions lose their start in both
+    short = tiny("gemma3")
+    items = [{"id": k, "context": TEXT[1] * 3 + " " + TEXT[k], "choices": [t[:30] for t in TEXT[:4]], "label": k}
+             for k in range(3)]
+    (tmp_path / "long.jsonl").write_text("\n".join(json.dumps(it, ensure_ascii=False) for it in items), encoding="utf-8")
+    config = {**tasks.lmeval_config("ru", tmp_path / "long.jsonl"), "task": "long_contexts"}
+    theirs = tasks.lmeval(short, bos_tokenizer, [config], samples=True)["long_contexts"]
+    for a, b in zip(tasks.evaluate(short, bos_tokenizer, "ru", items)["loglik"], theirs["loglik"]):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-2)
     with pytest.raises(LingregionError, match="lm-eval: .*no_such_task"):
         tasks.lmeval(model, bos_tokenizer, ["no_such_task"], limit=1)
 
@@ -271,3 +314,69 @@ def _fake_region_for_another_model(tmp_path):
     path = tmp_path / "other.safetensors"
     r.save(path)
     return path
+
+
+# --- the downstream experiment ------------------------------------------------------------------------
+DOWN = ["--seq-len", "16", "--tokens", "32", "--eval-tokens", "32", "--score-langs", "ru,es", "--eval-langs", "ru,en",
+        "--ratios", "0.05", "--batch-size", "2", "--experiments", "downstream"]
+
+
+def test_downstream_experiment_matches_a_direct_evaluation_and_resumes(bos_tokenizer, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("lm_eval")
+    folder = tmp_path / "tiny-long"
+    long_model().save_pretrained(folder)
+    bos_tokenizer.save_pretrained(folder)
+    out = tmp_path / "run"
+    m = models.load(str(folder))
+    names = models.scored_names(m.model)
+    mono = select({n: torch.rand(p.shape, generator=torch.Generator().manual_seed(1))
+                   for n, p in m.model.named_parameters() if n in names}, 0.03, "top",
+                  meta={"model": m.info["fingerprint"], "label": "monolingual-ru"})
+    mono.save(out / "regions" / "monolingual-ru-0.03.safetensors")  # as the monolingual experiment leaves it
+    (tmp_path / "cfg.yaml").write_text("down_langs: [ru, en]\ndown_items: 3\ndown_ratio: 0.05\ndown_batch: 5\n"
+                                       "down_lmeval_tasks: [lingregion_udhr_next_ru]\ndown_lmeval_limit: 3\n")
+    argv = ["reproduce", "--model", str(folder), "--out", str(out), "--config", str(tmp_path / "cfg.yaml"), *DOWN]
+    assert main(argv) == 0, capsys.readouterr().err
+    res = json.loads((out / "results" / "downstream-summary.json").read_text())
+    assert res["settings"] == ["base", "top@0.05", "bottom@0.05", "random@0.05", "mono-ru"]
+    assert res["items"] == {"ru": 3, "en": 3} and res["model"]["fingerprint"] == m.info["fingerprint"]
+    removed = models.removed_values(m.model, names)
+    from lingregion.regions import Region
+    for setting, file in [("base", None), ("top@0.05", "core-top-0.05"), ("mono-ru", "monolingual-ru-0.03")]:
+        edits = interventions.removal(Region.load(out / "regions" / f"{file}.safetensors"), removed) if file else []
+        with interventions.applied(m.model, edits):
+            for lang in ("ru", "en"):
+                direct = tasks.evaluate(m.model, m.tokenizer, lang, limit=3)
+                assert res["accuracy"][setting][lang]["acc"] == direct["acc"], (setting, lang)
+                assert res["accuracy"][setting][lang]["acc_norm"] == direct["acc_norm"], (setting, lang)
+            lm = res["lmeval"][setting]["lingregion_udhr_next_ru"]
+            assert lm["acc"] == res["accuracy"][setting]["ru"]["acc"]  # lm-eval on the same model object agrees
+    ppl = json.loads((out / "results" / "removal.json").read_text())["entries"]
+    assert res["perplexity"]["top@0.05"]["ru"]["ratio"] == ppl["top@0.05/ru"]["ppl"] / ppl["base/ru"]["ppl"]
+    assert "mono-ru/ru" in json.loads((out / "results" / "monolingual.json").read_text())["entries"]
+    report_md = (out / "report.md").read_text(encoding="utf-8")
+    assert "Downstream: multiple-choice accuracy" in report_md and (out / "figures" / "downstream.png").is_file()
+    assert "first_chosen" in report_md
+
+    def fail(*a, **k):
+        raise AssertionError("recomputed a cached result")
+    monkeypatch.setattr(tasks, "loglikelihoods", fail)
+    monkeypatch.setattr(tasks, "lmeval", fail)
+    assert main(argv) == 0  # a rerun resumes from results/downstream.json
+    assert json.loads((out / "results" / "downstream-summary.json").read_text())["accuracy"] == res["accuracy"]
+
+
+def test_downstream_is_skipped_for_a_model_too_short_for_the_items(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["reproduce", "--model", str(tiny_folder), "--out", str(out), *DOWN]
+    assert main(argv) == 0, capsys.readouterr().err
+    res = json.loads((out / "results" / "downstream-summary.json").read_text())
+    assert "128 positions" in res["skipped"] and "Not run: the model takes 128" in (out / "report.md").read_text()
+
+
+def test_downstream_config_is_checked_before_anything_runs(tiny_folder, tmp_path, capsys):
+    (tmp_path / "cfg.yaml").write_text("down_langs: [ru, xx]\n")
+    argv = ["reproduce", "--model", str(tiny_folder), "--out", str(tmp_path / "run"),
+            "--config", str(tmp_path / "cfg.yaml"), *DOWN]
+    assert main(argv) == 2 and "down_langs xx" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

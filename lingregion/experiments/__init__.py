@@ -81,6 +81,13 @@ class Config:
     outlier_confirm: int = 5  # scan candidates confirmed by perplexity
     outlier_controls: int = 3  # random input-norm entries perturbed as controls
     outlier_dims: int = 2  # most massive residual dimensions removed whole (and as many random ones)
+    down_langs: list[str] = field(default_factory=lambda: ["ar", "zh", "ru", "es", "en"])  # multiple-choice task
+    down_items: int | None = 20  # items per language (None: all 50)
+    down_ratio: float = 0.01  # Top / Bottom / Random share of the core score removed
+    down_mono: bool = True  # also remove the saved monolingual regions of down_langs
+    down_batch: int = 16  # sequences (context + one candidate) per forward pass
+    down_lmeval_tasks: list[str] = field(default_factory=list)  # lm-eval task names, run in process per setting
+    down_lmeval_limit: int | None = None  # documents per lm-eval task (None: all)
     experiments: list[str] = field(default_factory=lambda: list(EXPERIMENTS))
 
     # The small preset: every experiment adds the overrides that bring it within the --quick budget.
@@ -88,7 +95,8 @@ class Config:
              "eval_langs": ["ar", "zh", "ja", "ru", "uk", "es", "pt", "en"],
              "mono_langs": ["ar", "zh", "ru", "uk", "es", "pt"],
              "struct_dims": [1, 10], "struct_eval_tokens": 256, "outlier_scan_tokens": 256, "outlier_confirm": 3,
-             "outlier_controls": 1, "outlier_dims": 1}
+             "outlier_controls": 1, "outlier_dims": 1,
+             "down_langs": ["ar", "zh", "ru", "en"], "down_items": 8, "down_mono": False}
 
     @classmethod
     def quick(cls, **overrides) -> "Config":
@@ -255,7 +263,7 @@ def reproduce(cfg: Config, out: Path, progress: bool = True) -> dict:
     return results
 
 
-from . import monolingual, removal, structure  # noqa: E402  (the modules import Run and Experiment from here)
+from . import downstream, monolingual, removal, structure  # noqa: E402  (the modules import Run and Experiment from here)
 
-EXPERIMENTS: dict[str, Experiment] = {e.name: e for module in (removal, monolingual, structure)
+EXPERIMENTS: dict[str, Experiment] = {e.name: e for module in (removal, monolingual, structure, downstream)
                                       for e in module.EXPERIMENTS}

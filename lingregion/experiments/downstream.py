@@ -1,0 +1,246 @@
+"""Downstream: multiple-choice accuracy with a region removed, beside perplexity.
+
+Settings are the unmodified model, the Top / Bottom / Random `down_ratio` of the core score, and (with
+`down_mono`) the monolingual regions that the monolingual experiment saved in regions/, for the languages
+evaluated here. Every setting is scored on the built-in parallel task (`udhr_next`) in each of
+`down_langs`, and on any lm-eval tasks named in `down_lmeval_tasks`, run in process on the same model object.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from matplotlib import pyplot as plt
+
+from .. import figures, interventions, report, tasks
+from ..regions import Region
+from ..store import LingregionError, read_json, sha256_file, write_bytes, write_json
+from . import Experiment, Run, _digest
+
+RESULTS = "downstream.json"
+
+
+def _settings(run: Run) -> list[tuple[str, list, Path | None]]:
+    """(name, edits, region file) for base, the core sides at down_ratio, and saved monolingual regions."""
+    cfg, core = run.cfg, run.core_scores()
+    out = [("base", [], None)]
+    for side in cfg.sides:
+        region = run.region(core, side, cfg.down_ratio)
+        out.append((f"{side}@{cfg.down_ratio:g}", interventions.removal(region, run.removed),
+                    run.out / "regions" / f"core-{side}-{cfg.down_ratio:g}.safetensors"))
+    del core
+    for lang in cfg.down_langs if cfg.down_mono else []:
+        path = run.out / "regions" / f"monolingual-{lang}-{cfg.mono_ratio:g}.safetensors"
+        if path.is_file():
+            region = Region.load(path)
+            region.check_model(run.m.model, run.m.info["fingerprint"])
+            out.append((f"mono-{lang}", interventions.removal(region, run.removed), path))
+    return out
+
+
+class _Cache:
+    """results/downstream.json: one entry per setting and language (or lm-eval run), kept while the model
+    and config are unchanged, rewritten after every entry so that an interrupted run resumes."""
+
+    def __init__(self, run: Run):
+        self.path = run.out / "results" / RESULTS
+        key = _digest({"fingerprint": run.m.info["fingerprint"], "cfg": asdict(run.cfg), "task": tasks.manifest()})
+        data = read_json(self.path) if self.path.is_file() else {}
+        self.data = data if data.get("config_digest") == key else {"config_digest": key, "entries": {}}
+
+    def get(self, key: str, compute):
+        if key not in self.data["entries"]:
+            self.data["entries"][key] = compute()
+            write_json(self.path, self.data)
+        return self.data["entries"][key]
+
+
+def run(run: Run) -> dict:
+    """Multiple-choice accuracy (and perplexity) of each setting in each language."""
+    cfg, m = run.cfg, run.m
+    langs = cfg.down_langs
+    items = {lang: tasks.load_items(lang, cfg.down_items) for lang in langs}
+    limit, need = tasks.max_length(m.model), max(tasks.longest_candidate(m.tokenizer, v) for v in items.values())
+    if limit and need > limit:  # a model with a short context (e.g. a tiny test model) cannot take the items
+        result = {"experiment": "downstream", "skipped": f"the model takes {limit} positions and the task's "
+                                                         f"longest candidate alone is {need} tokens"}
+        run.save("downstream", result)
+        return result
+    cache = _Cache(run)
+    settings = _settings(run)
+    mc, ppl, lmeval, regions = {}, {}, {}, {}
+    for name, edits, path in settings:
+        regions[name] = {"file": str(path.relative_to(run.out)) if path else None,
+                         "sha256": sha256_file(path) if path else None, "entries": sum(len(e.index) for e in edits)}
+        with interventions.applied(m.model, edits):
+            mc[name] = {lang: cache.get(f"{name}/{lang}", lambda lang=lang: tasks.evaluate(
+                m.model, m.tokenizer, lang, items[lang], batch_size=cfg.down_batch, progress=run.progress))
+                        for lang in langs}
+            if cfg.down_lmeval_tasks:
+                lmeval[name] = cache.get(f"{name}/lm-eval", lambda: tasks.lmeval(
+                    m.model, m.tokenizer, cfg.down_lmeval_tasks, limit=cfg.down_lmeval_limit, samples=True))
+        ppl[name] = _perplexity(run, name, edits)
+    result = {
+        "experiment": "downstream", "task": tasks.TASK, "task_version": tasks.manifest()["version"],
+        "settings": [s for s, _, _ in settings], "languages": langs, "items": {lang: len(v) for lang, v in items.items()},
+        "ratio": cfg.down_ratio, "regions": regions,
+        "accuracy": {s: {lang: {k: v for k, v in r.items() if k != "loglik"} for lang, r in by.items()}
+                     for s, by in mc.items()},
+        "perplexity": ppl, "lmeval": {s: _lmeval_summary(r) for s, r in lmeval.items()},
+        "scoring": "summed log-probability of each candidate given the context (fp32 logits, fp64 sums), "
+                   "lm-eval's multiple_choice; acc_norm divides by the candidate's characters",
+    }
+    figs = run.out / "figures"
+    write_bytes(figs / "downstream.png", accuracy_chart(result))
+    result["figures"] = ["figures/downstream.png"]
+    run.save("downstream", result)
+    return result
+
+
+def _perplexity(run: Run, name: str, edits: list) -> dict:
+    """Perplexity beside accuracy, from the caches of the removal and monolingual experiments (the same
+    settings, so nothing is evaluated twice): core settings at eval_tokens, monolingual at mono_eval_tokens,
+    each with the base model at the same budget."""
+    langs, cfg = run.cfg.down_langs, run.cfg
+    if name.startswith("mono-"):
+        base = run.evaluate("monolingual.json", "base", [], langs, cfg.mono_eval_tokens)
+        removed = run.evaluate("monolingual.json", name, edits, langs, cfg.mono_eval_tokens)
+    else:
+        base = run.evaluate("removal.json", "base", [], langs)
+        removed = run.evaluate("removal.json", name, edits, langs)
+    return {lang: {"ppl": removed[lang]["ppl"], "ratio": removed[lang]["ppl"] / base[lang]["ppl"],
+                   "tokens": removed[lang]["tokens"]} for lang in langs}
+
+
+def _lmeval_summary(results: dict) -> dict:
+    """Each task's metrics, and for multiple-choice tasks the accuracy on the documents whose answer is not
+    the first choice (the paper's MMLU observation: a damaged model that always answers "A")."""
+    out = {}
+    for task, r in results.items():
+        out[task] = {k: v for k, v in r.items() if k not in ("loglik", "target")}
+        if "loglik" in r:
+            pairs = [(int(np.argmax(ll)), t) for ll, t in zip(r["loglik"], r["target"]) if isinstance(t, int)]
+            rest = [p == t for p, t in pairs if t != 0]
+            out[task]["acc_not_first"] = sum(rest) / len(rest) if rest else None
+            out[task]["first_chosen"] = sum(p == 0 for p, _ in pairs) / len(pairs) if pairs else None
+    return out
+
+
+def _mean(result: dict, setting: str, metric: str = "acc") -> float:
+    vals = [result["accuracy"][setting][lang][metric] for lang in result["languages"]]
+    return sum(vals) / len(vals)
+
+
+def _chance(result: dict) -> float:
+    return result["accuracy"]["base"][result["languages"][0]]["chance"]
+
+
+def accuracy_chart(result: dict) -> bytes:
+    """Accuracy per language and setting, with standard errors and the chance level."""
+    settings, langs = result["settings"], result["languages"]
+    colours = figures._setting_colours(settings)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(settings) * len(langs) + 2), 4.5))
+    series = {s: {lang: 100 * result["accuracy"][s][lang]["acc"] for lang in langs} for s in settings}
+    offsets = figures._grouped_bars(ax, langs, series, colours)
+    for off, s in zip(offsets, settings):
+        ax.errorbar(np.arange(len(langs)) + off, [series[s][lang] for lang in langs],
+                    yerr=[100 * result["accuracy"][s][lang]["acc_stderr"] for lang in langs],
+                    fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
+    ax.axhline(100 * _chance(result), color="black", ls="--", lw=1, label="chance")
+    ax.set(ylim=(0, 100), ylabel="accuracy (%)", xlabel="language",
+           title=f"{result['task']}: which ending completes the paragraph ({result['items'][langs[0]]} items)")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.08), ncol=min(len(settings) + 1, 6), frameon=False)
+    fig.tight_layout()
+    return figures.png(fig)
+
+
+def _label(setting: str) -> str:
+    return "Base" if setting == "base" else setting.replace("@", " ")
+
+
+def findings(result: dict) -> list[str]:
+    """Headline sentences computed from the numbers."""
+    if "skipped" in result:
+        return []
+    out, chance, n = [], _chance(result), len(result["languages"])
+    base = _mean(result, "base")
+    for s in result["settings"][1:]:
+        ppl = [result["perplexity"][s][lang]["ratio"] for lang in result["languages"]]
+        out.append(f"Removing {_label(s)} changes mean multiple-choice accuracy over {n} languages from {base:.0%} "
+                   f"to {_mean(result, s):.0%} (chance {chance:.0%}), while perplexity is multiplied by "
+                   f"{report.fmt(min(ppl))}–{report.fmt(max(ppl))}.")
+    for s in [s for s in result["settings"] if s.startswith("mono-")]:
+        lang = s[len("mono-"):]
+        own = result["accuracy"][s][lang]["acc"] - result["accuracy"]["base"][lang]["acc"]
+        others = [result["accuracy"][s][x]["acc"] - result["accuracy"]["base"][x]["acc"]
+                  for x in result["languages"] if x != lang]
+        if others:
+            out.append(f"Removing {lang}'s monolingual region changes {lang} accuracy by {100 * own:+.0f} points, "
+                       f"the other languages' by {100 * sum(others) / len(others):+.0f} points on average.")
+    return out
+
+
+def section(result: dict) -> list:
+    if "skipped" in result:
+        return [report.heading("Downstream: multiple-choice accuracy with a region removed"),
+                report.text(f"Not run: {result['skipped']}.")]
+    settings, langs, acc = result["settings"], result["languages"], result["accuracy"]
+    head = ["Language"] + [_label(s) for s in settings]
+
+    def cells(metric):
+        return [[lang] + [f"{acc[s][lang][metric]:.0%} ± {acc[s][lang][metric + '_stderr']:.0%}" for s in settings]
+                for lang in langs]
+
+    both = [[lang] + [f"{acc[s][lang]['acc']:.0%} · ×{report.fmt(result['perplexity'][s][lang]['ratio'])}"
+                      for s in settings] for lang in langs]
+    n = result["items"][langs[0]]
+    blocks = [
+        report.heading("Downstream: multiple-choice accuracy with a region removed"),
+        report.text(f"Built-in task `{result['task']}` (v{result['task_version']}): the first ~60% of a paragraph of "
+                    f"the Universal Declaration of Human Rights and four endings, one true, the others from other "
+                    f"articles; the same {n} items in every language. {result['scoring']}. Regions: the core "
+                    f"Top / Bottom / Random {result['ratio']:g} of the summed importance"
+                    + (", and the monolingual regions saved by the monolingual experiment" if any(
+                        s.startswith("mono-") for s in settings) else "") + "."),
+        report.table(head, both, caption=f"Accuracy · perplexity relative to Base. Top should fall towards chance "
+                     f"({_chance(result):.0%}) as perplexity explodes; Bottom and Random should stay near Base."),
+        report.figure("figures/downstream.png", "Accuracy per language and setting with standard errors; the dashed "
+                      "line is chance. Look for the Top bars at the line and the others level with Base."),
+        report.table(head, cells("acc_norm"), caption="Accuracy per character of the candidate (acc_norm) ± "
+                     f"standard error over {n} items: the same picture without any length preference."),
+    ]
+    if result["lmeval"]:
+        rows = []
+        for task in next(iter(result["lmeval"].values())):
+            for metric in ("acc", "acc_norm", "acc_not_first", "first_chosen"):
+                vals = [result["lmeval"][s].get(task, {}).get(metric) for s in settings]
+                if any(isinstance(v, (int, float)) for v in vals):
+                    rows.append([task, metric] + [report.fmt(v) if isinstance(v, (int, float)) else "—" for v in vals])
+        blocks.append(report.table(["Task", "Metric"] + [_label(s) for s in settings], rows,
+                                   caption="lm-eval tasks run in process on the same model object. acc_not_first: "
+                                           "accuracy on documents whose answer is not the first choice; "
+                                           "first_chosen: how often the first choice wins (near 1 = collapse)."))
+    return blocks
+
+
+def validate(cfg) -> None:
+    known = set(tasks.languages())
+    bad = [lang for lang in cfg.down_langs if lang not in known]
+    if bad or not cfg.down_langs:
+        raise LingregionError(f"down_langs {', '.join(bad) or '(empty)'}: the {tasks.TASK} task has "
+                              f"{', '.join(sorted(known))}")
+    if not 0 < cfg.down_ratio < 1:
+        raise LingregionError(f"down_ratio {cfg.down_ratio} is outside (0, 1); pass a fraction such as 0.01")
+    if cfg.down_items is not None and cfg.down_items < 1 or cfg.down_batch < 1:
+        raise LingregionError("down_items (or null for all) and down_batch must be ≥ 1")
+    if cfg.down_lmeval_tasks:
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            raise LingregionError("down_lmeval_tasks needs lm-eval: pip install 'lingregion[lmeval]'") from None
+
+
+EXPERIMENTS = [Experiment("downstream", run, section, "multiple-choice accuracy (built-in parallel task, lm-eval) "
+                          "with core and monolingual regions removed, beside perplexity", findings=findings,
+                          validate=validate)]
