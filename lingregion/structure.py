@@ -78,6 +78,12 @@ class Block:
     offset: int
     rows: int
     cols: int
+    width: int  # length of a stored row: in_features for Linear, all out_features for Conv1D
+
+    def flat(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Flat indices into the stored parameter of every (row, col) pair of the block (HF layout)."""
+        r, c = torch.meshgrid(self.offset + rows, cols, indexing="ij")
+        return (c * self.width + r if self.conv1d else r * self.width + c).reshape(-1)
 
     def hf(self, t: torch.Tensor) -> torch.Tensor:
         """The block of a tensor shaped like the parameter, as a [rows, cols] view in HF layout."""
@@ -117,10 +123,10 @@ def blocks(model) -> list[Block]:
                                       f"{sum(sizes.values())}; structural removal cannot split it")
             offset = 0
             for r, size in sizes.items():
-                out.append(Block(mod_name + ".weight", r, layer, conv1d, offset, size, in_f))
+                out.append(Block(mod_name + ".weight", r, layer, conv1d, offset, size, in_f, module.weight.shape[1]))
                 offset += size
         else:
-            out.append(Block(mod_name + ".weight", role, layer, conv1d, 0, out_f, in_f))
+            out.append(Block(mod_name + ".weight", role, layer, conv1d, 0, out_f, in_f, module.weight.shape[1]))
     if not {"q", "k", "v", "o"} <= {b.role for b in out}:
         raise LingregionError(f"{type(model).__name__}: no attention matrices named q_proj/k_proj/v_proj/o_proj "
                               "(or GPT-2's c_attn/c_proj); structural removal does not know this architecture")
@@ -141,14 +147,12 @@ class Slice:
         """Selected entries in each of this block's rows (or columns), for a mask shaped like the parameter."""
         return self.block.hf(mask).sum(dim=1 if self.axis == "row" else 0, dtype=torch.int64)
 
-    def mark(self, mask: torch.Tensor, space_index: torch.Tensor) -> None:
-        """Set, in a mask shaped like the parameter, the rows (columns) meant by some indices of the space."""
+    def flat(self, space_index: torch.Tensor) -> torch.Tensor:
+        """Flat indices into the stored parameter of the rows (columns) meant by some indices of the space."""
         own = self.to_own[space_index].unique()
-        view = self.block.hf(mask)
         if self.axis == "row":
-            view[own, :] = True
-        else:
-            view[:, own] = True
+            return self.block.flat(own, torch.arange(self.block.cols))
+        return self.block.flat(torch.arange(self.block.rows), own)
 
 
 def slices(model, family: str, mode: str = "common") -> list[Slice]:
@@ -222,17 +226,14 @@ def pick(count: torch.Tensor, n: int, how: str, seed: int = 0, key: str = "") ->
     return ranking(count)[start:start + n].sort().values
 
 
-def edits_for(model, group_map: dict[str, list[Slice]], chosen: dict[str, torch.Tensor]) -> list[Edit]:
-    """Edits setting to 0 the rows/columns that the chosen indices of each space mean, one per parameter."""
-    params = dict(model.named_parameters())
-    marks: dict[str, torch.Tensor] = {}
+def edits_for(group_map: dict[str, list[Slice]], chosen: dict[str, torch.Tensor]) -> list[Edit]:
+    """Edits setting to 0 the rows/columns that the chosen indices of each space mean, one per parameter
+    (sorted flat indices; a row and a column that cross, or q/k/v parts of one fused matrix, merge)."""
+    parts: dict[str, list[torch.Tensor]] = {}
     for space, index in chosen.items():
         for s in group_map[space]:
-            name = s.block.name
-            if name not in marks:
-                marks[name] = torch.zeros(params[name].shape, dtype=torch.bool)
-            s.mark(marks[name], index)
-    return [Edit(name, m.reshape(-1).nonzero().squeeze(1), 0.0) for name, m in marks.items()]
+            parts.setdefault(s.block.name, []).append(s.flat(index))
+    return [Edit(name, torch.cat(p).unique(), 0.0) for name, p in parts.items()]
 
 
 @dataclass
@@ -245,7 +246,7 @@ class Ranked:
     def removal(self, model, n: int, how: str, seed: int = 0) -> tuple[list[Edit], dict[str, list[int]]]:
         """Edits removing `n` indices of every space, picked by `how`, and the picks."""
         chosen = {space: pick(c, n, how, seed, space) for space, c in self.counts.items()}
-        return edits_for(model, self.groups, chosen), {space: idx.tolist() for space, idx in chosen.items()}
+        return edits_for(self.groups, chosen), {space: idx.tolist() for space, idx in chosen.items()}
 
 
 def ranked(model, region: Region, family: str, mode: str = "common") -> Ranked:
@@ -271,7 +272,7 @@ def dimension_removal(model, dims: list[int]) -> list[Edit]:
     if not all(0 <= d < hidden for d in dims):
         raise LingregionError(f"dimension out of range in {dims}; the model has {hidden} hidden dimensions")
     group_map = groups(model, "feature+ffn", "common")
-    return edits_for(model, group_map, {"residual": torch.tensor(sorted(set(dims)))})
+    return edits_for(group_map, {"residual": torch.tensor(sorted(set(dims)))})
 
 
 # --- single parameters in the input norms --------------------------------------------------------------

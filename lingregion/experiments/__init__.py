@@ -79,7 +79,7 @@ class Config:
     outlier_layers: int = 4  # input norms of the first N layers are scanned
     outlier_scan_tokens: int = 512  # per language, scoring split, one forward pass
     outlier_confirm: int = 5  # scan candidates confirmed by perplexity
-    outlier_controls: int = 3  # random input-norm entries perturbed as controls
+    outlier_controls: int = 2  # random input-norm entries perturbed as controls
     outlier_dims: int = 2  # most massive residual dimensions removed whole (and as many random ones)
     down_langs: list[str] = field(default_factory=lambda: ["ar", "zh", "ru", "es", "en"])  # multiple-choice task
     down_items: int | None = 20  # items per language (None: all 50)
@@ -94,8 +94,8 @@ class Config:
     QUICK = {"seq_len": 256, "score_tokens": 1024, "eval_tokens": 256, "mono_eval_tokens": 256, "gen_tokens": 8,
              "eval_langs": ["ar", "zh", "ja", "ru", "uk", "es", "pt", "en"],
              "mono_langs": ["ar", "zh", "ru", "uk", "es", "pt"],
-             "struct_dims": [1, 10], "struct_eval_tokens": 256, "outlier_scan_tokens": 256, "outlier_confirm": 3,
-             "outlier_controls": 1, "outlier_dims": 1,
+             "struct_dims": [1, 10], "struct_langs": ["zh", "en"], "struct_eval_tokens": 256,
+             "outlier_scan_tokens": 256, "outlier_confirm": 3, "outlier_controls": 1, "outlier_dims": 1,
              "down_langs": ["ar", "zh", "ru", "en"], "down_items": 8, "down_mono": False}
 
     @classmethod
