@@ -22,6 +22,13 @@ def _ratios(value: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of numbers such as 0.01,0.03") from None
 
 
+def _ints(value: str) -> list[int]:
+    try:
+        return [int(x) for x in _langs(value)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of whole numbers such as 1,3,5,10") from None
+
+
 def _texts(pairs: list[str]) -> tuple[list[str], dict[str, str]]:
     """--lang ru or --lang ru=PATH: the languages named, and the user text for those given a path."""
     langs, texts = [], {}
@@ -87,12 +94,35 @@ def cmd_reproduce(args) -> None:
         "score_langs": args.score_langs, "eval_langs": args.eval_langs, "score_tokens": args.tokens,
         "eval_tokens": args.eval_tokens, "ratios": args.ratios, "scope": args.scope, "seed": args.seed,
         "experiments": args.experiments, "mono_langs": args.mono_langs, "mono_ratio": args.mono_ratio,
-        "mono_focus": args.mono_focus}.items() if v is not None}
+        "mono_focus": args.mono_focus, "struct_dims": args.struct_dims, "struct_mode": args.struct_mode,
+        "struct_langs": args.struct_langs}.items() if v is not None}
     cfg = _config(args, **extra)
     results = reproduce(cfg, Path(args.out))
     if "removal" in results:
         print(report.markdown_table(*removal.table(results["removal"])))
     print(f"\nreport: {Path(args.out) / 'report.html'} (and report.md)")
+
+
+def cmd_perturb(args) -> None:
+    from . import corpus, evaluation, interventions, models, report, structure
+    from .experiments import removal
+
+    langs, texts = _texts(args.lang)
+    if not langs:
+        raise LingregionError("name at least one language with --lang L (or --lang L=PATH)")
+    cfg = _config(args)
+    m = models.load(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
+    if args.param:
+        layer, dim = structure.parse_label(args.param)
+        setting, edits = f"{args.kind} {args.param}", structure.perturbation(m.model, layer, dim, args.kind)
+    else:
+        setting, edits = f"remove D{args.remove_dim}", structure.dimension_removal(m.model, [args.remove_dim])
+    windows = {lang: corpus.load_windows(m.tokenizer, lang, "eval", cfg.seq_len, args.tokens, texts.get(lang))
+               for lang in langs}
+    table = {"base": {lang: evaluation.perplexity(m.model, w, cfg.batch_size) for lang, w in windows.items()}}
+    with interventions.applied(m.model, edits):
+        table[setting] = {lang: evaluation.perplexity(m.model, w, cfg.batch_size) for lang, w in windows.items()}
+    print(report.markdown_table(*removal.table({"settings": list(table), "languages": langs, "table": table})))
 
 
 def cmd_score(args) -> None:
@@ -245,7 +275,26 @@ def parser() -> argparse.ArgumentParser:
                    help="languages whose monolingual regions are found (default ar,es,ru,zh,ko,vi,uk,pt,it,ja)")
     r.add_argument("--mono-ratio", type=float, help="Top share of each language before the set difference (default 0.03)")
     r.add_argument("--mono-focus", help="language of the Table 5 layout (default ru)")
+    r.add_argument("--struct-dims", type=_ints, help="structural: N_d values, rows/columns removed (default 1,3,5,10)")
+    r.add_argument("--struct-mode", choices=["common", "matrix"],
+                   help="structural: one index shared by the matrices of a space (default) or one per matrix")
+    r.add_argument("--struct-langs", type=_langs, help="structural and outliers: languages evaluated (default zh,ru,en)")
     r.set_defaults(func=cmd_reproduce)
+
+    pt = sub.add_parser("perturb", help="perplexity with one input-norm parameter perturbed or one residual "
+                                        "dimension removed (the paper's Table 8)",
+                        description="--param L1-N2100 --kind reset: set layer 1's input-norm weight at dimension "
+                                    "2100 to its initial value (effective scale 1); --kind x10: multiply its effective "
+                                    "scale by 10. --remove-dim 2100: zero residual dimension 2100 in every attention "
+                                    "and MLP matrix. Layers count from 1, as in the paper.")
+    _model_args(pt)
+    _data_args(pt)
+    what = pt.add_mutually_exclusive_group(required=True)
+    what.add_argument("--param", help="input-norm entry, e.g. L1-N2100")
+    what.add_argument("--remove-dim", type=int, metavar="D", help="residual dimension to remove from every matrix")
+    pt.add_argument("--kind", choices=["reset", "x10"], default="reset", help="with --param (default reset)")
+    pt.add_argument("--tokens", type=int, default=2048, help="evaluation tokens per language (default 2048)")
+    pt.set_defaults(func=cmd_perturb)
 
     s = sub.add_parser("score", help="compute per-language importance scores",
                        description="Write OUT/scores/L.safetensors for each --lang: |(θ − θ_removed) ⊙ Σg| in fp32.")

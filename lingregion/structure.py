@@ -34,6 +34,7 @@ effective scale of 1); "x10" multiplies the *effective* scale by 10: w → 10 w 
 """
 from __future__ import annotations
 
+import re
 import zlib
 from dataclasses import dataclass
 
@@ -324,6 +325,14 @@ def perturbation(model, layer: int, dim: int, kind: str) -> list[Edit]:
 def label(layer: int, dim: int) -> str:
     """The paper's parameter name: L1-N2100 = first layer's input norm, dimension 2100 (layers 1-based)."""
     return f"L{layer + 1}-N{dim}"
+
+
+def parse_label(text: str) -> tuple[int, int]:
+    """L1-N2100 → (layer 0, dimension 2100)."""
+    m = re.fullmatch(r"L(\d+)-N(\d+)", text.strip())
+    if not m or int(m.group(1)) < 1:
+        raise LingregionError(f"{text!r} is not a parameter name like L1-N2100 (layer from 1, then the dimension)")
+    return int(m.group(1)) - 1, int(m.group(2))
 
 
 # --- outlier scan -------------------------------------------------------------------------------------

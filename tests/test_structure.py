@@ -314,3 +314,30 @@ def test_experiments_on_a_tiny_model_match_direct_evaluation(tiny_folder, tmp_pa
     assert "| Model | Score tokens | N_d | Language | Base | Top | Middle | Bottom | Random |" in md
     for f in ["structural.png", "outliers.png"]:
         assert (out / "figures" / f).read_bytes().startswith(b"\x89PNG")
+
+
+def test_parameter_labels_round_trip():
+    assert structure.label(0, 2100) == "L1-N2100"
+    assert structure.parse_label("L1-N2100") == (0, 2100)
+    for bad in ["L0-N5", "1-2100", "L1N2100"]:
+        with pytest.raises(LingregionError, match="L1-N2100"):
+            structure.parse_label(bad)
+
+
+def test_perturb_command_prints_base_and_perturbed(tiny_folder, capsys):
+    from lingregion import evaluation, models
+    from lingregion.cli import main
+
+    argv = ["perturb", "--model", str(tiny_folder), "--lang", "ru", "--seq-len", "16", "--tokens", "32"]
+    assert main(argv + ["--param", "L2-N5", "--kind", "x10"]) == 0
+    out = capsys.readouterr().out
+    assert "| Language | Base | x10 L2-N5 |" in out
+    m = models.load(str(tiny_folder))
+    w = corpus.load_windows(m.tokenizer, "ru", "eval", 16, 32)
+    with interventions.applied(m.model, structure.perturbation(m.model, 1, 5, "x10")):
+        ppl = evaluation.perplexity(m.model, w, 4, False)["ppl"]
+    assert f"| {ppl:.3f} |" in out
+    assert main(argv + ["--remove-dim", "7"]) == 0
+    assert "remove D7" in capsys.readouterr().out
+    assert main(argv + ["--param", "L9-N5"]) == 2
+    assert "out of range" in capsys.readouterr().err
