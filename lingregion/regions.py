@@ -1,15 +1,17 @@
 """Scores → a Region: a set of parameter entries, stored as one packed bit mask per matrix.
 
 Selection is Top / Bottom / Random k%, per matrix (as the paper) or over all scored parameters at once
-(`global`). It runs in linear time without sorting: a threshold is found by bisection on the bit patterns
-of the (non-negative) scores, entries strictly past it are taken, and ties at the threshold are filled in
-a fixed order (parameter order, then flat index), so a selection is exact in size and reproducible.
+(`global`). It runs in linear time without sorting: the k-th value is found (quickselect within a matrix;
+across matrices, a sampled bracket and one counting pass, with bisection on the bit patterns of the
+non-negative scores as the exact fallback), entries strictly past it are taken, and ties at it are filled
+in a fixed order (parameter order, then flat index), so a selection is exact in size and reproducible.
+Masks are packed matrix by matrix, so the working memory stays about one copy of the largest matrix.
 """
 from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,30 +115,79 @@ def _float_of(bits: int) -> float:
     return torch.tensor(bits, dtype=torch.int32).view(torch.float32).item()
 
 
-def _select_group(scores: Mapping[str, torch.Tensor], names: list[str], k: int, largest: bool) -> dict[str, torch.Tensor]:
-    """The k largest (or smallest) entries across `names`; ties broken by parameter order, then index."""
+def _select_group(scores: Mapping[str, torch.Tensor], names: list[str], k: int,
+                  largest: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, mask) of the k largest (or smallest) entries across `names`, one matrix at a time (so that
+    the caller can pack each before the next is made); ties broken by parameter order, then index."""
     if k == 0:
-        return {n: torch.zeros(scores[n].shape, dtype=torch.bool) for n in names}
+        yield from ((n, torch.zeros(scores[n].shape, dtype=torch.bool)) for n in names)
+        return
     beyond = torch.gt if largest else torch.lt
-
-    def count_beyond(t: float) -> int:
-        return sum(int(beyond(scores[n], t).sum()) for n in names)
-
-    if len(names) == 1:  # one matrix: partial selection (no full sort) gives the k-th value directly
-        kth = scores[names[0]].reshape(-1).float().topk(k, largest=largest, sorted=False).values
-        threshold = float(kth.min() if largest else kth.max())
-    else:
-        threshold = _bisect(count_beyond, k, largest)
-    need = k - count_beyond(threshold)
-    out = {}
+    threshold, n_beyond = _kth(scores, names, k, largest)
+    need = k - n_beyond
     for n in names:
-        m = beyond(scores[n], threshold)
+        x = scores[n]
+        m = beyond(x, threshold)
         if need > 0:
-            tie = (scores[n].reshape(-1) == threshold).nonzero().squeeze(1)[:need]
+            tie = (x.reshape(-1) == threshold).nonzero().squeeze(1)[:need]
             m.view(-1)[tie] = True
             need -= len(tie)
-        out[n] = m
-    return out
+        yield n, m
+
+
+def _kth(scores: Mapping[str, torch.Tensor], names: list[str], k: int, largest: bool) -> tuple[float, int]:
+    """The k-th largest (smallest) value across `names`, and how many values lie strictly beyond it.
+
+    One matrix: quickselect (kthvalue) on it. Several: a seeded sample of the values brackets the k-th
+    one; a single pass counts the values beyond the bracket and gathers those inside it (about 8·n/√s of
+    n values for a sample of s, kept below the size of the largest matrix), and the k-th is picked among
+    those. Should the bracket miss, or hold too many tied values, bisection finds it exactly instead.
+    """
+    beyond = torch.gt if largest else torch.lt
+    if len(names) == 1:
+        x = scores[names[0]].reshape(-1).float()
+        kth = float(x.kthvalue(x.numel() - k + 1 if largest else k).values)
+        return kth, int(beyond(x, kth).count_nonzero())
+    sizes = [scores[n].numel() for n in names]
+    total, cap = sum(sizes), max(sizes)
+    sample = _sample(scores, names, sizes, min(total, max(1 << 16, (16 * total // cap) ** 2)))
+    sample = sample.sort(descending=largest).values
+    rank, margin = k * len(sample) / total, 4 * len(sample) ** 0.5 + 8
+    lo, hi = int(rank - margin), int(rank + margin)
+    outer = float(sample[lo]) if lo >= 0 else (math.inf if largest else -math.inf)
+    inner = float(sample[min(hi, len(sample) - 1)]) if hi < len(sample) else (-math.inf if largest else math.inf)
+    within = torch.ge if largest else torch.le
+    n_outer, inside, kept = 0, [], 0
+    for n in names:
+        x = scores[n].reshape(-1)
+        out = beyond(x, outer)
+        n_outer += int(out.count_nonzero())
+        inside.append(x[within(x, inner) & ~out].float())
+        kept += len(inside[-1])
+        if kept > cap:
+            break
+    if kept <= cap and n_outer < k <= n_outer + kept:
+        values = torch.cat(inside)
+        j = k - n_outer  # the j-th largest (smallest) inside the bracket
+        kth = float(values.kthvalue(len(values) - j + 1 if largest else j).values)
+        return kth, n_outer + int(beyond(values, kth).count_nonzero())
+    del inside
+    kth = _bisect(lambda t: sum(int(beyond(scores[n], t).count_nonzero()) for n in names), k, largest)
+    return kth, sum(int(beyond(scores[n], kth).count_nonzero()) for n in names)
+
+
+def _sample(scores: Mapping[str, torch.Tensor], names: list[str], sizes: list[int], count: int) -> torch.Tensor:
+    """`count` values drawn uniformly (with replacement, fixed seed) from all the matrices together."""
+    picks = torch.randint(0, sum(sizes), (count,), generator=torch.Generator().manual_seed(0)).sort().values
+    ends = torch.tensor(sizes).cumsum(0)
+    which = torch.searchsorted(ends, picks, right=True)
+    out, start = [], 0
+    for i, n in enumerate(names):
+        mine = picks[which == i] - start
+        if len(mine):
+            out.append(scores[n].reshape(-1)[mine].float())
+        start += sizes[i]
+    return torch.cat(out)
 
 
 def _bisect(count_beyond, k: int, largest: bool) -> float:
@@ -193,12 +244,13 @@ def select(scores: Mapping[str, torch.Tensor], ratio: float, side: str = "top", 
             if not (lo >= 0 and hi < math.inf):  # NaN fails both
                 raise LingregionError(f"scores of {n} are negative or not finite; importance scores must be ≥ 0")
     groups = [[n] for n in names] if scope == "matrix" else [names]
-    masks: dict[str, torch.Tensor] = {}
+    packed: dict[str, torch.Tensor] = {}
     for group in groups:
         k = round(ratio * sum(int(np.prod(shapes[n])) for n in group))
-        masks.update(_select_group(scores, group, k, largest=side != "bottom"))
-    return Region.from_masks(masks, dict(meta or {}, ratio=ratio, side=side, scope=scope,
-                                         seed=seed if side == "random" else None))
+        for n, mask in _select_group(scores, group, k, largest=side != "bottom"):
+            packed[n] = _pack(mask)  # 1 bit per entry before the next matrix's mask exists
+    return Region(packed, shapes, dict(meta or {}, ratio=ratio, side=side, scope=scope,
+                                       seed=seed if side == "random" else None))
 
 
 def monolingual(tops: Mapping[str, Region], lang: str) -> Region:
