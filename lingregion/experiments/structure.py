@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after figures: the Agg backend i
 RESULTS = "structure.json"  # both experiments share it, so the base perplexity is measured once
 PICK_LABELS = {"top": "Top", "middle": "Middle", "bottom": "Bottom", "random": "Random"}
 KIND_LABELS = {"reset": "Reset", "x10": "Mul 10"}
+PAPER_TABLE8_RATIO = 83224.078 / 5.865  # Reset L1-N2100 over base, LLaMA-2-13B, Chinese (the paper's Table 8)
 
 
 def validate(cfg) -> None:
@@ -158,6 +159,18 @@ def structural_section(result: dict) -> list:
         report.bullets([f"**{family}**: {info['label']}; {info['spaces']} index space(s) of {info['space_size']} indices"
                         for family, info in result["families"].items()]),
     ]
+    n_lo, n_hi = min(result["dims"]), max(result["dims"])
+    notes = []
+    for family, info in result["families"].items():
+        cells = info["cells"]
+        if info["spaces"] == 1:  # one index for the whole model: say which dimensions Top took
+            picked = {n: next(iter(cells[f"{n}/top"]["picks"].values())) for n in (n_lo, n_hi)}
+            notes.append(f"{family}: Top takes dimension(s) {', '.join(map(str, picked[n_lo]))} at N_d = {n_lo}"
+                         + (f" and {', '.join(map(str, picked[n_hi]))} at N_d = {n_hi}." if n_hi != n_lo else "."))
+        notes.append(f"{family}, N_d = {n_hi}: share of the removed weights that are in the core Top region: "
+                     + ", ".join(f"{PICK_LABELS[h]} {cells[f'{n_hi}/{h}']['top_share']:.1%}" for h in st.PICKS)
+                     + f" ({cells[f'{n_hi}/top']['removed']:,} weights removed per setting).")
+    blocks.append(report.bullets(notes))
     captions = {"feature": "Residual dimensions, attention only (Table 3, without FFN). Top should stand out "
                            "from Middle, Bottom and Random.",
                 "feature+ffn": "Residual dimensions in attention and MLP (Table 3, with FFN.down): the paper's "
@@ -286,7 +299,7 @@ def outliers_findings(result: dict) -> list[str]:
             f"(geometric mean over {', '.join(langs)})")
     if ctrls:
         line += f"; random controls ({len(ctrls)}) reach at most ×{fmt(max(_worst(e, langs, base)[1] for e in ctrls))}"
-    out.append(line + ".")
+    out.append(line + f" (the paper's L1-N2100 on LLaMA-2-13B: ×{fmt(PAPER_TABLE8_RATIO)}).")
     massive = [d for d in result["dimensions"] if d["kind"] == "massive"]
     control = [d for d in result["dimensions"] if d["kind"] == "control"]
     for d in massive:
