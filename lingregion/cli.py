@@ -95,7 +95,8 @@ def cmd_reproduce(args) -> None:
         "eval_tokens": args.eval_tokens, "ratios": args.ratios, "scope": args.scope, "seed": args.seed,
         "experiments": args.experiments, "mono_langs": args.mono_langs, "mono_ratio": args.mono_ratio,
         "mono_focus": args.mono_focus, "struct_dims": args.struct_dims, "struct_mode": args.struct_mode,
-        "struct_langs": args.struct_langs}.items() if v is not None}
+        "struct_langs": args.struct_langs, "down_langs": args.down_langs, "down_items": args.down_items,
+        "down_lmeval_tasks": args.lmeval_tasks, "down_lmeval_limit": args.lmeval_limit}.items() if v is not None}
     cfg = _config(args, **extra)
     results = reproduce(cfg, Path(args.out))
     if "removal" in results:
@@ -182,8 +183,9 @@ def cmd_evaluate(args) -> None:
     from .regions import Region
 
     langs, texts = _texts(args.lang)
-    if not langs:
-        raise LingregionError("name at least one language with --lang L (or --lang L=PATH)")
+    if not langs and not args.lmeval_tasks:
+        raise LingregionError("name at least one language with --lang L (or --lang L=PATH), or lm-eval tasks "
+                              "with --lmeval-tasks")
     region = Region.load(Path(args.remove)) if args.remove else None
     cfg = _config(args)
     m = models.load(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
@@ -191,13 +193,22 @@ def cmd_evaluate(args) -> None:
     if region:
         region.check_model(m.model, m.info["fingerprint"])
         edits = interventions.removal(region, models.removed_values(m.model, list(region.packed)))
-    rows = {}
+    rows, lm = {}, {}
     with interventions.applied(m.model, edits):
         for lang in langs:
             w = corpus.load_windows(m.tokenizer, lang, "eval", cfg.seq_len, args.tokens, texts.get(lang))
             rows[lang] = evaluation.perplexity(m.model, w, cfg.batch_size)
+        if args.lmeval_tasks:
+            from . import tasks
+
+            lm = tasks.lmeval(m.model, m.tokenizer, args.lmeval_tasks, limit=args.lmeval_limit,
+                              batch_size=cfg.batch_size)
     setting = "removed" if region else "base"
-    print(report.markdown_table(*removal.table({"settings": [setting], "languages": langs, "table": {setting: rows}})))
+    if langs:
+        print(report.markdown_table(*removal.table({"settings": [setting], "languages": langs, "table": {setting: rows}})))
+    if lm:
+        print(report.markdown_table(["Task", "Metric", setting], [[t, k, report.fmt(v)] for t, r in lm.items()
+                                                                  for k, v in r.items() if isinstance(v, float)]))
 
 
 def cmd_export(args) -> None:
@@ -279,6 +290,13 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--struct-mode", choices=["common", "matrix"],
                    help="structural: one index shared by the matrices of a space (default) or one per matrix")
     r.add_argument("--struct-langs", type=_langs, help="structural and outliers: languages evaluated (default zh,ru,en)")
+    r.add_argument("--down-langs", type=_langs,
+                   help="downstream: languages of the built-in multiple-choice task (default ar,zh,ru,es,en)")
+    r.add_argument("--down-items", type=int, help="downstream: items per language, of 50 (default 20; 8 with --quick)")
+    r.add_argument("--lmeval-tasks", type=_langs, metavar="TASKS",
+                   help="downstream: lm-eval tasks run in process for every setting, e.g. mmlu (needs lm-eval and "
+                        "the task's data)")
+    r.add_argument("--lmeval-limit", type=int, metavar="N", help="downstream: documents per lm-eval task (default all)")
     r.set_defaults(func=cmd_reproduce)
 
     pt = sub.add_parser("perturb", help="perplexity with one input-norm parameter perturbed or one residual "
@@ -309,23 +327,33 @@ def parser() -> argparse.ArgumentParser:
                          description="core: sum the given languages' scores and keep the Top/Bottom/Random ratio. "
                                      "monolingual: S_L* = S_L − ∪ S_L', the per-matrix Top ratio of L's own score "
                                      "minus every other given language's.")
-    loc.add_argument("--kind", default="core", choices=["core", "monolingual"])
+    loc.add_argument("--kind", default="core", choices=["core", "monolingual"],
+                     help="core: one region from the summed scores (default); monolingual: one language's own")
     loc.add_argument("--lang", help="with --kind monolingual: the language L")
     loc.add_argument("--scores", nargs="*", default=[], help="score files (.safetensors from 'lingregion score')")
     loc.add_argument("--run", help="a run folder; use with --langs")
     loc.add_argument("--langs", type=_langs, default=[], help="languages of --run to sum, e.g. ar,es,ru,zh,ko,vi")
     loc.add_argument("--ratio", type=float, default=0.01, help="fraction of entries (default 0.01)")
-    loc.add_argument("--side", default="top", choices=["top", "bottom", "random"])
-    loc.add_argument("--scope", default="matrix", choices=["matrix", "global"])
+    loc.add_argument("--side", default="top", choices=["top", "bottom", "random"],
+                     help="the highest, lowest or seeded-random scores (default top)")
+    loc.add_argument("--scope", default="matrix", choices=["matrix", "global"],
+                     help="take the ratio of each matrix (default, as the paper) or of all scored parameters at once")
     loc.add_argument("--seed", type=int, default=0, help="seed for --side random (default 0)")
     loc.add_argument("--out", required=True, help="region file to write (.safetensors)")
     loc.set_defaults(func=cmd_locate)
 
-    e = sub.add_parser("evaluate", help="perplexity and bits per byte, optionally with a region removed")
+    e = sub.add_parser("evaluate", help="perplexity and bits per byte, optionally with a region removed",
+                       description="Perplexity and bits per byte of each --lang's evaluation text, and any lm-eval "
+                                   "tasks (--lmeval-tasks, run in process on the same model object), with the "
+                                   "--remove region set to its removed value, or on the unmodified model.")
     _model_args(e)
     _data_args(e)
     e.add_argument("--remove", help="region file to remove before evaluating")
     e.add_argument("--tokens", type=int, default=2048, help="evaluation tokens per language (default 2048)")
+    e.add_argument("--lmeval-tasks", type=_langs, metavar="TASKS",
+                   help="comma-separated lm-eval tasks, e.g. mmlu or lingregion_udhr_next_ru (the built-in "
+                        "multiple-choice task in one language); needs lm-eval")
+    e.add_argument("--lmeval-limit", type=int, metavar="N", help="documents per lm-eval task (default all)")
     e.set_defaults(func=cmd_evaluate)
 
     x = sub.add_parser("export", help="write a model with a region removed as a plain Hugging Face folder",
@@ -351,11 +379,15 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", required=True, help="PNG file to write")
     pl.set_defaults(func=cmd_plot)
 
-    rep = sub.add_parser("report", help="rebuild a run folder's report from its saved results")
-    rep.add_argument("run_dir")
+    rep = sub.add_parser("report", help="rebuild a run folder's report from its saved results",
+                         description="Write RUN_DIR/report.md and report.html again from results/*-summary.json "
+                                     "and the figures, without loading a model or recomputing anything.")
+    rep.add_argument("run_dir", help="a run folder written by 'lingregion reproduce'")
     rep.set_defaults(func=cmd_report)
 
-    lg = sub.add_parser("languages", help="list the built-in corpus")
+    lg = sub.add_parser("languages", help="list the built-in corpus",
+                        description="Each built-in language: code, name, characters of scoring and evaluation "
+                                    "text, and its sources (details in lingregion/data/corpus/SOURCES.md).")
     lg.set_defaults(func=cmd_languages)
     return p
 

@@ -380,3 +380,32 @@ def test_downstream_config_is_checked_before_anything_runs(tiny_folder, tmp_path
             "--config", str(tmp_path / "cfg.yaml"), *DOWN]
     assert main(argv) == 2 and "down_langs xx" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_every_command_and_option_has_help_text():
+    import argparse
+
+    from lingregion.cli import parser
+    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    summaries = {c.dest: c.help for c in sub._choices_actions}
+    for name, p in sub.choices.items():
+        assert summaries[name] and p.description, name
+        for a in p._actions:
+            assert a.help or isinstance(a, argparse._HelpAction), (name, a.option_strings or a.dest)
+
+
+def test_evaluate_command_runs_lmeval_tasks_on_the_region_removed_model(bos_tokenizer, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    folder = tmp_path / "tiny-long"
+    long_model().save_pretrained(folder)
+    bos_tokenizer.save_pretrained(folder)
+    m = models.load(str(folder))
+    region, path, removed = _region_on(m, tmp_path)
+    argv = ["evaluate", "--model", str(folder), "--lmeval-tasks", "lingregion_udhr_next_en", "--lmeval-limit", "4"]
+    assert main(argv + ["--remove", str(path)]) == 0
+    out = capsys.readouterr().out
+    with interventions.applied(m.model, interventions.removal(region, removed)):
+        direct = tasks.evaluate(m.model, m.tokenizer, "en", limit=4)
+    assert f"| lingregion_udhr_next_en | acc | {direct['acc']:.3f} |" in out
+    assert main(["evaluate", "--model", str(folder)]) == 2
+    assert "--lmeval-tasks" in capsys.readouterr().err
