@@ -37,10 +37,14 @@ def batches(windows: Windows, batch_size: int) -> Iterator[torch.Tensor]:
         yield torch.stack(group)
 
 
+def output_layer(model) -> tuple[torch.nn.Module, float | None]:
+    """The linear output layer and the soft-capping constant c, if any: logits = c · tanh(head(h) / c)."""
+    return model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
+
+
 def output_head(model):
     """hidden states → fp32 logits, exactly as the model's own forward computes them (checked once)."""
-    head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    head, cap = output_layer(model)
 
     def logits(hidden: torch.Tensor) -> torch.Tensor:
         out = head(hidden).float()
@@ -65,11 +69,15 @@ def hidden_and_targets(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def summed_nll(logits_fn, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Σ −log p(target) over positions, in fp64, one output-layer chunk at a time."""
+    """Σ −log p(target) over positions, in fp64, one output-layer chunk at a time (no autograd: each
+    chunk's logits buffer is overwritten while its log-sum-exp is taken, so only one buffer exists)."""
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
     for i in range(0, len(targets), LOGIT_CHUNK):
         logits = logits_fn(hidden[i:i + LOGIT_CHUNK])
-        total += F.cross_entropy(logits, targets[i:i + LOGIT_CHUNK].to(logits.device), reduction="sum").double().to(total.device)
+        picked = logits.gather(1, targets[i:i + LOGIT_CHUNK, None].to(logits.device)).squeeze(1)
+        top = logits.amax(1, keepdim=True)
+        log_z = logits.sub_(top).exp_().sum(1).log_() + top.squeeze(1)
+        total += (log_z - picked).double().sum().to(total.device)
     return total
 
 

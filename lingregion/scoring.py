@@ -20,13 +20,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import distributed
 from .checkpoint import CHECKPOINT_EVERY, Checkpoint, windows_digest
 from .corpus import Windows
-from .evaluation import LOGIT_CHUNK, batches, hidden_and_targets, output_head
+from .evaluation import LOGIT_CHUNK, batches, hidden_and_targets, output_head, output_layer
 from .models import fingerprint, input_device
 from .store import LingregionError
 
@@ -56,18 +55,35 @@ def _folded_into(params: dict[str, torch.nn.Parameter], acc: dict[str, torch.Ten
                 p.grad = None
 
 
-def _backward(model, logits_fn, ids: torch.Tensor, total: int) -> None:
+def _output_backward(head, cap: float | None, hidden: torch.Tensor, targets: torch.Tensor, total: int) -> None:
+    """Backpropagate Σ NLL / total of one output-layer chunk into `hidden`.
+
+    The gradient of the loss with respect to the logits, (softmax − one-hot) / total, is formed in place
+    in the logits buffer (the linear layer's backward does not need its output), so a chunk costs one
+    fp32 logits buffer where autograd's cross-entropy would hold four (three with soft-capping)."""
+    z = head(hidden).float()
+    with torch.no_grad():
+        g = torch.tanh(z / cap) * cap if cap else z.detach()
+        slope = 1 - (g / cap) ** 2 if cap else None  # d(c·tanh(z/c))/dz
+        g.sub_(g.amax(1, keepdim=True)).exp_()
+        g.div_(g.sum(1, keepdim=True) * total)
+        g[torch.arange(len(targets), device=g.device), targets.to(g.device)] -= 1 / total
+        if cap:
+            g.mul_(slope)
+    z.backward(g)
+
+
+def _backward(model, ids: torch.Tensor, total: int) -> None:
     """Backpropagate Σ NLL(ids) / total into the parameters that require grad.
 
     The output layer is backpropagated chunk by chunk into a detached copy of the hidden states, so
     full-vocabulary logits never exist for more than one chunk; the transformer's backward then runs
     once from the summed hidden-state gradient."""
+    head, cap = output_layer(model)
     hidden, targets = hidden_and_targets(model, ids)
     leaf = hidden.detach().requires_grad_(True)
     for i in range(0, len(targets), LOGIT_CHUNK):
-        logits = logits_fn(leaf[i:i + LOGIT_CHUNK])
-        loss = F.cross_entropy(logits, targets[i:i + LOGIT_CHUNK].to(logits.device), reduction="sum") / total
-        loss.backward()
+        _output_backward(head, cap, leaf[i:i + LOGIT_CHUNK], targets[i:i + LOGIT_CHUNK], total)
     hidden.backward(leaf.grad)
 
 
@@ -93,7 +109,7 @@ def gradient_sum(model, windows: Windows, names: list[str], batch_size: int = 1,
     else:
         acc = {n: torch.zeros(params[n].shape, dtype=torch.float32, device=params[n].device) for n in names}
     start = state[1] if state else 0
-    logits_fn = output_head(model)
+    output_head(model)  # checks once that the output layer is the linear map (and cap) modelled here
     device = input_device(model)
     mine = distributed.shard(windows)
     show = progress and distributed.is_main()
@@ -108,7 +124,7 @@ def gradient_sum(model, windows: Windows, names: list[str], batch_size: int = 1,
             if b == start and start and show:
                 tqdm.write(f"score {windows.lang}: resumed after {done - len(ids)} windows from {ckpt.path}",
                            file=sys.stderr)
-            _backward(model, logits_fn, ids.to(device), total)
+            _backward(model, ids.to(device), total)
             if ckpt:
                 ckpt.update(acc, b + 1, done)
     bar.close()
