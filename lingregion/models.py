@@ -141,8 +141,9 @@ def load(name: str | None = None, dtype: str = "float32", device: str = "cpu",
         model.to(device)
     model.eval()
     _check_placement(model)
-    if placement:
-        info["device_map"] = {k: str(v) for k, v in model.hf_device_map.items()}
+    if placement:  # where accelerate put each module (everything on one device leaves no map)
+        spread = getattr(model, "hf_device_map", None) or {"": str(input_device(model))}
+        info["device_map"] = {k: str(v) for k, v in spread.items()}
     info["class"] = type(model).__name__
     info["tokenizer"] = type(tokenizer).__name__
     info["parameters"] = sum(p.numel() for p in model.parameters())

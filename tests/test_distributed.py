@@ -4,11 +4,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import TEXT
 from lingregion import corpus, distributed, evaluation, models, scoring
+from lingregion.store import LingregionError
 
 WORKER = '''
 import json, sys
@@ -77,3 +79,18 @@ def test_shards_partition_the_windows(tokenizer, monkeypatch):
         seen += [(tuple(ids.tolist()), b) for ids, b in zip(part.input_ids, part.n_bytes)]
     assert sorted(seen) == sorted((tuple(ids.tolist()), b) for ids, b in zip(w.input_ids, w.n_bytes))
     assert len(w.input_ids[-1]) < len(w.input_ids[0])  # the case above did arise
+
+
+def test_device_map_auto_gives_the_same_numbers(tiny_folder, monkeypatch):
+    """--device-map auto (accelerate) on this machine's devices: same scores and perplexity as a plain load."""
+    plain, spread = models.load(str(tiny_folder)), models.load(str(tiny_folder), device="auto")
+    assert "device_map" in spread.info and spread.device == plain.device
+    w = corpus.make_windows(plain.tokenizer, TEXT, 12, 10_000, "xx", "score", "test")
+    names = models.scored_names(plain.model)
+    a = scoring.gradient_sum(plain.model, w, names, batch_size=2, progress=False)
+    b = scoring.gradient_sum(spread.model, w, names, batch_size=2, progress=False)
+    assert all(torch.equal(a[n], b[n]) for n in names)
+    assert evaluation.perplexity(plain.model, w, progress=False) == evaluation.perplexity(spread.model, w, progress=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # inside torchrun, one model per process: refused before loading
+    with pytest.raises(LingregionError, match="torchrun"):
+        models.load(str(tiny_folder), device="auto")
