@@ -385,8 +385,7 @@ def train(model, data: Windows, cfg: TrainConfig, names: list[str] | None = None
             history["seconds"] += time.time() - t0
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
-            if checkpoint and cfg.checkpoint_every and (history["step"] % cfg.checkpoint_every == 0
-                                                          or history["step"] == cfg.steps):
+            if checkpoint and cfg.checkpoint_every and history["step"] % cfg.checkpoint_every == 0:
                 save_checkpoint(checkpoint, model, names, optimizer, scheduler, history, signature)
     finally:
         bar.close()

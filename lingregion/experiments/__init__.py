@@ -81,6 +81,18 @@ class Config:
     outlier_confirm: int = 5  # scan candidates confirmed by perplexity
     outlier_controls: int = 2  # random input-norm entries perturbed as controls
     outlier_dims: int = 2  # most massive residual dimensions removed whole (and as many random ones)
+    train_lang: str = "zh"  # further pre-trained on, in the recovery (Table 2) and forgetting experiments
+    train_other: str = "en"  # the untrained language of the recovery table (the paper: English)
+    train_track: list[str] = field(default_factory=lambda: ["en", "ru", "es"])  # untrained, tracked for forgetting
+    train_ratio: float = 0.01  # Top / Bottom / Random share of the core score removed or frozen (the paper: 1%)
+    train_samples: list[int] = field(default_factory=lambda: [0, 6, 12, 24])  # paper: 0,2000,5000,...,200000
+    train_batch: int = 2  # windows per forward/backward
+    train_accum: int = 1  # forward/backward passes per step (the paper: 256 samples per step)
+    train_lr: float = 5e-5
+    train_warmup: int = 2  # steps (the paper: 100)
+    train_precision: str = "float32"  # or bfloat16 autocast with fp32 master weights (the paper: bf16)
+    train_eval_tokens: int = 512  # per language and evaluation point
+    train_checkpoint_every: int = 50  # training steps between checkpoints (0: none)
     down_langs: list[str] = field(default_factory=lambda: ["ar", "zh", "ru", "es", "en"])  # multiple-choice task
     down_items: int | None = 20  # items per language (None: all 50)
     down_ratio: float = 0.01  # Top / Bottom / Random share of the core score removed
@@ -92,6 +104,8 @@ class Config:
 
     # The small preset: every experiment adds the overrides that bring it within the --quick budget.
     QUICK = {"seq_len": 256, "score_tokens": 1024, "eval_tokens": 256, "mono_eval_tokens": 256, "gen_tokens": 8,
+             "train_samples": [0, 2, 4], "train_batch": 1, "train_warmup": 1, "train_eval_tokens": 256,
+             "train_track": ["en"],
              "eval_langs": ["ar", "zh", "ja", "ru", "uk", "es", "pt", "en"],
              "mono_langs": ["ar", "zh", "ru", "uk", "es", "pt"],
              "struct_dims": [1, 10], "struct_langs": ["zh", "en"], "struct_eval_tokens": 256,
@@ -263,7 +277,7 @@ def reproduce(cfg: Config, out: Path, progress: bool = True) -> dict:
     return results
 
 
-from . import downstream, monolingual, removal, structure  # noqa: E402  (the modules import Run and Experiment from here)
+from . import downstream, monolingual, removal, structure, training  # noqa: E402  (the modules import Run and Experiment from here)
 
-EXPERIMENTS: dict[str, Experiment] = {e.name: e for module in (removal, monolingual, structure, downstream)
+EXPERIMENTS: dict[str, Experiment] = {e.name: e for module in (removal, monolingual, structure, training, downstream)
                                       for e in module.EXPERIMENTS}
