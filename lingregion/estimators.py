@@ -1,27 +1,27 @@
 """Importance estimators, selected by name, all producing per-parameter fp32 scores (higher = removing
 the entry matters more) that regions, interventions and evaluation consume unchanged.
 
-An estimator is one function over the statistics of a pass over a language's windows (`Stats`):
+An estimator is one function of the statistics (`Stats`) that passes over the scored languages' windows
+collect; its core score sums over the languages, as the paper sums per-language Taylor scores:
 
-- taylor         |(θ − θ_r) ⊙ Σ_w g_w|             the paper's (= scoring.score)
-- taylor-window  Σ_w |(θ − θ_r) ⊙ g_w|             per-window first-order terms (LLM-Pruner's elementwise Taylor)
-- fisher         ½ Σ_w g_w² (θ − θ_r)²             second-order term with the diagonal empirical Fisher
-- magnitude      |θ − θ_r|                         no data
-- wanda          |θ − θ_r| · ‖a‖₂                  a = the activation the entry multiplies, over all positions
-- lape           neuron activation-probability entropy over languages (Tang et al. 2024), mapped to the
-                 neuron's rows and columns
+- taylor         Σ_L |(θ − θ_r) ⊙ g_L|            the paper's (= Σ_L scoring.score), g_L = Σ_w g_w over L's windows
+- taylor-window  Σ_L Σ_w |(θ − θ_r) ⊙ g_w|        per-window first-order terms (LLM-Pruner's elementwise Taylor)
+- fisher         ½ Σ_L Σ_w g_w² (θ − θ_r)²        second-order term with the diagonal empirical Fisher
+- magnitude      |θ − θ_r|                        no data
+- wanda          Σ_L |θ − θ_r| · ‖a‖₂             a = the activation the entry multiplies, over L's positions
+- lape           neuron activation-probability entropy over the languages (Tang et al. 2024), mapped to
+                 the neuron's rows and columns
 
-g_w is the gradient of window w's share of the mean token loss (its summed NLL / all predicted tokens of
-the language), so Σ_w g_w is exactly the paper's gradient. θ_r is the value removal sets (models.removed_values).
-
-Per-language estimators are summed over languages for a core score, as the paper sums Taylor scores;
-"pooled" ones (lape, magnitude) are made once from all languages' statistics. One pass per language
-collects every statistic the requested estimators need, so several estimators cost one forward and one
-backward per window. Adding an estimator is one decorated function (and its test).
+g_w is the gradient of window w's share of its language's mean token loss (the window's summed NLL / all
+predicted tokens of the language), so g_L is exactly the paper's gradient. θ_r is the value removal sets
+(models.removed_values). Every estimator above factors as |θ − θ_r|^p times a statistic that adds up over
+languages, so the statistics are summed as the passes go and each estimator is computed once at the end.
+One pass per language collects every statistic the requested estimators need: several estimators cost
+one forward and one backward per window. Adding an estimator is one decorated function (and its test).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -34,21 +34,20 @@ from .corpus import Windows
 from .evaluation import hidden_and_targets, output_head
 from .store import LingregionError
 
-STATS = ("grad", "grad_abs", "grad_sq", "energy", "active")
+STATS = ("lang_abs", "window_abs", "window_sq", "act_norm", "active")
 
 
 @dataclass
 class Stats:
-    """What one pass over one language's windows collects; sums in fp32, counts in int64."""
+    """Statistics of the passes over several languages' windows: fp32 sums over languages, int64 counts."""
 
-    lang: str
-    tokens: int  # predicted tokens: the denominator of the mean loss
-    grad: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ_w g_w
-    grad_abs: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ_w |g_w|
-    grad_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ_w g_w²
-    energy: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ_positions a², broadcastable to the parameter
-    active: dict[str, torch.Tensor] = field(default_factory=dict)  # MLP activation module → positions with output > 0
-    seen: dict[str, int] = field(default_factory=dict)  # MLP activation module → positions
+    tokens: dict[str, int] = field(default_factory=dict)  # language → predicted tokens (its mean loss's denominator)
+    lang_abs: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ_L |g_L|
+    window_abs: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ_L Σ_w |g_w|
+    window_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ_L Σ_w g_w²
+    act_norm: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ_L ‖a‖₂, broadcastable to the parameter
+    active: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # language → MLP act → positions > 0
+    seen: dict[str, dict[str, int]] = field(default_factory=dict)  # language → MLP act → positions
 
 
 @dataclass
@@ -67,9 +66,8 @@ class Target:
 @dataclass(frozen=True)
 class Estimator:
     name: str
-    fn: Callable  # (Stats, Target) → scores; pooled: (list[Stats], Target) → scores
+    fn: Callable[[Stats, Target], dict[str, torch.Tensor]]
     needs: frozenset[str]
-    pooled: bool  # one score from all languages' statistics instead of a sum of per-language scores
     scope: str | None  # the selection scope the method itself prescribes; None: the user's choice
     doc: str
 
@@ -77,13 +75,13 @@ class Estimator:
 ESTIMATORS: dict[str, Estimator] = {}
 
 
-def estimator(name: str, needs: Sequence[str] = (), pooled: bool = False, scope: str | None = None):
+def estimator(name: str, needs: Sequence[str] = (), scope: str | None = None):
     unknown = set(needs) - set(STATS)
     if unknown:
         raise ValueError(f"estimator {name}: unknown statistics {sorted(unknown)}")
 
     def register(fn):
-        ESTIMATORS[name] = Estimator(name, fn, frozenset(needs), pooled, scope, (fn.__doc__ or "").strip())
+        ESTIMATORS[name] = Estimator(name, fn, frozenset(needs), scope, (fn.__doc__ or "").strip())
         return fn
     return register
 
@@ -95,50 +93,52 @@ def get(name: str) -> Estimator:
 
 
 # --- the estimators -------------------------------------------------------------------------------
-@estimator("taylor", needs=["grad"])
+@estimator("taylor", needs=["lang_abs"])
 def taylor(stats: Stats, t: Target) -> dict[str, torch.Tensor]:
-    """|(θ − θ_r) ⊙ Σ_w g_w|: the paper's first-order Taylor estimate, gradients summed before the product."""
-    return scoring.taylor_importance(t.model, stats.grad, t.removed)
+    """Σ_L |(θ − θ_r) ⊙ g_L|: the paper's first-order Taylor estimate, each language's gradient summed over
+    its windows before the product."""
+    return {n: t.delta(n).abs_().mul_(stats.lang_abs[n]) for n in t.names}
 
 
-@estimator("taylor-window", needs=["grad_abs"])
+@estimator("taylor-window", needs=["window_abs"])
 def taylor_window(stats: Stats, t: Target) -> dict[str, torch.Tensor]:
-    """Σ_w |(θ − θ_r) ⊙ g_w| = |θ − θ_r| ⊙ Σ_w |g_w|: windows whose gradients disagree in sign do not cancel."""
-    return {n: t.delta(n).abs_().mul_(stats.grad_abs[n]) for n in t.names}
+    """Σ_w |(θ − θ_r) ⊙ g_w|: per-window terms, so windows whose gradients disagree in sign do not cancel."""
+    return {n: t.delta(n).abs_().mul_(stats.window_abs[n]) for n in t.names}
 
 
-@estimator("fisher", needs=["grad_sq"])
+@estimator("fisher", needs=["window_sq"])
 def fisher(stats: Stats, t: Target) -> dict[str, torch.Tensor]:
     """½ Σ_w g_w² (θ − θ_r)²: the second-order term of the loss change with the diagonal empirical Fisher."""
-    return {n: t.delta(n).square_().mul_(stats.grad_sq[n]).mul_(0.5) for n in t.names}
+    return {n: t.delta(n).square_().mul_(stats.window_sq[n]).mul_(0.5) for n in t.names}
 
 
-@estimator("magnitude", pooled=True)
-def magnitude(stats: list[Stats], t: Target) -> dict[str, torch.Tensor]:
+@estimator("magnitude")
+def magnitude(stats: Stats, t: Target) -> dict[str, torch.Tensor]:
     """|θ − θ_r|: no data at all, the floor any data-driven estimator should beat."""
     return {n: t.delta(n).abs_() for n in t.names}
 
 
-@estimator("wanda", needs=["energy"])
+@estimator("wanda", needs=["act_norm"])
 def wanda(stats: Stats, t: Target) -> dict[str, torch.Tensor]:
     """|θ − θ_r| · ‖a‖₂ over positions, a the activation the entry multiplies: input feature j for W_ij of a
     linear layer (Wanda's |W|·‖X_j‖₂), 1 for a bias, the normalized input x̂_c for a norm's weight. It is the
     ℓ2 size of the change of the module's output when that one entry is removed."""
-    return {n: t.delta(n).abs_().mul_(stats.energy[n].sqrt()) for n in t.names}
+    return {n: t.delta(n).abs_().mul_(stats.act_norm[n]) for n in t.names}
 
 
-@estimator("lape", needs=["active"], pooled=True, scope="global")
-def lape(stats: list[Stats], t: Target) -> dict[str, torch.Tensor]:
+@estimator("lape", needs=["active"], scope="global")
+def lape(stats: Stats, t: Target) -> dict[str, torch.Tensor]:
     """Per MLP neuron: its mean activation probability over languages × the entropy of its normalized
     activation probabilities (LAPE), written on the neuron's parameters (gate/up rows, down column, the
     producing bias); other parameters score 0. Neurons are ranked across layers (scope global), as Tang
     et al. select them. High = fires often and evenly in every language."""
-    if len(stats) < 2:
+    langs = list(stats.active)
+    if len(langs) < 2:
         raise LingregionError("lape compares languages: score at least two languages")
     params = {n: t.model.get_parameter(n) for n in t.names}
     out = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
-    for act in stats[0].active:
-        probs = torch.stack([s.active[act].double() / s.seen[act] for s in stats], dim=1)
+    for act in stats.active[langs[0]]:
+        probs = torch.stack([stats.active[lang][act].double() / stats.seen[lang][act] for lang in langs], dim=1)
         neuron = lape_neuron_scores(probs).float()
         for name, axis in neuron_parameters(t.model, act, len(neuron), t.names):
             shape = [-1 if d == axis else 1 for d in range(out[name].dim())]
@@ -275,41 +275,49 @@ def neuron_parameters(model: nn.Module, act: str, n: int, names: list[str]) -> l
     return out
 
 
-def _activation_hooks(model: nn.Module, acts: list[str], stats: Stats) -> list:
+def _activation_hooks(model: nn.Module, acts: list[str], active: dict[str, torch.Tensor], seen: dict[str, int]) -> list:
     modules = dict(model.named_modules())
 
     def counter(act):
         def hook(_, args, output):
             on = (output.detach() > 0).reshape(-1, output.shape[-1]).sum(0)
-            stats.active[act] = stats.active[act].add_(on) if act in stats.active else on
-            stats.seen[act] = stats.seen.get(act, 0) + output.numel() // output.shape[-1]
+            active[act] = active[act].add_(on) if act in active else on
+            seen[act] = seen.get(act, 0) + output.numel() // output.shape[-1]
         return hook
     return [modules[a].register_forward_hook(counter(a)) for a in acts]
 
 
-def collect(t: Target, windows: Windows, needs: Iterable[str], progress: bool = True) -> Stats:
-    """One pass over the windows, one window at a time, collecting the statistics in `needs`."""
-    needs = set(needs)
-    stats = Stats(windows.lang, windows.n_tokens)
-    model = t.model
+def _add(total: dict[str, torch.Tensor], name: str, t: torch.Tensor) -> None:
+    """total[name] += t, taking t itself (not a copy) the first time."""
+    total[name] = total[name].add_(t) if name in total else t
+
+
+def collect(t: Target, windows: Windows, needs: Iterable[str], stats: Stats | None = None,
+            progress: bool = True) -> Stats:
+    """Add one language's pass over its windows, one window at a time, to `stats` (new if None)."""
+    needs, stats = set(needs), stats if stats is not None else Stats()
+    lang, model = windows.lang, t.model
+    if lang in stats.tokens:
+        raise LingregionError(f"language {lang!r} is given twice; pass each language's windows once")
+    stats.tokens[lang] = windows.n_tokens
     output_head(model)  # its one-time check runs a forward, which the hooks below must not count
-    handles = []
-    if "energy" in needs:
-        handles += _energy_hooks(t, stats.energy)
+    energy: dict[str, torch.Tensor] = {}
+    handles = _energy_hooks(t, energy) if "act_norm" in needs else []
     if "active" in needs:
         acts = activation_modules(model, t.names)
         if not acts:
             raise LingregionError("lape: no scored MLP layer with an activation function; include the MLP weights")
-        handles += _activation_hooks(model, acts, stats)
-    gradients = needs & {"grad", "grad_abs", "grad_sq"}
-    bar = tqdm(total=len(windows.input_ids), desc=f"estimators {windows.lang}", unit="win", disable=not progress,
-               leave=False)
+        stats.active[lang], stats.seen[lang] = {}, {}
+        handles += _activation_hooks(model, acts, stats.active[lang], stats.seen[lang])
+    gradients = needs & {"lang_abs", "window_abs", "window_sq"}
+    lang_grad: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=len(windows.input_ids), desc=f"estimators {lang}", unit="win", disable=not progress, leave=False)
     try:
         for ids, n_bytes in zip(windows.input_ids, windows.n_bytes):
             if gradients:
-                one = replace(windows, input_ids=[ids], n_bytes=[n_bytes])
-                g = scoring.gradient_sum(model, one, t.names, progress=False)
-                _fold(stats, g, (len(ids) - 1) / stats.tokens, gradients)
+                g = scoring.gradient_sum(model, replace(windows, input_ids=[ids], n_bytes=[n_bytes]), t.names,
+                                         progress=False)
+                _fold(stats, lang_grad, g, (len(ids) - 1) / windows.n_tokens, gradients)
             else:
                 with torch.no_grad():
                     hidden_and_targets(model, ids[None].to(model.get_input_embeddings().weight.device))
@@ -318,49 +326,54 @@ def collect(t: Target, windows: Windows, needs: Iterable[str], progress: bool = 
         bar.close()
         for h in handles:
             h.remove()
+    for n, g in lang_grad.items():
+        _add(stats.lang_abs, n, g.abs_())
+    for n, e in energy.items():
+        _add(stats.act_norm, n, e.sqrt_())
     return stats
 
 
-def _fold(stats: Stats, g: dict[str, torch.Tensor], share: float, which: set[str]) -> None:
+def _fold(stats: Stats, lang_grad: dict, g: dict[str, torch.Tensor], share: float, which: set[str]) -> None:
     """Add one window's gradient: gradient_sum gives that of the window's own mean loss; `share` (its
-    tokens / all tokens) turns it into the gradient of the window's part of the language's mean loss."""
+    tokens / the language's tokens) turns it into the gradient of the window's part of the language's."""
     for n, gw in g.items():
         gw.mul_(share)
-        if "grad" in which:
-            stats.grad[n] = stats.grad[n].add_(gw) if n in stats.grad else gw.clone()
-        if "grad_abs" in which:
-            stats.grad_abs[n] = stats.grad_abs[n].add_(gw.abs()) if n in stats.grad_abs else gw.abs()
-        if "grad_sq" in which:
-            stats.grad_sq[n] = stats.grad_sq[n].addcmul_(gw, gw) if n in stats.grad_sq else gw * gw
+        if "window_abs" in which:
+            _add(stats.window_abs, n, gw.abs())
+        if "window_sq" in which:
+            _add(stats.window_sq, n, gw * gw)
+        if "lang_abs" in which:
+            _add(lang_grad, n, gw)
 
 
 # --- several estimators, several languages ---------------------------------------------------------
-def estimate(t: Target, windows: Iterable[Windows], which: Sequence[str], progress: bool = True
-             ) -> dict[str, dict[str, torch.Tensor]]:
-    """Core scores of each estimator in `which`: per-language scores summed over the languages, pooled
-    ones made from all languages' statistics; one pass per language serves all of them."""
+def iter_estimates(t: Target, windows: Iterable[Windows], which: Sequence[str], progress: bool = True
+                   ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """(name, core scores) of each estimator in `which`, one at a time so that the caller can drop each
+    before the next is made; one pass per language serves all of them."""
     chosen = [get(name) for name in dict.fromkeys(which)]
     needs = set().union(*(e.needs for e in chosen))
-    totals: dict[str, dict[str, torch.Tensor]] = {e.name: {} for e in chosen if not e.pooled}
-    kept: list[Stats] = []
+    stats = Stats()
     for w in windows:
-        stats = collect(t, w, needs, progress) if needs else Stats(w.lang, w.n_tokens)
-        for e in chosen:
-            if not e.pooled:
-                scoring.accumulate(totals[e.name], e.fn(stats, t))
-        # pooled estimators get the small statistics only; the gradient ones are each as large as the model
-        kept.append(Stats(stats.lang, stats.tokens, active=stats.active, seen=stats.seen))
-        del stats
-    if not kept:
+        if needs:
+            collect(t, w, needs, stats, progress)
+        else:
+            stats.tokens[w.lang] = w.n_tokens
+    if not stats.tokens:
         raise LingregionError("no languages to score; pass at least one language's windows")
-    return {e.name: e.fn(kept, t) if e.pooled else totals[e.name] for e in chosen}
+    for i, e in enumerate(chosen):
+        scores = e.fn(stats, t)
+        for name in e.needs - set().union(*(later.needs for later in chosen[i + 1:])):
+            getattr(stats, name).clear()  # each statistic is as large as the model: free it once read
+        yield e.name, scores
+
+
+def estimate(t: Target, windows: Iterable[Windows], which: Sequence[str], progress: bool = True
+             ) -> dict[str, dict[str, torch.Tensor]]:
+    """Core scores of each estimator in `which`, from one pass over each language's windows."""
+    return dict(iter_estimates(t, windows, which, progress))
 
 
 def score(name: str, t: Target, windows: Iterable[Windows], progress: bool = True) -> dict[str, torch.Tensor]:
     """One estimator's core score."""
     return estimate(t, windows, [name], progress)[name]
-
-
-def describe() -> dict[str, str]:
-    """name → one-line definition, for provenance and the report."""
-    return {name: e.doc.split("\n")[0] for name, e in ESTIMATORS.items()}

@@ -81,6 +81,16 @@ class Config:
     outlier_confirm: int = 5  # scan candidates confirmed by perplexity
     outlier_controls: int = 2  # random input-norm entries perturbed as controls
     outlier_dims: int = 2  # most massive residual dimensions removed whole (and as many random ones)
+    est_estimators: list[str] = field(default_factory=lambda: ["taylor", "taylor-window", "fisher", "magnitude",
+                                                               "wanda", "lape"])
+    est_ratios: list[float] = field(default_factory=lambda: [0.001, 0.005, 0.01, 0.03])  # damage-curve points
+    est_overlap_ratio: float = 0.01  # Jaccard overlap of the estimators' regions at this share
+    est_tokens: int = 2048  # per language, one pass for every estimator (and each control)
+    est_seq_len: int | None = None  # window length of that pass (None: seq_len)
+    est_eval_langs: list[str] = field(default_factory=lambda: ["ar", "ru", "zh", "ja", "uk", "en"])
+    est_eval_tokens: int = 512  # per language and setting
+    est_control_lang: str = "en"  # the specificity control's single language (none of the scored ones)
+    est_outlier_dims: int = 2  # most massive residual dimensions as a control (0: none)
     train_lang: str = "zh"  # further pre-trained on, in the recovery (Table 2) and forgetting experiments
     train_other: str = "en"  # the untrained language of the recovery table (the paper: English)
     train_track: list[str] = field(default_factory=lambda: ["en", "ru", "es"])  # untrained, tracked for forgetting
@@ -108,6 +118,8 @@ class Config:
              "train_track": ["en"],
              "eval_langs": ["ar", "zh", "ja", "ru", "uk", "es", "pt", "en"],
              "mono_langs": ["ar", "zh", "ru", "uk", "es", "pt"],
+             "est_ratios": [0.001, 0.01], "est_tokens": 256, "est_seq_len": 128, "est_eval_langs": ["ru", "en"],
+             "est_eval_tokens": 256,
              "struct_dims": [1, 10], "struct_langs": ["zh", "en"], "struct_eval_tokens": 256,
              "outlier_scan_tokens": 256, "outlier_confirm": 3, "outlier_controls": 1, "outlier_dims": 1,
              "down_langs": ["ar", "zh", "ru", "en"], "down_items": 8, "down_mono": False}
@@ -277,7 +289,7 @@ def reproduce(cfg: Config, out: Path, progress: bool = True) -> dict:
     return results
 
 
-from . import downstream, monolingual, removal, structure, training  # noqa: E402  (the modules import Run and Experiment from here)
+from . import downstream, estimators, monolingual, removal, structure, training  # noqa: E402  (the modules import Run and Experiment from here)
 
-EXPERIMENTS: dict[str, Experiment] = {e.name: e for module in (removal, monolingual, structure, training, downstream)
+EXPERIMENTS: dict[str, Experiment] = {e.name: e for module in (removal, monolingual, structure, estimators, training, downstream)
                                       for e in module.EXPERIMENTS}
