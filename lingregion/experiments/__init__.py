@@ -104,7 +104,7 @@ class Config:
     train_eval_tokens: int = 512  # per language and evaluation point
     train_checkpoint_every: int = 50  # training steps between checkpoints (0: none)
     down_langs: list[str] = field(default_factory=lambda: ["ar", "zh", "ru", "es", "en"])  # multiple-choice task
-    down_items: int | None = 20  # items per language (None: all 50)
+    down_items: int | None = 16  # items per language (None: all 50)
     down_ratio: float = 0.01  # Top / Bottom / Random share of the core score removed
     down_mono: bool = True  # also remove the saved monolingual regions of down_langs
     down_batch: int = 16  # sequences (context + one candidate) per forward pass
@@ -122,7 +122,7 @@ class Config:
              "est_eval_tokens": 256,
              "struct_dims": [1, 10], "struct_langs": ["zh", "en"], "struct_eval_tokens": 256,
              "outlier_scan_tokens": 256, "outlier_confirm": 3, "outlier_controls": 1, "outlier_dims": 1,
-             "down_langs": ["ar", "zh", "ru", "en"], "down_items": 8, "down_mono": False}
+             "down_langs": ["ar", "zh", "ru", "en"], "down_items": 6, "down_mono": False}
 
     @classmethod
     def quick(cls, **overrides) -> "Config":
