@@ -136,21 +136,32 @@ def _chance(result: dict) -> float:
     return result["accuracy"]["base"][result["languages"][0]]["chance"]
 
 
+def _colours(settings: list[str]) -> dict[str, tuple]:
+    """The removal chart's colours for base and the core sides; shades of purple for monolingual regions."""
+    core = [s for s in settings if not s.startswith("mono-")]
+    colours = figures._setting_colours(core)
+    mono = [s for s in settings if s.startswith("mono-")]
+    for i, s in enumerate(mono):
+        colours[s] = plt.cm.Purples(0.45 + 0.5 * i / max(1, len(mono) - 1))[:3]
+    return colours
+
+
 def accuracy_chart(result: dict) -> bytes:
     """Accuracy per language and setting, with standard errors and the chance level."""
     settings, langs = result["settings"], result["languages"]
-    colours = figures._setting_colours(settings)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(settings) * len(langs) + 2), 4.5))
-    series = {s: {lang: 100 * result["accuracy"][s][lang]["acc"] for lang in langs} for s in settings}
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.22 * len(settings) * len(langs) + 2.5), 4.5))
+    series = {_label(s): {lang: 100 * result["accuracy"][s][lang]["acc"] for lang in langs} for s in settings}
+    colours = {_label(s): c for s, c in _colours(settings).items()}
     offsets = figures._grouped_bars(ax, langs, series, colours)
     for off, s in zip(offsets, settings):
-        ax.errorbar(np.arange(len(langs)) + off, [series[s][lang] for lang in langs],
+        ax.errorbar(np.arange(len(langs)) + off, [series[_label(s)][lang] for lang in langs],
                     yerr=[100 * result["accuracy"][s][lang]["acc_stderr"] for lang in langs],
                     fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
     ax.axhline(100 * _chance(result), color="black", ls="--", lw=1, label="chance")
     ax.set(ylim=(0, 100), ylabel="accuracy (%)", xlabel="language",
-           title=f"{result['task']}: which ending completes the paragraph ({result['items'][langs[0]]} items)")
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.08), ncol=min(len(settings) + 1, 6), frameon=False)
+           title=f"{result['task']}: which ending completes the paragraph ({result['items'][langs[0]]} items each)")
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False,
+               ncol=min(len(settings) + 1, 5), title="setting (side and share of parameters removed)")
     fig.tight_layout()
     return figures.png(fig)
 
@@ -199,7 +210,7 @@ def section(result: dict) -> list:
         report.heading("Downstream: multiple-choice accuracy with a region removed"),
         report.text(f"Built-in task `{result['task']}` (v{result['task_version']}): the first ~60% of a paragraph of "
                     f"the Universal Declaration of Human Rights and four endings, one true, the others from other "
-                    f"articles; the same {n} items in every language. {result['scoring']}. Regions: the core "
+                    f"articles; the same {n} items in every language. Scoring: {result['scoring']}. Regions: the core "
                     f"Top / Bottom / Random {result['ratio']:g} of the summed importance"
                     + (", and the monolingual regions saved by the monolingual experiment" if any(
                         s.startswith("mono-") for s in settings) else "") + "."),
