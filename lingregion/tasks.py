@@ -220,10 +220,9 @@ def lmeval(model, tokenizer, tasks: list[str | dict], limit: int | None = None, 
     """Run lm-eval tasks on the model object as it is now (a region removed or not), in process.
 
     `tasks` are lm-eval task names or task configs (dicts); `lingregion_udhr_next_<lang>` is the built-in
-    task in one language. Returns
-    {task: {metric: value}} with lm-eval's filter suffix (",none") dropped; with `samples`, also each
-    multiple-choice task's per-document log-likelihoods ("loglik") and gold answers ("target"), in
-    document order.
+    task in one language. Returns {task: {metric: value}} with lm-eval's filter suffix (",none") dropped;
+    with `samples`, also each multiple-choice task's per-document log-likelihoods ("loglik") and gold
+    answers ("target"), in document order.
     """
     try:
         import lm_eval
