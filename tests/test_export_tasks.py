@@ -409,3 +409,16 @@ def test_evaluate_command_runs_lmeval_tasks_on_the_region_removed_model(bos_toke
     assert f"| lingregion_udhr_next_en | acc | {direct['acc']:.3f} |" in out
     assert main(["evaluate", "--model", str(folder)]) == 2
     assert "--lmeval-tasks" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_real_model_solves_the_task_and_lmeval_agrees_with_its_tokenizer():
+    """Gemma's tokenizer adds BOS: the direct evaluator and lm-eval must condition on it alike."""
+    pytest.importorskip("lm_eval")
+    m = models.load()
+    ours = tasks.evaluate(m.model, m.tokenizer, "en", limit=3)
+    theirs = tasks.lmeval(m.model, m.tokenizer, [tasks.LMEVAL_PREFIX + "en"], limit=3, samples=True)
+    for a, b in zip(ours["loglik"], theirs[tasks.LMEVAL_PREFIX + "en"]["loglik"]):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-3)
+    assert ours["acc"] >= 2 / 3  # 95% on the first 20 English items: far above chance (25%)
+    assert tasks.encode(m.tokenizer, "Hello ", "world")[0][0] == m.tokenizer.bos_token_id
