@@ -122,7 +122,7 @@ class Config:
              "est_eval_tokens": 256,
              "struct_dims": [1, 10], "struct_langs": ["zh", "en"], "struct_eval_tokens": 256,
              "outlier_scan_tokens": 256, "outlier_confirm": 3, "outlier_controls": 1, "outlier_dims": 1,
-             "down_langs": ["ar", "zh", "ru", "en"], "down_items": 6, "down_mono": False}
+             "down_langs": ["ar", "zh", "ru", "en"], "down_items": 5, "down_mono": False}
 
     @classmethod
     def quick(cls, **overrides) -> "Config":
