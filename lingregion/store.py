@@ -64,9 +64,11 @@ def read_json(path: Path) -> Any:
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Safetensors with the provenance record as JSON under the metadata key 'lingregion'."""
+    """Safetensors with the provenance record as JSON under the metadata key 'lingregion'. The tensors'
+    order is kept too (safetensors sorts names), since ties and edits follow parameter order."""
     contiguous = {k: v.contiguous() for k, v in tensors.items()}
-    _atomic(path, lambda tmp: save_file(contiguous, tmp, metadata={"lingregion": json.dumps(meta, sort_keys=True)}))
+    metadata = {"lingregion": json.dumps(meta, sort_keys=True), "order": json.dumps(list(tensors))}
+    _atomic(path, lambda tmp: save_file(contiguous, tmp, metadata=metadata))
 
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -78,7 +80,10 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("lingregion", "null"))
+            order = json.loads((f.metadata() or {}).get("order", "[]"))
         tensors = load_file(str(path))
+        if sorted(order) == sorted(tensors):
+            tensors = {k: tensors[k] for k in order}
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
         raise LingregionError(f"{path}: not a readable safetensors file ({e}); it is corrupt or truncated, recreate it") from None
     if meta is None:

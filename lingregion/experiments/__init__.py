@@ -189,6 +189,8 @@ class Run:
         self.names = models.scored_names(model.model, cfg.include, cfg.exclude)
         self.removed = models.removed_values(model.model, self.names)
         self._windows: dict[tuple[str, str], corpus.Windows] = {}
+        self._core: dict[str, torch.Tensor] | None = None
+        self._regions: dict[tuple, tuple[dict, Region]] = {}
 
     def windows(self, lang: str, split: str, budget: int | None = None) -> corpus.Windows:
         budget = budget or (self.cfg.score_tokens if split == "score" else self.cfg.eval_tokens)
@@ -217,7 +219,7 @@ class Run:
         if path.is_file():
             tensors, meta = read_tensors(path)
             if meta.get("made_of") == made_of:
-                return tensors
+                return {n: tensors[n] for n in self.names}  # parameter order: ties and edits follow it
         t0 = time.time()
         s = scoring.score(self.m.model, w, self.names, self.removed, progress=self.progress,
                           checkpoint=path.with_name(f".{path.stem}.partial.safetensors"),
@@ -229,42 +231,61 @@ class Run:
         return s
 
     def core_scores(self) -> dict[str, torch.Tensor]:
-        """Σ over the scored languages of their importance (the paper's core-region score)."""
-        total: dict[str, torch.Tensor] = {}
-        for lang in tqdm(self.cfg.score_langs, desc="scoring languages", disable=not self.progress):
-            scoring.accumulate(total, self.scores(lang))
-        return total
+        """Σ over the scored languages of their importance (the paper's core-region score), kept in
+        memory once made: most experiments start from it."""
+        if self._core is None:
+            total: dict[str, torch.Tensor] = {}
+            for lang in tqdm(self.cfg.score_langs, desc="scoring languages", disable=not self.progress):
+                scoring.accumulate(total, self.scores(lang))
+            self._core = total
+        return self._core
 
     def region(self, scores: dict[str, torch.Tensor], side: str, ratio: float, label: str = "core") -> Region:
-        meta = {"model": self.m.info["fingerprint"], "languages": self.cfg.score_langs, "estimator": "taylor",
-                "label": label}
-        region = select(scores, ratio, side, self.cfg.scope, self.cfg.seed, meta)
-        region.save(self.out / "regions" / f"{label}-{side}-{ratio:g}.safetensors")
-        return region
+        """The Top / Bottom / Random `ratio` of `scores`, saved as regions/LABEL-SIDE-RATIO.safetensors and
+        kept for the other experiments that ask for the same one."""
+        key = (id(scores), label, side, ratio)
+        if key not in self._regions:
+            meta = {"model": self.m.info["fingerprint"], "languages": self.cfg.score_langs, "estimator": "taylor",
+                    "label": label}
+            region = select(scores, ratio, side, self.cfg.scope, self.cfg.seed, meta)
+            region.save(self.out / "regions" / f"{label}-{side}-{ratio:g}.safetensors")
+            self._regions[key] = (scores, region)  # holding `scores` keeps its id from being reused
+        return self._regions[key][1]
 
     # --- evaluation -----------------------------------------------------------------------------------
     def evaluate(self, results_file: str, setting: str, edits: list[interventions.Edit], langs: list[str],
                  budget: int | None = None) -> dict:
-        """Perplexity of each language with `edits` applied; results are cached entry by entry."""
+        """Perplexity of each language with `edits` applied; results are cached entry by entry, keyed by
+        what they depend on (model, dtype, the exact edits and the evaluation text), so that changing one
+        experiment's settings recomputes only what it changes."""
         path = self.out / "results" / results_file
-        key_of = _digest({"fingerprint": self.m.info["fingerprint"], "cfg": asdict(self.cfg)})
         cache = read_json(path) if path.is_file() else {}
-        if cache.get("config_digest") != key_of:
-            cache = {"config_digest": key_of, "entries": {}}
-        out = {}
-        todo = [lang for lang in langs if f"{setting}/{lang}" not in cache["entries"]]
+        cache.setdefault("entries", {})
+        cache.setdefault("keys", {})
+        made_of = {"fingerprint": self.m.info["fingerprint"], "dtype": self.cfg.dtype, "edits": _edits_digest(edits)}
+        keys = {lang: _digest({**made_of, "windows": self.windows(lang, "eval", budget).meta}) for lang in langs}
+        todo = [lang for lang in langs if cache["keys"].get(f"{setting}/{lang}") != keys[lang]]
         if todo:
             with interventions.applied(self.m.model, edits):
                 for lang in todo:
-                    partial = path.parent / ".partial" / f"{_digest([results_file, setting, lang, key_of])}.safetensors"
+                    partial = path.parent / ".partial" / f"{keys[lang]}.safetensors"
                     r = evaluation.perplexity(self.m.model, self.windows(lang, "eval", budget), self.cfg.batch_size,
                                               self.progress, desc=f"{setting} {lang}", checkpoint=partial,
                                               every=self.cfg.scale_checkpoint_every)
                     cache["entries"][f"{setting}/{lang}"] = r
+                    cache["keys"][f"{setting}/{lang}"] = keys[lang]
                     write_json(path, cache)
-        for lang in langs:
-            out[lang] = cache["entries"][f"{setting}/{lang}"]
-        return out
+        return {lang: cache["entries"][f"{setting}/{lang}"] for lang in langs}
+
+
+def _edits_digest(edits: list[interventions.Edit]) -> str:
+    h = hashlib.sha256()
+    for e in edits:
+        h.update(e.name.encode())
+        h.update(e.index.detach().cpu().numpy().tobytes())
+        value = e.value.detach().cpu().float().numpy().tobytes() if torch.is_tensor(e.value) else repr(float(e.value)).encode()
+        h.update(value)
+    return h.hexdigest()[:16]
 
 
 def reproduce(cfg: Config, out: Path, progress: bool = True) -> dict:
