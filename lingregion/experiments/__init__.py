@@ -279,12 +279,15 @@ class Run:
 
 
 def _edits_digest(edits: list[interventions.Edit]) -> str:
+    """What a list of edits does, as a short hash (a value of None stands for "held where it is")."""
     h = hashlib.sha256()
     for e in edits:
         h.update(e.name.encode())
         h.update(e.index.detach().cpu().numpy().tobytes())
-        value = e.value.detach().cpu().float().numpy().tobytes() if torch.is_tensor(e.value) else repr(float(e.value)).encode()
-        h.update(value)
+        if torch.is_tensor(e.value):
+            h.update(e.value.detach().cpu().float().numpy().tobytes())
+        else:
+            h.update(repr(None if e.value is None else float(e.value)).encode())
     return h.hexdigest()[:16]
 
 

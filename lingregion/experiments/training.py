@@ -10,7 +10,6 @@ are cached in results/, and a setting interrupted mid-training resumes from chec
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import asdict
 
@@ -19,7 +18,7 @@ import torch
 from .. import corpus, evaluation, figures, interventions, models, report, training
 from ..regions import Region
 from ..store import LingregionError, read_json, write_bytes, write_json
-from . import Experiment, Run, _digest
+from . import Experiment, Run, _digest, _edits_digest
 
 RECOVERY = {"top-freeze": "Top&Freeze", "bottom-freeze": "Bottom&Freeze", "top-unfreeze": "Top&Unfreeze"}
 FORGETTING = {"none": "No freezing", "core": "Core frozen", "random": "Random frozen"}
@@ -107,15 +106,6 @@ def _hold(frozen: Region | None, values) -> list[interventions.Edit]:
     if frozen is None:
         return []
     return [interventions.Edit(n, frozen.indices(n), None if values is None else values[n]) for n in frozen.packed]
-
-
-def _edits_digest(edits: list[interventions.Edit]) -> str:
-    h = hashlib.sha256()
-    for e in sorted(edits, key=lambda e: e.name):  # a region's parameter order depends on how its scores were read
-        h.update(e.name.encode())
-        h.update(e.index.numpy().tobytes())
-        h.update(repr(e.value.tolist() if isinstance(e.value, torch.Tensor) else e.value).encode())
-    return h.hexdigest()[:16]
 
 
 def curves(run: Run, name: str, setting: str, start: dict, history: dict, langs: list[str], metric: str) -> dict:
