@@ -362,7 +362,7 @@ def test_downstream_experiment_matches_a_direct_evaluation_and_resumes(bos_token
         raise AssertionError("recomputed a cached result")
     monkeypatch.setattr(tasks, "loglikelihoods", fail)
     monkeypatch.setattr(tasks, "lmeval", fail)
-    assert main(argv) == 0  # a rerun resumes from results/downstream.json
+    assert main(argv + ["--mono-focus", "uk"]) == 0  # a rerun (other experiments' settings changed) resumes
     assert json.loads((out / "results" / "downstream-summary.json").read_text())["accuracy"] == res["accuracy"]
 
 

@@ -7,7 +7,7 @@ evaluated here. Every setting is scored on the built-in parallel task (`udhr_nex
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -15,45 +15,58 @@ from matplotlib import pyplot as plt
 
 from .. import figures, interventions, report, tasks
 from ..regions import Region
-from ..store import LingregionError, read_json, sha256_file, write_bytes, write_json
+from ..store import LingregionError, read_json, write_bytes, write_json
 from . import Experiment, Run, _digest
 
 RESULTS = "downstream.json"
 
 
-def _settings(run: Run) -> list[tuple[str, list, Path | None]]:
-    """(name, edits, region file) for base, the core sides at down_ratio, and saved monolingual regions."""
+def _settings(run: Run) -> list[tuple[str, Region | None, Path | None]]:
+    """(name, region, its file) for base, the core sides at down_ratio, and saved monolingual regions."""
     cfg, core = run.cfg, run.core_scores()
-    out = [("base", [], None)]
+    out = [("base", None, None)]
     for side in cfg.sides:
-        region = run.region(core, side, cfg.down_ratio)
-        out.append((f"{side}@{cfg.down_ratio:g}", interventions.removal(region, run.removed),
+        out.append((f"{side}@{cfg.down_ratio:g}", run.region(core, side, cfg.down_ratio),
                     run.out / "regions" / f"core-{side}-{cfg.down_ratio:g}.safetensors"))
-    del core
     for lang in cfg.down_langs if cfg.down_mono else []:
         path = run.out / "regions" / f"monolingual-{lang}-{cfg.mono_ratio:g}.safetensors"
         if path.is_file():
             region = Region.load(path)
             region.check_model(run.m.model, run.m.info["fingerprint"])
-            out.append((f"mono-{lang}", interventions.removal(region, run.removed), path))
+            out.append((f"mono-{lang}", region, path))
     return out
 
 
+def _content(region: Region | None) -> str | None:
+    """Digest of which entries a region holds (its file's bytes are not a stable identity)."""
+    if region is None:
+        return None
+    h = hashlib.sha256()
+    for name in sorted(region.packed):
+        h.update(f"{name}:{region.shapes[name]};".encode())
+        h.update(region.packed[name].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class _Cache:
-    """results/downstream.json: one entry per setting and language (or lm-eval run), kept while the model
-    and config are unchanged, rewritten after every entry so that an interrupted run resumes."""
+    """results/downstream.json: one entry per setting and language (or lm-eval run), each kept while what
+    it depends on (model, dtype, the removed region's file, the items) is unchanged, and written after
+    every entry so that an interrupted run resumes."""
 
     def __init__(self, run: Run):
         self.path = run.out / "results" / RESULTS
-        key = _digest({"fingerprint": run.m.info["fingerprint"], "cfg": asdict(run.cfg), "task": tasks.manifest()})
-        data = read_json(self.path) if self.path.is_file() else {}
-        self.data = data if data.get("config_digest") == key else {"config_digest": key, "entries": {}}
+        self.data = read_json(self.path) if self.path.is_file() else {}
+        self.data.setdefault("entries", {})
+        self.data.setdefault("keys", {})
+        self.base = {"fingerprint": run.m.info["fingerprint"], "dtype": run.cfg.dtype}
 
-    def get(self, key: str, compute):
-        if key not in self.data["entries"]:
-            self.data["entries"][key] = compute()
+    def get(self, name: str, made_of: dict, compute):
+        key = _digest({**self.base, **made_of})
+        if self.data["keys"].get(name) != key:
+            self.data["entries"][name] = compute()
+            self.data["keys"][name] = key
             write_json(self.path, self.data)
-        return self.data["entries"][key]
+        return self.data["entries"][name]
 
 
 def run(run: Run) -> dict:
@@ -70,19 +83,24 @@ def run(run: Run) -> dict:
     cache = _Cache(run)
     settings = _settings(run)
     mc, ppl, lmeval, regions = {}, {}, {}, {}
-    for name, edits, path in settings:
-        regions[name] = {"file": str(path.relative_to(run.out)) if path else None,
-                         "sha256": sha256_file(path) if path else None, "entries": sum(len(e.index) for e in edits)}
+    task = tasks.manifest()
+    for name, region, path in settings:
+        edits = interventions.removal(region, run.removed) if region else []
+        regions[name] = {"file": str(path.relative_to(run.out)) if path else None, "digest": _content(region),
+                         "entries": region.count() if region else 0}
         with interventions.applied(m.model, edits):
-            mc[name] = {lang: cache.get(f"{name}/{lang}", lambda lang=lang: tasks.evaluate(
-                m.model, m.tokenizer, lang, items[lang], batch_size=cfg.down_batch, progress=run.progress))
-                        for lang in langs}
+            mc[name] = {lang: cache.get(f"{name}/{lang}", {
+                "region": regions[name]["digest"], "items": task["languages"][lang]["sha256"], "n": len(items[lang])},
+                lambda lang=lang: tasks.evaluate(m.model, m.tokenizer, lang, items[lang], batch_size=cfg.down_batch,
+                                                 progress=run.progress)) for lang in langs}
             if cfg.down_lmeval_tasks:
-                lmeval[name] = cache.get(f"{name}/lm-eval", lambda: tasks.lmeval(
-                    m.model, m.tokenizer, cfg.down_lmeval_tasks, limit=cfg.down_lmeval_limit, samples=True))
+                lmeval[name] = cache.get(f"{name}/lm-eval", {
+                    "region": regions[name]["digest"], "tasks": cfg.down_lmeval_tasks, "limit": cfg.down_lmeval_limit},
+                    lambda: tasks.lmeval(m.model, m.tokenizer, cfg.down_lmeval_tasks, limit=cfg.down_lmeval_limit,
+                                         samples=True))
         ppl[name] = _perplexity(run, name, edits)
     result = {
-        "experiment": "downstream", "task": tasks.TASK, "task_version": tasks.manifest()["version"],
+        "experiment": "downstream", "task": tasks.TASK, "task_version": task["version"],
         "settings": [s for s, _, _ in settings], "languages": langs, "items": {lang: len(v) for lang, v in items.items()},
         "ratio": cfg.down_ratio, "regions": regions,
         "accuracy": {s: {lang: {k: v for k, v in r.items() if k != "loglik"} for lang, r in by.items()}
