@@ -31,13 +31,17 @@ from .store import LingregionError
 
 
 @contextmanager
-def _folded_into(params: dict[str, torch.nn.Parameter], acc: dict[str, torch.Tensor]):
+def _folded_into(params: dict[str, torch.nn.Parameter], acc: dict[str, torch.Tensor | None]):
     """Within the block only the parameters of `acc` require grad, and each gradient autograd makes is
-    added to its accumulator and freed at once; flags are restored afterwards."""
+    added to its accumulator and dropped at once; flags are restored afterwards. An accumulator that is
+    still None takes over the first (fp32) gradient itself, which spares zero-filling and one addition."""
     def fold(name):
         def hook(p):
-            acc[name].add_(p.grad)
-            p.grad = None
+            g, p.grad = p.grad, None
+            if acc[name] is None:
+                acc[name] = g if g.dtype == torch.float32 else g.float()
+            else:
+                acc[name].add_(g)
         return hook
 
     flags = {n: p.requires_grad for n, p in params.items()}
@@ -104,10 +108,8 @@ def gradient_sum(model, windows: Windows, names: list[str], batch_size: int = 1,
         ckpt = Checkpoint(checkpoint, {"job": "gradient_sum", "model": fingerprint(model), "names": shapes,
                                        "windows": windows_digest(windows), "batch_size": batch_size}, every)
         state = ckpt.load()
-    if state:
-        acc = {n: state[0][n].to(params[n].device) for n in names}
-    else:
-        acc = {n: torch.zeros(params[n].shape, dtype=torch.float32, device=params[n].device) for n in names}
+    saved = state[0] if state else {}
+    acc = {n: saved[n].to(params[n].device) if n in saved else None for n in names}
     start = state[1] if state else 0
     output_head(model)  # checks once that the output layer is the linear map (and cap) modelled here
     device = input_device(model)
@@ -126,8 +128,11 @@ def gradient_sum(model, windows: Windows, names: list[str], batch_size: int = 1,
                            file=sys.stderr)
             _backward(model, ids.to(device), total)
             if ckpt:
-                ckpt.update(acc, b + 1, done)
+                ckpt.update({n: t for n, t in acc.items() if t is not None}, b + 1, done)
     bar.close()
+    for n, t in acc.items():  # a parameter the loss does not depend on (or a process without windows)
+        if t is None:
+            acc[n] = torch.zeros(params[n].shape, dtype=torch.float32, device=params[n].device)
     distributed.sum_(acc.values())
     if ckpt:
         ckpt.remove()
@@ -141,7 +146,8 @@ def taylor_importance(model, grads: dict[str, torch.Tensor], removed: dict[str, 
     params = dict(model.named_parameters())
     out = grads if inplace else {n: g.clone() for n, g in grads.items()}
     for n, g in out.items():
-        g.mul_(params[n].detach().float() - removed[n]).abs_()
+        theta = params[n].detach()
+        g.mul_(theta.float() - removed[n] if removed[n] else theta).abs_()  # θ − 0 is θ: skip that pass
     return out
 
 

@@ -17,7 +17,9 @@ WINDOWS, EVERY = 300, 25
 
 
 def score_command(model_dir, text, out):
+    # a second, short language: scoring checks its config as a whole, and some checks want two languages
     return [sys.executable, "-m", "lingregion.cli", "score", "--model", str(model_dir), "--lang", f"xx={text}",
+            "--lang", f"yy={text.with_name('yy.txt')}",
             "--seq-len", "16", "--tokens", str(16 * WINDOWS), "--batch-size", "2",
             "--checkpoint-every", str(EVERY), "--out", str(out)]
 
@@ -31,6 +33,7 @@ def run(cmd, **kw):
 def test_killed_scoring_resumes_bit_identical(tiny_folder, tmp_path):
     text = tmp_path / "xx.txt"
     text.write_text("\n\n".join(TEXT * 200), encoding="utf-8")
+    text.with_name("yy.txt").write_text("\n\n".join(TEXT * 2), encoding="utf-8")
     partial = tmp_path / "killed" / "scores" / ".xx.partial.safetensors"
     final = tmp_path / "killed" / "scores" / "xx.safetensors"
 
