@@ -103,7 +103,7 @@ class Config:
     train_precision: str = "float32"  # or bfloat16 autocast with fp32 master weights (the paper: bf16)
     train_eval_tokens: int = 512  # per language and evaluation point
     train_checkpoint_every: int = 50  # training steps between checkpoints (0: none)
-    down_langs: list[str] = field(default_factory=lambda: ["ar", "zh", "ru", "es", "en"])  # multiple-choice task
+    down_langs: list[str] = field(default_factory=lambda: ["ar", "zh", "ru", "en"])  # multiple-choice task
     down_items: int | None = 16  # items per language (None: all 50)
     down_ratio: float = 0.01  # Top / Bottom / Random share of the core score removed
     down_mono: bool = True  # also remove the saved monolingual regions of down_langs
@@ -122,7 +122,7 @@ class Config:
              "est_eval_tokens": 256,
              "struct_dims": [1, 10], "struct_langs": ["zh", "en"], "struct_eval_tokens": 256,
              "outlier_scan_tokens": 256, "outlier_confirm": 3, "outlier_controls": 1, "outlier_dims": 1,
-             "down_langs": ["ar", "zh", "ru", "en"], "down_items": 5, "down_mono": False}
+             "down_items": 5, "down_mono": False}
 
     @classmethod
     def quick(cls, **overrides) -> "Config":
