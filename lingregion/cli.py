@@ -291,7 +291,7 @@ def parser() -> argparse.ArgumentParser:
                    help="structural: one index shared by the matrices of a space (default) or one per matrix")
     r.add_argument("--struct-langs", type=_langs, help="structural and outliers: languages evaluated (default zh,ru,en)")
     r.add_argument("--down-langs", type=_langs,
-                   help="downstream: languages of the built-in multiple-choice task (default ar,zh,ru,es,en)")
+                   help="downstream: languages of the built-in multiple-choice task (default ar,zh,ru,en)")
     r.add_argument("--down-items", type=int, help="downstream: items per language, of 50 (default 16; 5 with --quick)")
     r.add_argument("--lmeval-tasks", type=_langs, metavar="TASKS",
                    help="downstream: lm-eval tasks run in process for every setting, e.g. mmlu (needs lm-eval and "
