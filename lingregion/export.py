@@ -109,7 +109,7 @@ def _by_matrix_type(per_param: dict) -> list[tuple[str, int, int, int]]:
 def model_card(record: dict) -> str:
     """README.md: the base model, what was removed and from which scores, how to load and evaluate."""
     base, reg = record["base_model"], record.get("region") or {}
-    meta = reg.get("meta") or {}
+    meta = {k: v for k, v in (reg.get("meta") or {}).items() if v is not None}  # None shows as "—"
     lines = ["---", "library_name: transformers", "tags: [lingregion, region-removed]", "---", "",
              f"# {base['name']} with a lingregion region removed", "",
              f"This is **{base['name']}** ({base['class']}, {base['dtype']}) with {record['edits']['entries']:,} "
