@@ -215,6 +215,19 @@ def _task_manager():
     return TaskManager()  # indexes lm-eval's thousands of task files: once per process
 
 
+def check_lmeval_tasks(names: list[str]) -> None:
+    """Refuse unknown task names before a long run starts (lm-eval itself fails only when it reaches them)."""
+    try:
+        known = set(_task_manager().all_tasks)
+    except ImportError:
+        raise LingregionError("lm-eval is not installed; pip install lm-eval (or 'lingregion[lmeval]')") from None
+    for name in names:
+        if name.startswith(LMEVAL_PREFIX):
+            items_path(name[len(LMEVAL_PREFIX):])
+        elif name not in known:
+            raise LingregionError(f"lm-eval has no task or group {name!r}; list them with `lm_eval ls tasks`")
+
+
 def lmeval(model, tokenizer, tasks: list[str | dict], limit: int | None = None, batch_size: int = 4,
            num_fewshot: int | None = None, samples: bool = False) -> dict[str, dict]:
     """Run lm-eval tasks on the model object as it is now (a region removed or not), in process.

@@ -208,6 +208,10 @@ def test_lmeval_in_process_agrees_with_the_direct_evaluator(tiny, bos_tokenizer,
         assert a == pytest.approx(b, rel=1e-4, abs=1e-2)
     with pytest.raises(LingregionError, match="lm-eval: .*no_such_task"):
         tasks.lmeval(model, bos_tokenizer, ["no_such_task"], limit=1)
+    with pytest.raises(LingregionError, match="no task or group 'no_such_task'"):
+        tasks.check_lmeval_tasks(["mmlu", "lingregion_udhr_next_ru", "no_such_task"])
+    with pytest.raises(LingregionError, match="has no language 'xx'"):
+        tasks.check_lmeval_tasks(["lingregion_udhr_next_xx"])
 
 
 def test_lmeval_yaml_files(tmp_path):

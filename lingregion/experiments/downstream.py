@@ -264,10 +264,7 @@ def validate(cfg) -> None:
     if cfg.down_items is not None and cfg.down_items < 1 or cfg.down_batch < 1:
         raise LingregionError("down_items (or null for all) and down_batch must be ≥ 1")
     if cfg.down_lmeval_tasks:
-        try:
-            import lm_eval  # noqa: F401
-        except ImportError:
-            raise LingregionError("down_lmeval_tasks needs lm-eval: pip install 'lingregion[lmeval]'") from None
+        tasks.check_lmeval_tasks(cfg.down_lmeval_tasks)
 
 
 EXPERIMENTS = [Experiment("downstream", run, section, "multiple-choice accuracy (built-in parallel task, lm-eval) "
