@@ -7,7 +7,6 @@ evaluated here. Every setting is scored on the built-in parallel task (`udhr_nex
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from matplotlib import pyplot as plt
 from .. import figures, interventions, report, tasks
 from ..regions import Region
 from ..store import LingregionError, read_json, write_bytes, write_json
-from . import Experiment, Run, _digest
+from . import Experiment, Run, _digest, _edits_digest
 
 RESULTS = "downstream.json"
 
@@ -37,21 +36,10 @@ def _settings(run: Run) -> list[tuple[str, Region | None, Path | None]]:
     return out
 
 
-def _content(region: Region | None) -> str | None:
-    """Digest of which entries a region holds (its file's bytes are not a stable identity)."""
-    if region is None:
-        return None
-    h = hashlib.sha256()
-    for name in sorted(region.packed):
-        h.update(f"{name}:{region.shapes[name]};".encode())
-        h.update(region.packed[name].numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 class _Cache:
     """results/downstream.json: one entry per setting and language (or lm-eval run), each kept while what
-    it depends on (model, dtype, the removed region's file, the items) is unchanged, and written after
-    every entry so that an interrupted run resumes."""
+    it depends on (model, dtype, the exact edits, the items) is unchanged, and written after every entry
+    so that an interrupted run resumes."""
 
     def __init__(self, run: Run):
         self.path = run.out / "results" / RESULTS
@@ -86,16 +74,16 @@ def run(run: Run) -> dict:
     task = tasks.manifest()
     for name, region, path in settings:
         edits = interventions.removal(region, run.removed) if region else []
-        regions[name] = {"file": str(path.relative_to(run.out)) if path else None, "digest": _content(region),
+        regions[name] = {"file": str(path.relative_to(run.out)) if path else None, "edits": _edits_digest(edits),
                          "entries": region.count() if region else 0}
         with interventions.applied(m.model, edits):
             mc[name] = {lang: cache.get(f"{name}/{lang}", {
-                "region": regions[name]["digest"], "items": task["languages"][lang]["sha256"], "n": len(items[lang])},
+                "edits": regions[name]["edits"], "items": task["languages"][lang]["sha256"], "n": len(items[lang])},
                 lambda lang=lang: tasks.evaluate(m.model, m.tokenizer, lang, items[lang], batch_size=cfg.down_batch,
                                                  progress=run.progress)) for lang in langs}
             if cfg.down_lmeval_tasks:
                 lmeval[name] = cache.get(f"{name}/lm-eval", {
-                    "region": regions[name]["digest"], "tasks": cfg.down_lmeval_tasks, "limit": cfg.down_lmeval_limit},
+                    "edits": regions[name]["edits"], "tasks": cfg.down_lmeval_tasks, "limit": cfg.down_lmeval_limit},
                     lambda: tasks.lmeval(m.model, m.tokenizer, cfg.down_lmeval_tasks, limit=cfg.down_lmeval_limit,
                                          samples=True))
         ppl[name] = _perplexity(run, name, edits)
