@@ -138,10 +138,11 @@ def _select_group(scores: Mapping[str, torch.Tensor], names: list[str], k: int,
 def _kth(scores: Mapping[str, torch.Tensor], names: list[str], k: int, largest: bool) -> tuple[float, int]:
     """The k-th largest (smallest) value across `names`, and how many values lie strictly beyond it.
 
-    One matrix: quickselect (kthvalue) on it. Several: a seeded sample of the values brackets the k-th
-    one; a single pass counts the values beyond the bracket and gathers those inside it (about 8·n/√s of
-    n values for a sample of s, kept below the size of the largest matrix), and the k-th is picked among
-    those. Should the bracket miss, or hold too many tied values, bisection finds it exactly instead.
+    One matrix: quickselect (kthvalue) on it. Several: a seeded sample of s values brackets the k-th
+    one (±2√s ranks, four standard deviations); a single pass counts the values beyond the bracket and
+    gathers those inside it (about 4·n/√s of the n values; s ≈ (4n)^⅔ balances the two), and the k-th
+    is picked among those. Should the bracket miss, or hold more values than the largest matrix (ties),
+    bisection finds it exactly instead.
     """
     beyond = torch.gt if largest else torch.lt
     if len(names) == 1:
@@ -150,12 +151,13 @@ def _kth(scores: Mapping[str, torch.Tensor], names: list[str], k: int, largest: 
         return kth, int(beyond(x, kth).count_nonzero())
     sizes = [scores[n].numel() for n in names]
     total, cap = sum(sizes), max(sizes)
-    sample = _sample(scores, names, sizes, min(total, max(1 << 16, (16 * total // cap) ** 2)))
+    sample = _sample(scores, names, sizes, min(total, max(1 << 16, round((4 * total) ** (2 / 3)))))
     sample = sample.sort(descending=largest).values
-    rank, margin = k * len(sample) / total, 4 * len(sample) ** 0.5 + 8
+    rank, margin = k * len(sample) / total, 2 * len(sample) ** 0.5 + 8
     lo, hi = int(rank - margin), int(rank + margin)
     outer = float(sample[lo]) if lo >= 0 else (math.inf if largest else -math.inf)
-    inner = float(sample[min(hi, len(sample) - 1)]) if hi < len(sample) else (-math.inf if largest else math.inf)
+    inner = float(sample[hi]) if hi < len(sample) else (-math.inf if largest else math.inf)
+    del sample
     within = torch.ge if largest else torch.le
     n_outer, inside, kept = 0, [], 0
     for n in names:
@@ -168,6 +170,7 @@ def _kth(scores: Mapping[str, torch.Tensor], names: list[str], k: int, largest: 
             break
     if kept <= cap and n_outer < k <= n_outer + kept:
         values = torch.cat(inside)
+        del inside
         j = k - n_outer  # the j-th largest (smallest) inside the bracket
         kth = float(values.kthvalue(len(values) - j + 1 if largest else j).values)
         return kth, n_outer + int(beyond(values, kth).count_nonzero())
@@ -177,17 +180,10 @@ def _kth(scores: Mapping[str, torch.Tensor], names: list[str], k: int, largest: 
 
 
 def _sample(scores: Mapping[str, torch.Tensor], names: list[str], sizes: list[int], count: int) -> torch.Tensor:
-    """`count` values drawn uniformly (with replacement, fixed seed) from all the matrices together."""
-    picks = torch.randint(0, sum(sizes), (count,), generator=torch.Generator().manual_seed(0)).sort().values
-    ends = torch.tensor(sizes).cumsum(0)
-    which = torch.searchsorted(ends, picks, right=True)
-    out, start = [], 0
-    for i, n in enumerate(names):
-        mine = picks[which == i] - start
-        if len(mine):
-            out.append(scores[n].reshape(-1)[mine].float())
-        start += sizes[i]
-    return torch.cat(out)
+    """About `count` values, drawn (seeded, with replacement) from each matrix in proportion to its size."""
+    g, total = torch.Generator().manual_seed(0), sum(sizes)
+    return torch.cat([scores[n].reshape(-1)[torch.randint(0, size, (max(1, count * size // total),), generator=g)].float()
+                      for n, size in zip(names, sizes)])
 
 
 def _bisect(count_beyond, k: int, largest: bool) -> float:
