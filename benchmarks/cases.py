@@ -1,0 +1,154 @@
+"""What the benchmarks measure: lingregion's way of doing each job and the baseline it is compared with.
+
+Every case is a function of a `Setup` (model, data, scores) that does the whole job once.
+"""
+from __future__ import annotations
+
+import importlib.util
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from lingregion import corpus, evaluation, interventions, models, scoring
+from lingregion.regions import select
+
+
+@dataclass
+class Setup:
+    m: models.Model
+    score_windows: corpus.Windows
+    eval_windows: corpus.Windows
+    names: list[str]
+    removed: dict[str, float]
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def setup(seq_len: int, score_windows: int, eval_windows: int, device: str = "cpu", dtype: str = "float32") -> Setup:
+    m = models.load(None, dtype, device)
+    names = models.scored_names(m.model)
+    return Setup(m, corpus.load_windows(m.tokenizer, "es", "score", seq_len, seq_len * score_windows),
+                 corpus.load_windows(m.tokenizer, "es", "eval", seq_len, seq_len * eval_windows),
+                 names, models.removed_values(m.model, names))
+
+
+# --- scoring -------------------------------------------------------------------------------------------
+
+def score_lean(s: Setup):
+    """lingregion: only scored parameters require grad, gradients folded into fp32 sums as they appear."""
+    return scoring.score(s.m.model, s.score_windows, s.names, s.removed, batch_size=1, progress=False)
+
+
+@contextmanager
+def _requires_grad(model, names):
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+    try:
+        yield
+    finally:
+        model.zero_grad(set_to_none=True)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+
+
+def score_bare(s: Setup):
+    """A bare forward and backward of the model's own loss through the same parameters; nothing kept."""
+    device = s.m.device
+    with _requires_grad(s.m.model, set(s.names)):
+        for ids in s.score_windows.input_ids:
+            s.m.model(input_ids=ids[None].to(device), labels=ids[None].to(device)).loss.backward()
+            s.m.model.zero_grad(set_to_none=True)
+
+
+def score_naive(s: Setup):
+    """The straightforward way: every parameter requires grad, `.grad` accumulates, multiply at the end."""
+    model, device, total = s.m.model, s.m.device, s.score_windows.n_tokens
+    params = dict(model.named_parameters())
+    with _requires_grad(model, set(params)):
+        for ids in s.score_windows.input_ids:
+            loss = model(input_ids=ids[None].to(device), labels=ids[None].to(device)).loss
+            (loss * (len(ids) - 1) / total).backward()
+        return {n: ((params[n].detach().float() - s.removed[n]) * params[n].grad.float()).abs() for n in s.names}
+
+
+# --- perplexity ----------------------------------------------------------------------------------------
+
+def ppl_lean(s: Setup, batch_size: int = 4) -> float:
+    """Σ NLL by lingregion's perplexity."""
+    return evaluation.perplexity(s.m.model, s.eval_windows, batch_size, progress=False)["nll"]
+
+
+@torch.inference_mode()
+def ppl_naive(s: Setup, batch_size: int = 4) -> float:
+    """Σ NLL by model(input_ids, labels=...): full-vocabulary logits for the whole batch."""
+    nll = 0.0
+    for ids in evaluation.batches(s.eval_windows, batch_size):
+        ids = ids.to(s.m.device)
+        nll += s.m.model(input_ids=ids, labels=ids).loss.double().item() * ids.shape[0] * (ids.shape[1] - 1)
+    return nll
+
+
+@torch.inference_mode()
+def nll_exact(s: Setup, batch_size: int = 4) -> float:
+    """Σ NLL with the fp32 logits' log-softmax taken in fp64: the reference both methods are held to."""
+    logits_fn, nll = evaluation.output_head(s.m.model), 0.0
+    for ids in evaluation.batches(s.eval_windows, batch_size):
+        hidden, targets = evaluation.hidden_and_targets(s.m.model, ids.to(s.m.device))
+        for i in range(0, len(targets), evaluation.LOGIT_CHUNK):
+            logits = logits_fn(hidden[i:i + evaluation.LOGIT_CHUNK]).double()
+            nll += torch.nn.functional.cross_entropy(logits, targets[i:i + evaluation.LOGIT_CHUNK],
+                                                     reduction="sum").item()
+    return nll
+
+
+def lmeval_available() -> bool:
+    return importlib.util.find_spec("lm_eval") is not None
+
+
+def lmeval_harness(s: Setup, batch_size: int = 4):
+    """lm-eval's Hugging Face backend, rolling windows of the same length over the same text."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    seq_len = len(s.eval_windows.input_ids[0])
+    lm = HFLM(pretrained=s.m.model, tokenizer=s.m.tokenizer, batch_size=batch_size, max_length=seq_len)
+    text = s.m.tokenizer.decode(torch.cat([w[1:] for w in s.eval_windows.input_ids]))
+    request = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)
+    return lambda: lm.loglikelihood_rolling([request], disable_tqdm=True)[0]
+
+
+def lmeval_tokens(s: Setup) -> int:
+    """Tokens lm-eval predicts for that text (its tokenization of the decoded windows)."""
+    text = s.m.tokenizer.decode(torch.cat([w[1:] for w in s.eval_windows.input_ids]))
+    return len(s.m.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+# --- regions -------------------------------------------------------------------------------------------
+
+def region_switch(s: Setup, region) -> dict:
+    """Seconds to build the edits of a region, to apply them and to undo them."""
+    t0 = time.perf_counter()
+    edits = interventions.removal(region, s.removed)
+    t1 = time.perf_counter()
+    handle = interventions.apply(s.m.model, edits)
+    t2 = time.perf_counter()
+    handle.undo()
+    t3 = time.perf_counter()
+    return {"build": t1 - t0, "apply": t2 - t1, "undo": t3 - t2, "entries": region.count(), "of": region.total()}
+
+
+def select_lean(s: Setup, scope: str, side: str = "top", ratio: float = 0.03):
+    return select(s.scores, ratio, side, scope)
+
+
+def select_sort(s: Setup, scope: str, ratio: float = 0.03):
+    """The baseline: a full descending sort (of each matrix, or of all scores concatenated)."""
+    groups = [[n] for n in s.scores] if scope == "matrix" else [list(s.scores)]
+    out = []
+    for group in groups:
+        flat = torch.cat([s.scores[n].reshape(-1) for n in group])
+        order = torch.sort(flat, descending=True, stable=True).indices
+        out.append(order[:round(ratio * flat.numel())])
+    return out
