@@ -287,6 +287,14 @@ def _activation_hooks(model: nn.Module, acts: list[str], active: dict[str, torch
     return [modules[a].register_forward_hook(counter(a)) for a in acts]
 
 
+def _zeros(t: Target, acc: dict[str, torch.Tensor]) -> None:
+    """fp32 zero accumulators for the scored parameters that `acc` does not hold yet."""
+    for n in t.names:
+        if n not in acc:
+            p = t.model.get_parameter(n)
+            acc[n] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+
+
 def _add(total: dict[str, torch.Tensor], name: str, t: torch.Tensor) -> None:
     """total[name] += t, taking t itself (not a copy) the first time."""
     total[name] = total[name].add_(t) if name in total else t
@@ -311,6 +319,8 @@ def collect(t: Target, windows: Windows, needs: Iterable[str], stats: Stats | No
         handles += _activation_hooks(model, acts, stats.active[lang], stats.seen[lang])
     gradients = needs & {"lang_abs", "window_abs", "window_sq"}
     lang_grad: dict[str, torch.Tensor] = {}
+    for k in gradients:
+        _zeros(t, lang_grad if k == "lang_abs" else getattr(stats, k))
     bar = tqdm(total=len(windows.input_ids), desc=f"estimators {lang}", unit="win", disable=not progress, leave=False)
     try:
         for ids, n_bytes in zip(windows.input_ids, windows.n_bytes):
@@ -337,13 +347,12 @@ def _fold(stats: Stats, lang_grad: dict, g: dict[str, torch.Tensor], share: floa
     """Add one window's gradient: gradient_sum gives that of the window's own mean loss; `share` (its
     tokens / the language's tokens) turns it into the gradient of the window's part of the language's."""
     for n, gw in g.items():
-        gw.mul_(share)
         if "window_abs" in which:
-            _add(stats.window_abs, n, gw.abs())
+            stats.window_abs[n].add_(gw.abs(), alpha=share)
         if "window_sq" in which:
-            _add(stats.window_sq, n, gw * gw)
+            stats.window_sq[n].addcmul_(gw, gw, value=share * share)
         if "lang_abs" in which:
-            _add(lang_grad, n, gw)
+            lang_grad[n].add_(gw, alpha=share)
 
 
 # --- several estimators, several languages ---------------------------------------------------------

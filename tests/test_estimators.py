@@ -248,12 +248,14 @@ def test_shuffled_windows_keep_bos_and_tokens_and_are_seeded(tokenizer):
     assert a.n_bytes == w.n_bytes and a.n_tokens == w.n_tokens
 
 
-def test_damage_is_the_log_perplexity_ratio():
+def test_damage_is_the_log_perplexity_ratio_capped_at_a_uniform_guess():
     from lingregion.experiments import estimators as exp
 
-    base = {"ru": {"nll": 100.0, "tokens": 50, "ppl": math.exp(2.0)}}
-    removed = {"ru": {"nll": 150.0, "tokens": 50, "ppl": math.exp(3.0)}}
-    assert exp.damage(base, removed)["ru"] == pytest.approx(math.log(removed["ru"]["ppl"] / base["ru"]["ppl"]))
+    base = {"ru": {"nll": 100.0, "tokens": 50, "ppl": math.exp(2.0)}, "en": {"nll": 50.0, "tokens": 50}}
+    removed = {"ru": {"nll": 150.0, "tokens": 50, "ppl": math.exp(3.0)}, "en": {"nll": 5000.0, "tokens": 50}}
+    d = exp.damage(base, removed, vocab=1000)
+    assert d["ru"] == pytest.approx(math.log(removed["ru"]["ppl"] / base["ru"]["ppl"]))
+    assert d["en"] == pytest.approx(math.log(1000) - 1.0)  # ln ppl 100 is past ln 1000: counted up to the cap
 
 
 def test_experiment_end_to_end_on_a_tiny_model_and_resume(tiny_folder, tmp_path, monkeypatch):
@@ -282,8 +284,9 @@ def test_experiment_end_to_end_on_a_tiny_model_and_resume(tiny_folder, tmp_path,
     assert region.count() == sum(round(0.1 * region.mask(n).numel()) for n in region.packed)  # per matrix
     with interventions.applied(m.model, interventions.removal(region, run.removed)):
         nll = evaluation.perplexity(m.model, run.windows("en", "eval", 32), cfg.batch_size, False)["nll"]
+    b = res["base"]["en"]["nll"] / res["base"]["en"]["tokens"]
     assert res["damage_by_language"]["fisher@0.1"]["en"] == pytest.approx(
-        (nll - res["base"]["en"]["nll"]) / res["base"]["en"]["tokens"], rel=1e-9)
+        min(nll / res["base"]["en"]["tokens"], max(b, math.log(300))) - b, rel=1e-9, abs=1e-12)
     assert (out / "figures" / "estimators-damage.png").read_bytes().startswith(b"\x89PNG")
     assert "Is the core region specific to language?" in (out / "report.md").read_text()
 
@@ -305,8 +308,8 @@ def test_bad_config_is_a_one_line_error(tiny_folder):
             experiments.Config(experiments=["estimators"], **bad).validate()
 
 
-def synthetic(core: dict, en: dict, shuffled: dict, random: dict) -> dict:
-    """A saved result with only what the specificity answer reads: damage per k for each region."""
+def synthetic(core: dict, en: dict, shuffled: dict, random: dict, limit: float = 5.0) -> dict:
+    """A saved result with only what the specificity answer reads: one language, damage per k per region."""
     ratios = list(core)
     spec = {}
     for r in ratios:
@@ -315,8 +318,8 @@ def synthetic(core: dict, en: dict, shuffled: dict, random: dict) -> dict:
                            "relative_damage": (d[r] - lo) / (hi - lo)}
                    for label, d in (("core", core), ("en-only", en), ("shuffled", shuffled), ("random", random))}
     return {"ratios": ratios, "specificity": spec, "score_languages": ["ru", "es"], "control_language": "en",
-            "estimators": ["taylor"], "vocab": 1000, "scored_parameters": 1000,
-            "ln_ppl": {"base": 2.0, **{f"taylor@{r}": 2.0 + core[r] for r in ratios}}}
+            "estimators": ["taylor"], "vocab": 1000, "scored_parameters": 1000, "cap": {"ru": limit},
+            "damage_by_language": {f"taylor@{r}": {"ru": core[r]} for r in ratios}}
 
 
 def test_specificity_answer_follows_its_rule():
@@ -329,12 +332,50 @@ def test_specificity_answer_follows_its_rule():
     text = exp.answer(res)
     assert text.startswith("At Top 1%") and "tied to structured text" in text
     assert "does 64% of its damage" in text  # (2.0 − 0.2) / (3.0 − 0.2)
+    assert "uniform guess" not in text
     res = synthetic(core={"0.01": 3.0}, en={"0.01": 0.5}, shuffled={"0.01": 0.6}, random={"0.01": 0.2})
     assert "specific to the scored languages" in exp.answer(res)
     res = synthetic(core={"0.01": 3.0}, en={"0.01": 2.9}, shuffled={"0.01": 2.0}, random={"0.01": 0.2})
     assert "generally important" in exp.answer(res)
     res = synthetic(core={"0.01": 0.05}, en={"0.01": 0.0}, shuffled={"0.01": 0.0}, random={"0.01": 0.0})
     assert exp.answer_ratio(res) is None and "cannot be compared" in exp.answer(res)
-    # a region past uniform guessing (ln 1000 = 6.9) for every estimator is called out
-    res = synthetic(core={"0.01": 9.0}, en={"0.01": 8.0}, shuffled={"0.01": 8.0}, random={"0.01": 0.2})
-    assert "worse than a uniform guess" in exp.answer(res)
+    # a core region at the cap (every language past a uniform guess) is called out
+    res = synthetic(core={"0.01": 5.0}, en={"0.01": 5.0}, shuffled={"0.01": 4.0}, random={"0.01": 0.2})
+    assert "worse than a uniform guess" in exp.answer(res) and exp.saturated(res) == {"0.01": ["taylor"]}
+
+
+def test_findings_break_ties_at_the_next_k():
+    from lingregion.experiments import estimators as exp
+
+    res = synthetic(core={"0.001": 5.0, "0.01": 5.0}, en={"0.001": 1, "0.01": 1}, shuffled={"0.001": 1, "0.01": 1},
+                    random={"0.001": 0.0, "0.01": 0.1})
+    res["estimators"] = ["taylor", "fisher", "wanda"]
+    res["damage"] = {"taylor": {"0.001": 5.0, "0.01": 5.0}, "fisher": {"0.001": 5.0, "0.01": 4.0},
+                     "wanda": {"0.001": 1.0, "0.01": 5.0}, "random": {"0.001": 0.0, "0.01": 0.1}}
+    res["damage_by_language"] = {f"{n}@{r}": {"ru": v} for n, c in res["damage"].items() for r, v in c.items()}
+    res["answer"] = exp.answer(res)
+    first = exp.findings(res)[0]
+    assert "0.1% of each importance estimator's scores, taylor does the most damage" in first
+    assert "every language past a uniform guess" in first  # 5.0 is this language's cap
+    assert "then fisher 5.000, wanda 1.000" in first and "ties broken at 1%" in first
+
+
+@pytest.mark.integration
+def test_real_model_neurons_and_norms_are_all_covered():
+    """On the built-in Gemma 3: LAPE finds every layer's MLP neurons, and Wanda scores every scored
+    parameter, the per-head q/k norms included, from a forward pass of two short windows."""
+    m = models.load()
+    t = target(m.model)
+    langs = [corpus.load_windows(m.tokenizer, lang, "score", 16, 16) for lang in ("ru", "zh")]
+    scores = estimators.estimate(t, langs, ["wanda", "lape"], progress=False)
+    n_layers, inter = m.model.config.num_hidden_layers, m.model.config.intermediate_size
+    assert len(estimators.activation_modules(m.model, t.names)) == n_layers
+    for name in t.names:
+        w, lape = scores["wanda"][name], scores["lape"][name]
+        assert w.shape == lape.shape == m.model.get_parameter(name).shape and bool(torch.isfinite(w).all())
+        assert float(w.max()) > 0
+        if ".mlp." in name:  # each neuron's row (gate, up) or column (down) carries one value
+            rows = lape if "down_proj" not in name else lape.T
+            assert rows.shape[0] == inter and bool((rows == rows[:, :1]).all())
+        else:
+            assert float(lape.abs().max()) == 0

@@ -4,9 +4,10 @@ important parameters (the question the paper leaves open).
 
 Every estimator scores the same six languages' windows in one pass (lingregion.estimators); its Top k% is
 removed and the damage measured as the mean log-perplexity ratio over the evaluation languages,
-mean_L ln(ppl_removed / ppl_base) = mean_L (NLL_removed − NLL_base) / tokens_L, with Random k% as the
-floor. The Taylor estimate is recomputed in that pass at the same token budget as the others (the
-per-window gradients give the paper's Σg for free), so that every estimator sees the same data.
+mean_L ln(ppl_removed / ppl_base) = mean_L (NLL_removed − NLL_base) / tokens_L, each language's capped where
+the model does worse than a uniform guess over its vocabulary, with Random k% as the floor. The Taylor
+estimate is recomputed in that pass at the same token budget as the others (the per-window gradients give
+the paper's g_L for free), so that every estimator sees the same data.
 
 Specificity controls, each a Top region of the same size as the core region (except the outlier
 dimensions, which are whole rows and columns): the core region from a language none of the six (English),
@@ -43,9 +44,17 @@ def shuffled(windows: Windows, seed: int) -> Windows:
     return replace(windows, input_ids=ids, meta=dict(windows.meta, shuffled_within_windows_seed=seed))
 
 
-def damage(base: dict, removed: dict) -> dict[str, float]:
-    """ln(ppl_removed / ppl_base) per language, from the summed NLLs (finite even when perplexity is not)."""
-    return {lang: (removed[lang]["nll"] - base[lang]["nll"]) / base[lang]["tokens"] for lang in base}
+def cap(base: dict, vocab: int) -> dict[str, float]:
+    """The largest damage counted per language: up to a uniform guess over the vocabulary (ln ppl = ln V)."""
+    return {lang: max(math.log(vocab) - b["nll"] / b["tokens"], 0.0) for lang, b in base.items()}
+
+
+def damage(base: dict, removed: dict, vocab: int) -> dict[str, float]:
+    """ln(ppl_removed / ppl_base) per language, from the summed NLLs (finite even when perplexity is not),
+    capped where the model does worse than a uniform guess over its vocabulary: past that point a larger
+    number says how confidently wrong the model is, not that more of it was destroyed."""
+    limit = cap(base, vocab)
+    return {lang: min((removed[lang]["nll"] - b["nll"]) / b["tokens"], limit[lang]) for lang, b in base.items()}
 
 
 def mean(values) -> float:
@@ -109,6 +118,7 @@ def _outlier_dims(run: Run, windows: list[Windows]) -> tuple[list[int], list[int
 def run(run: Run) -> dict:
     cfg, langs = run.cfg, run.cfg.est_eval_langs
     t = est.Target(run.m.model, run.names, run.removed)
+    vocab = run.m.model.get_output_embeddings().weight.shape[0]
     windows = [_score_windows(run, lang) for lang in cfg.score_langs]
     ratios = sorted(set(cfg.est_ratios))
     scopes = {name: est.get(name).scope or cfg.scope for name in cfg.est_estimators}
@@ -117,7 +127,7 @@ def run(run: Run) -> dict:
     def removed(setting: str, edits) -> dict[str, float]:
         """ln perplexity ratio per evaluation language with `edits` applied (evaluations cached)."""
         results[setting] = run.evaluate(RESULTS, setting, edits, langs, cfg.est_eval_tokens)
-        return damage(base, results[setting])
+        return damage(base, results[setting], vocab)
 
     made = {name: _made_of(run, name, windows, scopes[name]) for name in cfg.est_estimators}
     regions = _regions(run, cfg.est_estimators, ratios, made, scopes,
@@ -137,11 +147,45 @@ def run(run: Run) -> dict:
     tops = {name: regions[name][at] for name in cfg.est_estimators}
     jaccard = {a: {b: tops[a].jaccard(tops[b]) for b in tops} for a in tops}
 
-    # --- specificity controls: Taylor regions of the core region's size from other text, at every ratio ---
+    specificity, dims, en_windows = _specificity(run, t, windows, ratios, regions, removed, per_lang)
+
+    result = {
+        "experiment": "estimators",
+        "estimators": cfg.est_estimators, "definitions": {n: " ".join(est.get(n).doc.split()) for n in cfg.est_estimators},
+        "scopes": scopes, "ratios": [f"{r:g}" for r in ratios], "overlap_ratio": f"{at:g}",
+        "score_languages": cfg.score_langs, "eval_languages": langs, "control_language": cfg.est_control_lang,
+        "tokens_per_language": cfg.est_tokens, "score_seq_len": cfg.est_seq_len or cfg.seq_len,
+        "eval_tokens_per_language": cfg.est_eval_tokens,
+        "scored_parameters": sum(p.numel() for p in shapes.values()), "vocab": vocab,
+        "base": base, "results": results, "damage": curves, "damage_by_language": per_lang, "entries": entries,
+        "cap": cap(base, vocab),
+        "jaccard": jaccard, "chance_jaccard": at / (2 - at),
+        "specificity": specificity, "outlier_dims": dims,
+        "protocol": evaluation.protocol(run.windows(langs[0], "eval", cfg.est_eval_tokens), cfg.dtype),
+        "eval_windows": {lang: run.windows(lang, "eval", cfg.est_eval_tokens).meta for lang in langs},
+        "score_windows": {w.lang: w.meta for w in windows + en_windows},
+        "figures": ["figures/estimators-damage.png", "figures/estimators-jaccard.png"],
+    }
+    result["answer"] = answer(result)
+    figs = run.out / "figures"
+    write_bytes(figs / "estimators-damage.png", damage_chart(result))
+    names = list(jaccard)
+    write_bytes(figs / "estimators-jaccard.png", figures.matrix_heatmap(
+        names, names, [[jaccard[a][b] for b in names] for a in names], f"Jaccard overlap of Top {at:g} regions",
+        "Jaccard", "estimator", "estimator"))
+    run.save("estimators", result)
+    return result
+
+
+def _specificity(run: Run, t: est.Target, windows: list[Windows], ratios: list[float], regions: dict, removed,
+                 per_lang: dict) -> tuple[dict, list[int], list[Windows]]:
+    """At every k, the core region against Taylor regions of its size from the control language alone and
+    from the token-shuffled windows, the magnitude region, the outlier dimensions and Random."""
+    cfg = run.cfg
     control_windows = {f"{cfg.est_control_lang}-only": [_score_windows(run, cfg.est_control_lang)],
                        "shuffled": [shuffled(w, cfg.seed) for w in windows]}
-    made_c = {label: _made_of(run, CORE, ws, cfg.scope) for label, ws in control_windows.items()}
-    controls = _regions(run, list(control_windows), ratios, made_c, {label: cfg.scope for label in control_windows},
+    made = {label: _made_of(run, CORE, ws, cfg.scope) for label, ws in control_windows.items()}
+    controls = _regions(run, list(control_windows), ratios, made, {label: cfg.scope for label in control_windows},
                         lambda which: ((label, est.score(CORE, t, control_windows[label], run.progress))
                                        for label in which))
     dims, fixed = [], {}
@@ -162,34 +206,7 @@ def run(run: Run) -> dict:
         compared.update(fixed)
         compared["random"] = (regions["random"][r], f"random@{r:g}")
         specificity[f"{r:g}"] = _compare(compared, per_lang)
-
-    vocab = run.m.model.get_output_embeddings().weight.shape[0]
-    result = {
-        "experiment": "estimators",
-        "estimators": cfg.est_estimators, "definitions": {n: " ".join(est.get(n).doc.split()) for n in cfg.est_estimators},
-        "scopes": scopes, "ratios": [f"{r:g}" for r in ratios], "overlap_ratio": f"{at:g}",
-        "score_languages": cfg.score_langs, "eval_languages": langs, "control_language": cfg.est_control_lang,
-        "tokens_per_language": cfg.est_tokens, "score_seq_len": cfg.est_seq_len or cfg.seq_len,
-        "eval_tokens_per_language": cfg.est_eval_tokens,
-        "scored_parameters": sum(p.numel() for p in shapes.values()), "vocab": vocab,
-        "base": base, "results": results, "damage": curves, "damage_by_language": per_lang, "entries": entries,
-        "ln_ppl": {s: mean(v[lang]["nll"] / v[lang]["tokens"] for lang in langs) for s, v in results.items()},
-        "jaccard": jaccard, "chance_jaccard": at / (2 - at),
-        "specificity": specificity, "outlier_dims": dims,
-        "protocol": evaluation.protocol(run.windows(langs[0], "eval", cfg.est_eval_tokens), cfg.dtype),
-        "eval_windows": {lang: run.windows(lang, "eval", cfg.est_eval_tokens).meta for lang in langs},
-        "score_windows": {w.lang: w.meta for w in windows + control_windows[f"{cfg.est_control_lang}-only"]},
-        "figures": ["figures/estimators-damage.png", "figures/estimators-jaccard.png"],
-    }
-    result["answer"] = answer(result)
-    figs = run.out / "figures"
-    write_bytes(figs / "estimators-damage.png", damage_chart(result))
-    names = list(jaccard)
-    write_bytes(figs / "estimators-jaccard.png", figures.matrix_heatmap(
-        names, names, [[jaccard[a][b] for b in names] for a in names], f"Jaccard overlap of Top {at:g} regions",
-        "Jaccard", "estimator", "estimator"))
-    run.save("estimators", result)
-    return result
+    return specificity, dims, control_windows[f"{cfg.est_control_lang}-only"]
 
 
 def _compare(compared: dict[str, tuple[Region, str]], per_lang: dict) -> dict:
@@ -228,12 +245,11 @@ def _pct(r: str) -> str:
 
 
 def saturated(result: dict) -> dict[str, list[str]]:
-    """Per k, the estimators whose removal leaves the mean ln perplexity at or above ln(vocabulary): worse
-    than a uniform guess, where damage no longer says which region matters more."""
-    limit = math.log(result["vocab"])
-    if result["ln_ppl"]["base"] >= limit:  # an untrained model: nothing to destroy
-        return {r: [] for r in result["ratios"]}
-    return {r: [n for n in result["estimators"] if result["ln_ppl"][f"{n}@{r}"] >= limit] for r in result["ratios"]}
+    """Per k, the estimators whose removal leaves every language worse than a uniform guess (at the cap),
+    where damage can no longer say which region matters more."""
+    by_lang, limit = result["damage_by_language"], result["cap"]
+    return {r: [n for n in result["estimators"]
+                if all(0 < limit[lang] <= by_lang[f"{n}@{r}"][lang] for lang in limit)] for r in result["ratios"]}
 
 
 def answer_ratio(result: dict) -> str | None:
@@ -264,11 +280,14 @@ def answer(result: dict) -> str:
                    "specific to the scored languages in large part: neither another language nor shuffled text finds "
                    "most of it")
     s = spec[r0]
-    parts = [f"At Top {_pct(r0)}, the core region (Taylor over {', '.join(result['score_languages'])}) is {verdict}.",
-             f"A region of the same size found from {result['control_language']} text alone shares "
-             f"{s[control]['jaccard_core']:.1%} of entries with it by Jaccard (chance about "
-             f"{float(r0) / (2 - float(r0)):.2%}) and does {en:.0%} of its damage above Random; one from token-shuffled "
-             f"windows shares {s['shuffled']['jaccard_core']:.1%} and does {sh:.0%}."]
+    parts = [f"At Top {_pct(r0)}, the core region (Taylor over {', '.join(result['score_languages'])}) is {verdict}."]
+    if CORE in saturated(result)[r0]:
+        parts.append("At this k removing it already leaves every language worse than a uniform guess, so a control "
+                     "at 100% destroys the model as thoroughly, and smaller k would separate them further.")
+    parts.append(f"A region of the same size found from {result['control_language']} text alone shares "
+                 f"{s[control]['jaccard_core']:.1%} of entries with it by Jaccard (chance about "
+                 f"{float(r0) / (2 - float(r0)):.2%}) and does {en:.0%} of its damage above Random; one from "
+                 f"token-shuffled windows shares {s['shuffled']['jaccard_core']:.1%} and does {sh:.0%}.")
     if "magnitude" in s:
         parts.append(f"Weight magnitude, with no data, shares {s['magnitude']['jaccard_core']:.1%} and does "
                      f"{s['magnitude']['relative_damage']:.0%}.")
@@ -293,21 +312,30 @@ def answer(result: dict) -> str:
     return " ".join(parts)
 
 
-def best(result: dict) -> dict[str, str]:
-    """Per k, the estimator whose region does the most damage."""
-    names = [n for n in result["damage"] if n != "random"]
-    return {r: max(names, key=lambda n: result["damage"][n][r]) for r in result["ratios"]}
+def leaders(result: dict, r: str) -> list[str]:
+    """The estimators whose region does the most damage at k = r (several when they tie, e.g. at the cap)."""
+    d = {n: v[r] for n, v in result["damage"].items() if n != "random"}
+    top = max(d.values())
+    return [n for n, v in d.items() if v >= top - 1e-9]
 
 
 def findings(result: dict) -> list[str]:
-    winners, d, r0 = best(result), result["damage"], result["ratios"][0]
-    ranked = sorted((n for n in d if n != "random"), key=lambda n: -d[n][r0])
-    text = (f"Removing the Top {_pct(r0)} of each importance estimator, {ranked[0]} does the most damage (mean ln "
-            f"perplexity ratio {report.fmt(d[ranked[0]][r0])}; then {', '.join(f'{n} {report.fmt(d[n][r0])}' for n in ranked[1:])}"
-            f"; Random {report.fmt(d['random'][r0])})")
-    rest = [f"{w} at {_pct(r)}" for r, w in winners.items() if r != r0]
-    return [text + (f"; the most damaging at larger shares: {', '.join(rest)}." if rest else "."),
-            result["answer"].split(". ")[0].rstrip(".") + "."]
+    """Which estimator does the most damage with the fewest parameters: the smallest k decides, the next
+    k breaks ties; and the specificity answer's first sentence."""
+    d, ratios = result["damage"], result["ratios"]
+    tied, k = leaders(result, ratios[0]), 0
+    while len(tied) > 1 and k + 1 < len(ratios):
+        k += 1
+        tied = [n for n in leaders(result, ratios[k]) if n in tied] or tied
+    r0, full = ratios[0], saturated(result)
+    rest = sorted((n for n in d if n not in ("random", *tied)), key=lambda n: -d[n][r0])
+    who = " and ".join(tied) + (" tie" if len(tied) > 1 else "")
+    text = (f"Removing the Top {_pct(r0)} of each importance estimator's scores, {who} "
+            f"{'do' if len(tied) > 1 else 'does'} the most damage (mean ln perplexity ratio {report.fmt(d[tied[0]][r0])}"
+            + (", every language past a uniform guess" if tied[0] in full[r0] else "")
+            + f"; then {', '.join(f'{n} {report.fmt(d[n][r0])}' for n in rest)}; Random {report.fmt(d['random'][r0])})"
+            + (f", with ties broken at {_pct(ratios[k])}." if k else "."))
+    return [text, result["answer"].split(". ")[0].rstrip(".") + "."]
 
 
 def section(result: dict) -> list:
@@ -327,9 +355,9 @@ def section(result: dict) -> list:
         report.bullets([f"**{n}**: {d}" for n, d in result["definitions"].items()]),
         report.table(["estimator", *map(_pct, ratios)], [[n, *[fmt(curves[n][r]) for r in ratios]] for n in curves],
                      caption="Damage (mean ln perplexity ratio) per share removed: the best estimator does the most "
-                             f"damage at the smallest k; Random is the floor; above ln {result['vocab']:,} = "
-                             f"{fmt(math.log(result['vocab']))} minus the base ln perplexity the model is worse than a "
-                             "uniform guess."),
+                             "damage at the smallest k; Random is the floor. Each language's ratio is capped where the "
+                             f"model does worse than a uniform guess over its {result['vocab']:,} tokens (mean cap "
+                             f"{fmt(mean(result['cap'].values()))}): beyond it a model is destroyed either way."),
         report.figure("figures/estimators-damage.png", "Damage against the share removed (log x): the higher a line "
                       "starts on the left, the better the estimator finds what matters."),
         report.table(["", *names], [[a, *[f"{result['jaccard'][a][b]:.3f}" for b in names]] for a in names],
