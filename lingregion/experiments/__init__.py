@@ -203,6 +203,11 @@ class Run:
     def provenance(self, **extra) -> dict:
         return {"model": self.m.info, "environment": environment(), **extra}
 
+    def eval_record(self, langs: list[str], budget: int | None = None) -> dict:
+        """How the perplexities of an experiment were measured: the protocol and each language's text."""
+        return {"protocol": evaluation.protocol(self.windows(langs[0], "eval", budget), self.cfg.dtype),
+                "eval_windows": {lang: self.windows(lang, "eval", budget).meta for lang in langs}}
+
     def save(self, name: str, result: dict) -> None:
         """results/NAME-summary.json: what the report is rebuilt from, with how it was made."""
         write_json(self.out / "results" / f"{name}-summary.json", self.provenance(**result))

@@ -10,7 +10,7 @@ import weakref
 import torch
 from tqdm.auto import tqdm
 
-from .. import corpus, evaluation, figures, report
+from .. import corpus, figures, report
 from .. import structure as st
 from ..store import LingregionError, write_bytes
 from . import Experiment, Run
@@ -95,8 +95,7 @@ def run_structural(run: Run) -> dict:
         "score_langs": cfg.score_langs, "mode": cfg.struct_mode, "ratio": cfg.struct_ratio, "dims": cfg.struct_dims,
         "seed": cfg.seed, "langs": langs, "base": base, "families": families,
         "region": {"entries": region.count(), "of": region.total()},
-        "protocol": evaluation.protocol(run.windows(langs[0], "eval", budget), cfg.dtype),
-        "eval_windows": {lang: run.windows(lang, "eval", budget).meta for lang in langs},
+        **run.eval_record(langs, budget),
         "figures": ["figures/structural.png"],
     }
     write_bytes(run.out / "figures" / "structural.png", structural_chart(result))
@@ -243,8 +242,7 @@ def run_outliers(run: Run) -> dict:
         "core_counts": core.tolist(), "densest": densest,
         "massive_top": [{"dim": int(d), "massive": float(massive[d]), "core_rank": core_rank[int(d)]}
                         for d in st.ranking(massive)[:10]],
-        "protocol": evaluation.protocol(run.windows(langs[0], "eval", budget), cfg.dtype),
-        "eval_windows": {lang: run.windows(lang, "eval", budget).meta for lang in langs},
+        **run.eval_record(langs, budget),
         "figures": ["figures/outliers.png"],
     }
     write_bytes(run.out / "figures" / "outliers.png", outlier_chart(result))

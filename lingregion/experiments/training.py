@@ -15,7 +15,7 @@ from dataclasses import asdict
 
 import torch
 
-from .. import corpus, evaluation, figures, interventions, models, report, training
+from .. import corpus, figures, interventions, models, report, training
 from ..regions import Region
 from ..store import LingregionError, read_json, write_bytes, write_json
 from . import Experiment, Run, _digest, _edits_digest
@@ -157,8 +157,7 @@ def run_recovery(run: Run) -> dict:
         "experiment": "recovery", "languages": langs, "ratio": cfg.train_ratio, "settings": RECOVERY,
         "base": base, "table": table, "region_entries": {"top": top.count(), "bottom": bottom.count()},
         **_training_record(run, histories),
-        "protocol": evaluation.protocol(run.windows(langs[0], "eval", cfg.train_eval_tokens), cfg.dtype),
-        "eval_windows": {lang: run.windows(lang, "eval", cfg.train_eval_tokens).meta for lang in langs},
+        **run.eval_record(langs, cfg.train_eval_tokens),
         "figures": ["figures/recovery.png"],
     }
     write_bytes(run.out / "figures" / "recovery.png", _curve_figure(result, RECOVERY))
@@ -240,8 +239,7 @@ def run_forgetting(run: Run) -> dict:
         "base": start, "table": table,
         "region_entries": {s: (r.count() if r is not None else 0) for s, r in regions.items()},
         **_training_record(run, histories),
-        "protocol": evaluation.protocol(run.windows(langs[0], "eval", cfg.train_eval_tokens), cfg.dtype),
-        "eval_windows": {lang: run.windows(lang, "eval", cfg.train_eval_tokens).meta for lang in langs},
+        **run.eval_record(langs, cfg.train_eval_tokens),
         "figures": ["figures/forgetting.png"],
     }
     write_bytes(run.out / "figures" / "forgetting.png", _curve_figure(result, FORGETTING))
