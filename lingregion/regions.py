@@ -158,13 +158,13 @@ def _kth(scores: Mapping[str, torch.Tensor], names: list[str], k: int, largest: 
     outer = float(sample[lo]) if lo >= 0 else (math.inf if largest else -math.inf)
     inner = float(sample[hi]) if hi < len(sample) else (-math.inf if largest else math.inf)
     del sample
-    within = torch.ge if largest else torch.le
+    within, short_of = (torch.ge, torch.le) if largest else (torch.le, torch.ge)
     n_outer, inside, kept = 0, [], 0
     for n in names:
         x = scores[n].reshape(-1)
-        out = beyond(x, outer)
-        n_outer += int(out.count_nonzero())
-        inside.append(x[within(x, inner) & ~out].float())
+        n_outer += int(beyond(x, outer).count_nonzero())
+        keep = within(x, inner).logical_and_(short_of(x, outer))  # two boolean masks at a time, at most
+        inside.append(x[keep].float())
         kept += len(inside[-1])
         if kept > cap:
             break
