@@ -83,7 +83,7 @@ class Config:
     outlier_dims: int = 2  # most massive residual dimensions removed whole (and as many random ones)
     est_estimators: list[str] = field(default_factory=lambda: ["taylor", "taylor-window", "fisher", "magnitude",
                                                                "wanda", "lape"])
-    est_ratios: list[float] = field(default_factory=lambda: [0.0001, 0.001, 0.005, 0.01, 0.03])  # damage curve
+    est_ratios: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2])  # damage curve
     est_overlap_ratio: float = 0.01  # Jaccard overlap of the estimators' regions at this share
     est_tokens: int = 2048  # per language, one pass for every estimator (and each control)
     est_seq_len: int | None = None  # window length of that pass (None: seq_len)
@@ -118,7 +118,7 @@ class Config:
              "train_track": ["en"],
              "eval_langs": ["ar", "zh", "ja", "ru", "uk", "es", "pt", "en"],
              "mono_langs": ["ar", "zh", "ru", "uk", "es", "pt"],
-             "est_ratios": [0.0001, 0.01], "est_tokens": 128, "est_seq_len": 64, "est_eval_langs": ["ru", "en"],
+             "est_ratios": [1e-6, 1e-2], "est_tokens": 128, "est_seq_len": 64, "est_eval_langs": ["ru", "en"],
              "est_eval_tokens": 256,
              "struct_dims": [1, 10], "struct_langs": ["zh", "en"], "struct_eval_tokens": 256,
              "outlier_scan_tokens": 256, "outlier_confirm": 3, "outlier_controls": 1, "outlier_dims": 1,

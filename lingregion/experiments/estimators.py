@@ -240,8 +240,8 @@ def damage_chart(result: dict) -> bytes:
     return figures.png(fig)
 
 
-def _pct(r: str) -> str:
-    return f"{100 * float(r):g}%"
+def _pct(r: str | float) -> str:
+    return f"{100 * float(r):.2g}%"
 
 
 def saturated(result: dict) -> dict[str, list[str]]:
@@ -286,7 +286,7 @@ def answer(result: dict) -> str:
                      "at 100% destroys the model as thoroughly, and smaller k would separate them further.")
     parts.append(f"A region of the same size found from {result['control_language']} text alone shares "
                  f"{s[control]['jaccard_core']:.1%} of entries with it by Jaccard (chance about "
-                 f"{float(r0) / (2 - float(r0)):.2%}) and does {en:.0%} of its damage above Random; one from "
+                 f"{_pct(float(r0) / (2 - float(r0)))}) and does {en:.0%} of its damage above Random; one from "
                  f"token-shuffled windows shares {s['shuffled']['jaccard_core']:.1%} and does {sh:.0%}.")
     if "magnitude" in s:
         parts.append(f"Weight magnitude, with no data, shares {s['magnitude']['jaccard_core']:.1%} and does "
@@ -299,9 +299,9 @@ def answer(result: dict) -> str:
                      f"{od['relative_damage']:.0%} of its damage.")
     others = [r for r in result["ratios"] if r != r0]
     if others:
-        parts.append("At " + ", ".join(
-            f"{_pct(r)} the {result['control_language']}-only region does {spec[r][control]['relative_damage']:.0%} and "
-            f"the shuffled one {spec[r]['shuffled']['relative_damage']:.0%}" for r in others) + ".")
+        parts.append(f"At the other k the {result['control_language']}-only and shuffled regions do " + ", ".join(
+            f"{spec[r][control]['relative_damage'] + 0.0:.0%} and {spec[r]['shuffled']['relative_damage'] + 0.0:.0%} "
+            f"({_pct(r)})" for r in others) + " of the core region's damage above Random.")
     full = [r for r, names in saturated(result).items() if len(names) == len(result["estimators"])]
     if full:
         parts.append(f"At {', '.join(map(_pct, full))} every estimator's region leaves the model worse than a uniform "
