@@ -23,7 +23,7 @@ from dataclasses import replace
 import torch
 
 from .. import estimators as est
-from .. import evaluation, figures, interventions, report, structure
+from .. import figures, interventions, report, structure
 from ..corpus import Windows, builtin_languages, load_windows
 from ..regions import Region, select
 from ..store import LingregionError, write_bytes
@@ -161,8 +161,7 @@ def run(run: Run) -> dict:
         "cap": cap(base, vocab),
         "jaccard": jaccard, "chance_jaccard": at / (2 - at),
         "specificity": specificity, "outlier_dims": dims,
-        "protocol": evaluation.protocol(run.windows(langs[0], "eval", cfg.est_eval_tokens), cfg.dtype),
-        "eval_windows": {lang: run.windows(lang, "eval", cfg.est_eval_tokens).meta for lang in langs},
+        **run.eval_record(langs, cfg.est_eval_tokens),
         "score_windows": {w.lang: w.meta for w in windows + en_windows},
         "figures": ["figures/estimators-damage.png", "figures/estimators-jaccard.png"],
     }
