@@ -138,7 +138,7 @@ def _select_group(scores: Mapping[str, torch.Tensor], names: list[str], k: int,
 def _kth(scores: Mapping[str, torch.Tensor], names: list[str], k: int, largest: bool) -> tuple[float, int]:
     """The k-th largest (smallest) value across `names`, and how many values lie strictly beyond it.
 
-    One matrix: quickselect (kthvalue) on it. Several: a seeded sample of s values brackets the k-th
+    One matrix: quickselect on a copy of it. Several: a seeded sample of s values brackets the k-th
     one (±2√s ranks, four standard deviations); a single pass counts the values beyond the bracket and
     gathers those inside it (about 4·n/√s of the n values; s ≈ (4n)^⅔ balances the two), and the k-th
     is picked among those. Should the bracket miss, or hold more values than the largest matrix (ties),
@@ -147,16 +147,19 @@ def _kth(scores: Mapping[str, torch.Tensor], names: list[str], k: int, largest: 
     beyond = torch.gt if largest else torch.lt
     if len(names) == 1:
         x = scores[names[0]].reshape(-1).float()
-        kth = float(x.kthvalue(x.numel() - k + 1 if largest else k).values)
+        kth = _smallest(x, x.numel() - k if largest else k - 1)
         return kth, int(beyond(x, kth).count_nonzero())
     sizes = [scores[n].numel() for n in names]
     total, cap = sum(sizes), max(sizes)
     sample = _sample(scores, names, sizes, min(total, max(1 << 16, round((4 * total) ** (2 / 3)))))
-    sample = sample.sort(descending=largest).values
     rank, margin = k * len(sample) / total, 2 * len(sample) ** 0.5 + 8
-    lo, hi = int(rank - margin), int(rank + margin)
-    outer = float(sample[lo]) if lo >= 0 else (math.inf if largest else -math.inf)
-    inner = float(sample[hi]) if hi < len(sample) else (-math.inf if largest else math.inf)
+    lo, hi = int(rank - margin), int(rank + margin)  # 0-based ranks from the selected end
+
+    def at(r: int) -> float:  # the sample's r-th value (0-based) from the selected end
+        return _smallest(sample, len(sample) - 1 - r if largest else r)
+
+    outer = at(lo) if lo >= 0 else (math.inf if largest else -math.inf)
+    inner = at(hi) if hi < len(sample) else (-math.inf if largest else math.inf)
     del sample
     within, short_of = (torch.ge, torch.le) if largest else (torch.le, torch.ge)
     n_outer, inside, kept = 0, [], 0
@@ -172,18 +175,30 @@ def _kth(scores: Mapping[str, torch.Tensor], names: list[str], k: int, largest: 
         values = torch.cat(inside)
         del inside
         j = k - n_outer  # the j-th largest (smallest) inside the bracket
-        kth = float(values.kthvalue(len(values) - j + 1 if largest else j).values)
+        kth = _smallest(values, len(values) - j if largest else j - 1)
         return kth, n_outer + int(beyond(values, kth).count_nonzero())
     del inside
     kth = _bisect(lambda t: sum(int(beyond(scores[n], t).count_nonzero()) for n in names), k, largest)
     return kth, sum(int(beyond(scores[n], kth).count_nonzero()) for n in names)
 
 
+def _smallest(x: torch.Tensor, i: int) -> float:
+    """The value of rank i (0-based, ascending) of a 1-D tensor, by quickselect on one copy of it
+    (numpy's partition; torch's CPU kthvalue would add an int64 index per entry)."""
+    if x.device.type == "cpu":
+        return float(np.partition(x.numpy(), i)[i])
+    return float(x.kthvalue(i + 1).values)
+
+
 def _sample(scores: Mapping[str, torch.Tensor], names: list[str], sizes: list[int], count: int) -> torch.Tensor:
     """About `count` values, drawn (seeded, with replacement) from each matrix in proportion to its size."""
     g, total = torch.Generator().manual_seed(0), sum(sizes)
-    return torch.cat([scores[n].reshape(-1)[torch.randint(0, size, (max(1, count * size // total),), generator=g)].float()
-                      for n, size in zip(names, sizes)])
+    counts = [max(1, count * size // total) for size in sizes]
+    out, start = torch.empty(sum(counts)), 0
+    for n, size, c in zip(names, sizes, counts):
+        out[start:start + c] = scores[n].reshape(-1)[torch.randint(0, size, (c,), generator=g)]
+        start += c
+    return out
 
 
 def _bisect(count_beyond, k: int, largest: bool) -> float:
