@@ -152,14 +152,7 @@ def _kth(scores: Mapping[str, torch.Tensor], names: list[str], k: int, largest: 
     sizes = [scores[n].numel() for n in names]
     total, cap = sum(sizes), max(sizes)
     sample = _sample(scores, names, sizes, min(total, max(1 << 16, round((4 * total) ** (2 / 3)))))
-    rank, margin = k * len(sample) / total, 2 * len(sample) ** 0.5 + 8
-    lo, hi = int(rank - margin), int(rank + margin)  # 0-based ranks from the selected end
-
-    def at(r: int) -> float:  # the sample's r-th value (0-based) from the selected end
-        return _smallest(sample, len(sample) - 1 - r if largest else r)
-
-    outer = at(lo) if lo >= 0 else (math.inf if largest else -math.inf)
-    inner = at(hi) if hi < len(sample) else (-math.inf if largest else math.inf)
+    outer, inner = _bracket(sample, k, total, largest)
     del sample
     within, short_of = (torch.ge, torch.le) if largest else (torch.le, torch.ge)
     n_outer, inside, kept = 0, [], 0
@@ -180,6 +173,18 @@ def _kth(scores: Mapping[str, torch.Tensor], names: list[str], k: int, largest: 
     del inside
     kth = _bisect(lambda t: sum(int(beyond(scores[n], t).count_nonzero()) for n in names), k, largest)
     return kth, sum(int(beyond(scores[n], kth).count_nonzero()) for n in names)
+
+
+def _bracket(sample: torch.Tensor, k: int, total: int, largest: bool) -> tuple[float, float]:
+    """Values that lie beyond (outer) and short of (inner) the k-th of `total` values, read off a sample
+    of them at ±2√s ranks around where the k-th falls; a miss only costs the fallback."""
+    s = len(sample)
+    rank, margin = k * s / total, 2 * s ** 0.5 + 8
+    lo, hi = int(rank - margin), int(rank + margin)  # 0-based ranks from the selected end
+    far = math.inf if largest else -math.inf
+    outer = _smallest(sample, s - 1 - lo if largest else lo) if lo >= 0 else far
+    inner = _smallest(sample, s - 1 - hi if largest else hi) if hi < s else -far
+    return outer, inner
 
 
 def _smallest(x: torch.Tensor, i: int) -> float:
