@@ -20,6 +20,7 @@ import math
 import zlib
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from .. import estimators as est
@@ -229,10 +230,11 @@ def damage_chart(result: dict) -> bytes:
     for name, curve in result["damage"].items():
         style = {"color": "#888888", "ls": "--"} if name == "random" else {}
         ax.plot([100 * r for r in ratios], [curve[f"{r:g}"] for r in ratios], marker="o", label=name, **style)
+    ax.axhline(mean(result["cap"].values()), color="#bbbbbb", ls=":", label="cap: worse than a uniform guess")
     ax.set_xscale("log")
-    ax.set_xticks([100 * r for r in ratios], [f"{100 * r:g}%" for r in ratios])
+    ax.set_xticks([100 * r for r in ratios], [_pct(r) for r in ratios])
     ax.minorticks_off()
-    ax.set(xlabel="Top k% of parameters removed", ylabel="mean ln(perplexity ratio)",
+    ax.set(xlabel="Top k% of parameters removed", ylabel="mean ln(perplexity ratio), capped",
            title=f"Damage over {', '.join(result['eval_languages'])}")
     ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
@@ -240,7 +242,8 @@ def damage_chart(result: dict) -> bytes:
 
 
 def _pct(r: str | float) -> str:
-    return f"{100 * float(r):.2g}%"
+    """A share as a percentage with two significant digits and no exponent (0.0001%, 0.25%, 1%)."""
+    return np.format_float_positional(100 * float(r), precision=2, fractional=False, trim="-") + "%"
 
 
 def saturated(result: dict) -> dict[str, list[str]]:
