@@ -73,6 +73,22 @@ def score_naive(s: Setup):
         return {n: ((params[n].detach().float() - s.removed[n]) * params[n].grad.float()).abs() for n in s.names}
 
 
+def score_fp64(s: Setup):
+    """The reference for both: the same importance with the model and the cross-entropy in fp64."""
+    model, device, total = s.m.model, s.m.device, s.score_windows.n_tokens
+    dtype, params = next(model.parameters()).dtype, dict(model.named_parameters())
+    head, cap = evaluation.output_layer(model.double())
+    try:
+        with _requires_grad(model, set(s.names)):
+            for ids in s.score_windows.input_ids:
+                hidden, targets = evaluation.hidden_and_targets(model, ids[None].to(device))
+                logits = torch.tanh(head(hidden) / cap) * cap if cap else head(hidden)
+                (torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / total).backward()
+            return {n: ((params[n].detach() - s.removed[n]) * params[n].grad).abs() for n in s.names}
+    finally:
+        model.to(dtype)  # exact: every value came from `dtype`
+
+
 # --- perplexity ----------------------------------------------------------------------------------------
 
 def ppl_lean(s: Setup, batch_size: int = 4) -> float:
