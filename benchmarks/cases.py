@@ -25,8 +25,9 @@ class Setup:
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def setup(seq_len: int, score_windows: int, eval_windows: int, device: str = "cpu", dtype: str = "float32") -> Setup:
-    m = models.load(None, dtype, device)
+def setup(seq_len: int, score_windows: int, eval_windows: int, device: str = "cpu", dtype: str = "float32",
+          model: str | None = None) -> Setup:
+    m = models.load(model, dtype, device)
     names = models.scored_names(m.model)
     return Setup(m, corpus.load_windows(m.tokenizer, "es", "score", seq_len, seq_len * score_windows),
                  corpus.load_windows(m.tokenizer, "es", "eval", seq_len, seq_len * eval_windows),

@@ -118,7 +118,7 @@ def memory_child(args) -> None:
         for t in scores.values():  # memory-mapped: page them in now, or the job would count them
             t.sum()
     else:
-        s = cases.setup(args.seq_len, args.score_windows, args.eval_windows, args.device, args.dtype)
+        s = cases.setup(args.seq_len, args.score_windows, args.eval_windows, args.device, args.dtype, args.model)
         with torch.no_grad():  # weights are memory-mapped: page them in now, or the job would count them
             for p in s.m.model.parameters():
                 p.sum()
@@ -131,9 +131,12 @@ def memory_child(args) -> None:
 
 
 def memory_of(case: str, args, scores: Path | None = None) -> dict:
+    # selection works on scores read into host memory, whatever device the model is on
+    device = "cpu" if scores else args.device
     cmd = [sys.executable, __file__, "--memory", case, "--seq-len", str(args.seq_len), "--score-windows",
-           str(args.score_windows), "--eval-windows", str(args.eval_windows), "--device", args.device,
-           "--dtype", args.dtype, "--threads", str(torch.get_num_threads())] + (["--scores", str(scores)] if scores else [])
+           str(args.score_windows), "--eval-windows", str(args.eval_windows), "--device", device,
+           "--dtype", args.dtype, "--threads", str(torch.get_num_threads())]
+    cmd += (["--scores", str(scores)] if scores else []) + (["--model", args.model] if args.model else [])
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(64 * 1024))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -250,8 +253,8 @@ def bench_memory_model(s: cases.Setup, args, scoring: dict, perplexity: dict) ->
     """memory.estimate's figures for this model against the measured peaks (both over the process's
     resident size before the model was loaded)."""
     config = s.m.model.config
-    score_est = memory.estimate(config, args.seq_len, 1, args.dtype)
-    eval_est = memory.estimate(config, args.seq_len, 4, args.dtype)
+    score_est = memory.estimate(config, args.seq_len, 1, args.dtype, args.device)
+    eval_est = memory.estimate(config, args.seq_len, 4, args.dtype, args.device)
     weights = score_est["weights"]  # resident before the job, with the tokenizer and data, which it omits
     lean, ppl = scoring["memory"]["lean"], perplexity["memory"]["lean"]
     return {"scoring": {"estimate": score_est["scoring_peak"], "measured": weights + lean["increment"]},
@@ -266,6 +269,12 @@ def machine(args) -> dict:
     if args.device.startswith("cuda"):
         out["gpu"] = torch.cuda.get_device_name()
     return out
+
+
+def describe_model(s: cases.Setup, args) -> dict:
+    info = s.m.info
+    return {"name": info["name"], "class": info["class"], "parameters": info["parameters"],
+            "fingerprint": info["fingerprint"], "note": args.model_note or ""}
 
 
 # --- report --------------------------------------------------------------------------------------------
@@ -354,7 +363,10 @@ def details(r: dict) -> list[list[str]]:
 
 def markdown(r: dict) -> str:
     m, c = r["machine"], r["config"]
-    out = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+    model = r["model"]
+    out = [f"Model: {model['class']} `{model['name']}`, {model['parameters'] / 1e6:,.0f}M parameters"
+           + (f" ({model['note']})" if model["note"] else "") + ".",
+           f"Machine: {m['gpu'] + ', ' if m.get('gpu') else ''}{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
            f"{m['device']} {m['dtype']}; load average {m['load_average'][0]:.1f} at the start, "
            f"{r['load_average_end'][0]:.1f} at the end. Windows of {c['seq_len']} tokens; {c['reps']} interleaved "
            f"reps, median. Command: `{r['command']}`.", "",
@@ -383,6 +395,8 @@ def main(argv=None) -> None:
                    help="folder for benchmarks.json and benchmarks.md (default benchmarks/results)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--model", help="a Hugging Face model folder or name (default: the built-in Gemma 3 270M)")
+    p.add_argument("--model-note", help="a remark on the model printed beside its name in the tables")
     p.add_argument("--doc", help="a Markdown file whose <!-- figures:start/end --> block gets the new tables")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own). On a machine shared with other "
                                                "jobs, 1 avoids threads waiting on each other's time slices")
@@ -402,7 +416,8 @@ def main(argv=None) -> None:
     started = time.time()
     r = {"command": " ".join(["python", "benchmarks/run.py"] + (argv if argv is not None else sys.argv[1:])),
          "config": {k: getattr(args, k) for k in PRESETS["default"]}, "machine": machine(args)}
-    s = cases.setup(args.seq_len, args.score_windows, args.eval_windows, args.device, args.dtype)
+    s = cases.setup(args.seq_len, args.score_windows, args.eval_windows, args.device, args.dtype, args.model)
+    r["model"] = describe_model(s, args)
     print("scoring", flush=True)
     r["scoring"], naive_scores = bench_scoring(s, args)
     print("perplexity", flush=True)

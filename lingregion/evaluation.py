@@ -1,7 +1,7 @@
 """Perplexity and bits per byte, token-weighted over disjoint windows.
 
-The output layer is applied a few hundred positions at a time: with a 262K-token vocabulary, logits for
-a whole batch would be the largest tensor in the run. Losses are summed in fp32/fp64 whatever the dtype.
+The output layer is applied one block of positions × vocabulary at a time: with a 262K-token vocabulary,
+logits for a whole batch would be the largest tensor in the run. Losses are summed in fp32/fp64 whatever the dtype.
 
 Under torchrun each process evaluates its share of the windows and the summed NLL and token counts are
 all-reduced once; with a checkpoint path the sums are saved every few windows and a rerun resumes.
@@ -21,7 +21,10 @@ from .corpus import Windows
 from .models import fingerprint, input_device
 from .store import LingregionError
 
-LOGIT_CHUNK = 256  # positions per output-layer call: 256 × 262K fp32 logits ≈ 270 MB
+LOGIT_CHUNK = 256  # positions per output-layer call with gradients: 256 × 262K fp32 logits ≈ 270 MB
+# Positions × vocabulary entries per output-layer call without gradients. 2048 × 2048 fp32 logits (16 MB)
+# stay in a CPU's cache while their log-sum-exp is taken; a GPU wants fewer, larger calls.
+BLOCKS = {"cpu": (2048, 2048), "cuda": (8192, 8192)}
 
 
 def batches(windows: Windows, batch_size: int) -> Iterator[torch.Tensor]:
@@ -67,17 +70,46 @@ def hidden_and_targets(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return hidden[:, :-1].reshape(-1, hidden.shape[-1]), ids[:, 1:].reshape(-1)
 
 
-def summed_nll(logits_fn, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Σ −log p(target) over positions, in fp64, one output-layer chunk at a time (no autograd: each
-    chunk's logits buffer is overwritten while its log-sum-exp is taken, so only one buffer exists)."""
-    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    for i in range(0, len(targets), LOGIT_CHUNK):
-        logits = logits_fn(hidden[i:i + LOGIT_CHUNK])
-        picked = logits.gather(1, targets[i:i + LOGIT_CHUNK, None].to(logits.device)).squeeze(1)
-        top = logits.amax(1, keepdim=True)
-        log_z = logits.sub_(top).exp_().sum(1).log_() + top.squeeze(1)
-        total += (log_z - picked).double().sum().to(total.device)
-    return total
+def token_nll(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """−log p(target) per position (fp32), from the very logits the model's forward computes, without
+    ever forming the logits of every position over the whole vocabulary.
+
+    The output layer runs on a block of positions × a slice of the vocabulary at a time, and a running
+    log-sum-exp carries each position's normaliser from slice to slice. The blocks are small enough
+    for a CPU to keep them in cache between the product and the reductions over them, so this is faster
+    than one full-vocabulary product (BENCHMARKS.md), and the weight is read once per block of positions.
+    """
+    head, cap = output_layer(model)
+    weight, bias = head.weight, head.bias
+    rows, cols = BLOCKS.get(weight.device.type, BLOCKS["cuda"])
+    hidden, targets = hidden.to(weight.device), targets.to(weight.device)
+    out = torch.empty(len(targets), dtype=torch.float32, device=weight.device)
+    buffer = torch.empty(min(rows, len(targets)) * min(cols, len(weight)), dtype=weight.dtype, device=weight.device)
+    for i in range(0, len(targets), rows):
+        h, t = hidden[i:i + rows], targets[i:i + rows]
+        top = torch.full((len(h),), -math.inf, device=weight.device)
+        total = torch.zeros(len(h), device=weight.device)
+        picked = torch.zeros(len(h), device=weight.device)
+        for v in range(0, len(weight), cols):
+            w = weight[v:v + cols]
+            logits = torch.mm(h, w.t(), out=buffer[:len(h) * len(w)].view(len(h), len(w)))
+            if bias is not None:
+                logits += bias[v:v + cols]
+            logits = logits.float()
+            if cap:
+                logits.div_(cap).tanh_().mul_(cap)
+            mine = (t >= v) & (t < v + len(w))
+            picked += logits.gather(1, (t - v).clamp_(0, len(w) - 1)[:, None]).squeeze(1).where(mine, 0)
+            new_top = torch.maximum(top, logits.amax(1))
+            total.mul_((top - new_top).exp_()).add_(logits.sub_(new_top[:, None]).exp_().sum(1))
+            top = new_top
+        out[i:i + rows] = total.log_().add_(top).sub_(picked)
+    return out
+
+
+def summed_nll(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Σ −log p(target) over positions, in fp64."""
+    return token_nll(model, hidden, targets).double().sum()
 
 
 @torch.inference_mode()
@@ -87,7 +119,7 @@ def perplexity(model, windows: Windows, batch_size: int = 4, progress: bool = Tr
 
     checkpoint: a file to save the running sums to every `every` windows; a rerun of the same job
     resumes from it, and it is deleted once the sums are complete."""
-    logits_fn = output_head(model)
+    output_head(model)  # checks once that the output layer is the linear map (and cap) modelled here
     device = input_device(model)
     ckpt = state = None
     if checkpoint:
@@ -106,7 +138,7 @@ def perplexity(model, windows: Windows, batch_size: int = 4, progress: bool = Tr
         if b < start:  # already in the checkpoint's sums
             continue
         hidden, targets = hidden_and_targets(model, ids.to(device))
-        sums[0] += summed_nll(logits_fn, hidden, targets).item()
+        sums[0] += summed_nll(model, hidden, targets).item()
         sums[1] += len(targets)
         if ckpt:
             ckpt.update({"sums": sums}, b + 1, done)

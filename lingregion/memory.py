@@ -4,7 +4,8 @@ Scoring holds the weights, one fp32 accumulator per scored parameter, the activa
 for one batch, one scored parameter's transient gradient, and one output-layer chunk of fp32 logits
 (whose buffer becomes their gradient; three buffers with soft-capping, plus the head's own output in
 the model's dtype when that is not fp32). Evaluation holds the weights, one layer's intermediates and
-the same output-layer chunk (two buffers with soft-capping).
+one output-layer block (evaluation.BLOCKS: positions × vocabulary entries, in the model's dtype, plus
+its fp32 copy when that is not fp32).
 
 Parameter counts come from the model built on the "meta" device (no memory). Activations are measured,
 not guessed: a 1- and a 2-layer copy of the architecture, narrowed k-fold (fewer heads and channels,
@@ -17,7 +18,7 @@ import copy
 
 import torch
 
-from .evaluation import LOGIT_CHUNK
+from .evaluation import BLOCKS, LOGIT_CHUNK
 from .models import DTYPES, scored_names
 
 GB = 1e9
@@ -71,8 +72,9 @@ def _saved_bytes(config, layers: int, k: int, seq_len: int, batch_size: int, dty
     return sum(saved.values())
 
 
-def estimate(config, seq_len: int, batch_size: int, dtype: str = "bfloat16") -> dict:
-    """Bytes needed to score (the peak of one backward pass) and to evaluate a model of this config."""
+def estimate(config, seq_len: int, batch_size: int, dtype: str = "bfloat16", device: str = "cuda") -> dict:
+    """Bytes needed to score (the peak of one backward pass) and to evaluate a model of this config
+    on a device of this type ("cuda" or "cpu": they differ in evaluation's output-layer block)."""
     from transformers import AutoModelForCausalLM
 
     torch_dtype = DTYPES[dtype]
@@ -103,7 +105,10 @@ def estimate(config, seq_len: int, batch_size: int, dtype: str = "bfloat16") -> 
     }
     out["scoring_peak"] = sum(out[key] for key in
                               ("weights", "accumulators", "activations", "output_chunk", "transient_gradient"))
-    out["evaluation_peak"] = out["weights"] + positions * 4 * (2 if capped else 1) + head_output + per_layer
+    rows, cols = BLOCKS.get(device.split(":")[0], BLOCKS["cuda"])
+    block = min(rows, batch_size * (seq_len - 1)) * min(cols, config.vocab_size)
+    out["evaluation_block"] = block * (size + (4 if size != 4 else 0))
+    out["evaluation_peak"] = out["weights"] + out["evaluation_block"] + per_layer
     return out
 
 

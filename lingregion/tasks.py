@@ -24,7 +24,6 @@ from importlib.resources import files
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import evaluation
@@ -102,17 +101,6 @@ def _sequences(tokenizer, items: list[dict], limit: int | None) -> list[tuple[li
     return out
 
 
-def _token_nll(logits_fn, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """−log p(target) per position in fp64, the output layer applied LOGIT_CHUNK positions at a time (its
-    weights are read once per chunk, which is what a few positions per candidate would waste)."""
-    out = []
-    for i in range(0, len(targets), evaluation.LOGIT_CHUNK):
-        logits = logits_fn(hidden[i:i + evaluation.LOGIT_CHUNK])
-        t = targets[i:i + evaluation.LOGIT_CHUNK].to(logits.device)
-        out.append(F.cross_entropy(logits, t, reduction="none").double().cpu())
-    return torch.cat(out)
-
-
 @torch.inference_mode()
 def loglikelihoods(model, tokenizer, items: list[dict], batch_size: int = 16, progress: bool = False,
                    desc: str = "") -> list[list[float]]:
@@ -124,7 +112,7 @@ def loglikelihoods(model, tokenizer, items: list[dict], batch_size: int = 16, pr
     start of its context, as in lm-eval.
     """
     seqs = _sequences(tokenizer, items, max_length(model))
-    logits_fn = evaluation.output_head(model)
+    evaluation.output_head(model)  # checks once that the output layer is what token_nll models
     device = input_device(model)
     order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i][0]), i))
     scores = [0.0] * len(seqs)
@@ -136,7 +124,7 @@ def loglikelihoods(model, tokenizer, items: list[dict], batch_size: int = 16, pr
         hidden = model.base_model(input_ids=ids)[0]
         h = torch.cat([hidden[row, len(seqs[i][0]) - len(seqs[i][1]):len(seqs[i][0])] for row, i in enumerate(group)])
         targets = torch.cat([torch.tensor(seqs[i][1]) for i in group])
-        nll = _token_nll(logits_fn, h, targets).split([len(seqs[i][1]) for i in group])
+        nll = evaluation.token_nll(model, h, targets).double().cpu().split([len(seqs[i][1]) for i in group])
         for i, x in zip(group, nll):
             scores[i] = -x.sum().item()
         bar.update(len(group))

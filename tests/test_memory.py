@@ -43,3 +43,5 @@ def test_estimate_matches_the_full_model():
     assert est["scoring_peak"] == sum(est[k] for k in ("weights", "accumulators", "activations", "output_chunk",
                                                        "transient_gradient"))
     assert est["output_chunk"] == 2 * 31 * 64 * 4  # one fp32 logits buffer for the 62 predicting positions
+    assert est["evaluation_block"] == 2 * 31 * 64 * 4  # the whole (small) vocabulary in one block
+    assert est["evaluation_peak"] == est["weights"] + est["evaluation_block"] + est["evaluation_layer"]
