@@ -29,9 +29,22 @@ def setup(seq_len: int, score_windows: int, eval_windows: int, device: str = "cp
           model: str | None = None) -> Setup:
     m = models.load(model, dtype, device)
     names = models.scored_names(m.model)
-    return Setup(m, corpus.load_windows(m.tokenizer, "es", "score", seq_len, seq_len * score_windows),
-                 corpus.load_windows(m.tokenizer, "es", "eval", seq_len, seq_len * eval_windows),
-                 names, models.removed_values(m.model, names))
+    return Setup(m, _windows(m.tokenizer, "score", seq_len, score_windows),
+                 _windows(m.tokenizer, "eval", seq_len, eval_windows), names, models.removed_values(m.model, names))
+
+
+def _windows(tokenizer, split: str, seq_len: int, n: int) -> corpus.Windows:
+    """n full-length windows of Spanish text, then of further languages where Spanish runs out."""
+    ids, n_bytes, langs = [], [], []
+    for lang in ("es", "en", "pt", "it", "ru", "uk", "ar", "zh", "ja", "ko", "vi"):
+        w = corpus.load_windows(tokenizer, lang, split, seq_len, seq_len * (n - len(ids)))
+        full = [i for i, x in enumerate(w.input_ids) if len(x) == seq_len]
+        ids += [w.input_ids[i] for i in full]
+        n_bytes += [w.n_bytes[i] for i in full]
+        langs.append(lang)
+        if len(ids) >= n:
+            break
+    return corpus.Windows("+".join(langs), split, ids[:n], n_bytes[:n], {"seq_len": seq_len, "bos": True})
 
 
 # --- scoring -------------------------------------------------------------------------------------------

@@ -40,13 +40,28 @@ class Applied:
 def apply(model, edits: list[Edit]) -> Applied:
     params = dict(model.named_parameters())
     saved = []
-    for e in edits:
+    for e, index in zip(edits, _indices_on_devices(edits, params)):
         flat = params[e.name].data.view(-1)
-        index = e.index.to(flat.device)
         saved.append((flat, index, flat[index].clone()))
         value = e.value.to(flat.device, flat.dtype) if isinstance(e.value, torch.Tensor) else e.value
         flat[index] = value
     return Applied(saved)
+
+
+def _indices_on_devices(edits: list[Edit], params: dict) -> list[torch.Tensor]:
+    """Each edit's index on its parameter's device, moved in one transfer per device (one per matrix
+    would make switching a region on a GPU cost more than the edits themselves)."""
+    out: list[torch.Tensor | None] = [e.index for e in edits]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, e in enumerate(edits):
+        device = params[e.name].device
+        if e.index.device != device:
+            by_device.setdefault(device, []).append(i)
+    for device, group in by_device.items():
+        moved = torch.cat([edits[i].index.reshape(-1) for i in group]).to(device)
+        for i, index in zip(group, moved.split([edits[i].index.numel() for i in group])):
+            out[i] = index
+    return out
 
 
 def removal(region: Region, removed: dict[str, float]) -> list[Edit]:

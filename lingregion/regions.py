@@ -188,11 +188,18 @@ def _bracket(sample: torch.Tensor, k: int, total: int, largest: bool) -> tuple[f
 
 
 def _smallest(x: torch.Tensor, i: int) -> float:
-    """The value of rank i (0-based, ascending) of a 1-D tensor, by quickselect on one copy of it
-    (numpy's partition; torch's CPU kthvalue would add an int64 index per entry)."""
+    """The value of rank i (0-based, ascending) of a 1-D tensor: on a CPU by quickselect on one copy of
+    it (numpy's partition; torch's CPU kthvalue would add an int64 index per entry); on a GPU by a
+    radix top-k from the nearer end (kthvalue runs a whole vector in one thread block there)."""
     if x.device.type == "cpu":
         return float(np.partition(x.numpy(), i)[i])
-    return float(x.kthvalue(i + 1).values)
+    return _smallest_by_topk(x, i)
+
+
+def _smallest_by_topk(x: torch.Tensor, i: int) -> float:
+    if i < len(x) // 2:
+        return float(x.topk(i + 1, largest=False, sorted=False).values.max())
+    return float(x.topk(len(x) - i, sorted=False).values.min())
 
 
 def _sample(scores: Mapping[str, torch.Tensor], names: list[str], sizes: list[int], count: int) -> torch.Tensor:

@@ -76,3 +76,12 @@ def test_per_matrix_quickselect_matches_sorting():
         for n, t in sc.items():
             want = by_sorting({n: t}, round(0.05 * t.numel()), side == "top")[n]
             assert torch.equal(region.mask(n), want)
+
+
+def test_gpu_rank_by_topk_matches_sorting():
+    """The GPU path of the rank-i value (top-k from the nearer end), run here on CPU tensors."""
+    x = torch.rand(1001, generator=torch.Generator().manual_seed(3))
+    x[::7] = 0.5  # ties
+    ordered = x.sort().values
+    for i in (0, 1, 499, 500, 501, 999, 1000):
+        assert regions._smallest_by_topk(x, i) == ordered[i].item()
