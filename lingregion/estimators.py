@@ -31,7 +31,7 @@ from transformers.pytorch_utils import Conv1D
 
 from . import scoring
 from .corpus import Windows
-from .evaluation import hidden_and_targets, output_head
+from .evaluation import check_output_layer, hidden_and_targets
 from .store import LingregionError
 
 STATS = ("lang_abs", "window_abs", "window_sq", "act_norm", "active")
@@ -308,7 +308,7 @@ def collect(t: Target, windows: Windows, needs: Iterable[str], stats: Stats | No
     if lang in stats.tokens:
         raise LingregionError(f"language {lang!r} is given twice; pass each language's windows once")
     stats.tokens[lang] = windows.n_tokens
-    output_head(model)  # its one-time check runs a forward, which the hooks below must not count
+    check_output_layer(model)  # its one-time forward must run before the hooks below count anything
     energy: dict[str, torch.Tensor] = {}
     handles = _energy_hooks(t, energy) if "act_norm" in needs else []
     if "active" in needs:

@@ -44,24 +44,37 @@ def output_layer(model) -> tuple[torch.nn.Module, float | None]:
     return model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
 
 
+def _logits(head, cap: float | None, hidden: torch.Tensor) -> torch.Tensor:
+    out = head(hidden).float()
+    return torch.tanh(out / cap) * cap if cap else out
+
+
+def check_output_layer(model) -> None:
+    """Refuse a model whose logits are more than its linear output layer and soft-capping, which is all
+    that lingregion's own output-layer passes compute (checked once per model, on a few positions)."""
+    if getattr(model, "_lingregion_head_checked", False):
+        return
+    head, cap = output_layer(model)
+    ids = torch.arange(1, 9, device=input_device(model)).unsqueeze(0)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.float()
+        ours = _logits(head, cap, model.base_model(input_ids=ids)[0])
+    if not torch.allclose(ref, ours, rtol=1e-3, atol=1e-3 * ref.abs().max().item()):
+        raise LingregionError(f"{type(model).__name__}: its output layer does more than a linear map and "
+                              "soft-capping, which lingregion does not model yet; please open an issue")
+    model._lingregion_head_checked = True
+
+
 def output_head(model):
     """hidden states → fp32 logits, exactly as the model's own forward computes them (checked once)."""
+    check_output_layer(model)
     head, cap = output_layer(model)
+    return lambda hidden: _logits(head, cap, hidden)
 
-    def logits(hidden: torch.Tensor) -> torch.Tensor:
-        out = head(hidden).float()
-        return torch.tanh(out / cap) * cap if cap else out
 
-    if not getattr(model, "_lingregion_head_checked", False):
-        ids = torch.arange(1, 9, device=input_device(model)).unsqueeze(0)
-        with torch.no_grad():
-            ref = model(input_ids=ids).logits.float()
-            ours = logits(model.base_model(input_ids=ids)[0])
-        if not torch.allclose(ref, ours, rtol=1e-3, atol=1e-3 * ref.abs().max().item()):
-            raise LingregionError(f"{type(model).__name__}: its output layer does more than a linear map and "
-                                  "soft-capping, which lingregion does not model yet; please open an issue")
-        model._lingregion_head_checked = True
-    return logits
+def blocks(device_type: str) -> tuple[int, int]:
+    """Positions × vocabulary entries per output-layer call without gradients on this kind of device."""
+    return BLOCKS.get(device_type, BLOCKS["cuda"])
 
 
 def hidden_and_targets(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +94,7 @@ def token_nll(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     """
     head, cap = output_layer(model)
     weight, bias = head.weight, head.bias
-    rows, cols = BLOCKS.get(weight.device.type, BLOCKS["cuda"])
+    rows, cols = blocks(weight.device.type)
     hidden, targets = hidden.to(weight.device), targets.to(weight.device)
     out = torch.empty(len(targets), dtype=torch.float32, device=weight.device)
     buffer = torch.empty(min(rows, len(targets)) * min(cols, len(weight)), dtype=weight.dtype, device=weight.device)
@@ -119,7 +132,7 @@ def perplexity(model, windows: Windows, batch_size: int = 4, progress: bool = Tr
 
     checkpoint: a file to save the running sums to every `every` windows; a rerun of the same job
     resumes from it, and it is deleted once the sums are complete."""
-    output_head(model)  # checks once that the output layer is the linear map (and cap) modelled here
+    check_output_layer(model)
     device = input_device(model)
     ckpt = state = None
     if checkpoint:

@@ -18,7 +18,7 @@ import copy
 
 import torch
 
-from .evaluation import BLOCKS, LOGIT_CHUNK
+from .evaluation import LOGIT_CHUNK, blocks
 from .models import DTYPES, scored_names
 
 GB = 1e9
@@ -105,7 +105,7 @@ def estimate(config, seq_len: int, batch_size: int, dtype: str = "bfloat16", dev
     }
     out["scoring_peak"] = sum(out[key] for key in
                               ("weights", "accumulators", "activations", "output_chunk", "transient_gradient"))
-    rows, cols = BLOCKS.get(device.split(":")[0], BLOCKS["cuda"])
+    rows, cols = blocks(device.split(":")[0])
     block = min(rows, batch_size * (seq_len - 1)) * min(cols, config.vocab_size)
     out["evaluation_block"] = block * (size + (4 if size != 4 else 0))
     out["evaluation_peak"] = out["weights"] + out["evaluation_block"] + per_layer

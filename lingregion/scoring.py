@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import CHECKPOINT_EVERY, Checkpoint, windows_digest
 from .corpus import Windows
-from .evaluation import LOGIT_CHUNK, batches, hidden_and_targets, output_head, output_layer
+from .evaluation import LOGIT_CHUNK, batches, check_output_layer, hidden_and_targets, output_layer
 from .models import fingerprint, input_device
 from .store import LingregionError
 
@@ -111,7 +111,7 @@ def gradient_sum(model, windows: Windows, names: list[str], batch_size: int = 1,
     saved = state[0] if state else {}
     acc = {n: saved[n].to(params[n].device) if n in saved else None for n in names}
     start = state[1] if state else 0
-    output_head(model)  # checks once that the output layer is the linear map (and cap) modelled here
+    check_output_layer(model)
     device = input_device(model)
     mine = distributed.shard(windows)
     show = progress and distributed.is_main()

@@ -112,7 +112,7 @@ def loglikelihoods(model, tokenizer, items: list[dict], batch_size: int = 16, pr
     start of its context, as in lm-eval.
     """
     seqs = _sequences(tokenizer, items, max_length(model))
-    evaluation.output_head(model)  # checks once that the output layer is what token_nll models
+    evaluation.check_output_layer(model)
     device = input_device(model)
     order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i][0]), i))
     scores = [0.0] * len(seqs)
