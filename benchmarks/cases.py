@@ -2,6 +2,7 @@
 
 Every case is a function of a `Setup` (model, data, scores) that does the whole job once.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -25,12 +26,23 @@ class Setup:
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def setup(seq_len: int, score_windows: int, eval_windows: int, device: str = "cpu", dtype: str = "float32",
-          model: str | None = None) -> Setup:
+def setup(
+    seq_len: int,
+    score_windows: int,
+    eval_windows: int,
+    device: str = "cpu",
+    dtype: str = "float32",
+    model: str | None = None,
+) -> Setup:
     m = models.load(model, dtype, device)
-    names = models.scored_names(m.model)
-    return Setup(m, _windows(m.tokenizer, "score", seq_len, score_windows),
-                 _windows(m.tokenizer, "eval", seq_len, eval_windows), names, models.removed_values(m.model, names))
+    names = models.scored_names(m.module)
+    return Setup(
+        m,
+        _windows(m.tokenizer, "score", seq_len, score_windows),
+        _windows(m.tokenizer, "eval", seq_len, eval_windows),
+        names,
+        models.removed_values(m.module, names),
+    )
 
 
 def _windows(tokenizer, split: str, seq_len: int, n: int) -> corpus.Windows:
@@ -49,9 +61,10 @@ def _windows(tokenizer, split: str, seq_len: int, n: int) -> corpus.Windows:
 
 # --- scoring -------------------------------------------------------------------------------------------
 
+
 def score_lean(s: Setup):
     """lingregion: only scored parameters require grad, gradients folded into fp32 sums as they appear."""
-    return scoring.score(s.m.model, s.score_windows, s.names, s.removed, batch_size=1, progress=False)
+    return scoring.score(s.m.module, s.score_windows, s.names, s.removed, batch_size=1, progress=False)
 
 
 @contextmanager
@@ -70,15 +83,15 @@ def _requires_grad(model, names):
 def score_bare(s: Setup):
     """A bare forward and backward of the model's own loss through the same parameters; nothing kept."""
     device = s.m.device
-    with _requires_grad(s.m.model, set(s.names)):
+    with _requires_grad(s.m.module, set(s.names)):
         for ids in s.score_windows.input_ids:
-            s.m.model(input_ids=ids[None].to(device), labels=ids[None].to(device)).loss.backward()
-            s.m.model.zero_grad(set_to_none=True)
+            s.m.module(input_ids=ids[None].to(device), labels=ids[None].to(device)).loss.backward()
+            s.m.module.zero_grad(set_to_none=True)
 
 
 def score_naive(s: Setup):
     """The straightforward way: every parameter requires grad, `.grad` accumulates, multiply at the end."""
-    model, device, total = s.m.model, s.m.device, s.score_windows.n_tokens
+    model, device, total = s.m.module, s.m.device, s.score_windows.n_tokens
     params = dict(model.named_parameters())
     with _requires_grad(model, set(params)):
         for ids in s.score_windows.input_ids:
@@ -89,7 +102,7 @@ def score_naive(s: Setup):
 
 def score_fp64(s: Setup):
     """The reference for both: the same importance with the model and the cross-entropy in fp64."""
-    model, device, total = s.m.model, s.m.device, s.score_windows.n_tokens
+    model, device, total = s.m.module, s.m.device, s.score_windows.n_tokens
     dtype, params = next(model.parameters()).dtype, dict(model.named_parameters())
     head, cap = evaluation.output_layer(model.double())
     try:
@@ -105,9 +118,10 @@ def score_fp64(s: Setup):
 
 # --- perplexity ----------------------------------------------------------------------------------------
 
+
 def ppl_lean(s: Setup, batch_size: int = 4) -> float:
     """Σ NLL by lingregion's perplexity."""
-    return evaluation.perplexity(s.m.model, s.eval_windows, batch_size, progress=False)["nll"]
+    return evaluation.perplexity(s.m.module, s.eval_windows, batch_size, progress=False)["nll"]
 
 
 @torch.inference_mode()
@@ -116,20 +130,21 @@ def ppl_naive(s: Setup, batch_size: int = 4) -> float:
     nll = 0.0
     for ids in evaluation.batches(s.eval_windows, batch_size):
         ids = ids.to(s.m.device)
-        nll += s.m.model(input_ids=ids, labels=ids).loss.double().item() * ids.shape[0] * (ids.shape[1] - 1)
+        nll += s.m.module(input_ids=ids, labels=ids).loss.double().item() * ids.shape[0] * (ids.shape[1] - 1)
     return nll
 
 
 @torch.inference_mode()
 def nll_exact(s: Setup, batch_size: int = 4) -> float:
     """Σ NLL with the fp32 logits' log-softmax taken in fp64: the reference both methods are held to."""
-    logits_fn, nll = evaluation.output_head(s.m.model), 0.0
+    logits_fn, nll = evaluation.output_head(s.m.module), 0.0
     for ids in evaluation.batches(s.eval_windows, batch_size):
-        hidden, targets = evaluation.hidden_and_targets(s.m.model, ids.to(s.m.device))
+        hidden, targets = evaluation.hidden_and_targets(s.m.module, ids.to(s.m.device))
         for i in range(0, len(targets), evaluation.LOGIT_CHUNK):
-            logits = logits_fn(hidden[i:i + evaluation.LOGIT_CHUNK]).double()
-            nll += torch.nn.functional.cross_entropy(logits, targets[i:i + evaluation.LOGIT_CHUNK],
-                                                     reduction="sum").item()
+            logits = logits_fn(hidden[i : i + evaluation.LOGIT_CHUNK]).double()
+            nll += torch.nn.functional.cross_entropy(
+                logits, targets[i : i + evaluation.LOGIT_CHUNK], reduction="sum"
+            ).item()
     return nll
 
 
@@ -143,7 +158,7 @@ def lmeval_harness(s: Setup, batch_size: int = 4):
     from lm_eval.models.huggingface import HFLM
 
     seq_len = len(s.eval_windows.input_ids[0])
-    lm = HFLM(pretrained=s.m.model, tokenizer=s.m.tokenizer, batch_size=batch_size, max_length=seq_len)
+    lm = HFLM(pretrained=s.m.module, tokenizer=s.m.tokenizer, batch_size=batch_size, max_length=seq_len)
     text = s.m.tokenizer.decode(torch.cat([w[1:] for w in s.eval_windows.input_ids]))
     request = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)
     return lambda: lm.loglikelihood_rolling([request], disable_tqdm=True)[0]
@@ -157,12 +172,13 @@ def lmeval_tokens(s: Setup) -> int:
 
 # --- regions -------------------------------------------------------------------------------------------
 
+
 def region_switch(s: Setup, region) -> dict:
     """Seconds to build the edits of a region, to apply them and to undo them."""
     t0 = time.perf_counter()
     edits = interventions.removal(region, s.removed)
     t1 = time.perf_counter()
-    handle = interventions.apply(s.m.model, edits)
+    handle = interventions.apply(s.m.module, edits)
     t2 = time.perf_counter()
     handle.undo()
     t3 = time.perf_counter()
@@ -180,5 +196,5 @@ def select_sort(s: Setup, scope: str, ratio: float = 0.03):
     for group in groups:
         flat = torch.cat([s.scores[n].reshape(-1) for n in group])
         order = torch.sort(flat, descending=True, stable=True).indices
-        out.append(order[:round(ratio * flat.numel())])
+        out.append(order[: round(ratio * flat.numel())])
     return out

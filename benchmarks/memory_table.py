@@ -4,6 +4,7 @@
 
 --model adds rows for any Hugging Face config (a hub id or a local folder; only config.json is read).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,17 +19,37 @@ def rows(configs: dict, seq_len: int, batch_size: int, dtype: str) -> list[list[
     out = []
     for name, config in configs.items():
         e = memory.estimate(config, seq_len, batch_size, dtype)
-        gb = lambda key: f"{e[key] / 1e9:,.1f}"  # noqa: E731
-        out.append([name, f"{e['parameters'] / 1e9:.1f}B", gb("weights"), gb("accumulators"), gb("activations"),
-                    f"{(e['output_chunk'] + e['transient_gradient']) / 1e9:.1f}", gb("scoring_peak"),
-                    str(math.ceil(e["scoring_peak"] / GPU)), gb("evaluation_peak"),
-                    str(math.ceil(e["evaluation_peak"] / GPU))])
+        gb = lambda key, e=e: f"{e[key] / 1e9:,.1f}"  # noqa: E731
+        out.append(
+            [
+                name,
+                f"{e['parameters'] / 1e9:.1f}B",
+                gb("weights"),
+                gb("accumulators"),
+                gb("activations"),
+                f"{(e['output_chunk'] + e['transient_gradient']) / 1e9:.1f}",
+                gb("scoring_peak"),
+                str(math.ceil(e["scoring_peak"] / GPU)),
+                gb("evaluation_peak"),
+                str(math.ceil(e["evaluation_peak"] / GPU)),
+            ]
+        )
     return out
 
 
 def table(configs: dict, seq_len: int, batch_size: int, dtype: str) -> str:
-    head = ["Model", "Params", "Weights", "fp32 accumulators", f"Activations ({batch_size}×{seq_len})",
-            "Output chunk + one gradient", "Scoring total", "80 GB GPUs", "Evaluation total", "80 GB GPUs"]
+    head = [
+        "Model",
+        "Params",
+        "Weights",
+        "fp32 accumulators",
+        f"Activations ({batch_size}×{seq_len})",
+        "Output chunk + one gradient",
+        "Scoring total",
+        "80 GB GPUs",
+        "Evaluation total",
+        "80 GB GPUs",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows(configs, seq_len, batch_size, dtype)]
     return "\n".join(lines) + f"\n\nGB = 10⁹ bytes; weights in {dtype}; evaluation at the same window and batch.\n"

@@ -11,6 +11,7 @@ threshold fixed at 64 KiB, so that a freed tensor leaves the resident set instea
 heap; on CUDA the allocator's peak. Writes DIR/benchmarks.json and DIR/benchmarks.md (default:
 benchmarks/results); --doc also puts the tables into that file, between its "figures" markers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,11 +29,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cases  # noqa: E402
-
 from lingregion import memory, store  # noqa: E402
 from lingregion.checkpoint import CHECKPOINT_EVERY, Checkpoint  # noqa: E402
 from lingregion.regions import Region  # noqa: E402
+
+import cases  # noqa: E402
 
 PRESETS = {  # seq_len, scoring windows, evaluation windows (one batch of 4), reps
     "default": {"seq_len": 512, "score_windows": 2, "eval_windows": 4, "reps": 3},
@@ -40,7 +41,7 @@ PRESETS = {  # seq_len, scoring windows, evaluation windows (one batch of 4), re
     # a GPU does a few windows in milliseconds, where launch overheads would decide every ratio
     "gpu": {"seq_len": 512, "score_windows": 16, "eval_windows": 64, "reps": 3},
 }
-MB = 2 ** 20
+MB = 2**20
 
 
 # --- measuring -----------------------------------------------------------------------------------------
@@ -86,14 +87,21 @@ def peak_of(fn, device: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
         fn()
         torch.cuda.synchronize()
-        return {"before": before, "peak": torch.cuda.max_memory_allocated(), "method": "torch.cuda.max_memory_allocated"}
+        return {
+            "before": before,
+            "peak": torch.cuda.max_memory_allocated(),
+            "method": "torch.cuda.max_memory_allocated",
+        }
     assert os.environ.get("MALLOC_MMAP_THRESHOLD_"), "run through memory_of, which fixes the mmap threshold"
     before = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident size
     fn()
-    return {"before": before, "peak": _status("VmHWM"),
-            "method": "VmHWM after clear_refs (resident set of the whole process; glibc mmap threshold 64 KiB)"}
+    return {
+        "before": before,
+        "peak": _status("VmHWM"),
+        "method": "VmHWM after clear_refs (resident set of the whole process; glibc mmap threshold 64 KiB)",
+    }
 
 
 MEMORY_CASES = {  # name → (Setup → the zero-argument job whose peak is measured)
@@ -122,7 +130,7 @@ def memory_child(args) -> None:
     else:
         s = cases.setup(args.seq_len, args.score_windows, args.eval_windows, args.device, args.dtype, args.model)
         with torch.no_grad():  # weights are memory-mapped: page them in now, or the job would count them
-            for p in s.m.model.parameters():
+            for p in s.m.module.parameters():
                 p.sum()
     job = MEMORY_CASES[args.memory](s)
     if args.scores:
@@ -135,9 +143,24 @@ def memory_child(args) -> None:
 def memory_of(case: str, args, scores: Path | None = None) -> dict:
     # selection works on scores read into host memory, whatever device the model is on
     device = "cpu" if scores else args.device
-    cmd = [sys.executable, __file__, "--memory", case, "--seq-len", str(args.seq_len), "--score-windows",
-           str(args.score_windows), "--eval-windows", str(args.eval_windows), "--device", device,
-           "--dtype", args.dtype, "--threads", str(torch.get_num_threads())]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--memory",
+        case,
+        "--seq-len",
+        str(args.seq_len),
+        "--score-windows",
+        str(args.score_windows),
+        "--eval-windows",
+        str(args.eval_windows),
+        "--device",
+        device,
+        "--dtype",
+        args.dtype,
+        "--threads",
+        str(torch.get_num_threads()),
+    ]
     cmd += (["--scores", str(scores)] if scores else []) + (["--model", args.model] if args.model else [])
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(64 * 1024))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -151,15 +174,27 @@ def memory_of(case: str, args, scores: Path | None = None) -> dict:
 
 # --- the benchmarks ------------------------------------------------------------------------------------
 
+
 def bench_scoring(s: cases.Setup, args) -> tuple[dict, dict]:
     """Figures, and the naive way's scores (for the accuracy check at the end)."""
     tokens = s.score_windows.n_tokens
-    secs, last = interleaved("scoring", {"lean": lambda: cases.score_lean(s), "bare": lambda: cases.score_bare(s),
-                              "naive": lambda: cases.score_naive(s)}, args.reps)
+    secs, last = interleaved(
+        "scoring",
+        {
+            "lean": lambda: cases.score_lean(s),
+            "bare": lambda: cases.score_bare(s),
+            "naive": lambda: cases.score_naive(s),
+        },
+        args.reps,
+    )
     s.scores = last["lean"]
     mem = {k: memory_of(f"score.{k}", args) for k in ("lean", "bare", "naive")}
-    return {"tokens": tokens, "seconds": secs, "tokens_per_s": {k: tokens / v for k, v in secs.items()},
-            "memory": mem}, last["naive"]
+    return {
+        "tokens": tokens,
+        "seconds": secs,
+        "tokens_per_s": {k: tokens / v for k, v in secs.items()},
+        "memory": mem,
+    }, last["naive"]
 
 
 def bench_perplexity(s: cases.Setup, args) -> dict:
@@ -170,11 +205,16 @@ def bench_perplexity(s: cases.Setup, args) -> dict:
     n = s.eval_windows.n_tokens
     tokens, exact = {"lean": n, "naive": n}, cases.nll_exact(s)
     ppl = {k: math.exp(last[k] / n) for k in ("lean", "naive")}
-    out = {"batch": [4, args.seq_len], "seconds": secs, "ppl": ppl, "nll": {k: last[k] for k in ppl},
-           "nll_fp64_reference": exact,
-           "relative_difference": abs(ppl["lean"] - ppl["naive"]) / ppl["naive"],
-           "relative_error_vs_fp64": {k: abs(last[k] - exact) / exact for k in ppl},
-           "relative_difference_vs_fp64": abs(ppl["lean"] - math.exp(exact / n)) / math.exp(exact / n)}
+    out = {
+        "batch": [4, args.seq_len],
+        "seconds": secs,
+        "ppl": ppl,
+        "nll": {k: last[k] for k in ppl},
+        "nll_fp64_reference": exact,
+        "relative_difference": abs(ppl["lean"] - ppl["naive"]) / ppl["naive"],
+        "relative_error_vs_fp64": {k: abs(last[k] - exact) / exact for k in ppl},
+        "relative_difference_vs_fp64": abs(ppl["lean"] - math.exp(exact / n)) / math.exp(exact / n),
+    }
     if "lmeval" in fns:
         tokens["lmeval"] = cases.lmeval_tokens(s)
         out["lmeval_loglikelihood"] = last["lmeval"]
@@ -198,25 +238,45 @@ def bench_switching(s: cases.Setup, args) -> dict:
         cases.ppl_lean(s)
         runs.append(dict(run, eval=time.perf_counter() - t0))
     med = {k: statistics.median(r[k] for r in runs) for k in ("build", "apply", "undo", "eval")}
-    return {"seconds": med, "first_apply_seconds": first["apply"], "entries": first["entries"], "of": first["of"],
-            "eval_pass_seconds": med["eval"],
-            "apply_undo_over_eval": statistics.median((r["apply"] + r["undo"]) / r["eval"] for r in runs),
-            "build_apply_undo_over_eval": statistics.median((r["build"] + r["apply"] + r["undo"]) / r["eval"]
-                                                            for r in runs)}
+    return {
+        "seconds": med,
+        "first_apply_seconds": first["apply"],
+        "entries": first["entries"],
+        "of": first["of"],
+        "eval_pass_seconds": med["eval"],
+        "apply_undo_over_eval": statistics.median((r["apply"] + r["undo"]) / r["eval"] for r in runs),
+        "build_apply_undo_over_eval": statistics.median(
+            (r["build"] + r["apply"] + r["undo"]) / r["eval"] for r in runs
+        ),
+    }
 
 
 def bench_selection(s: cases.Setup, args, scores_file: Path) -> dict:
-    secs, _ = interleaved("selection", {
-        "matrix": lambda: cases.select_lean(s, "matrix"), "sort.matrix": lambda: cases.select_sort(s, "matrix"),
-        "global": lambda: cases.select_lean(s, "global"), "sort.global": lambda: cases.select_sort(s, "global"),
-        "random.global": lambda: cases.select_lean(s, "global", "random"),
-    }, max(1, args.reps - 1), warmup=False)
+    secs, _ = interleaved(
+        "selection",
+        {
+            "matrix": lambda: cases.select_lean(s, "matrix"),
+            "sort.matrix": lambda: cases.select_sort(s, "matrix"),
+            "global": lambda: cases.select_lean(s, "global"),
+            "sort.global": lambda: cases.select_sort(s, "global"),
+            "random.global": lambda: cases.select_lean(s, "global", "random"),
+        },
+        max(1, args.reps - 1),
+        warmup=False,
+    )
     largest = max(t.numel() * t.element_size() for t in s.scores.values())
-    mem = {k: memory_of(f"{k}", args, scores_file)
-           for k in ("select.matrix", "select.global", "select.random-global", "sort.global")}
+    mem = {
+        k: memory_of(f"{k}", args, scores_file)
+        for k in ("select.matrix", "select.global", "select.random-global", "sort.global")
+    }
     entries = sum(t.numel() for t in s.scores.values())
-    return {"seconds": secs, "entries": entries, "largest_matrix_bytes": largest, "memory": mem,
-            "region_bytes": sum((t.numel() + 7) // 8 for t in s.scores.values())}
+    return {
+        "seconds": secs,
+        "entries": entries,
+        "largest_matrix_bytes": largest,
+        "memory": mem,
+        "region_bytes": sum((t.numel() + 7) // 8 for t in s.scores.values()),
+    }
 
 
 def bench_storage(s: cases.Setup, folder: Path) -> dict:
@@ -225,10 +285,13 @@ def bench_storage(s: cases.Setup, folder: Path) -> dict:
     store.write_tensors(folder / "scores.safetensors", s.scores, {"format": "benchmark"})
     assert Region.load(folder / "region.safetensors").count() == region.count()
     n = region.total()
-    return {"entries": n, "region_file_bytes": (folder / "region.safetensors").stat().st_size,
-            "region_bits_per_entry": 8 * (folder / "region.safetensors").stat().st_size / n,
-            "scores_file_bytes": (folder / "scores.safetensors").stat().st_size,
-            "score_dtype": str(next(iter(s.scores.values())).dtype).replace("torch.", "")}
+    return {
+        "entries": n,
+        "region_file_bytes": (folder / "region.safetensors").stat().st_size,
+        "region_bits_per_entry": 8 * (folder / "region.safetensors").stat().st_size / n,
+        "scores_file_bytes": (folder / "scores.safetensors").stat().st_size,
+        "score_dtype": str(next(iter(s.scores.values())).dtype).replace("torch.", ""),
+    }
 
 
 def bench_checkpoint(s: cases.Setup, folder: Path, seconds_per_window: float) -> dict:
@@ -236,9 +299,12 @@ def bench_checkpoint(s: cases.Setup, folder: Path, seconds_per_window: float) ->
     t0 = time.perf_counter()
     ckpt.update(s.scores, 1, 1)
     save = time.perf_counter() - t0
-    return {"save_seconds": save, "every_windows": CHECKPOINT_EVERY,
-            "overhead": save / (CHECKPOINT_EVERY * seconds_per_window),
-            "every_for_2_percent": math.ceil(save / (0.02 * seconds_per_window))}
+    return {
+        "save_seconds": save,
+        "every_windows": CHECKPOINT_EVERY,
+        "overhead": save / (CHECKPOINT_EVERY * seconds_per_window),
+        "every_for_2_percent": math.ceil(save / (0.02 * seconds_per_window)),
+    }
 
 
 def bench_accuracy(s: cases.Setup, naive: dict) -> dict:
@@ -255,20 +321,30 @@ def bench_accuracy(s: cases.Setup, naive: dict) -> dict:
 def bench_memory_model(s: cases.Setup, args, scoring: dict, perplexity: dict) -> dict:
     """memory.estimate's figures for this model against the measured peaks (both over the process's
     resident size before the model was loaded)."""
-    config = s.m.model.config
+    config = s.m.module.config
     score_est = memory.estimate(config, args.seq_len, 1, args.dtype, args.device)
     eval_est = memory.estimate(config, args.seq_len, 4, args.dtype, args.device)
     weights = score_est["weights"]  # resident before the job, with the tokenizer and data, which it omits
     lean, ppl = scoring["memory"]["lean"], perplexity["memory"]["lean"]
-    return {"scoring": {"estimate": score_est["scoring_peak"], "measured": weights + lean["increment"]},
-            "evaluation": {"estimate": eval_est["evaluation_peak"], "measured": weights + ppl["increment"]},
-            "estimate": score_est, "windows": args.score_windows}
+    return {
+        "scoring": {"estimate": score_est["scoring_peak"], "measured": weights + lean["increment"]},
+        "evaluation": {"estimate": eval_est["evaluation_peak"], "measured": weights + ppl["increment"]},
+        "estimate": score_est,
+        "windows": args.score_windows,
+    }
 
 
 def machine(args) -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    out = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "load_average": os.getloadavg(), "device": args.device, "dtype": args.dtype, **store.environment()}
+    out = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+        "device": args.device,
+        "dtype": args.dtype,
+        **store.environment(),
+    }
     if args.device.startswith("cuda"):
         out["gpu"] = torch.cuda.get_device_name()
     return out
@@ -276,11 +352,17 @@ def machine(args) -> dict:
 
 def describe_model(s: cases.Setup, args) -> dict:
     info = s.m.info
-    return {"name": info["name"], "class": info["class"], "parameters": info["parameters"],
-            "fingerprint": info["fingerprint"], "note": args.model_note or ""}
+    return {
+        "name": info["name"],
+        "class": info["class"],
+        "parameters": info["parameters"],
+        "fingerprint": info["fingerprint"],
+        "note": args.model_note or "",
+    }
 
 
 # --- report --------------------------------------------------------------------------------------------
+
 
 def _row(target: str, measured: float, goal: str, ok: bool | None, fmt: str = "{:.2f}") -> list[str]:
     return [target, fmt.format(measured), goal, "n/a" if ok is None else ("yes" if ok else "**no**")]
@@ -296,91 +378,233 @@ def targets(r: dict) -> list[list[str]]:
 
     def extra(case: str) -> float:
         return se["memory"][case]["increment"] / se["largest_matrix_bytes"]
+
     rows = [
-        _row("Scoring throughput / bare forward+backward", sc["tokens_per_s"]["lean"] / sc["tokens_per_s"]["bare"],
-             "≥ 0.95", sc["tokens_per_s"]["lean"] / sc["tokens_per_s"]["bare"] >= 0.95),
-        _row("Scoring throughput / naive (all grads, .grad)", sc["tokens_per_s"]["lean"] / sc["tokens_per_s"]["naive"],
-             "≥ 1.4", sc["tokens_per_s"]["lean"] / sc["tokens_per_s"]["naive"] >= 1.4),
-        _row("Scoring peak memory / naive", peak(sc["memory"]["lean"]) / peak(sc["memory"]["naive"]), "≤ 0.7",
-             peak(sc["memory"]["lean"]) / peak(sc["memory"]["naive"]) <= 0.7),
-        _row("Scores vs fp64, largest per-matrix error: lingregion", r["accuracy"]["lean"]["max"], "report", None,
-             "{:.1e}"),
-        _row("Scores vs fp64, largest per-matrix error: naive", r["accuracy"]["naive"]["max"], "report", None,
-             "{:.1e}"),
-        _row("Perplexity peak memory / naive model(labels=) at 4×" + str(pp["batch"][1]),
-             peak(pp["memory"]["lean"]) / peak(pp["memory"]["naive"]), "≤ 0.4",
-             peak(pp["memory"]["lean"]) / peak(pp["memory"]["naive"]) <= 0.4),
-        _row("Perplexity throughput / naive", pp["tokens_per_s"]["lean"] / pp["tokens_per_s"]["naive"], "≥ 1.3",
-             pp["tokens_per_s"]["lean"] / pp["tokens_per_s"]["naive"] >= 1.3),
-        _row("Perplexity relative difference from naive", pp["relative_difference"], "≤ 1e-5",
-             pp["relative_difference"] <= 1e-5, "{:.1e}"),
-        _row("Perplexity relative difference from fp64 log-softmax", pp["relative_difference_vs_fp64"], "≤ 1e-5",
-             pp["relative_difference_vs_fp64"] <= 1e-5, "{:.1e}"),
-        _row("Σ NLL relative error vs fp64 log-softmax: lingregion", pp["relative_error_vs_fp64"]["lean"], "report",
-             None, "{:.1e}"),
-        _row("Σ NLL relative error vs fp64 log-softmax: naive", pp["relative_error_vs_fp64"]["naive"], "report",
-             None, "{:.1e}"),
+        _row(
+            "Scoring throughput / bare forward+backward",
+            sc["tokens_per_s"]["lean"] / sc["tokens_per_s"]["bare"],
+            "≥ 0.95",
+            sc["tokens_per_s"]["lean"] / sc["tokens_per_s"]["bare"] >= 0.95,
+        ),
+        _row(
+            "Scoring throughput / naive (all grads, .grad)",
+            sc["tokens_per_s"]["lean"] / sc["tokens_per_s"]["naive"],
+            "≥ 1.4",
+            sc["tokens_per_s"]["lean"] / sc["tokens_per_s"]["naive"] >= 1.4,
+        ),
+        _row(
+            "Scoring peak memory / naive",
+            peak(sc["memory"]["lean"]) / peak(sc["memory"]["naive"]),
+            "≤ 0.7",
+            peak(sc["memory"]["lean"]) / peak(sc["memory"]["naive"]) <= 0.7,
+        ),
+        _row(
+            "Scores vs fp64, largest per-matrix error: lingregion",
+            r["accuracy"]["lean"]["max"],
+            "report",
+            None,
+            "{:.1e}",
+        ),
+        _row(
+            "Scores vs fp64, largest per-matrix error: naive", r["accuracy"]["naive"]["max"], "report", None, "{:.1e}"
+        ),
+        _row(
+            "Perplexity peak memory / naive model(labels=) at 4×" + str(pp["batch"][1]),
+            peak(pp["memory"]["lean"]) / peak(pp["memory"]["naive"]),
+            "≤ 0.4",
+            peak(pp["memory"]["lean"]) / peak(pp["memory"]["naive"]) <= 0.4,
+        ),
+        _row(
+            "Perplexity throughput / naive",
+            pp["tokens_per_s"]["lean"] / pp["tokens_per_s"]["naive"],
+            "≥ 1.3",
+            pp["tokens_per_s"]["lean"] / pp["tokens_per_s"]["naive"] >= 1.3,
+        ),
+        _row(
+            "Perplexity relative difference from naive",
+            pp["relative_difference"],
+            "≤ 1e-5",
+            pp["relative_difference"] <= 1e-5,
+            "{:.1e}",
+        ),
+        _row(
+            "Perplexity relative difference from fp64 log-softmax",
+            pp["relative_difference_vs_fp64"],
+            "≤ 1e-5",
+            pp["relative_difference_vs_fp64"] <= 1e-5,
+            "{:.1e}",
+        ),
+        _row(
+            "Σ NLL relative error vs fp64 log-softmax: lingregion",
+            pp["relative_error_vs_fp64"]["lean"],
+            "report",
+            None,
+            "{:.1e}",
+        ),
+        _row(
+            "Σ NLL relative error vs fp64 log-softmax: naive",
+            pp["relative_error_vs_fp64"]["naive"],
+            "report",
+            None,
+            "{:.1e}",
+        ),
     ]
     if "lmeval" in pp["tokens_per_s"]:
-        rows.append(_row("Perplexity throughput / lm-eval HF backend", pp["tokens_per_s"]["lean"] / pp["tokens_per_s"]["lmeval"],
-                         "report", None))
-        rows.append(_row("Perplexity peak memory / lm-eval HF backend",
-                         peak(pp["memory"]["lean"]) / peak(pp["memory"]["lmeval"]), "report", None))
+        rows.append(
+            _row(
+                "Perplexity throughput / lm-eval HF backend",
+                pp["tokens_per_s"]["lean"] / pp["tokens_per_s"]["lmeval"],
+                "report",
+                None,
+            )
+        )
+        rows.append(
+            _row(
+                "Perplexity peak memory / lm-eval HF backend",
+                peak(pp["memory"]["lean"]) / peak(pp["memory"]["lmeval"]),
+                "report",
+                None,
+            )
+        )
     rows += [
-        _row("Apply + undo a 3% region / one evaluation pass", sw["apply_undo_over_eval"], "≤ 0.02",
-             sw["apply_undo_over_eval"] <= 0.02, "{:.4f}"),
-        _row("Build edits + apply + undo / one evaluation pass", sw["build_apply_undo_over_eval"], "report", None, "{:.4f}"),
-        _row("Top 3% per matrix: time / full sort", se["seconds"]["matrix"] / se["seconds"]["sort.matrix"], "report", None),
+        _row(
+            "Apply + undo a 3% region / one evaluation pass",
+            sw["apply_undo_over_eval"],
+            "≤ 0.02",
+            sw["apply_undo_over_eval"] <= 0.02,
+            "{:.4f}",
+        ),
+        _row(
+            "Build edits + apply + undo / one evaluation pass",
+            sw["build_apply_undo_over_eval"],
+            "report",
+            None,
+            "{:.4f}",
+        ),
+        _row(
+            "Top 3% per matrix: time / full sort",
+            se["seconds"]["matrix"] / se["seconds"]["sort.matrix"],
+            "report",
+            None,
+        ),
         _row("Top 3% global: time / full sort", se["seconds"]["global"] / se["seconds"]["sort.global"], "report", None),
-        _row("Top 3% global: working memory / largest matrix", working("select.global"), "≤ 1",
-             working("select.global") <= 1),
+        _row(
+            "Top 3% global: working memory / largest matrix",
+            working("select.global"),
+            "≤ 1",
+            working("select.global") <= 1,
+        ),
         # Random has no scores to select from: it makes one matrix of uniform values at a time, which
         # is its data rather than working memory
-        _row("Random 3% global: working memory besides its uniform values / largest matrix",
-             working("select.random-global") - 1, "≤ 1", working("select.random-global") - 1 <= 1),
+        _row(
+            "Random 3% global: working memory besides its uniform values / largest matrix",
+            working("select.random-global") - 1,
+            "≤ 1",
+            working("select.random-global") - 1 <= 1,
+        ),
         _row("Full sort global: extra memory / largest matrix", extra("sort.global"), "report", None),
-        _row("Region file: bits per parameter", st["region_bits_per_entry"], "≈ 1", st["region_bits_per_entry"] < 1.01, "{:.4f}"),
+        _row(
+            "Region file: bits per parameter",
+            st["region_bits_per_entry"],
+            "≈ 1",
+            st["region_bits_per_entry"] < 1.01,
+            "{:.4f}",
+        ),
     ]
     return rows
 
 
 def details(r: dict) -> list[list[str]]:
-    sc, pp, sw, se, ck, mm = (r[k] for k in ("scoring", "perplexity", "switching", "selection", "checkpoint", "memory_model"))
-    rows = [[f"scoring {k}", f"{sc['tokens_per_s'][k]:.1f} tok/s", f"{sc['memory'][k]['peak'] / MB:,.0f} MB",
-             f"+{sc['memory'][k]['increment'] / MB:,.0f} MB"] for k in sc["seconds"]]
-    rows += [[f"perplexity {k}", f"{pp['tokens_per_s'][k]:.1f} tok/s", f"{pp['memory'][k]['peak'] / MB:,.0f} MB",
-              f"+{pp['memory'][k]['increment'] / MB:,.0f} MB"] for k in pp["seconds"]]
+    sc, pp, sw, se, ck, mm = (
+        r[k] for k in ("scoring", "perplexity", "switching", "selection", "checkpoint", "memory_model")
+    )
+    rows = [
+        [
+            f"scoring {k}",
+            f"{sc['tokens_per_s'][k]:.1f} tok/s",
+            f"{sc['memory'][k]['peak'] / MB:,.0f} MB",
+            f"+{sc['memory'][k]['increment'] / MB:,.0f} MB",
+        ]
+        for k in sc["seconds"]
+    ]
+    rows += [
+        [
+            f"perplexity {k}",
+            f"{pp['tokens_per_s'][k]:.1f} tok/s",
+            f"{pp['memory'][k]['peak'] / MB:,.0f} MB",
+            f"+{pp['memory'][k]['increment'] / MB:,.0f} MB",
+        ]
+        for k in pp["seconds"]
+    ]
     rows += [[f"selection {k}", f"{v:.2f} s", "", ""] for k, v in se["seconds"].items()]
-    rows += [[f"selection memory {k}", "", f"{m['peak'] / MB:,.0f} MB", f"+{m['increment'] / MB:,.0f} MB"]
-             for k, m in se["memory"].items()]
-    rows += [["region 3%: build edits / apply / undo",
-              " / ".join(f"{sw['seconds'][k] * 1e3:.0f} ms" for k in ("build", "apply", "undo")), "", ""],
-             ["first apply after loading (copies the mapped weight pages it writes; once)", f"{sw['first_apply_seconds']:.2f} s", "", ""],
-             [f"one evaluation pass ({r['config']['eval_windows']} windows, batch 4)", f"{sw['eval_pass_seconds']:.2f} s", "", ""],
-             [f"checkpoint save (every {ck['every_windows']} windows)", f"{ck['save_seconds']:.2f} s",
-              f"{ck['overhead']:.1%} of scoring time",
-              f"every {ck['every_for_2_percent']} windows for ≤ 2% (`scale_checkpoint_every`)"],
-             [f"memory.estimate vs weights + measured growth, scoring ({mm['windows']} windows, 1 per pass)",
-              f"{mm['scoring']['estimate'] / MB:,.0f} MB est.", f"{mm['scoring']['measured'] / MB:,.0f} MB measured", ""],
-             ["memory.estimate vs weights + measured growth, evaluation 4 windows",
-              f"{mm['evaluation']['estimate'] / MB:,.0f} MB est.", f"{mm['evaluation']['measured'] / MB:,.0f} MB measured", ""]]
+    rows += [
+        [f"selection memory {k}", "", f"{m['peak'] / MB:,.0f} MB", f"+{m['increment'] / MB:,.0f} MB"]
+        for k, m in se["memory"].items()
+    ]
+    rows += [
+        [
+            "region 3%: build edits / apply / undo",
+            " / ".join(f"{sw['seconds'][k] * 1e3:.0f} ms" for k in ("build", "apply", "undo")),
+            "",
+            "",
+        ],
+        [
+            "first apply after loading (copies the mapped weight pages it writes; once)",
+            f"{sw['first_apply_seconds']:.2f} s",
+            "",
+            "",
+        ],
+        [
+            f"one evaluation pass ({r['config']['eval_windows']} windows, batch 4)",
+            f"{sw['eval_pass_seconds']:.2f} s",
+            "",
+            "",
+        ],
+        [
+            f"checkpoint save (every {ck['every_windows']} windows)",
+            f"{ck['save_seconds']:.2f} s",
+            f"{ck['overhead']:.1%} of scoring time",
+            f"every {ck['every_for_2_percent']} windows for ≤ 2% (`scale_checkpoint_every`)",
+        ],
+        [
+            f"memory.estimate vs weights + measured growth, scoring ({mm['windows']} windows, 1 per pass)",
+            f"{mm['scoring']['estimate'] / MB:,.0f} MB est.",
+            f"{mm['scoring']['measured'] / MB:,.0f} MB measured",
+            "",
+        ],
+        [
+            "memory.estimate vs weights + measured growth, evaluation 4 windows",
+            f"{mm['evaluation']['estimate'] / MB:,.0f} MB est.",
+            f"{mm['evaluation']['measured'] / MB:,.0f} MB measured",
+            "",
+        ],
+    ]
     return rows
 
 
 def markdown(r: dict) -> str:
     m, c = r["machine"], r["config"]
     model = r["model"]
-    out = [f"Model: {model['class']} `{model['name']}`, {model['parameters'] / 1e6:,.0f}M parameters"
-           + (f" ({model['note']})" if model["note"] else "") + ".",
-           f"Machine: {m['gpu'] + ', ' if m.get('gpu') else ''}{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
-           f"{m['device']} {m['dtype']}; load average {m['load_average'][0]:.1f} at the start, "
-           f"{r['load_average_end'][0]:.1f} at the end. Windows of {c['seq_len']} tokens; {c['reps']} interleaved "
-           f"reps, median. Command: `{r['command']}`.", "",
-           "| Target | Measured | Goal | Met |", "|---|---|---|---|"]
+    out = [
+        f"Model: {model['class']} `{model['name']}`, {model['parameters'] / 1e6:,.0f}M parameters"
+        + (f" ({model['note']})" if model["note"] else "")
+        + ".",
+        f"Machine: {m['gpu'] + ', ' if m.get('gpu') else ''}{m['cpu']}, {m['cores']} cores, "
+        f"torch {m['torch']} ({m['torch_threads']} threads), "
+        f"{m['device']} {m['dtype']}; load average {m['load_average'][0]:.1f} at the start, "
+        f"{r['load_average_end'][0]:.1f} at the end. Windows of {c['seq_len']} tokens; {c['reps']} interleaved "
+        f"reps, median. Command: `{r['command']}`.",
+        "",
+        "| Target | Measured | Goal | Met |",
+        "|---|---|---|---|",
+    ]
     out += ["| " + " | ".join(row) + " |" for row in targets(r)]
     out += ["", "| Measurement | Speed | Peak memory | Over the loaded model |", "|---|---|---|---|"]
     out += ["| " + " | ".join(row) + " |" for row in details(r)]
-    out += ["", "Process CPU time per job (median): " + ", ".join(f"{k} {v:.2f} s" for k, v in r["cpu_seconds"].items()) + "."]
+    out += [
+        "",
+        "Process CPU time per job (median): " + ", ".join(f"{k} {v:.2f} s" for k, v in r["cpu_seconds"].items()) + ".",
+    ]
     out += ["", f"Peak memory: {r['scoring']['memory']['lean']['method']}, one fresh process per measurement."]
     return "\n".join(out) + "\n"
 
@@ -396,16 +620,25 @@ def update_doc(path: Path, tables: str) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="256-token windows, 1 scoring window, 2 reps (default: 512, 2, 3)")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
-                   help="folder for benchmarks.json and benchmarks.md (default benchmarks/results)")
+    p.add_argument(
+        "--quick", action="store_true", help="256-token windows, 1 scoring window, 2 reps (default: 512, 2, 3)"
+    )
+    p.add_argument(
+        "--out",
+        default=str(Path(__file__).resolve().parent / "results"),
+        help="folder for benchmarks.json and benchmarks.md (default benchmarks/results)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--model", help="a Hugging Face model folder or name (default: the built-in Gemma 3 270M)")
     p.add_argument("--model-note", help="a remark on the model printed beside its name in the tables")
     p.add_argument("--doc", help="a Markdown file whose <!-- figures:start/end --> block gets the new tables")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's own). On a machine shared with other "
-                                               "jobs, 1 avoids threads waiting on each other's time slices")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (default: torch's own). On a machine shared with other "
+        "jobs, 1 avoids threads waiting on each other's time slices",
+    )
     p.add_argument("--memory", choices=list(MEMORY_CASES), help=argparse.SUPPRESS)  # subprocess mode
     p.add_argument("--scores", help=argparse.SUPPRESS)
     for key in ("seq_len", "score_windows", "eval_windows", "reps"):
@@ -421,8 +654,11 @@ def main(argv=None) -> None:
         return memory_child(args)
 
     started = time.time()
-    r = {"command": " ".join(["python", "benchmarks/run.py"] + (argv if argv is not None else sys.argv[1:])),
-         "config": {k: getattr(args, k) for k in PRESETS["default"]}, "machine": machine(args)}
+    r = {
+        "command": " ".join(["python", "benchmarks/run.py"] + (argv if argv is not None else sys.argv[1:])),
+        "config": {k: getattr(args, k) for k in PRESETS["default"]},
+        "machine": machine(args),
+    }
     s = cases.setup(args.seq_len, args.score_windows, args.eval_windows, args.device, args.dtype, args.model)
     r["model"] = describe_model(s, args)
     print("scoring", flush=True)

@@ -29,8 +29,8 @@ TOKENS, SEQ_LEN, ITEMS = 512, 256, 8
 
 # %%
 m = models.load()
-names = models.scored_names(m.model)  # every parameter inside a transformer layer
-removed = models.removed_values(m.model, names)  # what "removed" means per parameter (0, or -1 for (1+w) norms)
+names = models.scored_names(m.module)  # every parameter inside a transformer layer
+removed = models.removed_values(m.module, names)  # what "removed" means per parameter (0, or -1 for (1+w) norms)
 print(m.info["class"], f"{m.info['parameters']:,} parameters, {len(names)} scored tensors")
 
 # %% [markdown]
@@ -40,7 +40,7 @@ print(m.info["class"], f"{m.info['parameters']:,} parameters, {len(names)} score
 core_scores = {}
 for lang in SCORE_LANGS:
     windows = corpus.load_windows(m.tokenizer, lang, "score", seq_len=SEQ_LEN, max_tokens=TOKENS)
-    scoring.accumulate(core_scores, scoring.score(m.model, windows, names, removed))
+    scoring.accumulate(core_scores, scoring.score(m.module, windows, names, removed))
 
 # %% [markdown]
 # ## 3. Locate: the Top 1% of each matrix is the core region; a Random 1% is the control
@@ -59,11 +59,11 @@ top.save(OUT / "regions" / "core-top-0.01.safetensors")
 results = {}
 for setting, region in [("base", None), ("top 1%", top), ("random 1%", random)]:
     edits = interventions.removal(region, removed) if region else []
-    with interventions.applied(m.model, edits):
+    with interventions.applied(m.module, edits):
         for lang in EVAL_LANGS:
             w = corpus.load_windows(m.tokenizer, lang, "eval", seq_len=SEQ_LEN, max_tokens=SEQ_LEN)
-            ppl = evaluation.perplexity(m.model, w, progress=False)["ppl"]
-            mc = tasks.evaluate(m.model, m.tokenizer, lang, limit=ITEMS)
+            ppl = evaluation.perplexity(m.module, w, progress=False)["ppl"]
+            mc = tasks.evaluate(m.module, m.tokenizer, lang, limit=ITEMS)
             results[setting, lang] = (ppl, mc["acc"])
             print(f"{setting:>10} {lang}: perplexity {ppl:10.1f}   accuracy {mc['acc']:.0%} (chance 25%)")
 
@@ -71,8 +71,8 @@ for setting, region in [("base", None), ("top 1%", top), ("random 1%", random)]:
 # Any lm-eval task runs the same way on the model object, region removed, nothing written to disk
 # (`pip install lm-eval`; tasks like MMLU need their datasets):
 #
-#     with interventions.applied(m.model, interventions.removal(top, removed)):
-#         print(tasks.lmeval(m.model, m.tokenizer, ["lingregion_udhr_next_ru"], limit=ITEMS))
+#     with interventions.applied(m.module, interventions.removal(top, removed)):
+#         print(tasks.lmeval(m.module, m.tokenizer, ["lingregion_udhr_next_ru"], limit=ITEMS))
 
 # %% [markdown]
 # ## 5. Plot: where the region sits, and what removing it does
@@ -82,11 +82,20 @@ for setting, region in [("base", None), ("top 1%", top), ("random 1%", random)]:
 fig, ax = plt.subplots(figsize=(6, 3.5))
 settings = ["base", "top 1%", "random 1%"]
 for i, setting in enumerate(settings):
-    ax.bar([j + 0.27 * (i - 1) for j in range(len(EVAL_LANGS))], [100 * results[setting, lang][1] for lang in EVAL_LANGS],
-           0.27, label=setting)
+    ax.bar(
+        [j + 0.27 * (i - 1) for j in range(len(EVAL_LANGS))],
+        [100 * results[setting, lang][1] for lang in EVAL_LANGS],
+        0.27,
+        label=setting,
+    )
 ax.axhline(25, color="black", ls="--", lw=1, label="chance")
-ax.set(xticks=range(len(EVAL_LANGS)), xticklabels=EVAL_LANGS, ylabel="accuracy (%)", ylim=(0, 100),
-       title=f"udhr_next, {ITEMS} items per language")
+ax.set(
+    xticks=range(len(EVAL_LANGS)),
+    xticklabels=EVAL_LANGS,
+    ylabel="accuracy (%)",
+    ylim=(0, 100),
+    title=f"udhr_next, {ITEMS} items per language",
+)
 ax.legend(frameon=False, fontsize=8)
 (OUT / "accuracy.png").write_bytes(figures.png(fig))
 print(f"figures: {OUT / 'region-grid.png'}, {OUT / 'accuracy.png'}")
@@ -97,8 +106,11 @@ print(f"figures: {OUT / 'region-grid.png'}, {OUT / 'accuracy.png'}")
 
 # %%
 if "--export" in sys.argv:
-    record = {**export.region_record(top, OUT / "regions" / "core-top-0.01.safetensors", m.model, removed),
-              "base_model": m.info}
-    path = export.export(m.model, m.tokenizer, OUT / "model-top1", interventions.removal(top, removed), record,
-                         force=True)
+    record = {
+        **export.region_record(top, OUT / "regions" / "core-top-0.01.safetensors", m.module, removed),
+        "base_model": m.info,
+    }
+    path = export.export(
+        m.module, m.tokenizer, OUT / "model-top1", interventions.removal(top, removed), record, force=True
+    )
     print(f"exported: {path} (README.md says what was removed)")

@@ -2,6 +2,33 @@
 
 Data flows one way: corpus (text → token windows) → scoring (importance per parameter) → regions
 (scores → packed bit masks) → interventions (apply a region, undo it exactly) → evaluation (perplexity,
-bits per byte) → experiments (one function per paper experiment) → report.
+bits per byte, generation) → experiments (one module per paper experiment) → report.
+
+The verbs below are the notebook API; `lingregion.<module>` holds the machinery behind each.
 """
+
 __version__ = "0.1.0"
+
+from .api import applied, core, generate, monolingual, perplexity, plot, removed, score, windows
+from .config import Config
+from .models import Model, load
+from .pipeline import reproduce
+from .regions import Region
+
+__all__ = [
+    "Config",
+    "Model",
+    "Region",
+    "__version__",
+    "applied",
+    "core",
+    "generate",
+    "load",
+    "monolingual",
+    "perplexity",
+    "plot",
+    "removed",
+    "reproduce",
+    "score",
+    "windows",
+]

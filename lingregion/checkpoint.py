@@ -8,6 +8,7 @@ for bit that of an uninterrupted run (on CPU, in fp32; GPU kernels need not be d
 A checkpoint is used only by the very job that wrote it: the model, the parameters, the token windows,
 the batch size and the number of processes are part of its key. Anything else is ignored and replaced.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -61,8 +62,11 @@ class Checkpoint:
     def update(self, sums: dict[str, torch.Tensor], batches: int, windows: int) -> None:
         """Save if `every` windows have passed since the last save."""
         if windows - self.saved_at >= self.every:
-            write_tensors(self.path, {n: t.cpu() for n, t in sums.items()},
-                          {"format": "lingregion-checkpoint-v1", "key": self.key, "batches": batches, "windows": windows})
+            write_tensors(
+                self.path,
+                {n: t.cpu() for n, t in sums.items()},
+                {"format": "lingregion-checkpoint-v1", "key": self.key, "batches": batches, "windows": windows},
+            )
             self.saved_at = windows
 
     def remove(self) -> None:

@@ -8,6 +8,7 @@ text its predicted tokens cover, for bits per byte.
 The built-in corpus ships inside the package (see data/corpus/SOURCES.md); `score` and `eval` splits are
 disjoint sets of documents. User text goes through the same split (every 5th document to `eval`).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -58,8 +59,10 @@ def read_documents(lang: str, split: str, path: str | None = None) -> tuple[list
     if path is None:
         f = _data_dir() / f"{lang}.jsonl.gz"
         if not f.is_file():
-            raise LingregionError(f"unknown language {lang!r}; built-in languages are {', '.join(builtin_languages())}, "
-                                  f"or pass your own text as --lang {lang}=PATH")
+            raise LingregionError(
+                f"unknown language {lang!r}; built-in languages are {', '.join(builtin_languages())}, "
+                f"or pass your own text as --lang {lang}=PATH"
+            )
         with gzip.open(f, "rt", encoding="utf-8") as fh:
             rows = [json.loads(line) for line in fh]
         return _split([(r["split"], r["text"]) for r in rows], split), f"builtin:{lang}"
@@ -71,7 +74,9 @@ def _read_user_text(lang: str, path: str) -> list[str]:
         try:
             import datasets
         except ImportError:
-            raise LingregionError("reading a Hugging Face dataset needs the 'datasets' package; pip install 'lingregion[data]'") from None
+            raise LingregionError(
+                "reading a Hugging Face dataset needs the 'datasets' package; pip install 'lingregion[data]'"
+            ) from None
         name, _, config = path[3:].partition(":")
         try:
             ds = datasets.load_dataset(name, config or None, split="train")
@@ -90,13 +95,14 @@ def _read_user_text(lang: str, path: str) -> list[str]:
             docs = [json.loads(line)["text"] for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
         elif p.suffix == ".parquet":
             import pyarrow.parquet as pq
+
             docs = pq.read_table(p, columns=["text"]).column("text").to_pylist()
         else:
             raise LingregionError(f"{path}: unsupported file type {p.suffix!r}; use .txt, .jsonl or .parquet")
     except UnicodeDecodeError:
         raise LingregionError(f"{path}: not UTF-8 text; convert it to UTF-8") from None
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise LingregionError(f"{path}: each line must be a JSON object with a \"text\" field") from None
+        raise LingregionError(f'{path}: each line must be a JSON object with a "text" field') from None
     except ImportError:
         raise LingregionError("reading .parquet needs pyarrow; pip install 'lingregion[data]'") from None
     return [d.strip() for d in docs if d and d.strip()]
@@ -118,8 +124,9 @@ class Windows:
         return sum(len(w) - 1 for w in self.input_ids)
 
 
-def make_windows(tokenizer, docs: list[str], seq_len: int, max_tokens: int, lang: str = "",
-                 split: str = "", source: str = "") -> Windows:
+def make_windows(
+    tokenizer, docs: list[str], seq_len: int, max_tokens: int, lang: str = "", split: str = "", source: str = ""
+) -> Windows:
     """Cut the joined documents into ceil(max_tokens / seq_len) windows.
 
     The budget counts window positions (BOS included), so 4096 tokens at seq_len 512 are 8 windows;
@@ -131,8 +138,10 @@ def make_windows(tokenizer, docs: list[str], seq_len: int, max_tokens: int, lang
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     if len(ids) < MIN_TOKENS:
-        raise LingregionError(f"text for {lang or 'this language'} ({split}) is too short: {len(ids)} tokens, "
-                              f"need at least {MIN_TOKENS}; pass more text")
+        raise LingregionError(
+            f"text for {lang or 'this language'} ({split}) is too short: {len(ids)} tokens, "
+            f"need at least {MIN_TOKENS}; pass more text"
+        )
     bos = tokenizer.bos_token_id
     # Without a BOS token the first token of a window has no context to be predicted from.
     per_window = seq_len - 1 if bos is not None else seq_len
@@ -156,10 +165,17 @@ def make_windows(tokenizer, docs: list[str], seq_len: int, max_tokens: int, lang
         windows.append(torch.tensor(([bos] if bos is not None else []) + chunk, dtype=torch.long))
         n_bytes.append(byte_at(end) - byte_at(first_predicted))
     meta = {
-        "lang": lang, "split": split, "source": source,
-        "text_sha256": sha256_bytes(encoded), "text_bytes": len(encoded), "documents": len(docs),
-        "tokens_available": len(ids), "tokens": sum(len(w) - 1 for w in windows),
-        "windows": len(windows), "seq_len": seq_len, "bos": bos is not None,
+        "lang": lang,
+        "split": split,
+        "source": source,
+        "text_sha256": sha256_bytes(encoded),
+        "text_bytes": len(encoded),
+        "documents": len(docs),
+        "tokens_available": len(ids),
+        "tokens": sum(len(w) - 1 for w in windows),
+        "windows": len(windows),
+        "seq_len": seq_len,
+        "bos": bos is not None,
         "bytes": sum(n_bytes),
     }
     return Windows(lang, split, windows, n_bytes, meta)
@@ -175,8 +191,7 @@ def _char_to_byte_offsets(text: str) -> list[int]:
     return out
 
 
-def load_windows(tokenizer, lang: str, split: str, seq_len: int, max_tokens: int,
-                 path: str | None = None) -> Windows:
+def load_windows(tokenizer, lang: str, split: str, seq_len: int, max_tokens: int, path: str | None = None) -> Windows:
     docs, source = read_documents(lang, split, path)
     if not docs:
         raise LingregionError(f"no {split} text for {lang} in {source}; pass more documents")

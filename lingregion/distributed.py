@@ -10,6 +10,7 @@ Because every process continues with the same numbers, all of them take the same
 cached result to reuse) and write the same files; the writes are atomic, and each rank's write of a
 result happens only after the collective that produced it, so no rank ever reads an older state.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -6,6 +6,7 @@ logits for a whole batch would be the largest tensor in the run. Losses are summ
 Under torchrun each process evaluates its share of the windows and the summed NLL and token counts are
 all-reduced once; with a checkpoint path the sums are saved every few windows and a rerun resumes.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,8 +61,10 @@ def check_output_layer(model) -> None:
         ref = model(input_ids=ids).logits.float()
         ours = _logits(head, cap, model.base_model(input_ids=ids)[0])
     if not torch.allclose(ref, ours, rtol=1e-3, atol=1e-3 * ref.abs().max().item()):
-        raise LingregionError(f"{type(model).__name__}: its output layer does more than a linear map and "
-                              "soft-capping, which lingregion does not model yet; please open an issue")
+        raise LingregionError(
+            f"{type(model).__name__}: its output layer does more than a linear map and "
+            "soft-capping, which lingregion does not model yet; please open an issue"
+        )
     model._lingregion_head_checked = True
 
 
@@ -99,15 +102,15 @@ def token_nll(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     out = torch.empty(len(targets), dtype=torch.float32, device=weight.device)
     buffer = torch.empty(min(rows, len(targets)) * min(cols, len(weight)), dtype=weight.dtype, device=weight.device)
     for i in range(0, len(targets), rows):
-        h, t = hidden[i:i + rows], targets[i:i + rows]
+        h, t = hidden[i : i + rows], targets[i : i + rows]
         top = torch.full((len(h),), -math.inf, device=weight.device)
         total = torch.zeros(len(h), device=weight.device)
         picked = torch.zeros(len(h), device=weight.device)
         for v in range(0, len(weight), cols):
-            w = weight[v:v + cols]
-            logits = torch.mm(h, w.t(), out=buffer[:len(h) * len(w)].view(len(h), len(w)))
+            w = weight[v : v + cols]
+            logits = torch.mm(h, w.t(), out=buffer[: len(h) * len(w)].view(len(h), len(w)))
             if bias is not None:
-                logits += bias[v:v + cols]
+                logits += bias[v : v + cols]
             logits = logits.float()
             if cap:
                 logits.div_(cap).tanh_().mul_(cap)
@@ -116,7 +119,7 @@ def token_nll(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
             new_top = torch.maximum(top, logits.amax(1))
             total.mul_((top - new_top).exp_()).add_(logits.sub_(new_top[:, None]).exp_().sum(1))
             top = new_top
-        out[i:i + rows] = total.log_().add_(top).sub_(picked)
+        out[i : i + rows] = total.log_().add_(top).sub_(picked)
     return out
 
 
@@ -126,8 +129,15 @@ def summed_nll(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 
 @torch.inference_mode()
-def perplexity(model, windows: Windows, batch_size: int = 4, progress: bool = True, desc: str = "",
-               checkpoint: Path | None = None, every: int = CHECKPOINT_EVERY) -> dict:
+def perplexity(
+    model,
+    windows: Windows,
+    batch_size: int = 4,
+    progress: bool = True,
+    desc: str = "",
+    checkpoint: Path | None = None,
+    every: int = CHECKPOINT_EVERY,
+) -> dict:
     """Token-weighted perplexity exp(Σ NLL / Σ tokens) and bits per byte Σ NLL / (ln 2 · Σ bytes).
 
     checkpoint: a file to save the running sums to every `every` windows; a rerun of the same job
@@ -136,14 +146,27 @@ def perplexity(model, windows: Windows, batch_size: int = 4, progress: bool = Tr
     device = input_device(model)
     ckpt = state = None
     if checkpoint:
-        ckpt = Checkpoint(checkpoint, {"job": "perplexity", "model": fingerprint(model),
-                                       "windows": windows_digest(windows), "batch_size": batch_size}, every)
+        ckpt = Checkpoint(
+            checkpoint,
+            {
+                "job": "perplexity",
+                "model": fingerprint(model),
+                "windows": windows_digest(windows),
+                "batch_size": batch_size,
+            },
+            every,
+        )
         state = ckpt.load()
     sums = state[0]["sums"] if state else torch.zeros(2, dtype=torch.float64)  # [Σ NLL, Σ predicted tokens]
     start = state[1] if state else 0
     mine = distributed.shard(windows)
-    bar = tqdm(total=len(mine.input_ids), desc=desc or f"eval {windows.lang}", unit="win",
-               disable=not progress or not distributed.is_main(), leave=False)
+    bar = tqdm(
+        total=len(mine.input_ids),
+        desc=desc or f"eval {windows.lang}",
+        unit="win",
+        disable=not progress or not distributed.is_main(),
+        leave=False,
+    )
     done = 0
     for b, ids in enumerate(batches(mine, batch_size)):
         done += len(ids)
@@ -182,3 +205,20 @@ def protocol(windows: Windows, dtype: str) -> dict:
         "dtype": dtype,
         "accumulation": "fp32 logits, fp64 sums",
     }
+
+
+def generate(model, tokenizer, prompts: dict[str, str], max_new_tokens: int) -> dict[str, str]:
+    """Greedy continuations of fixed prompts (the new text only)."""
+    device = next(model.parameters()).device
+    out = {}
+    for lang, prompt in prompts.items():
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        with torch.inference_mode():
+            new = model.generate(
+                ids,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            )
+        out[lang] = tokenizer.decode(new[0, ids.shape[1] :], skip_special_tokens=True)
+    return out

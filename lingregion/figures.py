@@ -2,6 +2,7 @@
 
 Bytes rather than files: the report embeds them in HTML (base64) and also writes them beside it.
 """
+
 from __future__ import annotations
 
 import io
@@ -9,18 +10,15 @@ import math
 import re
 
 import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.colors import to_rgb
+from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter
 
-matplotlib.use("Agg")  # figures are made on servers and in CI, never shown
-
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.colors import to_rgb  # noqa: E402
-from matplotlib.ticker import LogFormatter  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from .regions import Region  # noqa: E402
-from .store import LingregionError  # noqa: E402
+from .regions import Region
+from .store import LingregionError
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down", "norm")
 DENSITY_LABEL = "share of region in 3×3 neighbourhood"
@@ -28,10 +26,22 @@ _LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 _SIDE_COLOURS = {"top": "#d62728", "bottom": "#1f77b4", "random": "#ff7f0e"}
 
 
+def subplots(*args, **kwargs):
+    """`pyplot.subplots` without pyplot: a Figure that no GUI backend or global state ever sees, so figures
+    are the same on a server, in CI and in a notebook, whatever was imported first."""
+    fig = Figure(figsize=kwargs.pop("figsize", None))
+    return fig, fig.subplots(*args, **kwargs)
+
+
+def colormap(name: str):
+    """A registered matplotlib colour map by name."""
+    return matplotlib.colormaps[name]
+
+
 def png(fig) -> bytes:
+    """The figure as PNG bytes."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return buf.getvalue()
 
 
@@ -80,11 +90,13 @@ def region_heatmap(region: Region, name: str, head_dim: int | None = None) -> by
     h, w = region.shapes[name]
     side = max(img.shape)
     # image area follows the matrix shape, but never so thin that the title and ticks collide
-    fig, ax = plt.subplots(figsize=(min(max(6 * img.shape[1] / side, 3.5), 6) + 1.5,
-                                    min(max(6 * img.shape[0] / side, 3), 6) + 0.8))
+    fig, ax = subplots(
+        figsize=(min(max(6 * img.shape[1] / side, 3.5), 6) + 1.5, min(max(6 * img.shape[0] / side, 3), 6) + 0.8)
+    )
     # extent in original indices, so ticks and head lines read as real rows and columns
-    im = ax.imshow(img.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto", interpolation="nearest",
-                   extent=(0, w, h, 0))
+    im = ax.imshow(
+        img.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto", interpolation="nearest", extent=(0, w, h, 0)
+    )
     if head_dim:
         if any(p in name for p in ("q_proj", "k_proj", "v_proj")):
             for r in range(head_dim, h, head_dim):
@@ -97,8 +109,11 @@ def region_heatmap(region: Region, name: str, head_dim: int | None = None) -> by
     return png(fig)
 
 
-def region_grid(region: Region, layers: list[int] | None = None,
-                kinds=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")) -> bytes:
+def region_grid(
+    region: Region,
+    layers: list[int] | None = None,
+    kinds=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+) -> bytes:
     """Overview: one small density map per (layer, matrix type); types the model lacks are left out."""
     cells: dict[tuple[int, str], str] = {}
     for name, shape in region.shapes.items():
@@ -107,7 +122,7 @@ def region_grid(region: Region, layers: list[int] | None = None,
         if layer is not None and kind and len(shape) == 2 and (layers is None or layer in layers):
             cells.setdefault((layer, kind), name)
     if not cells:
-        fig, ax = plt.subplots(figsize=(6, 1.5))
+        fig, ax = subplots(figsize=(6, 1.5))
         ax.axis("off")
         ax.text(0.5, 0.5, f"no matrices of types {', '.join(kinds)} in this region", ha="center", va="center")
         return png(fig)
@@ -117,16 +132,21 @@ def region_grid(region: Region, layers: list[int] | None = None,
     # one shared scale up to the densest cell: at 64 px a full row of a 2048-row matrix is only 1/32,
     # which a fixed 0..1 scale would hide
     vmax = max(float(img.max()) for img in images.values()) or 1.0
-    fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.3 * len(cols) + 1.5, 1.1 * len(rows) + 0.8),
-                             squeeze=False)
+    fig, axes = subplots(len(rows), len(cols), figsize=(1.3 * len(cols) + 1.5, 1.1 * len(rows) + 0.8), squeeze=False)
     for i, layer in enumerate(rows):
         for j, kind in enumerate(cols):
             ax = axes[i][j]
             ax.set_xticks([])
             ax.set_yticks([])
             if (layer, kind) in images:
-                im = ax.imshow(images[layer, kind].numpy(), vmin=0, vmax=vmax, cmap="viridis", aspect="auto",
-                               interpolation="nearest")
+                im = ax.imshow(
+                    images[layer, kind].numpy(),
+                    vmin=0,
+                    vmax=vmax,
+                    cmap="viridis",
+                    aspect="auto",
+                    interpolation="nearest",
+                )
             else:
                 ax.set_facecolor("#eeeeee")
             if i == 0:
@@ -151,8 +171,10 @@ def region_distribution(region: Region) -> dict:
     if not by_kind.get("other"):
         by_kind.pop("other", None)
     total = region.count() or 1  # an empty region: all shares 0
-    return {"by_layer": {k: v / total for k, v in sorted(by_layer.items())},
-            "by_kind": {k: v / total for k, v in by_kind.items()}}
+    return {
+        "by_layer": {k: v / total for k, v in sorted(by_layer.items())},
+        "by_kind": {k: v / total for k, v in by_kind.items()},
+    }
 
 
 def _grouped_bars(ax, groups: list[str], series: dict[str, dict], colours=None, rotation=0) -> list[float]:
@@ -161,8 +183,9 @@ def _grouped_bars(ax, groups: list[str], series: dict[str, dict], colours=None, 
     offsets = [-0.4 + width * (i + 0.5) for i in range(len(series))]
     x = np.arange(len(groups))
     for off, (label, values) in zip(offsets, series.items()):
-        ax.bar(x + off, [values.get(g, 0.0) for g in groups], width, label=label,
-               color=colours[label] if colours else None)
+        ax.bar(
+            x + off, [values.get(g, 0.0) for g in groups], width, label=label, color=colours[label] if colours else None
+        )
     ax.set_xticks(x, groups, rotation=rotation)
     ax.set_xlim(-0.6, len(groups) - 0.4)
     return offsets
@@ -175,14 +198,23 @@ def distribution_plot(dists: dict[str, dict]) -> bytes:
     by_kind = {lab: {k: 100 * v for k, v in d["by_kind"].items()} for lab, d in dists.items()}
     layers = sorted({k for d in by_layer.values() for k in d}, key=int)
     kinds = [k for k in (*KINDS, "other") if any(k in d for d in by_kind.values())]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8, 0.35 * len(layers) + 2) + 5, 4.5),
-                                 gridspec_kw={"width_ratios": [max(1.5, len(layers) / 8), 1]})
+    fig, (a1, a2) = subplots(
+        1,
+        2,
+        figsize=(max(8, 0.35 * len(layers) + 2) + 5, 4.5),
+        gridspec_kw={"width_ratios": [max(1.5, len(layers) / 8), 1]},
+    )
     _grouped_bars(a1, layers, by_layer, rotation=90 if len(layers) > 40 else 0)
     _grouped_bars(a2, kinds, by_kind)
     a1.set(xlabel="layer", ylabel="share of region entries (%)", title="by layer")
     a2.set(xlabel="matrix type", ylabel="share of region entries (%)", title="by matrix type")
-    fig.legend(*a1.get_legend_handles_labels(), loc="lower center", bbox_to_anchor=(0.5, 1.0),
-               ncol=min(len(dists), 4), frameon=False)
+    fig.legend(
+        *a1.get_legend_handles_labels(),
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncol=min(len(dists), 4),
+        frameon=False,
+    )
     fig.tight_layout()
     return png(fig)
 
@@ -212,21 +244,29 @@ def removal_chart(result: dict) -> bytes:
     colours = _setting_colours(settings)
     per_lang = max(0.2, 0.035 * len(settings) + 0.06)  # inches: room for every bar and a vertical label
     width = 2 * (max(per_lang * len(langs), 3.5) + 1.5)
-    fig, axes = plt.subplots(1, 2, figsize=(width, 5))
+    fig, axes = subplots(1, 2, figsize=(width, 5))
     for ax, metric, label in zip(axes, ("ppl", "bpb"), ("perplexity (log scale)", "bits per byte (log scale)")):
-        values = {s: {lang: table.get(s, {}).get(lang, {}).get(metric, math.nan) for lang in langs}
-                  for s in settings}
+        values = {s: {lang: table.get(s, {}).get(lang, {}).get(metric, math.nan) for lang in langs} for s in settings}
         finite = [v for d in values.values() for v in d.values() if math.isfinite(v) and v > 0]
         lo, hi = (min(finite), max(finite)) if finite else (1.0, 10.0)
         top = hi * 3
         # an infinite result is drawn as a bar to the axis top, marked, instead of breaking the scale
         clipped = {s: {lang: top if v == math.inf else v for lang, v in d.items()} for s, d in values.items()}
         offsets = _grouped_bars(ax, langs, clipped, colours, rotation=90 if len(langs) > 12 else 0)
-        xs = [j + off for off, s in zip(offsets, settings) for j, lang in enumerate(langs)
-              if values[s][lang] == math.inf]
+        xs = [
+            j + off for off, s in zip(offsets, settings) for j, lang in enumerate(langs) if values[s][lang] == math.inf
+        ]
         if xs:
-            ax.plot(xs, [top] * len(xs), "v", color="black", ms=5, ls="none", clip_on=False,
-                    label="infinite (clipped at the top)")
+            ax.plot(
+                xs,
+                [top] * len(xs),
+                "v",
+                color="black",
+                ms=5,
+                ls="none",
+                clip_on=False,
+                label="infinite (clipped at the top)",
+            )
         ax.set_yscale("log")
         ax.set_ylim(lo / 1.5, top)
         # plain numbers (2, 300), not 2×10⁰: bits per byte often spans less than one decade
@@ -239,17 +279,32 @@ def removal_chart(result: dict) -> bytes:
         for handle, lab in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(lab, handle)
     legend = {lab: legend[lab] for lab in sorted(legend, key=lambda lab: lab not in settings)}
-    fig.legend(list(legend.values()), list(legend), loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(legend), max(2, int(width / 2))),
-               frameon=False, title="setting (side@share of parameters removed)")
+    fig.legend(
+        list(legend.values()),
+        list(legend),
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncol=min(len(legend), max(2, int(width / 2))),
+        frameon=False,
+        title="setting (side@share of parameters removed)",
+    )
     fig.tight_layout()
     return png(fig)
 
 
-def matrix_heatmap(rows: list[str], cols: list[str], values: list[list[float]], title: str, label: str,
-                   row_title: str, col_title: str, log: bool = False) -> bytes:
+def matrix_heatmap(
+    rows: list[str],
+    cols: list[str],
+    values: list[list[float]],
+    title: str,
+    label: str,
+    row_title: str,
+    col_title: str,
+    log: bool = False,
+) -> bytes:
     """A labelled languages × languages table as a heat map, each cell annotated with its value."""
     data = np.array(values, dtype=float)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(cols), 1.0 + 0.45 * len(rows)))
+    fig, ax = subplots(figsize=(1.0 + 0.55 * len(cols), 1.0 + 0.45 * len(rows)))
     shown = np.log10(np.clip(data, 1e-12, None)) if log else data
     im = ax.imshow(shown, cmap="magma_r" if log else "viridis", aspect="auto")
     ax.set_xticks(range(len(cols)), cols, rotation=90 if len(cols) > 12 else 0)
@@ -259,7 +314,14 @@ def matrix_heatmap(rows: list[str], cols: list[str], values: list[list[float]], 
     ax.set_title(title)
     for i in range(len(rows)):
         for j in range(len(cols)):
-            ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if shown[i, j] > np.nanmean(shown) else "black")
+            ax.text(
+                j,
+                i,
+                f"{data[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if shown[i, j] > np.nanmean(shown) else "black",
+            )
     fig.colorbar(im, ax=ax, label=("log10 " if log else "") + label)
     return png(fig)

@@ -4,6 +4,7 @@ Every experiment that alters weights goes through `apply`: removing a region, an
 single parameters or scalings. Only the touched entries are saved, so switching between settings in a
 sweep costs a gather and a scatter, never a model reload.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager

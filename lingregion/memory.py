@@ -12,6 +12,7 @@ not guessed: a 1- and a 2-layer copy of the architecture, narrowed k-fold (fewer
 same head size, so every tensor shrinks k-fold), runs one batch on the CPU while saved-tensor hooks sum
 the distinct storages autograd keeps; the difference is one layer, the rest the embedding and head side.
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,8 +42,10 @@ def _narrow(config, k: int, layers: int):
 
 def _width_divisor(config) -> int:
     """The largest k in 8, 4, 2, 1 that divides every width that is narrowed."""
-    widths = [getattr(config, key, None) for key in
-              ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")]
+    widths = [
+        getattr(config, key, None)
+        for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+    ]
     return next(k for k in (8, 4, 2, 1) if all(w % k == 0 for w in widths if w))
 
 
@@ -103,8 +106,9 @@ def estimate(config, seq_len: int, batch_size: int, dtype: str = "bfloat16", dev
         "transient_gradient": largest * size,
         "evaluation_layer": per_layer,
     }
-    out["scoring_peak"] = sum(out[key] for key in
-                              ("weights", "accumulators", "activations", "output_chunk", "transient_gradient"))
+    out["scoring_peak"] = sum(
+        out[key] for key in ("weights", "accumulators", "activations", "output_chunk", "transient_gradient")
+    )
     rows, cols = blocks(device.split(":")[0])
     block = min(rows, batch_size * (seq_len - 1)) * min(cols, config.vocab_size)
     out["evaluation_block"] = block * (size + (4 if size != 4 else 0))
@@ -118,6 +122,13 @@ def llama2(size: str):
 
     dims = {"7B": (4096, 11008, 32, 32, 32), "13B": (5120, 13824, 40, 40, 40), "70B": (8192, 28672, 80, 64, 8)}
     hidden, inter, layers, heads, kv = dims[size]
-    return LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv, vocab_size=32000,
-                       max_position_embeddings=4096, attn_implementation="sdpa")
+    return LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        attn_implementation="sdpa",
+    )

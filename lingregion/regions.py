@@ -7,6 +7,7 @@ non-negative scores as the exact fallback), entries strictly past it are taken, 
 in a fixed order (parameter order, then flat index), so a selection is exact in size and reproducible.
 Masks are packed matrix by matrix, so the working memory stays about one copy of the largest matrix.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,9 +47,12 @@ class Region:
     meta: dict = field(default_factory=dict)
 
     @classmethod
-    def from_masks(cls, masks: Mapping[str, torch.Tensor], meta: dict | None = None) -> "Region":
-        return cls({n: _pack(m.bool()) for n, m in masks.items()}, {n: tuple(m.shape) for n, m in masks.items()},
-                   dict(meta or {}))
+    def from_masks(cls, masks: Mapping[str, torch.Tensor], meta: dict | None = None) -> Region:
+        return cls(
+            {n: _pack(m.bool()) for n, m in masks.items()},
+            {n: tuple(m.shape) for n, m in masks.items()},
+            dict(meta or {}),
+        )
 
     def mask(self, name: str) -> torch.Tensor:
         return _unpack(self.packed[name], self.shapes[name])
@@ -64,23 +68,28 @@ class Region:
     def total(self) -> int:
         return sum(int(np.prod(s)) for s in self.shapes.values())
 
-    def _combine(self, other: "Region", op, label: str) -> "Region":
+    def _combine(self, other: Region, op, label: str) -> Region:
         if self.shapes != other.shapes:
-            raise LingregionError("regions cover different parameters or shapes; they come from different models or patterns")
+            raise LingregionError(
+                "regions cover different parameters or shapes; they come from different models or patterns"
+            )
         packed = {n: torch.from_numpy(op(self.packed[n].numpy(), other.packed[n].numpy())) for n in self.packed}
-        return Region(packed, dict(self.shapes), {"operation": label, "left": self.meta, "right": other.meta,
-                                                  "model": self.meta.get("model")})
+        return Region(
+            packed,
+            dict(self.shapes),
+            {"operation": label, "left": self.meta, "right": other.meta, "model": self.meta.get("model")},
+        )
 
-    def __or__(self, other: "Region") -> "Region":
+    def __or__(self, other: Region) -> Region:
         return self._combine(other, np.bitwise_or, "union")
 
-    def __and__(self, other: "Region") -> "Region":
+    def __and__(self, other: Region) -> Region:
         return self._combine(other, np.bitwise_and, "intersection")
 
-    def __sub__(self, other: "Region") -> "Region":
+    def __sub__(self, other: Region) -> Region:
         return self._combine(other, lambda a, b: np.bitwise_and(a, np.bitwise_not(b)), "difference")
 
-    def jaccard(self, other: "Region") -> float:
+    def jaccard(self, other: Region) -> float:
         union = (self | other).count()
         return (self & other).count() / union if union else 1.0
 
@@ -89,10 +98,12 @@ class Region:
         write_tensors(path, self.packed, meta)
 
     @classmethod
-    def load(cls, path: Path) -> "Region":
+    def load(cls, path: Path) -> Region:
         tensors, meta = read_tensors(path)
         if meta.get("format") != "lingregion-region-v1":
-            raise LingregionError(f"{path}: not a region file (it may be a score file); pass a file written by 'lingregion locate'")
+            raise LingregionError(
+                f"{path}: not a region file (it may be a score file); pass a file written by 'lingregion locate'"
+            )
         shapes = {n: tuple(s) for n, s in meta.pop("shapes").items()}
         for n, t in tensors.items():
             if t.dtype != torch.uint8 or t.numel() != (int(np.prod(shapes[n])) + 7) // 8:
@@ -104,19 +115,24 @@ class Region:
         params = dict(model.named_parameters())
         bad = [n for n, s in self.shapes.items() if n not in params or tuple(params[n].shape) != s]
         if bad:
-            raise LingregionError(f"region does not fit this model (parameter {bad[0]} missing or of another shape); "
-                                  "locate the region again with this model")
+            raise LingregionError(
+                f"region does not fit this model (parameter {bad[0]} missing or of another shape); "
+                "locate the region again with this model"
+            )
         if self.meta.get("model") and self.meta["model"] != fingerprint:
-            raise LingregionError(f"region was made on model {self.meta['model']}, this model is {fingerprint}; "
-                                  "locate the region again with this model")
+            raise LingregionError(
+                f"region was made on model {self.meta['model']}, this model is {fingerprint}; "
+                "locate the region again with this model"
+            )
 
 
 def _float_of(bits: int) -> float:
     return torch.tensor(bits, dtype=torch.int32).view(torch.float32).item()
 
 
-def _select_group(scores: Mapping[str, torch.Tensor], names: list[str], k: int,
-                  largest: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def _select_group(
+    scores: Mapping[str, torch.Tensor], names: list[str], k: int, largest: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, mask) of the k largest (or smallest) entries across `names`, one matrix at a time (so that
     the caller can pack each before the next is made); ties broken by parameter order, then index."""
     if k == 0:
@@ -179,7 +195,7 @@ def _bracket(sample: torch.Tensor, k: int, total: int, largest: bool) -> tuple[f
     """Values that lie beyond (outer) and short of (inner) the k-th of `total` values, read off a sample
     of them at ±2√s ranks around where the k-th falls; a miss only costs the fallback."""
     s = len(sample)
-    rank, margin = k * s / total, 2 * s ** 0.5 + 8
+    rank, margin = k * s / total, 2 * s**0.5 + 8
     lo, hi = int(rank - margin), int(rank + margin)  # 0-based ranks from the selected end
     far = math.inf if largest else -math.inf
     outer = _smallest(sample, s - 1 - lo if largest else lo) if lo >= 0 else far
@@ -208,7 +224,7 @@ def _sample(scores: Mapping[str, torch.Tensor], names: list[str], sizes: list[in
     counts = [max(1, count * size // total) for size in sizes]
     out, start = torch.empty(sum(counts)), 0
     for n, size, c in zip(names, sizes, counts):
-        out[start:start + c] = scores[n].reshape(-1)[torch.randint(0, size, (c,), generator=g)]
+        out[start : start + c] = scores[n].reshape(-1)[torch.randint(0, size, (c,), generator=g)]
         start += c
     return out
 
@@ -245,8 +261,14 @@ class _Uniform(Mapping):
         return len(self.shapes)
 
 
-def select(scores: Mapping[str, torch.Tensor], ratio: float, side: str = "top", scope: str = "matrix",
-           seed: int = 0, meta: dict | None = None) -> Region:
+def select(
+    scores: Mapping[str, torch.Tensor],
+    ratio: float,
+    side: str = "top",
+    scope: str = "matrix",
+    seed: int = 0,
+    meta: dict | None = None,
+) -> Region:
     """Top / Bottom / Random `ratio` of the entries, per matrix or over all scored parameters.
 
     The number taken from a group of n entries is round(ratio · n).
@@ -272,8 +294,9 @@ def select(scores: Mapping[str, torch.Tensor], ratio: float, side: str = "top", 
         k = round(ratio * sum(int(np.prod(shapes[n])) for n in group))
         for n, mask in _select_group(scores, group, k, largest=side != "bottom"):
             packed[n] = _pack(mask)  # 1 bit per entry before the next matrix's mask exists
-    return Region(packed, shapes, dict(meta or {}, ratio=ratio, side=side, scope=scope,
-                                       seed=seed if side == "random" else None))
+    return Region(
+        packed, shapes, dict(meta or {}, ratio=ratio, side=side, scope=scope, seed=seed if side == "random" else None)
+    )
 
 
 def monolingual(tops: Mapping[str, Region], lang: str) -> Region:
@@ -285,12 +308,18 @@ def monolingual(tops: Mapping[str, Region], lang: str) -> Region:
     for r in others[1:]:
         union = union | r
     region = tops[lang] - union
-    region.meta = dict(tops[lang].meta, label=f"monolingual-{lang}", languages=list(tops),
-                       definition="S_L − ∪ S_L' (per-matrix Top sets)")
+    region.meta = dict(
+        tops[lang].meta,
+        label=f"monolingual-{lang}",
+        languages=list(tops),
+        definition="S_L − ∪ S_L' (per-matrix Top sets)",
+    )
     return region
 
 
-def matching(scores: Mapping[str, torch.Tensor], like: Region, side: str = "bottom", meta: dict | None = None) -> Region:
+def matching(
+    scores: Mapping[str, torch.Tensor], like: Region, side: str = "bottom", meta: dict | None = None
+) -> Region:
     """The `side` entries of `scores` with exactly as many entries per matrix as `like` (a same-size control)."""
     masks = {}
     for n in like.packed:

@@ -4,58 +4,20 @@ without recomputing anything.
 Experiments describe their part of the report as a list of blocks (heading, text, bullets, table,
 figure); the two renderers below turn the same blocks into both documents, so they never disagree.
 """
+
 from __future__ import annotations
 
 import base64
 import html
-import math
 import re
 from pathlib import Path
 
+from .blocks import bullets, heading, markdown_table
+from .experiments.registry import EXPERIMENTS
 from .store import LingregionError, read_json, write_text
 
 
-def fmt(x: float) -> str:
-    if math.isinf(x) or math.isnan(x):
-        return str(x)
-    return f"{x:.3f}" if abs(x) < 1e4 else f"{x:.3g}"
-
-
-def heading(text: str, level: int = 2) -> dict:
-    return {"kind": "heading", "text": text, "level": level}
-
-
-def text(markdown: str) -> dict:
-    """A paragraph; `code` and **bold** are the only inline markup."""
-    return {"kind": "text", "text": markdown}
-
-
-def bullets(items: list[str]) -> dict:
-    return {"kind": "bullets", "items": list(items)}
-
-
-def table(head: list[str], rows: list[list[str]], caption: str | None = None) -> dict:
-    if any(len(r) != len(head) for r in rows):
-        raise ValueError(f"table rows must have {len(head)} cells like its head")
-    return {"kind": "table", "head": [str(h) for h in head], "rows": [[str(c) for c in r] for r in rows],
-            "caption": caption}
-
-
-def figure(path: str, caption: str) -> dict:
-    """A PNG under the run folder, referenced by its relative path."""
-    return {"kind": "figure", "path": path, "caption": caption}
-
-
 # --- Markdown ---------------------------------------------------------------------------------------
-def _md_cell(s: str) -> str:
-    return s.replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(head: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(map(_md_cell, head)) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows])
-
-
 def to_markdown(blocks: list[dict], run_dir: Path) -> str:
     out = []
     for b in blocks:
@@ -111,12 +73,16 @@ def to_html(blocks: list[dict], run_dir: Path, title: str) -> str:
             path = run_dir / b["path"]
             if path.is_file():  # embedded, so the file opens offline and can be mailed on its own
                 data = base64.b64encode(path.read_bytes()).decode("ascii")
-                out.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(b["caption"])}">'
-                           f"<figcaption>{_inline(b['caption'])}</figcaption></figure>")
+                out.append(
+                    f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(b["caption"])}">'
+                    f"<figcaption>{_inline(b['caption'])}</figcaption></figure>"
+                )
     body = "\n".join(out)
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>{html.escape(title)}</title>\n'
-            f"<style>{STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>{html.escape(title)}</title>\n'
+        f"<style>{STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
+    )
 
 
 # --- the report ---------------------------------------------------------------------------------------
@@ -134,36 +100,44 @@ def header(results: dict[str, dict], run: dict) -> list[dict]:
     proto = first.get("protocol", {})
     minutes = f"{run['seconds'] / 60:.1f} min" if "seconds" in run else "unknown (run.json missing)"
     if run.get("experiment_seconds"):
-        minutes += " (" + ", ".join(f"{k} {v / 60:.1f}" for k, v in run["experiment_seconds"].items()) + "); " \
-                   "a resumed run counts only its last invocation"
+        minutes += (
+            " (" + ", ".join(f"{k} {v / 60:.1f}" for k, v in run["experiment_seconds"].items()) + "); "
+            "a resumed run counts only its last invocation"
+        )
     return [
         heading("lingregion report", 1),
         heading("What was run"),
-        bullets([
-            f"Model: `{model['name']}` ({model['class']}, {model['parameters']:,} parameters, fingerprint "
-            f"`{model['fingerprint']}`), {_revision(model)}; tokenizer `{model.get('tokenizer', '?')}`; dtype "
-            f"{model['dtype']}, device {model['device']}",
-            f"Experiments: {', '.join(results)}",
-            f"Scoring: {cfg.get('score_tokens', '?')} tokens per language in {cfg.get('seq_len', '?')}-token windows; "
-            "estimator |(θ − θ_removed) ⊙ Σg| accumulated in fp32",
-            f"Evaluation: {proto.get('weighting', '?')}; {proto.get('windows', '?')}; seq_len {proto.get('seq_len', '?')}",
-            f"Versions: lingregion {env['lingregion']}, torch {env['torch']}, transformers {env['transformers']}, "
-            f"Python {env['python']}",
-            f"Time taken: {minutes}",
-        ]),
+        bullets(
+            [
+                f"Model: `{model['name']}` ({model['class']}, {model['parameters']:,} parameters, fingerprint "
+                f"`{model['fingerprint']}`), {_revision(model)}; tokenizer `{model.get('tokenizer', '?')}`; dtype "
+                f"{model['dtype']}, device {model['device']}",
+                f"Experiments: {', '.join(results)}",
+                f"Scoring: {cfg.get('score_tokens', '?')} tokens per language in "
+                f"{cfg.get('seq_len', '?')}-token windows; "
+                "estimator |(θ − θ_removed) ⊙ Σg| accumulated in fp32",
+                f"Evaluation: {proto.get('weighting', '?')}; {proto.get('windows', '?')}; "
+                f"seq_len {proto.get('seq_len', '?')}",
+                f"Versions: lingregion {env['lingregion']}, torch {env['torch']}, transformers {env['transformers']}, "
+                f"Python {env['python']}",
+                f"Time taken: {minutes}",
+            ]
+        ),
     ]
 
 
 def build(run_dir: Path) -> list[dict]:
     """Every block of the report of a run folder, from its saved results."""
-    from .experiments import EXPERIMENTS
-
     run_dir = Path(run_dir)
-    results = {name: read_json(run_dir / "results" / f"{name}-summary.json")
-               for name in EXPERIMENTS if (run_dir / "results" / f"{name}-summary.json").is_file()}
+    results = {
+        name: read_json(run_dir / "results" / f"{name}-summary.json")
+        for name in EXPERIMENTS
+        if (run_dir / "results" / f"{name}-summary.json").is_file()
+    }
     if not results:
-        raise LingregionError(f"{run_dir}: no saved results (results/*-summary.json); run "
-                              f"'lingregion reproduce --out {run_dir}' first")
+        raise LingregionError(
+            f"{run_dir}: no saved results (results/*-summary.json); run 'lingregion reproduce --out {run_dir}' first"
+        )
     run = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
     found = [s for name, r in results.items() if EXPERIMENTS[name].findings for s in EXPERIMENTS[name].findings(r)]
     blocks = header(results, run)

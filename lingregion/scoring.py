@@ -12,6 +12,7 @@ accumulator per scored parameter, the activations of one batch and one output-la
 Under torchrun each process sums its share of the windows and the sums are all-reduced once; with a
 checkpoint path the sums are saved every few windows and a rerun resumes from them (see checkpoint.py).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,7 +26,13 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import CHECKPOINT_EVERY, Checkpoint, windows_digest
 from .corpus import Windows
-from .evaluation import LOGIT_CHUNK, batches, check_output_layer, hidden_and_targets, output_layer
+from .evaluation import (
+    LOGIT_CHUNK,
+    batches,
+    check_output_layer,
+    hidden_and_targets,
+    output_layer,
+)
 from .models import fingerprint, input_device
 from .store import LingregionError
 
@@ -35,6 +42,7 @@ def _folded_into(params: dict[str, torch.nn.Parameter], acc: dict[str, torch.Ten
     """Within the block only the parameters of `acc` require grad, and each gradient autograd makes is
     added to its accumulator and dropped at once; flags are restored afterwards. An accumulator that is
     still None takes over the first (fp32) gradient itself, which spares zero-filling and one addition."""
+
     def fold(name):
         def hook(p):
             g, p.grad = p.grad, None
@@ -42,6 +50,7 @@ def _folded_into(params: dict[str, torch.nn.Parameter], acc: dict[str, torch.Ten
                 acc[name] = g if g.dtype == torch.float32 else g.float()
             else:
                 acc[name].add_(g)
+
         return hook
 
     flags = {n: p.requires_grad for n, p in params.items()}
@@ -87,12 +96,19 @@ def _backward(model, ids: torch.Tensor, total: int) -> None:
     hidden, targets = hidden_and_targets(model, ids)
     leaf = hidden.detach().requires_grad_(True)
     for i in range(0, len(targets), LOGIT_CHUNK):
-        _output_backward(head, cap, leaf[i:i + LOGIT_CHUNK], targets[i:i + LOGIT_CHUNK], total)
+        _output_backward(head, cap, leaf[i : i + LOGIT_CHUNK], targets[i : i + LOGIT_CHUNK], total)
     hidden.backward(leaf.grad)
 
 
-def gradient_sum(model, windows: Windows, names: list[str], batch_size: int = 1, progress: bool = True,
-                 checkpoint: Path | None = None, every: int = CHECKPOINT_EVERY) -> dict[str, torch.Tensor]:
+def gradient_sum(
+    model,
+    windows: Windows,
+    names: list[str],
+    batch_size: int = 1,
+    progress: bool = True,
+    checkpoint: Path | None = None,
+    every: int = CHECKPOINT_EVERY,
+) -> dict[str, torch.Tensor]:
     """Σ over windows of ∂(mean token NLL over all windows)/∂θ for each named parameter, in fp32.
 
     checkpoint: a file to save the running sums to every `every` windows; a rerun of the same job
@@ -100,13 +116,24 @@ def gradient_sum(model, windows: Windows, names: list[str], batch_size: int = 1,
     params = dict(model.named_parameters())
     missing = [n for n in names if n not in params]
     if missing:
-        raise LingregionError(f"parameters not in this model: {', '.join(missing[:3])}; were the scores made for another model?")
+        raise LingregionError(
+            f"parameters not in this model: {', '.join(missing[:3])}; were the scores made for another model?"
+        )
     total = windows.n_tokens  # the mean runs over all windows, whichever process takes which
     ckpt = state = None
     if checkpoint:
         shapes = hashlib.sha256(repr([(n, tuple(params[n].shape)) for n in names]).encode()).hexdigest()[:16]
-        ckpt = Checkpoint(checkpoint, {"job": "gradient_sum", "model": fingerprint(model), "names": shapes,
-                                       "windows": windows_digest(windows), "batch_size": batch_size}, every)
+        ckpt = Checkpoint(
+            checkpoint,
+            {
+                "job": "gradient_sum",
+                "model": fingerprint(model),
+                "names": shapes,
+                "windows": windows_digest(windows),
+                "batch_size": batch_size,
+            },
+            every,
+        )
         state = ckpt.load()
     saved = state[0] if state else {}
     acc = {n: saved[n].to(params[n].device) if n in saved else None for n in names}
@@ -124,8 +151,9 @@ def gradient_sum(model, windows: Windows, names: list[str], batch_size: int = 1,
             if b < start:  # already in the checkpoint's sums
                 continue
             if b == start and start and show:
-                tqdm.write(f"score {windows.lang}: resumed after {done - len(ids)} windows from {ckpt.path}",
-                           file=sys.stderr)
+                tqdm.write(
+                    f"score {windows.lang}: resumed after {done - len(ids)} windows from {ckpt.path}", file=sys.stderr
+                )
             _backward(model, ids.to(device), total)
             if ckpt:
                 ckpt.update({n: t for n, t in acc.items() if t is not None}, b + 1, done)
@@ -139,8 +167,9 @@ def gradient_sum(model, windows: Windows, names: list[str], batch_size: int = 1,
     return acc
 
 
-def taylor_importance(model, grads: dict[str, torch.Tensor], removed: dict[str, float],
-                      inplace: bool = False) -> dict[str, torch.Tensor]:
+def taylor_importance(
+    model, grads: dict[str, torch.Tensor], removed: dict[str, float], inplace: bool = False
+) -> dict[str, torch.Tensor]:
     """|(θ − θ_removed) ⊙ g| in fp32. inplace=True overwrites `grads` with the result, so that no
     second full-size fp32 copy is ever alive."""
     params = dict(model.named_parameters())
@@ -151,9 +180,16 @@ def taylor_importance(model, grads: dict[str, torch.Tensor], removed: dict[str, 
     return out
 
 
-def score(model, windows: Windows, names: list[str], removed: dict[str, float], batch_size: int = 1,
-          progress: bool = True, checkpoint: Path | None = None,
-          every: int = CHECKPOINT_EVERY) -> dict[str, torch.Tensor]:
+def score(
+    model,
+    windows: Windows,
+    names: list[str],
+    removed: dict[str, float],
+    batch_size: int = 1,
+    progress: bool = True,
+    checkpoint: Path | None = None,
+    every: int = CHECKPOINT_EVERY,
+) -> dict[str, torch.Tensor]:
     grads = gradient_sum(model, windows, names, batch_size, progress, checkpoint, every)
     return taylor_importance(model, grads, removed, inplace=True)
 

@@ -2,6 +2,7 @@
 
 Only safetensors and JSON are ever read, so no file can run code when loaded.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -85,7 +86,9 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         if sorted(order) == sorted(tensors):
             tensors = {k: tensors[k] for k in order}
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
-        raise LingregionError(f"{path}: not a readable safetensors file ({e}); it is corrupt or truncated, recreate it") from None
+        raise LingregionError(
+            f"{path}: not a readable safetensors file ({e}); it is corrupt or truncated, recreate it"
+        ) from None
     if meta is None:
         raise LingregionError(f"{path}: has no lingregion metadata; it was not written by lingregion")
     return tensors, meta

@@ -14,6 +14,7 @@ candidate. `acc` takes the highest sum; `acc_norm` the highest sum per character
 lm-eval runs in process: `lmeval(model, tokenizer, tasks)` hands the model object, with whatever region is
 removed at that moment, to lm-eval's Hugging Face backend; nothing is written to disk.
 """
+
 from __future__ import annotations
 
 import functools
@@ -68,7 +69,7 @@ def encode(tokenizer, context: str, choice: str) -> tuple[list[int], list[int]]:
     if n:
         context, choice = context[:-n], context[-n:] + choice
     ctx = tokenizer(context).input_ids
-    return ctx, tokenizer(context + DELIMITER + choice).input_ids[len(ctx):]
+    return ctx, tokenizer(context + DELIMITER + choice).input_ids[len(ctx) :]
 
 
 def max_length(model) -> int | None:
@@ -95,15 +96,18 @@ def _sequences(tokenizer, items: list[dict], limit: int | None) -> list[tuple[li
             if not ctx or not cont:
                 raise LingregionError(f"item {item.get('id')}: empty context or candidate after tokenization")
             if limit and len(cont) > limit:
-                raise LingregionError(f"item {item.get('id')}: a candidate of {len(cont)} tokens does not fit the "
-                                      f"model's {limit} positions")
+                raise LingregionError(
+                    f"item {item.get('id')}: a candidate of {len(cont)} tokens does not fit the "
+                    f"model's {limit} positions"
+                )
             out.append(((ctx + cont)[:-1][-limit:] if limit else (ctx + cont)[:-1], cont))
     return out
 
 
 @torch.inference_mode()
-def loglikelihoods(model, tokenizer, items: list[dict], batch_size: int = 16, progress: bool = False,
-                   desc: str = "") -> list[list[float]]:
+def loglikelihoods(
+    model, tokenizer, items: list[dict], batch_size: int = 16, progress: bool = False, desc: str = ""
+) -> list[list[float]]:
     """log p(candidate | context) for every candidate of every item (fp32 logits, fp64 sums).
 
     `batch_size` sequences (context + one candidate) per forward pass, longest first so that little is
@@ -118,11 +122,11 @@ def loglikelihoods(model, tokenizer, items: list[dict], batch_size: int = 16, pr
     scores = [0.0] * len(seqs)
     bar = tqdm(total=len(seqs), desc=desc or "multiple choice", unit="cand", disable=not progress, leave=False)
     for start in range(0, len(order), batch_size):
-        group = order[start:start + batch_size]
+        group = order[start : start + batch_size]
         width = len(seqs[group[0]][0])
         ids = torch.tensor([seqs[i][0] + [0] * (width - len(seqs[i][0])) for i in group], device=device)
         hidden = model.base_model(input_ids=ids)[0]
-        h = torch.cat([hidden[row, len(seqs[i][0]) - len(seqs[i][1]):len(seqs[i][0])] for row, i in enumerate(group)])
+        h = torch.cat([hidden[row, len(seqs[i][0]) - len(seqs[i][1]) : len(seqs[i][0])] for row, i in enumerate(group)])
         targets = torch.cat([torch.tensor(seqs[i][1]) for i in group])
         nll = evaluation.token_nll(model, h, targets).double().cpu().split([len(seqs[i][1]) for i in group])
         for i, x in zip(group, nll):
@@ -131,7 +135,7 @@ def loglikelihoods(model, tokenizer, items: list[dict], batch_size: int = 16, pr
     bar.close()
     out, i = [], 0
     for item in items:
-        out.append(scores[i:i + len(item["choices"])])
+        out.append(scores[i : i + len(item["choices"])])
         i += len(item["choices"])
     return out
 
@@ -146,18 +150,32 @@ def _mean_and_stderr(hits: list[bool]) -> tuple[float, float]:
 
 def accuracy(items: list[dict], logliks: list[list[float]]) -> dict:
     """acc (highest summed log-probability) and acc_norm (highest per character), ties to the first."""
+
     def argmax(xs):
         return max(range(len(xs)), key=lambda k: (xs[k], -k))
 
     acc = [argmax(ll) == it["label"] for it, ll in zip(items, logliks)]
     norm = [argmax([x / len(c) for x, c in zip(ll, it["choices"])]) == it["label"] for it, ll in zip(items, logliks)]
     (a, a_se), (b, b_se) = _mean_and_stderr(acc), _mean_and_stderr(norm)
-    return {"acc": a, "acc_stderr": a_se, "acc_norm": b, "acc_norm_stderr": b_se, "items": len(items),
-            "chance": sum(1 / len(it["choices"]) for it in items) / len(items)}
+    return {
+        "acc": a,
+        "acc_stderr": a_se,
+        "acc_norm": b,
+        "acc_norm_stderr": b_se,
+        "items": len(items),
+        "chance": sum(1 / len(it["choices"]) for it in items) / len(items),
+    }
 
 
-def evaluate(model, tokenizer, lang: str, items: list[dict] | None = None, limit: int | None = None,
-             batch_size: int = 16, progress: bool = False) -> dict:
+def evaluate(
+    model,
+    tokenizer,
+    lang: str,
+    items: list[dict] | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> dict:
     """Accuracy of `model` on the built-in task in `lang` (or on the given items)."""
     items = items if items is not None else load_items(lang, limit)
     if not items:
@@ -211,13 +229,20 @@ def check_lmeval_tasks(names: list[str]) -> None:
         raise LingregionError("lm-eval is not installed; pip install lm-eval (or 'lingregion[lmeval]')") from None
     for name in names:
         if name.startswith(LMEVAL_PREFIX):
-            items_path(name[len(LMEVAL_PREFIX):])
+            items_path(name[len(LMEVAL_PREFIX) :])
         elif name not in known:
             raise LingregionError(f"lm-eval has no task or group {name!r}; list them with `lm_eval ls tasks`")
 
 
-def lmeval(model, tokenizer, tasks: list[str | dict], limit: int | None = None, batch_size: int = 4,
-           num_fewshot: int | None = None, samples: bool = False) -> dict[str, dict]:
+def lmeval(
+    model,
+    tokenizer,
+    tasks: list[str | dict],
+    limit: int | None = None,
+    batch_size: int = 4,
+    num_fewshot: int | None = None,
+    samples: bool = False,
+) -> dict[str, dict]:
     """Run lm-eval tasks on the model object as it is now (a region removed or not), in process.
 
     `tasks` are lm-eval task names or task configs (dicts); `lingregion_udhr_next_<lang>` is the built-in
@@ -230,17 +255,27 @@ def lmeval(model, tokenizer, tasks: list[str | dict], limit: int | None = None, 
         from lm_eval.models.huggingface import HFLM
     except ImportError:
         raise LingregionError("lm-eval is not installed; pip install lm-eval (or 'lingregion[lmeval]')") from None
-    specs = [lmeval_config(t[len(LMEVAL_PREFIX):]) if isinstance(t, str) and t.startswith(LMEVAL_PREFIX) else t
-             for t in tasks]
+    specs = [
+        lmeval_config(t[len(LMEVAL_PREFIX) :]) if isinstance(t, str) and t.startswith(LMEVAL_PREFIX) else t
+        for t in tasks
+    ]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
         # bootstrap_iters only matters for metrics without a closed-form standard error (not accuracy)
-        out = lm_eval.simple_evaluate(model=lm, tasks=specs, limit=limit, num_fewshot=num_fewshot,
-                                      task_manager=_task_manager(), log_samples=samples, bootstrap_iters=1000)
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=specs,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            task_manager=_task_manager(),
+            log_samples=samples,
+            bootstrap_iters=1000,
+        )
     except KeyError as e:  # lm-eval's way of saying a task name is unknown
         raise LingregionError(f"lm-eval: {e.args[0]}; list the known tasks with `lm_eval ls tasks`") from None
-    results = {task: {k.split(",")[0]: v for k, v in metrics.items() if "," in k}
-               for task, metrics in out["results"].items()}
+    results = {
+        task: {k.split(",")[0]: v for k, v in metrics.items() if "," in k} for task, metrics in out["results"].items()
+    }
     for task, docs in (out.get("samples") or {}).items():
         if not docs or not isinstance(docs[0]["filtered_resps"][0], (tuple, list)):
             continue  # not a log-likelihood task (generation)

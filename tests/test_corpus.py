@@ -4,8 +4,9 @@ import json
 import pytest
 
 from lingregion import corpus
-from lingregion.experiments import PAPER_EVAL_LANGS, PAPER_SCORE_LANGS
+from lingregion.config import PAPER_EVAL_LANGS, PAPER_SCORE_LANGS
 from lingregion.store import LingregionError, sha256_file
+
 from conftest import TEXT
 
 

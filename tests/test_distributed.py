@@ -1,4 +1,5 @@
 """Two CPU processes under torchrun (gloo) give the gradient sums and perplexity of one process."""
+
 import json
 import os
 import subprocess
@@ -8,11 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TEXT
 from lingregion import corpus, distributed, evaluation, models, scoring
 from lingregion.store import LingregionError
 
-WORKER = '''
+from conftest import TEXT
+
+WORKER = """
 import json, sys
 from pathlib import Path
 from safetensors.torch import save_file
@@ -21,14 +23,14 @@ from lingregion import corpus, distributed, evaluation, models, scoring
 folder, text, out = sys.argv[1:4]
 m = models.load(folder)
 w = corpus.make_windows(m.tokenizer, Path(text).read_text().split("\\n\\n"), 12, 10_000, "xx", "score", "test")
-names = models.scored_names(m.model)
-grads = scoring.gradient_sum(m.model, w, names, batch_size=2, progress=False)
-ppl = evaluation.perplexity(m.model, w, batch_size=2, progress=False)
+names = models.scored_names(m.module)
+grads = scoring.gradient_sum(m.module, w, names, batch_size=2, progress=False)
+ppl = evaluation.perplexity(m.module, w, batch_size=2, progress=False)
 rank, size = distributed.world()
 save_file(grads, f"{out}/grads{rank}.safetensors")
 Path(f"{out}/rank{rank}.json").write_text(json.dumps({"size": size, "share": len(distributed.shard(w).input_ids),
                                                       "ppl": ppl}))
-'''
+"""
 
 
 def test_two_processes_equal_one(tiny_folder, tmp_path):
@@ -37,18 +39,33 @@ def test_two_processes_equal_one(tiny_folder, tmp_path):
     (tmp_path / "worker.py").write_text(WORKER, encoding="utf-8")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(tmp_path / "worker.py"), str(tiny_folder), str(text), str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(tmp_path / "worker.py"),
+            str(tiny_folder),
+            str(text),
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     # the same job in this process (no torchrun: one process)
     assert distributed.world() == (0, 1)
     m = models.load(str(tiny_folder))
     w = corpus.make_windows(m.tokenizer, text.read_text().split("\n\n"), 12, 10_000, "xx", "score", "test")
-    names = models.scored_names(m.model)
-    want = scoring.gradient_sum(m.model, w, names, batch_size=2, progress=False)
-    want_ppl = evaluation.perplexity(m.model, w, batch_size=2, progress=False)
+    names = models.scored_names(m.module)
+    want = scoring.gradient_sum(m.module, w, names, batch_size=2, progress=False)
+    want_ppl = evaluation.perplexity(m.module, w, batch_size=2, progress=False)
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["size"] for r in ranks] == [2, 2]
@@ -86,11 +103,13 @@ def test_device_map_auto_gives_the_same_numbers(tiny_folder, monkeypatch):
     plain, spread = models.load(str(tiny_folder)), models.load(str(tiny_folder), device="auto")
     assert "device_map" in spread.info and spread.device == plain.device
     w = corpus.make_windows(plain.tokenizer, TEXT, 12, 10_000, "xx", "score", "test")
-    names = models.scored_names(plain.model)
-    a = scoring.gradient_sum(plain.model, w, names, batch_size=2, progress=False)
-    b = scoring.gradient_sum(spread.model, w, names, batch_size=2, progress=False)
+    names = models.scored_names(plain.module)
+    a = scoring.gradient_sum(plain.module, w, names, batch_size=2, progress=False)
+    b = scoring.gradient_sum(spread.module, w, names, batch_size=2, progress=False)
     assert all(torch.equal(a[n], b[n]) for n in names)
-    assert evaluation.perplexity(plain.model, w, progress=False) == evaluation.perplexity(spread.model, w, progress=False)
+    assert evaluation.perplexity(plain.module, w, progress=False) == evaluation.perplexity(
+        spread.module, w, progress=False
+    )
     monkeypatch.setenv("WORLD_SIZE", "2")  # inside torchrun, one model per process: refused before loading
     with pytest.raises(LingregionError, match="torchrun"):
         models.load(str(tiny_folder), device="auto")

@@ -3,9 +3,12 @@ import math
 import pytest
 import torch
 
-from lingregion import corpus, estimators, models, scoring
+from lingregion import Config, corpus, importance, models, reproduce, scoring
+from lingregion.experiments.registry import validate
+from lingregion.experiments.runfolder import Run
 from lingregion.regions import select
 from lingregion.store import LingregionError
+
 from conftest import TEXT
 
 
@@ -15,7 +18,7 @@ def windows(tokenizer, texts, lang, seq_len=12):
 
 def target(model, include=None):
     names = models.scored_names(model, include)
-    return estimators.Target(model, names, models.removed_values(model, names))
+    return importance.Target(model, names, models.removed_values(model, names))
 
 
 def per_window_gradients(model, w, names):
@@ -39,14 +42,16 @@ def test_gradient_estimators_equal_per_window_autograd(tiny, tokenizer, family):
     t = target(model)
     langs = [windows(tokenizer, TEXT[:2], "a"), windows(tokenizer, TEXT[3:5], "b")]
     assert len(langs[0].input_ids) >= 3 and len(langs[0].input_ids[-1]) < len(langs[0].input_ids[0])  # a short one too
-    ours = estimators.estimate(t, langs, ["taylor", "taylor-window", "fisher"], progress=False)
+    ours = importance.estimate(t, langs, ["taylor", "taylor-window", "fisher"], progress=False)
     gs = [per_window_gradients(model, w, t.names) for w in langs]  # per language, per window
     params = dict(model.named_parameters())
     for n in t.names:
         d = params[n].detach() - t.removed[n]
-        ref = {"taylor": sum((d * sum(g[n] for g in lang)).abs() for lang in gs),
-               "taylor-window": sum((d * g[n]).abs() for lang in gs for g in lang),
-               "fisher": 0.5 * sum(g[n] ** 2 * d ** 2 for lang in gs for g in lang)}
+        ref = {
+            "taylor": sum((d * sum(g[n] for g in lang)).abs() for lang in gs),
+            "taylor-window": sum((d * g[n]).abs() for lang in gs for g in lang),
+            "fisher": 0.5 * sum(g[n] ** 2 * d**2 for lang in gs for g in lang),
+        }
         for e, r in ref.items():
             assert ours[e][n].dtype == torch.float32
             torch.testing.assert_close(ours[e][n].double(), r, rtol=1e-5, atol=1e-6 * r.abs().max().item())
@@ -58,7 +63,7 @@ def test_taylor_equals_the_papers_scores_summed_over_languages(tiny, tokenizer):
     model = tiny("gemma3", dtype=torch.float64)
     t = target(model)
     langs = [windows(tokenizer, TEXT[:2], "a"), windows(tokenizer, TEXT[2:4], "b")]
-    ours = estimators.score("taylor", t, langs, progress=False)
+    ours = importance.score("taylor", t, langs, progress=False)
     ref: dict = {}
     for w in langs:
         scoring.accumulate(ref, scoring.score(model, w, t.names, t.removed, progress=False))
@@ -80,13 +85,15 @@ def test_wanda_equals_hand_captured_activations(tiny, tokenizer, family):
     model = tiny(family)
     t = target(model)
     w = windows(tokenizer, TEXT[:3], "mix")
-    ours = estimators.score("wanda", t, [w], progress=False)
+    ours = importance.score("wanda", t, [w], progress=False)
 
     inputs: dict[str, list] = {}
     modules = dict(model.named_modules())
     owners = {n.rpartition(".")[0] for n in t.names}
-    handles = [modules[m].register_forward_hook(lambda mod, a, o, m=m: inputs.setdefault(m, []).append(a[0].detach()))
-               for m in owners]
+    handles = [
+        modules[m].register_forward_hook(lambda mod, a, o, m=m: inputs.setdefault(m, []).append(a[0].detach()))
+        for m in owners
+    ]
     with torch.no_grad():
         for ids in w.input_ids:
             model(input_ids=ids[None])
@@ -100,7 +107,7 @@ def test_wanda_equals_hand_captured_activations(tiny, tokenizer, family):
         x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs[mod]])
         if leaf == "bias":
             a_norm = torch.full((params[n].shape[0],), math.sqrt(len(x)))
-        elif isinstance(module, (torch.nn.Linear, estimators.Conv1D)):
+        elif isinstance(module, (torch.nn.Linear, importance.Conv1D)):
             a_norm = x.float().norm(dim=0)
             a_norm = a_norm[None, :] if isinstance(module, torch.nn.Linear) else a_norm[:, None]
         else:  # a norm: its weight multiplies the normalized input, channel by channel
@@ -110,23 +117,30 @@ def test_wanda_equals_hand_captured_activations(tiny, tokenizer, family):
 
 
 def test_lape_neuron_scores_from_a_hand_built_table():
-    probs = torch.tensor([
-        [0.5, 0.5, 0.5],  # fires evenly: entropy ln 3
-        [0.9, 0.0, 0.0],  # one language only: entropy 0
-        [0.0, 0.0, 0.0],  # never fires
-        [0.2, 0.1, 0.1],
-    ], dtype=torch.float64)
+    probs = torch.tensor(
+        [
+            [0.5, 0.5, 0.5],  # fires evenly: entropy ln 3
+            [0.9, 0.0, 0.0],  # one language only: entropy 0
+            [0.0, 0.0, 0.0],  # never fires
+            [0.2, 0.1, 0.1],
+        ],
+        dtype=torch.float64,
+    )
     q = [0.5, 0.25, 0.25]
     expected = [0.5 * math.log(3), 0.0, 0.0, (0.4 / 3) * -sum(v * math.log(v) for v in q)]
-    torch.testing.assert_close(estimators.lape_neuron_scores(probs), torch.tensor(expected, dtype=torch.float64))
+    torch.testing.assert_close(importance.lape_neuron_scores(probs), torch.tensor(expected, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_lape_maps_hand_counted_activations_to_neuron_rows_and_columns(tiny, tokenizer, family):
     model = tiny(family)
     t = target(model)
-    langs = [windows(tokenizer, TEXT[:1], "en"), windows(tokenizer, TEXT[1:2], "ru"), windows(tokenizer, TEXT[3:4], "zh")]
-    ours = estimators.score("lape", t, langs, progress=False)
+    langs = [
+        windows(tokenizer, TEXT[:1], "en"),
+        windows(tokenizer, TEXT[1:2], "ru"),
+        windows(tokenizer, TEXT[3:4], "zh"),
+    ]
+    ours = importance.score("lape", t, langs, progress=False)
 
     acts = [n for n, m in model.named_modules() if n.endswith(("mlp.act_fn", "mlp.act"))]
     assert len(acts) == 2
@@ -134,7 +148,9 @@ def test_lape_maps_hand_counted_activations_to_neuron_rows_and_columns(tiny, tok
     table = {a: [] for a in acts}
     for w in langs:
         outs = {a: [] for a in acts}
-        handles = [modules[a].register_forward_hook(lambda m, i, o, a=a: outs[a].append(o.detach())) for a in acts]
+        handles = [
+            modules[a].register_forward_hook(lambda m, i, o, a=a, outs=outs: outs[a].append(o.detach())) for a in acts
+        ]
         with torch.no_grad():
             for ids in w.input_ids:
                 model(input_ids=ids[None])
@@ -149,8 +165,11 @@ def test_lape_maps_hand_counted_activations_to_neuron_rows_and_columns(tiny, tok
         s = (probs.mean(1) * -(q * q.log()).nansum(1)).float()
         mlp = a.rpartition(".")[0]
         if family == "llama":
-            expect = {f"{mlp}.gate_proj.weight": s[:, None], f"{mlp}.up_proj.weight": s[:, None],
-                      f"{mlp}.down_proj.weight": s[None, :]}
+            expect = {
+                f"{mlp}.gate_proj.weight": s[:, None],
+                f"{mlp}.up_proj.weight": s[:, None],
+                f"{mlp}.down_proj.weight": s[None, :],
+            }
         else:  # GPT-2's Conv1D stores in × out
             expect = {f"{mlp}.c_fc.weight": s[None, :], f"{mlp}.c_fc.bias": s, f"{mlp}.c_proj.weight": s[:, None]}
         for n, e in expect.items():
@@ -160,7 +179,7 @@ def test_lape_maps_hand_counted_activations_to_neuron_rows_and_columns(tiny, tok
     assert others and all(bool((ours[n] == 0).all()) for n in others)
 
     # the region code takes it unchanged: a global Top set of the right size, no unselected entry above it
-    region = select(ours, 0.05, "top", scope=estimators.get("lape").scope)
+    region = select(ours, 0.05, "top", scope=importance.get("lape").scope)
     assert region.count() == round(0.05 * region.total())
     inside = torch.cat([ours[n][region.mask(n)] for n in ours])
     outside = torch.cat([ours[n][~region.mask(n)] for n in ours])
@@ -170,7 +189,7 @@ def test_lape_maps_hand_counted_activations_to_neuron_rows_and_columns(tiny, tok
 def test_magnitude(tiny):
     model = tiny("gemma3")
     t = target(model)
-    ours = estimators.score("magnitude", t, [corpus.Windows("x", "score", [], [])], progress=False)
+    ours = importance.score("magnitude", t, [corpus.Windows("x", "score", [], [])], progress=False)
     params = dict(model.named_parameters())
     for n in t.names:
         assert torch.equal(ours[n], (params[n].detach().float() - t.removed[n]).abs())
@@ -181,10 +200,10 @@ def test_one_pass_equals_separate_passes(tiny, tokenizer):
     model = tiny("gemma3")
     t = target(model)
     langs = [windows(tokenizer, TEXT[:2], "a"), windows(tokenizer, TEXT[2:5], "b")]
-    names = list(estimators.ESTIMATORS)
-    together = estimators.estimate(t, langs, names, progress=False)
+    names = list(importance.ESTIMATORS)
+    together = importance.estimate(t, langs, names, progress=False)
     for e in names:
-        alone = estimators.score(e, t, langs, progress=False)
+        alone = importance.score(e, t, langs, progress=False)
         assert set(alone) == set(t.names)
         for n in t.names:
             assert torch.equal(together[e][n], alone[n]), (e, n)
@@ -195,42 +214,46 @@ def test_one_pass_equals_separate_passes(tiny, tokenizer):
 def test_bf16_model_gets_fp32_statistics(tiny, tokenizer):
     model = tiny("llama", dtype=torch.bfloat16)
     t = target(model)
-    stats = estimators.collect(t, windows(tokenizer, TEXT[:1], "en"), estimators.STATS, progress=False)
+    stats = importance.collect(t, windows(tokenizer, TEXT[:1], "en"), importance.STATS, progress=False)
     for field in ("lang_abs", "window_abs", "window_sq", "act_norm"):
         d = getattr(stats, field)
         assert set(d) == set(t.names) and all(v.dtype == torch.float32 for v in d.values())
 
 
 def test_adding_an_estimator_is_one_function(tiny, tokenizer):
-    @estimators.estimator("gradient-norm-test", needs=["window_sq"])
+    @importance.estimator("gradient-norm-test", needs=["window_sq"])
     def gradient_only(stats, t):
         return {n: stats.window_sq[n].sqrt() for n in t.names}
+
     try:
         model = tiny("llama")
         t = target(model)
         w = windows(tokenizer, TEXT[:2], "mix")
-        out = estimators.estimate(t, [w], ["gradient-norm-test", "fisher"], progress=False)
+        out = importance.estimate(t, [w], ["gradient-norm-test", "fisher"], progress=False)
         gs = per_window_gradients(model, w, t.names)
         n = t.names[0]
-        torch.testing.assert_close(out["gradient-norm-test"][n], sum(g[n] ** 2 for g in gs).sqrt(), rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(
+            out["gradient-norm-test"][n], sum(g[n] ** 2 for g in gs).sqrt(), rtol=1e-4, atol=1e-9
+        )
     finally:
-        del estimators.ESTIMATORS["gradient-norm-test"]
+        del importance.ESTIMATORS["gradient-norm-test"]
 
 
 def test_bad_input_is_a_one_line_error(tiny, tokenizer):
     model = tiny("gemma3")
     w = windows(tokenizer, TEXT[:1], "en")
     with pytest.raises(LingregionError, match="unknown estimator"):
-        estimators.score("nope", target(model), [w])
+        importance.score("nope", target(model), [w])
     with pytest.raises(LingregionError, match="at least two languages"):
-        estimators.score("lape", target(model), [w], progress=False)
+        importance.score("lape", target(model), [w], progress=False)
     with pytest.raises(LingregionError, match="wanda: .*embed"):
-        estimators.score("wanda", target(model, include=r"embed|layers\.0\."), [w], progress=False)
+        importance.score("wanda", target(model, include=r"embed|layers\.0\."), [w], progress=False)
     with pytest.raises(LingregionError, match="lape: no scored MLP"):
-        estimators.score("lape", target(model, include="self_attn"), [w, windows(tokenizer, TEXT[1:2], "ru")],
-                         progress=False)
+        importance.score(
+            "lape", target(model, include="self_attn"), [w, windows(tokenizer, TEXT[1:2], "ru")], progress=False
+        )
     with pytest.raises(LingregionError, match="'en' is given twice"):
-        estimators.score("taylor", target(model), [w, w], progress=False)
+        importance.score("taylor", target(model), [w, w], progress=False)
 
 
 # --- the experiment ----------------------------------------------------------------------------------
@@ -259,14 +282,25 @@ def test_damage_is_the_log_perplexity_ratio_capped_at_a_uniform_guess():
 
 
 def test_experiment_end_to_end_on_a_tiny_model_and_resume(tiny_folder, tmp_path, monkeypatch):
-    from lingregion import experiments, evaluation, interventions
+    from lingregion import evaluation, interventions
     from lingregion.regions import Region
 
-    cfg = experiments.Config(model=str(tiny_folder), seq_len=16, score_tokens=32, score_langs=["ru", "es", "zh"],
-                             est_tokens=32, est_seq_len=8, est_eval_tokens=32, est_eval_langs=["ru", "en"], est_ratios=[0.01, 0.1],
-                             est_overlap_ratio=0.1, est_outlier_dims=1, experiments=["estimators"])
+    cfg = Config(
+        model=str(tiny_folder),
+        seq_len=16,
+        score_tokens=32,
+        score_langs=["ru", "es", "zh"],
+        est_tokens=32,
+        est_seq_len=8,
+        est_eval_tokens=32,
+        est_eval_langs=["ru", "en"],
+        est_ratios=[0.01, 0.1],
+        est_overlap_ratio=0.1,
+        est_outlier_dims=1,
+        experiments=["estimators"],
+    )
     out = tmp_path / "run"
-    res = experiments.reproduce(cfg, out, progress=False)["estimators"]
+    res = reproduce(cfg, out, progress=False)["estimators"]
     assert set(res["damage"]) == set(cfg.est_estimators) | {"random"}
     assert res["scopes"]["lape"] == "global" and res["scopes"]["fisher"] == "matrix"
     for r in ("0.01", "0.1"):
@@ -279,33 +313,35 @@ def test_experiment_end_to_end_on_a_tiny_model_and_resume(tiny_folder, tmp_path,
         assert res["jaccard"][a][a] == 1.0
     # a damage entry equals the evaluation redone by hand with the saved region removed
     m = models.load(str(tiny_folder))
-    run = experiments.Run(out, cfg, m, progress=False)
+    run = Run(out, cfg, m, progress=False)
     region = Region.load(out / "regions" / "est-fisher-top-0.1.safetensors")
     assert region.count() == sum(round(0.1 * region.mask(n).numel()) for n in region.packed)  # per matrix
-    with interventions.applied(m.model, interventions.removal(region, run.removed)):
-        nll = evaluation.perplexity(m.model, run.windows("en", "eval", 32), cfg.batch_size, False)["nll"]
+    with interventions.applied(m.module, interventions.removal(region, run.removed)):
+        nll = evaluation.perplexity(m.module, run.windows("en", "eval", 32), cfg.batch_size, False)["nll"]
     b = res["base"]["en"]["nll"] / res["base"]["en"]["tokens"]
     assert res["damage_by_language"]["fisher@0.1"]["en"] == pytest.approx(
-        min(nll / res["base"]["en"]["tokens"], max(b, math.log(300))) - b, rel=1e-9, abs=1e-12)
+        min(nll / res["base"]["en"]["tokens"], max(b, math.log(300))) - b, rel=1e-9, abs=1e-12
+    )
     assert (out / "figures" / "estimators-damage.png").read_bytes().startswith(b"\x89PNG")
     assert "Is the core region specific to language?" in (out / "report.md").read_text()
 
     # a second run reads the regions back instead of scoring again
-    monkeypatch.setattr(estimators, "estimate", lambda *a, **k: pytest.fail("scored again"))
-    monkeypatch.setattr(estimators, "score", lambda *a, **k: pytest.fail("scored again"))
-    again = experiments.reproduce(cfg, out, progress=False)["estimators"]
+    monkeypatch.setattr(importance, "estimate", lambda *a, **k: pytest.fail("scored again"))
+    monkeypatch.setattr(importance, "score", lambda *a, **k: pytest.fail("scored again"))
+    again = reproduce(cfg, out, progress=False)["estimators"]
     assert again["damage"] == res["damage"] and again["specificity"] == res["specificity"]
 
 
 def test_bad_config_is_a_one_line_error(tiny_folder):
-    from lingregion import experiments
 
-    for bad, match in [({"est_estimators": ["fisher"]}, "must include taylor"),
-                       ({"est_estimators": ["taylor", "nope"]}, "unknown estimator"),
-                       ({"est_overlap_ratio": 0.02}, "must be one of the estimator ratios"),
-                       ({"est_control_lang": "xx"}, "unknown language 'xx'")]:
+    for bad, match in [
+        ({"est_estimators": ["fisher"]}, "must include taylor"),
+        ({"est_estimators": ["taylor", "nope"]}, "unknown estimator"),
+        ({"est_overlap_ratio": 0.02}, "must be one of the estimator ratios"),
+        ({"est_control_lang": "xx"}, "unknown language 'xx'"),
+    ]:
         with pytest.raises(LingregionError, match=match):
-            experiments.Config(experiments=["estimators"], **bad).validate()
+            validate(Config(experiments=["estimators"], **bad))
 
 
 def synthetic(core: dict, en: dict, shuffled: dict, random: dict, limit: float = 5.0) -> dict:
@@ -314,20 +350,39 @@ def synthetic(core: dict, en: dict, shuffled: dict, random: dict, limit: float =
     spec = {}
     for r in ratios:
         lo, hi = random[r], core[r]
-        spec[r] = {label: {"damage": d[r], "jaccard_core": 0.1, "entries": 10, "share_in_core": 0.1,
-                           "relative_damage": (d[r] - lo) / (hi - lo)}
-                   for label, d in (("core", core), ("en-only", en), ("shuffled", shuffled), ("random", random))}
-    return {"ratios": ratios, "specificity": spec, "score_languages": ["ru", "es"], "control_language": "en",
-            "estimators": ["taylor"], "vocab": 1000, "scored_parameters": 1000, "cap": {"ru": limit},
-            "damage_by_language": {f"taylor@{r}": {"ru": core[r]} for r in ratios}}
+        spec[r] = {
+            label: {
+                "damage": d[r],
+                "jaccard_core": 0.1,
+                "entries": 10,
+                "share_in_core": 0.1,
+                "relative_damage": (d[r] - lo) / (hi - lo),
+            }
+            for label, d in (("core", core), ("en-only", en), ("shuffled", shuffled), ("random", random))
+        }
+    return {
+        "ratios": ratios,
+        "specificity": spec,
+        "score_languages": ["ru", "es"],
+        "control_language": "en",
+        "estimators": ["taylor"],
+        "vocab": 1000,
+        "scored_parameters": 1000,
+        "cap": {"ru": limit},
+        "damage_by_language": {f"taylor@{r}": {"ru": core[r]} for r in ratios},
+    }
 
 
 def test_specificity_answer_follows_its_rule():
     from lingregion.experiments import estimators as exp
 
     # at 0.001 the core does nothing beyond Random: the answer is read at 0.01
-    res = synthetic(core={"0.001": 0.05, "0.01": 3.0}, en={"0.001": 0.0, "0.01": 2.0},
-                    shuffled={"0.001": 0.0, "0.01": 0.5}, random={"0.001": 0.0, "0.01": 0.2})
+    res = synthetic(
+        core={"0.001": 0.05, "0.01": 3.0},
+        en={"0.001": 0.0, "0.01": 2.0},
+        shuffled={"0.001": 0.0, "0.01": 0.5},
+        random={"0.001": 0.0, "0.01": 0.2},
+    )
     assert exp.answer_ratio(res) == "0.01"
     text = exp.answer(res)
     assert text.startswith("At Top 1%") and "tied to structured text" in text
@@ -347,11 +402,19 @@ def test_specificity_answer_follows_its_rule():
 def test_findings_break_ties_at_the_next_k():
     from lingregion.experiments import estimators as exp
 
-    res = synthetic(core={"0.001": 5.0, "0.01": 5.0}, en={"0.001": 1, "0.01": 1}, shuffled={"0.001": 1, "0.01": 1},
-                    random={"0.001": 0.0, "0.01": 0.1})
+    res = synthetic(
+        core={"0.001": 5.0, "0.01": 5.0},
+        en={"0.001": 1, "0.01": 1},
+        shuffled={"0.001": 1, "0.01": 1},
+        random={"0.001": 0.0, "0.01": 0.1},
+    )
     res["estimators"] = ["taylor", "fisher", "wanda"]
-    res["damage"] = {"taylor": {"0.001": 5.0, "0.01": 5.0}, "fisher": {"0.001": 5.0, "0.01": 4.0},
-                     "wanda": {"0.001": 1.0, "0.01": 5.0}, "random": {"0.001": 0.0, "0.01": 0.1}}
+    res["damage"] = {
+        "taylor": {"0.001": 5.0, "0.01": 5.0},
+        "fisher": {"0.001": 5.0, "0.01": 4.0},
+        "wanda": {"0.001": 1.0, "0.01": 5.0},
+        "random": {"0.001": 0.0, "0.01": 0.1},
+    }
     res["damage_by_language"] = {f"{n}@{r}": {"ru": v} for n, c in res["damage"].items() for r, v in c.items()}
     res["answer"] = exp.answer(res)
     first = exp.findings(res)[0]
@@ -365,14 +428,14 @@ def test_real_model_neurons_and_norms_are_all_covered():
     """On the built-in Gemma 3: LAPE finds every layer's MLP neurons, and Wanda scores every scored
     parameter, the per-head q/k norms included, from a forward pass of two short windows."""
     m = models.load()
-    t = target(m.model)
+    t = target(m.module)
     langs = [corpus.load_windows(m.tokenizer, lang, "score", 16, 16) for lang in ("ru", "zh")]
-    scores = estimators.estimate(t, langs, ["wanda", "lape"], progress=False)
-    n_layers, inter = m.model.config.num_hidden_layers, m.model.config.intermediate_size
-    assert len(estimators.activation_modules(m.model, t.names)) == n_layers
+    scores = importance.estimate(t, langs, ["wanda", "lape"], progress=False)
+    n_layers, inter = m.module.config.num_hidden_layers, m.module.config.intermediate_size
+    assert len(importance.activation_modules(m.module, t.names)) == n_layers
     for name in t.names:
         w, lape = scores["wanda"][name], scores["lape"][name]
-        assert w.shape == lape.shape == m.model.get_parameter(name).shape and bool(torch.isfinite(w).all())
+        assert w.shape == lape.shape == m.module.get_parameter(name).shape and bool(torch.isfinite(w).all())
         assert float(w.max()) > 0
         if ".mlp." in name:  # each neuron's row (gate, up) or column (down) carries one value
             rows = lape if "down_proj" not in name else lape.T

@@ -1,4 +1,5 @@
 """Export of a region-removed model, the built-in parallel multiple-choice task, and the lm-eval path."""
+
 import gzip
 import json
 import math
@@ -11,12 +12,13 @@ import torch
 from tokenizers import processors
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from conftest import CONFIGS, TEXT
 from lingregion import corpus, evaluation, export, interventions, models, tasks
 from lingregion.cli import main
-from lingregion.experiments import PAPER_EVAL_LANGS
+from lingregion.config import PAPER_EVAL_LANGS
 from lingregion.regions import select
 from lingregion.store import LingregionError, sha256_file, write_tensors
+
+from conftest import CONFIGS, TEXT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import build_task  # noqa: E402
@@ -33,8 +35,9 @@ def test_items_are_parallel_across_languages_with_exactly_one_true_continuation(
         assert sha256_file(tasks.items_path(lang)) == m["languages"][lang]["sha256"], lang
         items = tasks.load_items(lang)
         # parallel: the same paragraphs, candidates and answer position in every language
-        assert [(it["id"], it["article"], it["unit"], it["units"], it["label"]) for it in items] == \
-               [(it["id"], it["article"], it["unit"], it["units"], it["label"]) for it in ref], lang
+        assert [(it["id"], it["article"], it["unit"], it["units"], it["label"]) for it in items] == [
+            (it["id"], it["article"], it["unit"], it["units"], it["label"]) for it in ref
+        ], lang
         ending = {it["unit"]: it["choices"][it["label"]] for it in items}
         for it in items:
             assert len(it["choices"]) == 4 and len(set(it["choices"])) == 4, (lang, it["id"])
@@ -49,8 +52,11 @@ def test_items_are_parallel_across_languages_with_exactly_one_true_continuation(
 
 def _paragraph(lang, a, p):
     words = " ".join(f"w{a}x{p}y{k}" for k in range(3 + (7 * a + 3 * p) % 9))
-    return f"{lang} article {a} paragraph {p}: {words}." if lang not in build_task.UNSPACED else \
-        f"{lang}第{a}条第{p}段、" + "字" * (5 + (7 * a + 3 * p) % 9) + "。"
+    return (
+        f"{lang} article {a} paragraph {p}: {words}."
+        if lang not in build_task.UNSPACED
+        else f"{lang}第{a}条第{p}段、" + "字" * (5 + (7 * a + 3 * p) % 9) + "。"
+    )
 
 
 def _fake_udhr(root: Path, paragraphs_per_article) -> Path:
@@ -59,11 +65,15 @@ def _fake_udhr(root: Path, paragraphs_per_article) -> Path:
     decl.mkdir(parents=True)
     (root / "package.json").write_text(json.dumps({"version": "6.0.0"}))
     for lang, code in build_task.FILES.items():
-        arts = "".join(f'<article data-number="{a}"><h2>{a}</h2>' + "".join(
-            f"<p>{_paragraph(lang, a, p)}</p>" for p in range(paragraphs_per_article(lang, a))) + "</article>"
-            for a in build_task.ARTICLES)
-        (decl / f"{code}.html").write_text(f"<html><body><header><p>{lang} preamble</p></header>{arts}</body></html>",
-                                           encoding="utf-8")
+        arts = "".join(
+            f'<article data-number="{a}"><h2>{a}</h2>'
+            + "".join(f"<p>{_paragraph(lang, a, p)}</p>" for p in range(paragraphs_per_article(lang, a)))
+            + "</article>"
+            for a in build_task.ARTICLES
+        )
+        (decl / f"{code}.html").write_text(
+            f"<html><body><header><p>{lang} preamble</p></header>{arts}</body></html>", encoding="utf-8"
+        )
     return root
 
 
@@ -104,10 +114,15 @@ def test_cut_keeps_the_text_and_graphemes():
 @pytest.fixture
 def bos_tokenizer(tokenizer):
     """The tiny tokenizer, adding BOS as Gemma's does."""
-    tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer.__class__.from_str(
-        tokenizer.backend_tokenizer.to_str()), bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.backend_tokenizer.__class__.from_str(tokenizer.backend_tokenizer.to_str()),
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+    )
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)])
+        single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)]
+    )
     return tok
 
 
@@ -124,10 +139,10 @@ def reference_loglik(model, tokenizer, context, choice, max_length=None):
     own tokens, then the tokens of context + choice past them (lm-eval's split), the start of the context
     dropped if the whole does not fit."""
     ctx = tokenizer(context.rstrip()).input_ids
-    cont = tokenizer(context + choice).input_ids[len(ctx):]
+    cont = tokenizer(context + choice).input_ids[len(ctx) :]
     seq = ctx + cont
     if max_length and len(seq) - 1 > max_length:
-        seq = seq[len(seq) - 1 - max_length:]
+        seq = seq[len(seq) - 1 - max_length :]
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), -1)
     return sum(logp[i - 1, seq[i]].item() for i in range(len(seq) - len(cont), len(seq)))
@@ -151,8 +166,10 @@ def test_direct_evaluator_matches_a_plain_computation(family, bos_tokenizer):
 
 def test_long_items_lose_the_start_of_their_context(tiny, bos_tokenizer):
     model = tiny("gemma3")  # 128 positions
-    items = [{"id": k, "context": TEXT[1] * 3 + " " + TEXT[k], "choices": [t[:30] for t in TEXT[:4]], "label": k}
-             for k in range(2)]
+    items = [
+        {"id": k, "context": TEXT[1] * 3 + " " + TEXT[k], "choices": [t[:30] for t in TEXT[:4]], "label": k}
+        for k in range(2)
+    ]
     assert all(len(bos_tokenizer(it["context"]).input_ids) > 150 for it in items)
     got = tasks.loglikelihoods(model, bos_tokenizer, items, batch_size=8)
     for it, lls in zip(items, got):
@@ -186,6 +203,7 @@ def test_lmeval_in_process_agrees_with_the_direct_evaluator(tiny, bos_tokenizer,
     region = select({n: names[n].detach().abs() for n in scored}, 0.2, "top")
     edits = interventions.removal(region, models.removed_values(model, scored))
     task = tasks.LMEVAL_PREFIX + "ru"
+    base_ll = None
     for setting in ([], edits):  # base, then the same model object with a region removed
         with interventions.applied(model, setting):
             ours = tasks.evaluate(model, bos_tokenizer, "ru", limit=6)
@@ -199,9 +217,13 @@ def test_lmeval_in_process_agrees_with_the_direct_evaluator(tiny, bos_tokenizer,
         base_ll = ours["loglik"]
     # contexts longer than the model's 128 positions lose their start in both
     short = tiny("gemma3")
-    items = [{"id": k, "context": TEXT[1] * 3 + " " + TEXT[k], "choices": [t[:30] for t in TEXT[:4]], "label": k}
-             for k in range(3)]
-    (tmp_path / "long.jsonl").write_text("\n".join(json.dumps(it, ensure_ascii=False) for it in items), encoding="utf-8")
+    items = [
+        {"id": k, "context": TEXT[1] * 3 + " " + TEXT[k], "choices": [t[:30] for t in TEXT[:4]], "label": k}
+        for k in range(3)
+    ]
+    (tmp_path / "long.jsonl").write_text(
+        "\n".join(json.dumps(it, ensure_ascii=False) for it in items), encoding="utf-8"
+    )
     config = {**tasks.lmeval_config("ru", tmp_path / "long.jsonl"), "task": "long_contexts"}
     theirs = tasks.lmeval(short, bos_tokenizer, [config], samples=True)["long_contexts"]
     for a, b in zip(tasks.evaluate(short, bos_tokenizer, "ru", items)["loglik"], theirs["loglik"]):
@@ -224,55 +246,72 @@ def test_lmeval_yaml_files(tmp_path):
 
 # --- export -------------------------------------------------------------------------------------------
 def _region_on(m, tmp_path, with_scores=True):
-    names = models.scored_names(m.model)
-    params = dict(m.model.named_parameters())
+    names = models.scored_names(m.module)
+    params = dict(m.module.named_parameters())
     scores = {n: params[n].detach().float().abs() for n in names}
     run = tmp_path / "run"
     if with_scores:
         for lang in ("ru", "es"):
-            write_tensors(run / "scores" / f"{lang}.safetensors", scores,
-                          {"format": "lingregion-scores-v1", "lang": lang, "model_fingerprint": m.info["fingerprint"],
-                           "estimator": "taylor", "made_of": {"windows": {"tokens": 64, "windows": 4, "seq_len": 16,
-                                                                          "text_sha256": "ab" * 32}}})
-    region = select(scores, 0.05, "top", meta={"model": m.info["fingerprint"], "languages": ["ru", "es"],
-                                                "estimator": "taylor", "label": "core"})
+            write_tensors(
+                run / "scores" / f"{lang}.safetensors",
+                scores,
+                {
+                    "format": "lingregion-scores-v1",
+                    "lang": lang,
+                    "model_fingerprint": m.info["fingerprint"],
+                    "estimator": "taylor",
+                    "made_of": {"windows": {"tokens": 64, "windows": 4, "seq_len": 16, "text_sha256": "ab" * 32}},
+                },
+            )
+    region = select(
+        scores,
+        0.05,
+        "top",
+        meta={"model": m.info["fingerprint"], "languages": ["ru", "es"], "estimator": "taylor", "label": "core"},
+    )
     path = run / "regions" / "core-top-0.05.safetensors"
     region.save(path)
-    return region, path, models.removed_values(m.model, names)
+    return region, path, models.removed_values(m.module, names)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_export_then_reload_is_bit_identical_with_the_same_perplexity(tiny_folder, tmp_path, dtype):
     m = models.load(str(tiny_folder), dtype)  # loaded as lingregion loads any model (buffers included)
-    before = {k: v.clone() for k, v in m.model.state_dict().items()}
+    before = {k: v.clone() for k, v in m.module.state_dict().items()}
     region, path, removed = _region_on(m, tmp_path)
     edits = interventions.removal(region, removed)
-    record = export.region_record(region, path, m.model, removed)
-    out = export.export(m.model, m.tokenizer, tmp_path / "exported", edits, {**record, "base_model": m.info})
-    assert all(torch.equal(before[k], v) for k, v in m.model.state_dict().items())  # restored in memory
+    record = export.region_record(region, path, m.module, removed)
+    out = export.export(m.module, m.tokenizer, tmp_path / "exported", edits, {**record, "base_model": m.info})
+    assert all(torch.equal(before[k], v) for k, v in m.module.state_dict().items())  # restored in memory
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".exported")]
 
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=models.DTYPES[dtype]).eval()
     windows = corpus.make_windows(m.tokenizer, ["Квантовая механика описывает природу. " * 12], 16, 64, "ru")
-    with interventions.applied(m.model, edits):
-        edited = m.model.state_dict()
+    with interventions.applied(m.module, edits):
+        edited = m.module.state_dict()
         assert set(reloaded.state_dict()) == set(edited)
         for k, v in reloaded.state_dict().items():
             assert v.dtype == edited[k].dtype and torch.equal(v, edited[k]), k
-        ppl = evaluation.perplexity(m.model, windows, 2, progress=False)
+        ppl = evaluation.perplexity(m.module, windows, 2, progress=False)
     assert evaluation.perplexity(reloaded, windows, 2, progress=False) == ppl
-    assert ppl != evaluation.perplexity(m.model, windows, 2, progress=False)  # the removal matters
+    assert ppl != evaluation.perplexity(m.module, windows, 2, progress=False)  # the removal matters
     assert AutoTokenizer.from_pretrained(out)("мир").input_ids == m.tokenizer("мир").input_ids
 
     card = (out / "README.md").read_text(encoding="utf-8")
     rec = json.loads((out / export.RECORD).read_text(encoding="utf-8"))
     assert f"{region.count():,} of {region.total():,}" in card and sha256_file(path) in card and str(path) in card
     assert rec["region"]["entries"] == region.count() == rec["edits"]["entries"]
-    assert rec["region"]["parameters"] == {n: {"entries": region.count(n), "of": before[n].numel(), "set_to": removed[n],
-                                               "already_at_value": int((before[n].reshape(-1)[region.indices(n)] ==
-                                                                        removed[n]).sum())}
-                                           for n in region.packed if region.count(n)}
+    assert rec["region"]["parameters"] == {
+        n: {
+            "entries": region.count(n),
+            "of": before[n].numel(),
+            "set_to": removed[n],
+            "already_at_value": int((before[n].reshape(-1)[region.indices(n)] == removed[n]).sum()),
+        }
+        for n in region.packed
+        if region.count(n)
+    }
     assert set(rec["scores"]) == {"ru", "es"} and rec["scores"]["ru"]["sha256"][:16] in card
     assert rec["base_model"]["fingerprint"] == m.info["fingerprint"]
 
@@ -283,12 +322,12 @@ def test_export_refuses_to_overwrite_and_replaces_with_force(loaded, tmp_path):
     out = tmp_path / "exported"
     (out / "old.txt").parent.mkdir()
     (out / "old.txt").write_text("x")
-    record = export.region_record(region, path, m.model, removed)
+    record = export.region_record(region, path, m.module, removed)
     assert record["scores"] == {}
     with pytest.raises(LingregionError, match="not empty"):
-        export.export(m.model, m.tokenizer, out, [], record)
+        export.export(m.module, m.tokenizer, out, [], record)
     assert (out / "old.txt").is_file()
-    export.export(m.model, m.tokenizer, out, interventions.removal(region, removed), record, force=True)
+    export.export(m.module, m.tokenizer, out, interventions.removal(region, removed), record, force=True)
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
     assert "were not found" in (out / "README.md").read_text(encoding="utf-8")
 
@@ -300,8 +339,8 @@ def test_export_command(tiny_folder, tmp_path, capsys):
     assert main(["export", "--model", str(tiny_folder), "--remove", str(path), "--out", str(out)]) == 0
     assert str(out) in capsys.readouterr().out
     again = models.load(str(out))
-    with interventions.applied(m.model, interventions.removal(region, removed)):
-        assert again.info["fingerprint"] == models.fingerprint(m.model)
+    with interventions.applied(m.module, interventions.removal(region, removed)):
+        assert again.info["fingerprint"] == models.fingerprint(m.module)
     assert main(["export", "--model", str(tiny_folder), "--remove", str(path), "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
     other = _fake_region_for_another_model(tmp_path)
@@ -311,18 +350,39 @@ def test_export_command(tiny_folder, tmp_path, capsys):
 
 def _fake_region_for_another_model(tmp_path):
     from conftest import make_model
+
     other = make_model("gemma3", seed=1)
     names = models.scored_names(other)
-    r = select({n: p.detach().abs() for n, p in other.named_parameters() if n in names}, 0.05, "top",
-               meta={"model": models.fingerprint(other)})
+    r = select(
+        {n: p.detach().abs() for n, p in other.named_parameters() if n in names},
+        0.05,
+        "top",
+        meta={"model": models.fingerprint(other)},
+    )
     path = tmp_path / "other.safetensors"
     r.save(path)
     return path
 
 
 # --- the downstream experiment ------------------------------------------------------------------------
-DOWN = ["--seq-len", "16", "--tokens", "32", "--eval-tokens", "32", "--score-langs", "ru,es", "--eval-langs", "ru,en",
-        "--ratios", "0.05", "--batch-size", "2", "--experiments", "downstream"]
+DOWN = [
+    "--seq-len",
+    "16",
+    "--score-tokens",
+    "32",
+    "--eval-tokens",
+    "32",
+    "--score-langs",
+    "ru,es",
+    "--eval-langs",
+    "ru,en",
+    "--ratios",
+    "0.05",
+    "--batch-size",
+    "2",
+    "--experiments",
+    "downstream",
+]
 
 
 def test_downstream_experiment_matches_a_direct_evaluation_and_resumes(bos_tokenizer, tmp_path, capsys, monkeypatch):
@@ -332,25 +392,35 @@ def test_downstream_experiment_matches_a_direct_evaluation_and_resumes(bos_token
     bos_tokenizer.save_pretrained(folder)
     out = tmp_path / "run"
     m = models.load(str(folder))
-    names = models.scored_names(m.model)
-    mono = select({n: torch.rand(p.shape, generator=torch.Generator().manual_seed(1))
-                   for n, p in m.model.named_parameters() if n in names}, 0.03, "top",
-                  meta={"model": m.info["fingerprint"], "label": "monolingual-ru"})
+    names = models.scored_names(m.module)
+    mono = select(
+        {
+            n: torch.rand(p.shape, generator=torch.Generator().manual_seed(1))
+            for n, p in m.module.named_parameters()
+            if n in names
+        },
+        0.03,
+        "top",
+        meta={"model": m.info["fingerprint"], "label": "monolingual-ru"},
+    )
     mono.save(out / "regions" / "monolingual-ru-0.03.safetensors")  # as the monolingual experiment leaves it
-    (tmp_path / "cfg.yaml").write_text("down_langs: [ru, en]\ndown_items: 3\ndown_ratio: 0.05\ndown_batch: 5\n"
-                                       "down_lmeval_tasks: [lingregion_udhr_next_ru]\ndown_lmeval_limit: 3\n")
+    (tmp_path / "cfg.yaml").write_text(
+        "down_langs: [ru, en]\ndown_items: 3\ndown_ratio: 0.05\ndown_batch: 5\n"
+        "down_lmeval_tasks: [lingregion_udhr_next_ru]\ndown_lmeval_limit: 3\n"
+    )
     argv = ["reproduce", "--model", str(folder), "--out", str(out), "--config", str(tmp_path / "cfg.yaml"), *DOWN]
     assert main(argv) == 0, capsys.readouterr().err
     res = json.loads((out / "results" / "downstream-summary.json").read_text())
     assert res["settings"] == ["base", "top@0.05", "bottom@0.05", "random@0.05", "mono-ru"]
     assert res["items"] == {"ru": 3, "en": 3} and res["model"]["fingerprint"] == m.info["fingerprint"]
-    removed = models.removed_values(m.model, names)
+    removed = models.removed_values(m.module, names)
     from lingregion.regions import Region
+
     for setting, file in [("base", None), ("top@0.05", "core-top-0.05"), ("mono-ru", "monolingual-ru-0.03")]:
         edits = interventions.removal(Region.load(out / "regions" / f"{file}.safetensors"), removed) if file else []
-        with interventions.applied(m.model, edits):
+        with interventions.applied(m.module, edits):
             for lang in ("ru", "en"):
-                direct = tasks.evaluate(m.model, m.tokenizer, lang, limit=3)
+                direct = tasks.evaluate(m.module, m.tokenizer, lang, limit=3)
                 assert res["accuracy"][setting][lang]["acc"] == direct["acc"], (setting, lang)
                 assert res["accuracy"][setting][lang]["acc_norm"] == direct["acc_norm"], (setting, lang)
             lm = res["lmeval"][setting]["lingregion_udhr_next_ru"]
@@ -364,6 +434,7 @@ def test_downstream_experiment_matches_a_direct_evaluation_and_resumes(bos_token
 
     def fail(*a, **k):
         raise AssertionError("recomputed a cached result")
+
     monkeypatch.setattr(tasks, "loglikelihoods", fail)
     monkeypatch.setattr(tasks, "lmeval", fail)
     assert main(argv + ["--mono-focus", "uk"]) == 0  # a rerun (other experiments' settings changed) resumes
@@ -380,8 +451,16 @@ def test_downstream_is_skipped_for_a_model_too_short_for_the_items(tiny_folder, 
 
 def test_downstream_config_is_checked_before_anything_runs(tiny_folder, tmp_path, capsys):
     (tmp_path / "cfg.yaml").write_text("down_langs: [ru, xx]\n")
-    argv = ["reproduce", "--model", str(tiny_folder), "--out", str(tmp_path / "run"),
-            "--config", str(tmp_path / "cfg.yaml"), *DOWN]
+    argv = [
+        "reproduce",
+        "--model",
+        str(tiny_folder),
+        "--out",
+        str(tmp_path / "run"),
+        "--config",
+        str(tmp_path / "cfg.yaml"),
+        *DOWN,
+    ]
     assert main(argv) == 2 and "down_langs xx" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
@@ -390,6 +469,7 @@ def test_every_command_and_option_has_help_text():
     import argparse
 
     from lingregion.cli import parser
+
     sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
     summaries = {c.dest: c.help for c in sub._choices_actions}
     for name, p in sub.choices.items():
@@ -408,8 +488,8 @@ def test_evaluate_command_runs_lmeval_tasks_on_the_region_removed_model(bos_toke
     argv = ["evaluate", "--model", str(folder), "--lmeval-tasks", "lingregion_udhr_next_en", "--lmeval-limit", "4"]
     assert main(argv + ["--remove", str(path)]) == 0
     out = capsys.readouterr().out
-    with interventions.applied(m.model, interventions.removal(region, removed)):
-        direct = tasks.evaluate(m.model, m.tokenizer, "en", limit=4)
+    with interventions.applied(m.module, interventions.removal(region, removed)):
+        direct = tasks.evaluate(m.module, m.tokenizer, "en", limit=4)
     assert f"| lingregion_udhr_next_en | acc | {direct['acc']:.3f} |" in out
     assert main(["evaluate", "--model", str(folder)]) == 2
     assert "--lmeval-tasks" in capsys.readouterr().err
@@ -420,8 +500,8 @@ def test_real_model_solves_the_task_and_lmeval_agrees_with_its_tokenizer():
     """Gemma's tokenizer adds BOS: the direct evaluator and lm-eval must condition on it alike."""
     pytest.importorskip("lm_eval")
     m = models.load()
-    ours = tasks.evaluate(m.model, m.tokenizer, "en", limit=3)
-    theirs = tasks.lmeval(m.model, m.tokenizer, [tasks.LMEVAL_PREFIX + "en"], limit=3, samples=True)
+    ours = tasks.evaluate(m.module, m.tokenizer, "en", limit=3)
+    theirs = tasks.lmeval(m.module, m.tokenizer, [tasks.LMEVAL_PREFIX + "en"], limit=3, samples=True)
     for a, b in zip(ours["loglik"], theirs[tasks.LMEVAL_PREFIX + "en"]["loglik"]):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-3)
     assert ours["acc"] >= 2 / 3  # 95% on the first 20 English items: far above chance (25%)

@@ -1,4 +1,5 @@
 """The real default model (Gemma 3 270M base): a few windows, real text, the paper's headline effect."""
+
 import pytest
 
 from lingregion import corpus, evaluation, interventions, models, scoring
@@ -15,13 +16,13 @@ def gemma():
 def test_default_model_is_gemma3_with_offset_norms(gemma):
     assert gemma.info["class"] == "Gemma3ForCausalLM"
     assert gemma.info["revision"]["gguf_sha256"]
-    names = models.scored_names(gemma.model)
-    removed = models.removed_values(gemma.model, names)
+    names = models.scored_names(gemma.module)
+    removed = models.removed_values(gemma.module, names)
     assert {removed[n] for n in names if n.endswith("norm.weight")} == {-1.0}
 
 
 def test_top_region_removal_breaks_the_model_bottom_less_than_random(gemma):
-    m, tok = gemma.model, gemma.tokenizer
+    m, tok = gemma.module, gemma.tokenizer
     names = models.scored_names(m)
     removed = models.removed_values(m, names)
     total = None
@@ -36,8 +37,9 @@ def test_top_region_removal_breaks_the_model_bottom_less_than_random(gemma):
             return [evaluation.perplexity(m, w, progress=False)["ppl"] for w in evals]
 
     base = ppl([])
-    top, bottom, random = (ppl(interventions.removal(select(total, 0.01, side, seed=0), removed))
-                           for side in ("top", "bottom", "random"))
+    top, bottom, random = (
+        ppl(interventions.removal(select(total, 0.01, side, seed=0), removed)) for side in ("top", "bottom", "random")
+    )
     for b, t, lo, r in zip(base, top, bottom, random):
         assert t >= 100 * b
         assert abs(lo / b - 1) < abs(r / b - 1)
@@ -47,12 +49,14 @@ def test_top_region_removal_breaks_the_model_bottom_less_than_random(gemma):
 def test_monolingual_region_hurts_its_language_more_than_bottom(gemma):
     from lingregion.regions import matching, monolingual
 
-    m, tok = gemma.model, gemma.tokenizer
+    m, tok = gemma.module, gemma.tokenizer
     names = models.scored_names(m)
     removed = models.removed_values(m, names)
     scores, tops = {}, {}
     for lang in ["ru", "es", "zh", "ko"]:
-        scores[lang] = scoring.score(m, corpus.load_windows(tok, lang, "score", 256, 256), names, removed, progress=False)
+        scores[lang] = scoring.score(
+            m, corpus.load_windows(tok, lang, "score", 256, 256), names, removed, progress=False
+        )
         tops[lang] = select(scores[lang], 0.03, "top")
     mono = monolingual(tops, "ru")
     assert mono.count() > 0

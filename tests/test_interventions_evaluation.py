@@ -5,6 +5,7 @@ import torch
 
 from lingregion import corpus, evaluation, interventions, models
 from lingregion.regions import select
+
 from conftest import TEXT, VOCAB
 
 

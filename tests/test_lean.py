@@ -1,10 +1,12 @@
 """The lean passes against plain autograd on a model whose output layer soft-caps its logits (the
 in-place logits gradient then carries the tanh's slope)."""
+
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import CONFIGS, TEXT
 from lingregion import corpus, evaluation, models, scoring
+
+from conftest import CONFIGS, TEXT
 
 
 def capped_gemma(cap=3.0):
@@ -26,8 +28,9 @@ def test_soft_capped_scores_equal_autograd(tokenizer):
     loss.backward()
     params = dict(model.named_parameters())
     for n in names:
-        torch.testing.assert_close(ours[n], ((params[n].detach() - removed[n]) * params[n].grad).abs(),
-                                   rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(
+            ours[n], ((params[n].detach() - removed[n]) * params[n].grad).abs(), rtol=1e-4, atol=1e-7
+        )
 
 
 def test_soft_capped_perplexity_equals_the_models_loss(tokenizer):

@@ -1,4 +1,5 @@
 """memory.estimate against a direct count on the full model: parameters, and the bytes autograd saves."""
+
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -27,8 +28,16 @@ def saved_bytes(model, seq_len, batch_size):
 
 def test_estimate_matches_the_full_model():
     # widths divisible by 8, so the estimate measures an 8-fold narrower copy and scales it back
-    config = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=8, head_dim=16, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        head_dim=16,
+        max_position_embeddings=64,
+    )
     est = memory.estimate(config, seq_len=32, batch_size=2, dtype="float32")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
@@ -40,8 +49,9 @@ def test_estimate_matches_the_full_model():
     assert est["weights"] == 4 * est["parameters"]
     real = saved_bytes(model, 32, 2)
     assert abs(est["activations"] - real) <= 0.05 * real
-    assert est["scoring_peak"] == sum(est[k] for k in ("weights", "accumulators", "activations", "output_chunk",
-                                                       "transient_gradient"))
+    assert est["scoring_peak"] == sum(
+        est[k] for k in ("weights", "accumulators", "activations", "output_chunk", "transient_gradient")
+    )
     assert est["output_chunk"] == 2 * 31 * 64 * 4  # one fp32 logits buffer for the 62 predicting positions
     assert est["evaluation_block"] == 2 * 31 * 64 * 4  # the whole (small) vocabulary in one block
     assert est["evaluation_peak"] == est["weights"] + est["evaluation_block"] + est["evaluation_layer"]

@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from lingregion import evaluation, experiments
+from lingregion import Config, evaluation, reproduce
+from lingregion.experiments.runfolder import Run
 from lingregion.regions import Region, matching, monolingual, select
 from lingregion.store import LingregionError
 
@@ -25,8 +26,10 @@ def test_set_difference_hand_case():
 def test_monolingual_regions_are_disjoint_from_every_other_top_set():
     g = torch.Generator().manual_seed(0)
     langs = ["ar", "es", "ru", "zh"]
-    tops = {lang: select({"a": torch.rand(40, 30, generator=g), "b": torch.rand(77, generator=g)}, 0.1, "top")
-            for lang in langs}
+    tops = {
+        lang: select({"a": torch.rand(40, 30, generator=g), "b": torch.rand(77, generator=g)}, 0.1, "top")
+        for lang in langs
+    }
     for lang in langs:
         mono = monolingual(tops, lang)
         for n in mono.packed:
@@ -51,20 +54,31 @@ def test_matching_control_has_the_same_size_per_matrix():
 
 
 def test_interaction_matrix_uses_the_core_evaluation(tiny_folder, tmp_path, tokenizer):
-    cfg = experiments.Config(model=str(tiny_folder), seq_len=16, score_tokens=32, eval_tokens=32, mono_eval_tokens=32,
-                             score_langs=["ru", "es"], eval_langs=["ru", "uk", "es"], mono_langs=["ru", "uk", "es"],
-                             mono_ratio=0.1, experiments=["monolingual"], gen_tokens=3)
+    cfg = Config(
+        model=str(tiny_folder),
+        seq_len=16,
+        score_tokens=32,
+        eval_tokens=32,
+        mono_eval_tokens=32,
+        score_langs=["ru", "es"],
+        eval_langs=["ru", "uk", "es"],
+        mono_langs=["ru", "uk", "es"],
+        mono_ratio=0.1,
+        experiments=["monolingual"],
+        gen_tokens=3,
+    )
     out = tmp_path / "run"
-    res = experiments.reproduce(cfg, out, progress=False)["monolingual"]
+    res = reproduce(cfg, out, progress=False)["monolingual"]
     # each entry equals the shared evaluation function applied by hand to the same model and region
     from lingregion import interventions, models
+
     m = models.load(str(tiny_folder))
-    run = experiments.Run(out, cfg, m, progress=False)
+    run = Run(out, cfg, m, progress=False)
     for lang in ["ru", "es"]:
         region = Region.load(out / "regions" / f"monolingual-{lang}-0.1.safetensors")
-        with interventions.applied(m.model, interventions.removal(region, run.removed)):
+        with interventions.applied(m.module, interventions.removal(region, run.removed)):
             for e in cfg.eval_langs:
-                ppl = evaluation.perplexity(m.model, run.windows(e, "eval", 32), cfg.batch_size, False)["ppl"]
+                ppl = evaluation.perplexity(m.module, run.windows(e, "eval", 32), cfg.batch_size, False)["ppl"]
                 assert res["removed"][lang][e]["ppl"] == pytest.approx(ppl, rel=1e-9)
                 assert res["ppl_ratio"][lang][e] == pytest.approx(ppl / res["base"][e]["ppl"], rel=1e-9)
     assert set(res["related"]["ru"]["related"]) == {"uk"}

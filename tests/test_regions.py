@@ -8,9 +8,11 @@ from lingregion.store import LingregionError
 def scores(seed=0):
     g = torch.Generator().manual_seed(seed)
     # small integers: many ties, so the tie-break rule is exercised
-    return {"a.weight": torch.randint(0, 7, (13, 11), generator=g).float(),
-            "b.weight": torch.randint(0, 7, (29,), generator=g).float(),
-            "c.weight": torch.rand(8, 5, generator=g)}
+    return {
+        "a.weight": torch.randint(0, 7, (13, 11), generator=g).float(),
+        "b.weight": torch.randint(0, 7, (29,), generator=g).float(),
+        "c.weight": torch.rand(8, 5, generator=g),
+    }
 
 
 def reference(sc, names, k, largest):
@@ -89,11 +91,15 @@ def test_bad_inputs():
     with pytest.raises(LingregionError, match="negative"):
         select({"a": torch.tensor([1.0, -2.0])}, 0.5)
     with pytest.raises(LingregionError, match="different"):
-        Region.from_masks({"a": torch.ones(3, dtype=torch.bool)}) | Region.from_masks({"a": torch.ones(4, dtype=torch.bool)})
+        Region.from_masks({"a": torch.ones(3, dtype=torch.bool)}) | Region.from_masks(
+            {"a": torch.ones(4, dtype=torch.bool)}
+        )
 
 
 def test_corrupt_and_foreign_files_are_refused(tmp_path, tiny):
-    region = Region.from_masks({"model.layers.0.mlp.up_proj.weight": torch.ones(48, 32, dtype=torch.bool)}, {"model": "other"})
+    region = Region.from_masks(
+        {"model.layers.0.mlp.up_proj.weight": torch.ones(48, 32, dtype=torch.bool)}, {"model": "other"}
+    )
     path = tmp_path / "r.safetensors"
     region.save(path)
     data = path.read_bytes()

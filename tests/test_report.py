@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lingregion import report
+from lingregion import blocks, report
 from lingregion.figures import png
 
 VOID = {"meta", "img", "br", "hr", "link", "input"}
@@ -51,15 +51,19 @@ def test_blocks_render_to_both_documents(tmp_path):
     ax.plot([1, 2])
     (tmp_path / "figures").mkdir()
     (tmp_path / "figures" / "a.png").write_bytes(png(fig))
-    blocks = [report.heading("Title <x>", 1), report.text("uses `code` and **bold** & more"),
-              report.bullets(["one", "two | three"]),
-              report.table(["lang", "ppl"], [["ru", "1.5"], ["a|b", "2"]], caption="what to look for"),
-              report.figure("figures/a.png", "a line"), report.figure("figures/missing.png", "never drawn")]
-    md = report.to_markdown(blocks, tmp_path)
+    parts = [
+        blocks.heading("Title <x>", 1),
+        blocks.text("uses `code` and **bold** & more"),
+        blocks.bullets(["one", "two | three"]),
+        blocks.table(["lang", "ppl"], [["ru", "1.5"], ["a|b", "2"]], caption="what to look for"),
+        blocks.figure("figures/a.png", "a line"),
+        blocks.figure("figures/missing.png", "never drawn"),
+    ]
+    md = report.to_markdown(parts, tmp_path)
     assert md.startswith("# Title <x>\n")
     assert "| lang | ppl |\n|---|---|\n| ru | 1.5 |\n| a\\|b | 2 |" in md
     assert "*what to look for*" in md and "![a line](figures/a.png)" in md and "missing" not in md
-    doc = report.to_html(blocks, tmp_path, "t")
+    doc = report.to_html(parts, tmp_path, "t")
     c = check_html(doc, tmp_path)
     assert "<h1>Title &lt;x&gt;</h1>" in doc and "<code>code</code>" in doc and "<strong>bold</strong>" in doc
     assert "&amp; more" in doc and "<caption>what to look for</caption>" in doc
@@ -68,7 +72,7 @@ def test_blocks_render_to_both_documents(tmp_path):
 
 def test_table_rows_must_match_head():
     with pytest.raises(ValueError, match="2 cells"):
-        report.table(["a", "b"], [["1"]])
+        blocks.table(["a", "b"], [["1"]])
 
 
 def test_report_needs_saved_results(tmp_path):

@@ -1,5 +1,6 @@
 """Kill a scoring job with SIGKILL once it has saved a checkpoint, run the same command again, and get
 bit for bit the scores of an uninterrupted run; and the same for an evaluation's running sums."""
+
 import os
 import signal
 import subprocess
@@ -9,19 +10,36 @@ import time
 import pytest
 import torch
 
-from conftest import TEXT
 from lingregion import checkpoint, corpus, evaluation, models
 from lingregion.store import read_tensors
+
+from conftest import TEXT
 
 WINDOWS, EVERY = 300, 25
 
 
 def score_command(model_dir, text, out):
-    # a second, short language: scoring checks its config as a whole, and some checks want two languages
-    return [sys.executable, "-m", "lingregion.cli", "score", "--model", str(model_dir), "--lang", f"xx={text}",
-            "--lang", f"yy={text.with_name('yy.txt')}",
-            "--seq-len", "16", "--tokens", str(16 * WINDOWS), "--batch-size", "2",
-            "--checkpoint-every", str(EVERY), "--out", str(out)]
+    # two languages: the second is scored after the first, from its own checkpoint
+    return [
+        sys.executable,
+        "-m",
+        "lingregion.cli",
+        "score",
+        "--model",
+        str(model_dir),
+        "--lang",
+        f"xx={text}",
+        "--lang",
+        f"yy={text.with_name('yy.txt')}",
+        "--seq-len",
+        "16",
+        "--score-tokens",
+        str(16 * WINDOWS),
+        "--checkpoint-every",
+        str(EVERY),
+        "--out",
+        str(out),
+    ]
 
 
 def run(cmd, **kw):
@@ -70,7 +88,7 @@ def test_evaluation_resumes_from_its_checkpoint(loaded, tmp_path, monkeypatch):
     m = loaded("llama")
     w = corpus.make_windows(m.tokenizer, TEXT * 4, 12, 10_000, "xx", "eval", "test")
     assert len(w.input_ids) >= 8
-    want = evaluation.perplexity(m.model, w, batch_size=2, progress=False)
+    want = evaluation.perplexity(m.module, w, batch_size=2, progress=False)
     path = tmp_path / "eval.safetensors"
 
     saves = []
@@ -84,14 +102,14 @@ def test_evaluation_resumes_from_its_checkpoint(loaded, tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint.Checkpoint, "update", update_then_die)
     with pytest.raises(Killed):
-        evaluation.perplexity(m.model, w, batch_size=2, progress=False, checkpoint=path, every=4)
+        evaluation.perplexity(m.module, w, batch_size=2, progress=False, checkpoint=path, every=4)
     monkeypatch.setattr(checkpoint.Checkpoint, "update", real_update)
     assert saves == [4] and path.exists()
 
     calls = []
     real_nll = evaluation.summed_nll
     monkeypatch.setattr(evaluation, "summed_nll", lambda *a: calls.append(1) or real_nll(*a))
-    got = evaluation.perplexity(m.model, w, batch_size=2, progress=False, checkpoint=path, every=4)
+    got = evaluation.perplexity(m.module, w, batch_size=2, progress=False, checkpoint=path, every=4)
     assert got == want  # bit for bit, every field
     assert len(calls) == len(list(evaluation.batches(w, 2))) - 2  # only the batches after the save ran again
     assert not path.exists()
@@ -101,12 +119,17 @@ def test_checkpoint_of_another_job_is_ignored(loaded, tmp_path):
     m = loaded("llama")
     w = corpus.make_windows(m.tokenizer, TEXT * 4, 12, 10_000, "xx", "eval", "test")
     path = tmp_path / "eval.safetensors"
-    key = {"job": "perplexity", "model": models.fingerprint(m.model), "windows": checkpoint.windows_digest(w),
-           "batch_size": 2}
+    key = {
+        "job": "perplexity",
+        "model": models.fingerprint(m.module),
+        "windows": checkpoint.windows_digest(w),
+        "batch_size": 2,
+    }
     # a checkpoint of the same windows at another batch size claims a huge NLL: it must not be used
     checkpoint.Checkpoint(path, dict(key, batch_size=3), every=1).update(
-        {"sums": torch.tensor([1e9, 4.0], dtype=torch.float64)}, 1, 3)
+        {"sums": torch.tensor([1e9, 4.0], dtype=torch.float64)}, 1, 3
+    )
     assert path.exists()
-    want = evaluation.perplexity(m.model, w, batch_size=2, progress=False)
-    assert evaluation.perplexity(m.model, w, batch_size=2, progress=False, checkpoint=path) == want
+    want = evaluation.perplexity(m.module, w, batch_size=2, progress=False)
+    assert evaluation.perplexity(m.module, w, batch_size=2, progress=False, checkpoint=path) == want
     assert not path.exists()  # replaced by this job's own, then removed when it finished

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from lingregion import corpus, models, scoring
+
 from conftest import TEXT
 
 

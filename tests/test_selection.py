@@ -1,5 +1,6 @@
 """Selection over many matrices at a size where the sampled bracket is used, and its exact fallbacks,
 against a stable sort of all values (ties: parameter order, then flat index)."""
+
 import pytest
 import torch
 
@@ -25,7 +26,7 @@ def by_sorting(sc, k, largest):
     mask[order] = True
     out, start = {}, 0
     for n, t in sc.items():
-        out[n] = mask[start:start + t.numel()].reshape(t.shape)
+        out[n] = mask[start : start + t.numel()].reshape(t.shape)
         start += t.numel()
     return out
 

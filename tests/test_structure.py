@@ -1,11 +1,14 @@
 """Structural removal, single-parameter perturbation and the outlier scan, checked on tiny models against
 masks and numbers written out by hand from each architecture's own weight layout."""
+
 import pytest
 import torch
 
-from lingregion import corpus, interventions, structure
+from lingregion import Config, corpus, interventions, reproduce, slices
+from lingregion.experiments.runfolder import Run
 from lingregion.regions import Region
 from lingregion.store import LingregionError
+
 from conftest import TEXT
 
 ARCHS = ["llama", "gemma3", "qwen2", "gpt2"]
@@ -54,14 +57,14 @@ def expected_mask(model, arch, family, index):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("family", list(structure.FAMILIES))
+@pytest.mark.parametrize("family", list(slices.FAMILIES))
 def test_exactly_the_intended_rows_and_columns_change(tiny, arch, family):
     model = tiny(arch)
     before = state(model)
     index = [3, 20, 31]
-    group_map = structure.groups(model, family, "common")
+    group_map = slices.groups(model, family, "common")
     chosen = {space: torch.tensor(index) for space in group_map}
-    edits = structure.edits_for(group_map, chosen)
+    edits = slices.edits_for(group_map, chosen)
     exp = expected_mask(model, arch, family, index)
     touched = {e.name: e.index for e in edits}
     assert len(touched) == len(edits)  # one edit per parameter
@@ -79,8 +82,11 @@ def test_exactly_the_intended_rows_and_columns_change(tiny, arch, family):
 
 def random_region(model, density=0.3, seed=1):
     g = torch.Generator().manual_seed(seed)
-    masks = {n: torch.rand(p.shape, generator=g) < density for n, p in model.named_parameters()
-             if n.startswith(("model.layers.", "transformer.h."))}
+    masks = {
+        n: torch.rand(p.shape, generator=g) < density
+        for n, p in model.named_parameters()
+        if n.startswith(("model.layers.", "transformer.h."))
+    }
     return Region.from_masks(masks)
 
 
@@ -92,7 +98,7 @@ def hand_ranking(count):
 def hand_pick(count, n, how):
     order = hand_ranking(count)
     start = {"top": 0, "middle": (len(order) - n) // 2, "bottom": len(order) - n}[how]
-    return sorted(order[start:start + n])
+    return sorted(order[start : start + n])
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -112,7 +118,7 @@ def test_common_picks_match_hand_counts(tiny, arch, how):
             for x in "qkv":
                 feature += m[p + f"{x}_proj.weight"].sum(0)
     n = 5
-    _, picks = structure.removal(model, region, "feature", n, how)
+    _, picks = slices.removal(model, region, "feature", n, how)
     assert picks == {"residual": hand_pick(feature, n, how)}
 
 
@@ -128,14 +134,14 @@ def test_head_picks_per_layer_with_grouped_kv(tiny, how):
         kv = m[p + "k_proj.weight"].sum(1) + m[p + "v_proj.weight"].sum(1)  # 16 k/v rows
         c = c + torch.cat([kv, kv])  # both query heads read the single k/v head
         expected[f"layer{layer}"] = hand_pick(c, 4, how)
-    _, picks = structure.removal(model, region, "head", 4, how)
+    _, picks = slices.removal(model, region, "head", 4, how)
     assert picks == expected
 
 
 def test_matrix_mode_picks_each_matrix_own_rows(tiny):
     model = tiny("qwen2")
     region = random_region(model, seed=3)
-    edits, picks = structure.removal(model, region, "feature+ffn", 2, "top", mode="matrix")
+    edits, picks = slices.removal(model, region, "feature+ffn", 2, "top", mode="matrix")
     name = "model.layers.1.mlp.down_proj.weight"
     down = region.mask(name).sum(1)  # rows of down = residual dims it writes
     assert picks[f"{name}:down:row"] == hand_pick(down, 2, "top")
@@ -151,56 +157,56 @@ def test_matrix_mode_picks_each_matrix_own_rows(tiny):
 
 def test_random_pick_is_seeded_nested_and_per_space():
     count = torch.arange(40)
-    a = structure.pick(count, 10, "random", seed=0, key="layer0")
-    assert torch.equal(a, structure.pick(count, 10, "random", seed=0, key="layer0"))
-    assert not torch.equal(a, structure.pick(count, 10, "random", seed=1, key="layer0"))
-    assert not torch.equal(a, structure.pick(count, 10, "random", seed=0, key="layer1"))
-    assert set(structure.pick(count, 3, "random", seed=0, key="layer0").tolist()) <= set(a.tolist())
+    a = slices.pick(count, 10, "random", seed=0, key="layer0")
+    assert torch.equal(a, slices.pick(count, 10, "random", seed=0, key="layer0"))
+    assert not torch.equal(a, slices.pick(count, 10, "random", seed=1, key="layer0"))
+    assert not torch.equal(a, slices.pick(count, 10, "random", seed=0, key="layer1"))
+    assert set(slices.pick(count, 3, "random", seed=0, key="layer0").tolist()) <= set(a.tolist())
 
 
 def test_bad_requests_raise_one_line_errors(tiny):
     model = tiny("llama")
     region = random_region(model)
     with pytest.raises(LingregionError, match="N_d"):
-        structure.removal(model, region, "feature", 33, "top")
+        slices.removal(model, region, "feature", 33, "top")
     with pytest.raises(LingregionError, match="unknown family"):
-        structure.removal(model, region, "neurons", 1, "top")
+        slices.removal(model, region, "neurons", 1, "top")
     with pytest.raises(LingregionError, match="unknown pick"):
-        structure.pick(torch.zeros(4), 1, "best")
+        slices.pick(torch.zeros(4), 1, "best")
     partial = Region.from_masks({n: region.mask(n) for n in region.shapes if "q_proj" not in n})
     with pytest.raises(LingregionError, match="does not cover"):
-        structure.removal(model, partial, "feature", 1, "top")
+        slices.removal(model, partial, "feature", 1, "top")
     with pytest.raises(LingregionError, match="out of range"):
-        structure.perturbation(model, 5, 0, "reset")
+        slices.perturbation(model, 5, 0, "reset")
 
 
 def test_dimension_removal_is_feature_ffn_at_a_common_index(tiny):
     model = tiny("gemma3")
     exp = expected_mask(model, "gemma3", "feature+ffn", [7])
-    got = {e.name: e.index for e in structure.dimension_removal(model, [7])}
+    got = {e.name: e.index for e in slices.dimension_removal(model, [7])}
     assert set(got) == {n for n, m in exp.items() if m.any()}
     for name, idx in got.items():
         assert torch.equal(idx, exp[name].reshape(-1).nonzero().squeeze(1))
 
 
 def norm_output(model, layer, x):
-    return model.get_submodule(structure.input_norms(model)[layer].rpartition(".")[0])(x)
+    return model.get_submodule(slices.input_norms(model)[layer].rpartition(".")[0])(x)
 
 
 @pytest.mark.parametrize("arch,init", [("llama", 1.0), ("gemma3", 0.0), ("gpt2", 1.0)])
 def test_perturbation_acts_on_the_effective_scale(tiny, arch, init):
     model = tiny(arch)
     before = state(model)
-    name = structure.input_norms(model)[1]
+    name = slices.input_norms(model)[1]
     w = before[name]
     x = torch.randn(5, HIDDEN)
     bias = dict(model.named_parameters()).get(name.replace("weight", "bias"))
     b = bias.detach() if bias is not None else torch.zeros(HIDDEN)
     y = norm_output(model, 1, x).detach()
-    with interventions.applied(model, structure.perturbation(model, 1, 4, "reset")):
+    with interventions.applied(model, slices.perturbation(model, 1, 4, "reset")):
         assert model.get_parameter(name)[4].item() == init
         y_reset = norm_output(model, 1, x).detach()
-    with interventions.applied(model, structure.perturbation(model, 1, 4, "x10")):
+    with interventions.applied(model, slices.perturbation(model, 1, 4, "x10")):
         expect_w = 10 * w[4] + 9 if arch == "gemma3" else 10 * w[4]  # (1 + w') = 10 (1 + w) for Gemma
         assert model.get_parameter(name)[4].item() == pytest.approx(expect_w.item(), rel=1e-6)
         y_x10 = norm_output(model, 1, x).detach()
@@ -222,12 +228,12 @@ def test_scan_finds_a_planted_massive_dimension(tiny, tokenizer, arch):
     model = tiny(arch)
     planted = 13
     emb = model.get_input_embeddings().weight
-    norm = model.get_parameter(structure.input_norms(model)[0])
+    norm = model.get_parameter(slices.input_norms(model)[0])
     with torch.no_grad():  # one embedding column 200× larger: a massive activation at every token, which
         emb[:, planted] *= 200  # the first norm passes on at half scale (effective scale 0.5), so both
         norm[planted] = -0.5 if arch == "gemma3" else 0.5  # perturbations change what attention reads
     before = state(model)
-    result = structure.scan(model, windows(tokenizer), [0, 1], batch_size=2, progress=False)
+    result = slices.scan(model, windows(tokenizer), [0, 1], batch_size=2, progress=False)
     assert result.top(1) == [(0, planted)]
     assert int(result.massive().argmax()) == planted
     assert result.massive()[planted] > 20 * result.massive()[torch.arange(HIDDEN) != planted].max()
@@ -239,9 +245,9 @@ def test_scan_finds_a_planted_massive_dimension(tiny, tokenizer, arch):
 def test_scan_scores_equal_hand_computation(tiny, tokenizer, arch):
     model = tiny(arch)
     w = windows(tokenizer)
-    result = structure.scan(model, w, [0, 1], batch_size=2, progress=False)
+    result = slices.scan(model, w, [0, 1], batch_size=2, progress=False)
     peaks = torch.zeros(2, HIDDEN)
-    change = {k: torch.zeros(2, HIDDEN) for k in structure.PERTURBATIONS}
+    change = {k: torch.zeros(2, HIDDEN) for k in slices.PERTURBATIONS}
     eps = model.config.rms_norm_eps
     with torch.no_grad():
         xs = [model(input_ids=ids[None], output_hidden_states=True).hidden_states for ids in w[0].input_ids]
@@ -249,13 +255,13 @@ def test_scan_scores_equal_hand_computation(tiny, tokenizer, arch):
         x = torch.cat([h[layer][0] for h in xs])  # residual stream entering the layer, all tokens
         peaks[layer] = x.abs().amax(0)
         xhat = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        wt = model.get_parameter(structure.input_norms(model)[layer]).detach()
+        wt = model.get_parameter(slices.input_norms(model)[layer]).detach()
         s = 1 + wt if arch == "gemma3" else wt
         y = xhat * s
         for kind, new in (("reset", torch.ones_like(s)), ("x10", 10 * s)):
             change[kind][layer] = (xhat * (new - s)).abs().div(y.norm(dim=-1, keepdim=True)).amax(0)
     torch.testing.assert_close(result.peak, peaks, rtol=1e-5, atol=1e-6)
-    for kind in structure.PERTURBATIONS:
+    for kind in slices.PERTURBATIONS:
         torch.testing.assert_close(result.change[kind], change[kind], rtol=1e-4, atol=1e-6)
     assert result.tokens == sum(len(i) for i in w[0].input_ids)
 
@@ -265,48 +271,61 @@ def test_in_region_reads_the_packed_bits(tiny):
     region = random_region(model, seed=4)
     name = "model.layers.0.mlp.up_proj.weight"
     index = torch.randperm(48 * 32)[:100]
-    assert torch.equal(structure.in_region(region, name, index), region.mask(name).reshape(-1)[index])
+    assert torch.equal(slices.in_region(region, name, index), region.mask(name).reshape(-1)[index])
 
 
 def test_experiments_on_a_tiny_model_match_direct_evaluation(tiny_folder, tmp_path):
     import json
 
-    from lingregion import evaluation, experiments, models
+    from lingregion import evaluation, models
 
-    cfg = experiments.Config(model=str(tiny_folder), seq_len=16, score_tokens=32, eval_tokens=32,
-                             score_langs=["ru", "es"], eval_langs=["ru"], struct_langs=["ru", "zh"],
-                             struct_dims=[1, 4], outlier_layers=2, outlier_scan_tokens=32, outlier_confirm=2,
-                             outlier_controls=1, outlier_dims=1, experiments=["structural", "outliers"])
+    cfg = Config(
+        model=str(tiny_folder),
+        seq_len=16,
+        score_tokens=32,
+        eval_tokens=32,
+        score_langs=["ru", "es"],
+        eval_langs=["ru"],
+        struct_langs=["ru", "zh"],
+        struct_dims=[1, 4],
+        outlier_layers=2,
+        outlier_scan_tokens=32,
+        outlier_confirm=2,
+        outlier_controls=1,
+        outlier_dims=1,
+        experiments=["structural", "outliers"],
+    )
     out = tmp_path / "run"
-    res = experiments.reproduce(cfg, out, progress=False)
+    res = reproduce(cfg, out, progress=False)
     m = models.load(str(tiny_folder))
-    run = experiments.Run(out, cfg, m, progress=False)
+    run = Run(out, cfg, m, progress=False)
     region = run.region(run.core_scores(), "top", cfg.struct_ratio)
 
     def ppl(edits, lang):
-        with interventions.applied(m.model, edits):
-            return evaluation.perplexity(m.model, run.windows(lang, "eval", 32), cfg.batch_size, False)["ppl"]
+        with interventions.applied(m.module, edits):
+            return evaluation.perplexity(m.module, run.windows(lang, "eval", 32), cfg.batch_size, False)["ppl"]
 
     s = res["structural"]
-    assert set(s["families"]) == set(structure.FAMILIES)
-    edits, picks = structure.removal(m.model, region, "feature+ffn", 4, "top")
+    assert set(s["families"]) == set(slices.FAMILIES)
+    edits, picks = slices.removal(m.module, region, "feature+ffn", 4, "top")
     cell = s["families"]["feature+ffn"]["cells"]["4/top"]
     assert cell["picks"] == picks
     assert cell["ppl"]["zh"]["ppl"] == pytest.approx(ppl(edits, "zh"), rel=1e-9)
     assert cell["removed"] == sum(len(e.index) for e in edits)
 
     o = res["outliers"]
-    scan = structure.scan(m.model, [run.windows(lang, "score", 32) for lang in ["ru", "zh"]], [0, 1], 4, False)
+    scan = slices.scan(m.module, [run.windows(lang, "score", 32) for lang in ["ru", "zh"]], [0, 1], 4, False)
     assert [(c["layer"], c["dim"]) for c in o["candidates"]] == scan.top(2)
     first = o["candidates"][0]
-    norm = structure.input_norms(m.model)[first["layer"]]
-    w = m.model.get_parameter(norm).detach()[first["dim"]].item()
+    norm = slices.input_norms(m.module)[first["layer"]]
+    w = m.module.get_parameter(norm).detach()[first["dim"]].item()
     by_hand = [interventions.Edit(norm, torch.tensor([first["dim"]]), 10 * (1 + w) - 1)]  # Gemma: (1 + w) × 10
     assert first["ppl"]["x10"]["ru"]["ppl"] == pytest.approx(ppl(by_hand, "ru"), rel=1e-6)
     massive = next(d for d in o["dimensions"] if d["kind"] == "massive")
     assert massive["dim"] == int(scan.massive().argmax())
-    assert massive["ppl"]["ru"]["ppl"] == pytest.approx(ppl(structure.dimension_removal(m.model, [massive["dim"]]), "ru"),
-                                                        rel=1e-9)
+    assert massive["ppl"]["ru"]["ppl"] == pytest.approx(
+        ppl(slices.dimension_removal(m.module, [massive["dim"]]), "ru"), rel=1e-9
+    )
     summary = json.loads((out / "results" / "outliers-summary.json").read_text())
     assert summary["model"]["fingerprint"] and summary["protocol"]["seq_len"] == 16
     md = (out / "report.md").read_text()
@@ -317,25 +336,25 @@ def test_experiments_on_a_tiny_model_match_direct_evaluation(tiny_folder, tmp_pa
 
 
 def test_parameter_labels_round_trip():
-    assert structure.label(0, 2100) == "L1-N2100"
-    assert structure.parse_label("L1-N2100") == (0, 2100)
+    assert slices.label(0, 2100) == "L1-N2100"
+    assert slices.parse_label("L1-N2100") == (0, 2100)
     for bad in ["L0-N5", "1-2100", "L1N2100"]:
         with pytest.raises(LingregionError, match="L1-N2100"):
-            structure.parse_label(bad)
+            slices.parse_label(bad)
 
 
 def test_perturb_command_prints_base_and_perturbed(tiny_folder, capsys):
     from lingregion import evaluation, models
     from lingregion.cli import main
 
-    argv = ["perturb", "--model", str(tiny_folder), "--lang", "ru", "--seq-len", "16", "--tokens", "32"]
+    argv = ["perturb", "--model", str(tiny_folder), "--lang", "ru", "--seq-len", "16", "--eval-tokens", "32"]
     assert main(argv + ["--param", "L2-N5", "--kind", "x10"]) == 0
     out = capsys.readouterr().out
     assert "| Language | Base | x10 L2-N5 |" in out
     m = models.load(str(tiny_folder))
     w = corpus.load_windows(m.tokenizer, "ru", "eval", 16, 32)
-    with interventions.applied(m.model, structure.perturbation(m.model, 1, 5, "x10")):
-        ppl = evaluation.perplexity(m.model, w, 4, False)["ppl"]
+    with interventions.applied(m.module, slices.perturbation(m.module, 1, 5, "x10")):
+        ppl = evaluation.perplexity(m.module, w, 4, False)["ppl"]
     assert f"| {ppl:.3f} |" in out
     assert main(argv + ["--remove-dim", "7"]) == 0
     assert "remove D7" in capsys.readouterr().out
@@ -350,8 +369,8 @@ def test_real_model_scan_finds_a_dimension_whose_removal_breaks_it():
     from lingregion import evaluation, models
 
     gemma = models.load()
-    m, tok = gemma.model, gemma.tokenizer
-    scan = structure.scan(m, [corpus.load_windows(tok, "en", "score", 128, 128)], [0], progress=False)
+    m, tok = gemma.module, gemma.tokenizer
+    scan = slices.scan(m, [corpus.load_windows(tok, "en", "score", 128, 128)], [0], progress=False)
     massive = scan.massive()
     dim = int(massive.argmax())
     assert massive[dim] > 100  # a massive activation: its peak is > 100× the median dimension's
@@ -364,8 +383,8 @@ def test_real_model_scan_finds_a_dimension_whose_removal_breaks_it():
 
     base = ppl([])
     control = next(d for d in (5, 6, 7) if massive[d] < 10)
-    assert ppl(structure.dimension_removal(m, [dim])) > 100 * base
-    assert ppl(structure.dimension_removal(m, [control])) < 1.5 * base
+    assert ppl(slices.dimension_removal(m, [dim])) > 100 * base
+    assert ppl(slices.dimension_removal(m, [control])) < 1.5 * base
     for n, p in m.named_parameters():
         if n in before:
             assert torch.equal(p.detach().view(torch.uint8), before[n].view(torch.uint8))

@@ -4,9 +4,12 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from lingregion import corpus, models, training
+from lingregion import Config, corpus, freezing, models, reproduce
+from lingregion.experiments.registry import validate
+from lingregion.experiments.runfolder import Run
 from lingregion.regions import select
 from lingregion.store import LingregionError
+
 from conftest import TEXT
 
 STRONG = dict(lr=1e-2, weight_decay=0.1, warmup=0)  # large moves, so that any leak into a frozen entry shows
@@ -40,11 +43,12 @@ def assert_frozen_exact_and_rest_moved(model, before, region, expected=None):
 
 def test_lr_factor_is_linear_warmup_then_half_cosine():
     warmup, steps = 4, 10
-    got = [training.lr_factor(s, warmup, steps) for s in range(steps)]
+    got = [freezing.lr_factor(s, warmup, steps) for s in range(steps)]
     want = [0.25, 0.5, 0.75, 1.0] + [0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]
     assert got == pytest.approx(want, abs=1e-12)
-    assert [training.lr_factor(s, 0, 4) for s in range(4)] == pytest.approx([1.0, 0.5 + 0.5 * math.cos(math.pi / 4),
-                                                                             0.5, 0.5 - 0.5 * math.cos(math.pi / 4)])
+    assert [freezing.lr_factor(s, 0, 4) for s in range(4)] == pytest.approx(
+        [1.0, 0.5 + 0.5 * math.cos(math.pi / 4), 0.5, 0.5 - 0.5 * math.cos(math.pi / 4)]
+    )
 
 
 @pytest.mark.parametrize("family", ["gemma3", "llama", "gpt2"])
@@ -57,7 +61,7 @@ def test_chunked_loss_and_gradient_equal_hf_loss(tiny, tokenizer, family):
     ref.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    nll = training.backward(model, training.evaluation.output_head(model), ids, ids[:, 1:].numel(), "float32")
+    nll = freezing.backward(model, freezing.evaluation.output_head(model), ids, ids[:, 1:].numel(), "float32")
     assert nll / ids[:, 1:].numel() == pytest.approx(ref.item(), rel=1e-6)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-7)
@@ -68,8 +72,8 @@ def test_frozen_region_is_bit_identical_in_the_training_loop(tiny, tokenizer, pr
     model = tiny("gemma3")
     region = random_region(model)
     before = snapshot(model)
-    cfg = training.TrainConfig(steps=25, batch_size=2, accumulation=2, precision=precision, **STRONG)
-    hist = training.train(model, data(tokenizer), cfg, frozen=region, progress=False)
+    cfg = freezing.TrainConfig(steps=25, batch_size=2, accumulation=2, precision=precision, **STRONG)
+    hist = freezing.train(model, data(tokenizer), cfg, frozen=region, progress=False)
     assert_frozen_exact_and_rest_moved(model, before, region)
     assert hist["frozen_entries"] == region.count()
     assert hist["frozen_bytes"] == region.count() * (8 + 4)  # int64 index + fp32 value, nothing else
@@ -82,7 +86,7 @@ def _hf_loop(model, tokenizer, steps, precision="float32"):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     ids = torch.stack(data(tokenizer).input_ids[:4])
     for _ in range(steps):
-        with training._autocast(precision, ids.device):
+        with freezing._autocast(precision, ids.device):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
@@ -96,10 +100,10 @@ def test_freeze_attaches_to_any_optimizer_and_detaches(tiny, tokenizer, precisio
     region = random_region(model, 0.2)
     before = snapshot(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    attached = training.freeze(model, opt, region)
+    attached = freezing.freeze(model, opt, region)
     ids = torch.stack(data(tokenizer).input_ids[:4])
     for _ in range(20):
-        with training._autocast(precision, ids.device):
+        with freezing._autocast(precision, ids.device):
             model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad()
@@ -123,7 +127,7 @@ def test_zeroing_the_gradient_alone_lets_weight_decay_move_the_region(tiny, toke
     model = tiny("llama")
     region = random_region(model, 0.2)
     before = snapshot(model)
-    frozen = training.Frozen(model, region)  # gradient hooks, but restore() is never called
+    frozen = freezing.Frozen(model, region)  # gradient hooks, but restore() is never called
     _hf_loop(model, tokenizer, 5)
     frozen.remove()
     params = dict(model.named_parameters())
@@ -138,11 +142,24 @@ def test_freeze_callback_keeps_region_through_hf_trainer(tiny, tokenizer, tmp_pa
     region = random_region(model)
     before = snapshot(model)
     rows = [{"input_ids": w, "labels": w} for w in data(tokenizer).input_ids[:-1]]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=2,
-                             gradient_accumulation_steps=2, learning_rate=1e-2, weight_decay=0.1,
-                             warmup_steps=0, max_grad_norm=1.0, bf16=bf16, use_cpu=True, report_to="none",
-                             save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0)
-    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[training.FreezeCallback(region)])
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=12,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        bf16=bf16,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[freezing.FreezeCallback(region)])
     trainer.train()
     assert trainer.state.global_step == 12
     assert_frozen_exact_and_rest_moved(model, before, region)
@@ -157,18 +174,27 @@ def test_top_freeze_holds_the_region_at_its_removed_value(tiny, tokenizer, tmp_p
     top = select({n: params[n].detach().abs() for n in names}, 0.1, "top")
     assert any(removed[n] == -1.0 and top.count(n) for n in top.packed)  # Gemma (1 + w) norms are in it, at −1
     before = snapshot(model)
-    cfg = training.TrainConfig(steps=15, batch_size=2, **STRONG)
-    training.train(model, data(tokenizer), cfg, frozen=top, frozen_values=removed, progress=False)
+    cfg = freezing.TrainConfig(steps=15, batch_size=2, **STRONG)
+    freezing.train(model, data(tokenizer), cfg, frozen=top, frozen_values=removed, progress=False)
     assert_frozen_exact_and_rest_moved(model, before, top, expected=removed)
 
     # and through the Trainer callback
     model = tiny("gemma3")
     before = snapshot(model)
     rows = [{"input_ids": w, "labels": w} for w in data(tokenizer).input_ids[:-1]]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2, learning_rate=1e-2,
-                             weight_decay=0.1, use_cpu=True, report_to="none", save_strategy="no",
-                             logging_strategy="no", disable_tqdm=True)
-    Trainer(model=model, args=args, train_dataset=rows, callbacks=[training.FreezeCallback(top, removed)]).train()
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=rows, callbacks=[freezing.FreezeCallback(top, removed)]).train()
     assert_frozen_exact_and_rest_moved(model, before, top, expected=removed)
 
 
@@ -177,8 +203,9 @@ def test_gradient_accumulation_equals_one_larger_batch(tiny, tokenizer):
     results = []
     for batch, accum in ((4, 1), (2, 2), (1, 4)):
         model = tiny("llama")
-        h = training.train(model, w, training.TrainConfig(steps=2, batch_size=batch, accumulation=accum, **STRONG),
-                           progress=False)
+        h = freezing.train(
+            model, w, freezing.TrainConfig(steps=2, batch_size=batch, accumulation=accum, **STRONG), progress=False
+        )
         results.append((h["loss"], snapshot(model)))
     for loss, params in results[1:]:
         assert loss == pytest.approx(results[0][0], rel=1e-5)
@@ -189,13 +216,13 @@ def test_gradient_accumulation_equals_one_larger_batch(tiny, tokenizer):
 def test_schedule_clipping_and_evaluation_in_history(tiny, tokenizer):
     model = tiny("gemma3")
     evals = {"a": data(tokenizer, docs=TEXT[:2]), "b": data(tokenizer, docs=TEXT[3:])}
-    base = {k: training.evaluation.perplexity(model, w, progress=False)["ppl"] for k, w in evals.items()}
-    cfg = training.TrainConfig(steps=6, lr=1e-3, warmup=2, clip=0.5, eval_steps=[0, 3, 6], batch_size=2)
-    h = training.train(model, data(tokenizer), cfg, evals=evals, progress=False)
-    assert h["lr"] == pytest.approx([1e-3 * training.lr_factor(s, 2, 6) for s in range(6)])
+    base = {k: freezing.evaluation.perplexity(model, w, progress=False)["ppl"] for k, w in evals.items()}
+    cfg = freezing.TrainConfig(steps=6, lr=1e-3, warmup=2, clip=0.5, eval_steps=[0, 3, 6], batch_size=2)
+    h = freezing.train(model, data(tokenizer), cfg, evals=evals, progress=False)
+    assert h["lr"] == pytest.approx([1e-3 * freezing.lr_factor(s, 2, 6) for s in range(6)])
     assert sorted(h["evals"]) == ["0", "3", "6"]
     assert {k: v["ppl"] for k, v in h["evals"]["0"].items()} == base
-    final = {k: training.evaluation.perplexity(model, w, progress=False)["ppl"] for k, w in evals.items()}
+    final = {k: freezing.evaluation.perplexity(model, w, progress=False)["ppl"] for k, w in evals.items()}
     assert {k: v["ppl"] for k, v in h["evals"]["6"].items()} == final
     assert h["loss"][-1] < h["loss"][0]
 
@@ -213,24 +240,25 @@ def test_step_clips_the_global_gradient_norm(tiny, tokenizer, clip):
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    cfg = training.TrainConfig(steps=1, clip=clip)
-    loss, recorded, lr = training._step(model, training.evaluation.output_head(model), [ids], params, opt, sched, cfg)
+    cfg = freezing.TrainConfig(steps=1, clip=clip)
+    loss, recorded, lr = freezing._step(model, freezing.evaluation.output_head(model), [ids], params, opt, sched, cfg)
     assert recorded == pytest.approx(norm, rel=1e-4) and lr == 1.0
-    moved = torch.linalg.vector_norm(torch.stack([(p.detach() - before[n]).norm()
-                                                  for n, p in model.named_parameters()])).item()
+    moved = torch.linalg.vector_norm(
+        torch.stack([(p.detach() - before[n]).norm() for n, p in model.named_parameters()])
+    ).item()
     assert moved == pytest.approx(clip if clip else norm, rel=1e-3)
 
 
 def test_stream_visits_every_window_once_per_epoch_in_a_seeded_order(tokenizer):
     w = data(tokenizer)
-    s = training.Stream(w, seed=3)
+    s = freezing.Stream(w, seed=3)
     n = len(s)
     assert n == len(w.input_ids) - 1  # the short last window is left out
     first = [tuple(s.take(p, 1)[0].tolist()) for p in range(n)]
     second = [tuple(s.take(p, 1)[0].tolist()) for p in range(n, 2 * n)]
     assert sorted(first) == sorted(second) == sorted(tuple(x.tolist()) for x in s.windows)
     assert first != second  # reshuffled
-    again = training.Stream(w, seed=3)
+    again = freezing.Stream(w, seed=3)
     assert torch.equal(again.take(n + 2, 3), s.take(n + 2, 3))  # depends only on (seed, position)
 
 
@@ -238,16 +266,18 @@ def test_resume_after_interruption_gives_the_same_losses(tiny, tokenizer, tmp_pa
     w = data(tokenizer, docs=TEXT[:2])
     evals = {"a": data(tokenizer, docs=TEXT[2:4])}
     region = random_region(tiny("gemma3"), 0.1)
-    cfg = training.TrainConfig(steps=9, batch_size=3, accumulation=2, lr=1e-3, warmup=3, checkpoint_every=2,
-                               eval_steps=[0, 3, 9])
-    assert cfg.steps * cfg.samples_per_step > 2 * len(training.Stream(w, 0))  # crosses epochs
+    cfg = freezing.TrainConfig(
+        steps=9, batch_size=3, accumulation=2, lr=1e-3, warmup=3, checkpoint_every=2, eval_steps=[0, 3, 9]
+    )
+    assert cfg.steps * cfg.samples_per_step > 2 * len(freezing.Stream(w, 0))  # crosses epochs
 
     straight = tiny("gemma3")
-    ref = training.train(straight, w, cfg, frozen=region, evals=evals, checkpoint=tmp_path / "a.safetensors",
-                         progress=False)
+    ref = freezing.train(
+        straight, w, cfg, frozen=region, evals=evals, checkpoint=tmp_path / "a.safetensors", progress=False
+    )
 
     calls = {"n": 0}
-    real_step = training._step
+    real_step = freezing._step
 
     def dies_on_step_6(*a, **k):
         calls["n"] += 1
@@ -256,15 +286,15 @@ def test_resume_after_interruption_gives_the_same_losses(tiny, tokenizer, tmp_pa
         return real_step(*a, **k)
 
     path = tmp_path / "b.safetensors"
-    monkeypatch.setattr(training, "_step", dies_on_step_6)
+    monkeypatch.setattr(freezing, "_step", dies_on_step_6)
     with pytest.raises(KeyboardInterrupt):
-        training.train(tiny("gemma3"), w, cfg, frozen=region, evals=evals, checkpoint=path, progress=False)
-    monkeypatch.setattr(training, "_step", real_step)
-    _, meta = training.read_tensors(path)
+        freezing.train(tiny("gemma3"), w, cfg, frozen=region, evals=evals, checkpoint=path, progress=False)
+    monkeypatch.setattr(freezing, "_step", real_step)
+    _, meta = freezing.read_tensors(path)
     assert meta["history"]["step"] == 4 and meta["history"]["position"] == 4 * cfg.samples_per_step
 
     resumed_model = tiny("gemma3")  # a new process: the original weights, then the checkpoint
-    resumed = training.train(resumed_model, w, cfg, frozen=region, evals=evals, checkpoint=path, progress=False)
+    resumed = freezing.train(resumed_model, w, cfg, frozen=region, evals=evals, checkpoint=path, progress=False)
     assert resumed["loss"] == ref["loss"]  # exactly
     assert resumed["grad_norm"] == ref["grad_norm"] and resumed["lr"] == ref["lr"]
     assert resumed["evals"] == ref["evals"]
@@ -272,21 +302,21 @@ def test_resume_after_interruption_gives_the_same_losses(tiny, tokenizer, tmp_pa
         assert torch.equal(p, dict(resumed_model.named_parameters())[n]), n
 
     # A finished checkpoint answers at once; one from other settings is not used.
-    again = training.train(tiny("gemma3"), w, cfg, frozen=region, evals=evals, checkpoint=path, progress=False)
+    again = freezing.train(tiny("gemma3"), w, cfg, frozen=region, evals=evals, checkpoint=path, progress=False)
     assert again["loss"] == ref["loss"]
-    other = training.TrainConfig(**{**cfg.__dict__, "lr": 2e-3})
-    fresh = training.train(tiny("gemma3"), w, other, frozen=region, evals=evals, checkpoint=path, progress=False)
+    other = freezing.TrainConfig(**{**cfg.__dict__, "lr": 2e-3})
+    fresh = freezing.train(tiny("gemma3"), w, other, frozen=region, evals=evals, checkpoint=path, progress=False)
     assert fresh["loss"][0] == ref["loss"][0] and fresh["loss"][-1] != ref["loss"][-1]
 
 
 def test_checkpoint_holds_only_safetensors_and_json(tiny, tokenizer, tmp_path):
     model = tiny("gemma3")
-    cfg = training.TrainConfig(steps=2, checkpoint_every=1, **STRONG)
-    training.train(model, data(tokenizer), cfg, checkpoint=tmp_path / "c.safetensors", progress=False)
-    tensors, meta = training.read_tensors(tmp_path / "c.safetensors")
+    cfg = freezing.TrainConfig(steps=2, checkpoint_every=1, **STRONG)
+    freezing.train(model, data(tokenizer), cfg, checkpoint=tmp_path / "c.safetensors", progress=False)
+    tensors, meta = freezing.read_tensors(tmp_path / "c.safetensors")
     names = models.scored_names(model)
-    assert {k[len("param/"):] for k in tensors if k.startswith("param/")} == set(names)
-    assert meta["format"] == training.CHECKPOINT_FORMAT and meta["history"]["step"] == 2
+    assert {k[len("param/") :] for k in tensors if k.startswith("param/")} == set(names)
+    assert meta["format"] == freezing.CHECKPOINT_FORMAT and meta["history"]["step"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]  # no temporary files left
 
 
@@ -294,64 +324,97 @@ def test_bad_input_is_one_line_error(tiny, tokenizer):
     model = tiny("gemma3")
     w = data(tokenizer)
     for cfg, words in [
-        (training.TrainConfig(steps=0), "≥ 1"),
-        (training.TrainConfig(steps=2, precision="float16"), "precision"),
-        (training.TrainConfig(steps=2, eval_steps=[3]), "outside"),
-        (training.TrainConfig(steps=2, betas=(0.9, 1.5)), "betas"),
-        (training.TrainConfig(steps=2, batch_size=10_000), "fewer than the batch size"),
+        (freezing.TrainConfig(steps=0), "≥ 1"),
+        (freezing.TrainConfig(steps=2, precision="float16"), "precision"),
+        (freezing.TrainConfig(steps=2, eval_steps=[3]), "outside"),
+        (freezing.TrainConfig(steps=2, betas=(0.9, 1.5)), "betas"),
+        (freezing.TrainConfig(steps=2, batch_size=10_000), "fewer than the batch size"),
     ]:
         with pytest.raises(LingregionError, match=words):
-            training.train(model, w, cfg, progress=False)
+            freezing.train(model, w, cfg, progress=False)
     with pytest.raises(LingregionError, match="no trainable parameter"):
-        training.train(model, w, training.TrainConfig(steps=1), ["nope"], progress=False)
+        freezing.train(model, w, freezing.TrainConfig(steps=1), ["nope"], progress=False)
     with pytest.raises(LingregionError, match="fp32 master weights"):
-        training.train(tiny("gemma3", dtype=torch.bfloat16), w, training.TrainConfig(steps=1), progress=False)
+        freezing.train(tiny("gemma3", dtype=torch.bfloat16), w, freezing.TrainConfig(steps=1), progress=False)
     with pytest.raises(LingregionError, match="lacks"):
-        training.Frozen(tiny("llama"), random_region(model))
+        freezing.Frozen(tiny("llama"), random_region(model))
 
 
 # --- the recovery (Table 2) and forgetting experiments ------------------------------------------------------
-from lingregion import experiments, interventions  # noqa: E402
-from lingregion.experiments import training as exp  # noqa: E402
+from lingregion import interventions  # noqa: E402
+from lingregion.experiments import forgetting, recovery  # noqa: E402
 from lingregion.regions import Region  # noqa: E402
 
 
 def small_config(tiny_folder, **kw):
-    return experiments.Config(**{
-        "model": str(tiny_folder), "seq_len": 16, "score_tokens": 32, "eval_tokens": 32, "score_langs": ["ru", "es"],
-        "train_lang": "ru", "train_other": "es", "train_track": ["es", "zh"], "train_ratio": 0.05,
-        "train_samples": [0, 2, 6], "train_batch": 2, "train_warmup": 1, "train_lr": 1e-2, "train_eval_tokens": 32,
-        "experiments": ["recovery", "forgetting"], **kw})
+    return Config(
+        **{
+            "model": str(tiny_folder),
+            "seq_len": 16,
+            "score_tokens": 32,
+            "eval_tokens": 32,
+            "score_langs": ["ru", "es"],
+            "train_lang": "ru",
+            "train_other": "es",
+            "train_track": ["es", "zh"],
+            "train_ratio": 0.05,
+            "train_samples": [0, 2, 6],
+            "train_batch": 2,
+            "train_warmup": 1,
+            "train_lr": 1e-2,
+            "train_eval_tokens": 32,
+            "experiments": ["recovery", "forgetting"],
+            **kw,
+        }
+    )
 
 
 def test_recovery_and_forgetting_match_a_hand_replay_and_resume(tiny_folder, tmp_path, monkeypatch):
     cfg = small_config(tiny_folder)
     out = tmp_path / "run"
-    res = experiments.reproduce(cfg, out, progress=False)
+    res = reproduce(cfg, out, progress=False)
     rec, forg = res["recovery"], res["forgetting"]
     assert rec["samples"] == [0, 2, 6] and rec["history"]["top-freeze"]["frozen_entries"] > 0
 
     # Replay Top&Freeze and Core frozen by hand on a fresh model with the library pieces.
     m = models.load(str(tiny_folder))
-    run = experiments.Run(out, cfg, m, progress=False)
+    run = Run(out, cfg, m, progress=False)
     top = Region.load(out / "regions" / "core-top-0.05.safetensors")
     data = run.windows("ru", "score", 6 * 16)
     evals = {lang: run.windows(lang, "eval", 32) for lang in ["ru", "es"]}
-    tcfg = exp.train_config(cfg)
+    tcfg = recovery.train_config(cfg)
     assert tcfg.steps == 3 and tcfg.eval_steps == [1, 3]
-    before = snapshot(m.model)
-    with interventions.applied(m.model, interventions.removal(top, run.removed)):
-        start = {k: training.evaluation.perplexity(m.model, w, progress=False)["ppl"] for k, w in evals.items()}
-        h = training.train(m.model, data, tcfg, models.scored_names(m.model), frozen=top, frozen_values=run.removed,
-                           evals=evals, progress=False)
-        assert_frozen_exact_and_rest_moved(m.model, before, top, expected=run.removed)
+    before = snapshot(m.module)
+    with interventions.applied(m.module, interventions.removal(top, run.removed)):
+        start = {k: freezing.evaluation.perplexity(m.module, w, progress=False)["ppl"] for k, w in evals.items()}
+        h = freezing.train(
+            m.module,
+            data,
+            tcfg,
+            models.scored_names(m.module),
+            frozen=top,
+            frozen_values=run.removed,
+            evals=evals,
+            progress=False,
+        )
+        assert_frozen_exact_and_rest_moved(m.module, before, top, expected=run.removed)
     for lang in ["ru", "es"]:
-        assert rec["table"]["top-freeze"]["ppl"][lang] == [start[lang], h["evals"]["1"][lang]["ppl"],
-                                                          h["evals"]["3"][lang]["ppl"]]
+        assert rec["table"]["top-freeze"]["ppl"][lang] == [
+            start[lang],
+            h["evals"]["1"][lang]["ppl"],
+            h["evals"]["3"][lang]["ppl"],
+        ]
     assert rec["history"]["top-freeze"]["loss"] == h["loss"]
     m2 = models.load(str(tiny_folder))
-    h2 = training.train(m2.model, data, tcfg, models.scored_names(m2.model), frozen=top, evals={
-        lang: run.windows(lang, "eval", 32) for lang in ["ru", "es", "zh"]}, progress=False)
+    h2 = freezing.train(
+        m2.module,
+        data,
+        tcfg,
+        models.scored_names(m2.module),
+        frozen=top,
+        evals={lang: run.windows(lang, "eval", 32) for lang in ["ru", "es", "zh"]},
+        progress=False,
+    )
     assert forg["table"]["core"]["ppl"]["zh"][-1] == h2["evals"]["3"]["zh"]["ppl"]
 
     # Random frozen region: same size per matrix as the core region.
@@ -359,14 +422,14 @@ def test_recovery_and_forgetting_match_a_hand_replay_and_resume(tiny_folder, tmp
     assert all(rnd.count(n) == top.count(n) for n in top.packed)
 
     # The experiment leaves the model as it found it.
-    run2 = experiments.Run(tmp_path / "again", cfg, m2 := models.load(str(tiny_folder)), progress=False)
-    pristine = snapshot(m2.model)
-    exp.run_forgetting(run2)
-    assert all(torch.equal(p, pristine[n]) for n, p in m2.model.named_parameters())
+    run2 = Run(tmp_path / "again", cfg, m2 := models.load(str(tiny_folder)), progress=False)
+    pristine = snapshot(m2.module)
+    forgetting.run(run2)
+    assert all(torch.equal(p, pristine[n]) for n, p in m2.module.named_parameters())
 
-    # A rerun trains nothing and gives the same results, also after a change that does not concern training.
-    monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("retrained a finished setting"))
-    again = experiments.reproduce(small_config(tiny_folder, mono_ratio=0.2), out, progress=False)
+    # A rerun trains nothing and gives the same results, also after a change that does not concern freezing.
+    monkeypatch.setattr(freezing, "train", lambda *a, **k: pytest.fail("retrained a finished setting"))
+    again = reproduce(small_config(tiny_folder, mono_ratio=0.2), out, progress=False)
     assert again["recovery"]["table"] == rec["table"] and again["forgetting"]["table"] == forg["table"]
     md = (out / "report.md").read_text()
     assert "Table 2" in md and "Catastrophic forgetting" in md and "paper's second finding" in md
@@ -376,8 +439,8 @@ def test_recovery_and_forgetting_match_a_hand_replay_and_resume(tiny_folder, tmp
 
 def test_interrupted_experiment_resumes_from_its_training_checkpoint(tiny_folder, tmp_path, monkeypatch):
     cfg = small_config(tiny_folder, train_checkpoint_every=1, train_samples=[0, 8], experiments=["forgetting"])
-    ref = experiments.reproduce(cfg, tmp_path / "straight", progress=False)["forgetting"]
-    real_step, calls = training._step, {"n": 0}
+    ref = reproduce(cfg, tmp_path / "straight", progress=False)["forgetting"]
+    real_step, calls = freezing._step, {"n": 0}
 
     def dies(*a, **k):
         calls["n"] += 1
@@ -385,59 +448,82 @@ def test_interrupted_experiment_resumes_from_its_training_checkpoint(tiny_folder
             raise KeyboardInterrupt
         return real_step(*a, **k)
 
-    monkeypatch.setattr(training, "_step", dies)
+    monkeypatch.setattr(freezing, "_step", dies)
     with pytest.raises(KeyboardInterrupt):
-        experiments.reproduce(cfg, tmp_path / "cut", progress=False)
-    monkeypatch.setattr(training, "_step", real_step)
+        reproduce(cfg, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(freezing, "_step", real_step)
     assert (tmp_path / "cut" / "checkpoints" / "forgetting-core.safetensors").is_file()
-    res = experiments.reproduce(cfg, tmp_path / "cut", progress=False)["forgetting"]
+    res = reproduce(cfg, tmp_path / "cut", progress=False)["forgetting"]
     assert res["table"] == ref["table"] and res["history"] == {
-        s: {**h, "seconds": res["history"][s]["seconds"]} for s, h in ref["history"].items()}
+        s: {**h, "seconds": res["history"][s]["seconds"]} for s, h in ref["history"].items()
+    }
     assert not list((tmp_path / "cut" / "checkpoints").iterdir())  # removed once each setting is saved
 
 
 def _result(ppl, base):
-    return {"languages": ["zh", "en"], "samples": [0, 100], "epochs": 1.0, "base": {k: {"ppl": v} for k, v in base.items()},
-            "table": {s: {"ppl": v} for s, v in ppl.items()}}
+    return {
+        "languages": ["zh", "en"],
+        "samples": [0, 100],
+        "epochs": 1.0,
+        "base": {k: {"ppl": v} for k, v in base.items()},
+        "table": {s: {"ppl": v} for s, v in ppl.items()},
+    }
 
 
 def test_recovery_verdicts_follow_the_numbers():
     base = {"zh": 10.0, "en": 10.0}
-    paper_like = {"top-freeze": {"zh": [1e6, 100.0], "en": [1e6, 1e5]},
-                  "bottom-freeze": {"zh": [12.0, 11.0], "en": [11.0, 11.5]},
-                  "top-unfreeze": {"zh": [1e6, 20.0], "en": [1e6, 100.0]}}
-    first, second = exp.recovery_findings(_result(paper_like, base))
+    paper_like = {
+        "top-freeze": {"zh": [1e6, 100.0], "en": [1e6, 1e5]},
+        "bottom-freeze": {"zh": [12.0, 11.0], "en": [11.0, 11.5]},
+        "top-unfreeze": {"zh": [1e6, 20.0], "en": [1e6, 100.0]},
+    }
+    first, second = recovery.findings(_result(paper_like, base))
     assert first.endswith("holds here.") and second.endswith("holds here.")
     assert "20%" in second and "80%" in second  # ln(1e6/1e5)/ln(1e6/10) = 1/5; ln(1e6/100)/ln(1e6/10) = 4/5
-    unlike = dict(paper_like, **{"top-unfreeze": {"zh": [1e6, 20.0], "en": [1e6, 5e4]},
-                                 "bottom-freeze": {"zh": [12.0, 13.0], "en": [11.0, 11.5]}})
-    first, second = exp.recovery_findings(_result(unlike, base))
+    unlike = dict(
+        paper_like,
+        **{
+            "top-unfreeze": {"zh": [1e6, 20.0], "en": [1e6, 5e4]},
+            "bottom-freeze": {"zh": [12.0, 13.0], "en": [11.0, 11.5]},
+        },
+    )
+    first, second = recovery.findings(_result(unlike, base))
     assert "does not hold here (Bottom&Freeze did not improve)" in first and "does not hold" in second
 
 
 def test_forgetting_verdict_and_geometric_mean():
-    res = {"languages": ["zh", "en", "ru"], "samples": [0, 10],
-           "table": {"none": {"ppl": {"zh": [30, 20], "en": [10, 20], "ru": [10, 40]}},
-                     "core": {"ppl": {"zh": [30, 25], "en": [10, 11], "ru": [10, 11]}},
-                     "random": {"ppl": {"zh": [30, 21], "en": [10, 20], "ru": [10, 20]}}}}
-    assert exp.forgetting(res, "none") == pytest.approx(math.sqrt(2 * 4))
-    assert exp.forgetting_findings(res)[0].endswith("holds here.")
+    res = {
+        "languages": ["zh", "en", "ru"],
+        "samples": [0, 10],
+        "table": {
+            "none": {"ppl": {"zh": [30, 20], "en": [10, 20], "ru": [10, 40]}},
+            "core": {"ppl": {"zh": [30, 25], "en": [10, 11], "ru": [10, 11]}},
+            "random": {"ppl": {"zh": [30, 21], "en": [10, 20], "ru": [10, 20]}},
+        },
+    }
+    assert forgetting.forgetting(res, "none") == pytest.approx(math.sqrt(2 * 4))
+    assert forgetting.findings(res)[0].endswith("holds here.")
     res["table"]["random"]["ppl"]["en"] = [10, 10]
     res["table"]["random"]["ppl"]["ru"] = [10, 10]
-    assert exp.forgetting_findings(res)[0].endswith("does not hold here.")
+    assert forgetting.findings(res)[0].endswith("does not hold here.")
     res["table"]["none"]["ppl"]["en"] = [10, 9]
     res["table"]["none"]["ppl"]["ru"] = [10, 11]  # ×sqrt(0.99) < 1: nothing forgotten without freezing
-    assert "cannot be tested at this budget" in exp.forgetting_findings(res)[0]
+    assert "cannot be tested at this budget" in forgetting.findings(res)[0]
 
 
 def test_experiment_config_errors(tiny_folder):
-    for bad, words in [({"train_samples": [0, 4, 2]}, "increasing"), ({"train_track": ["ru"]}, "cannot also be"),
-                       ({"train_ratio": 1.5}, "outside"), ({"train_precision": "fp8"}, "precision"),
-                       ({"train_samples": [0, 1, 2], "train_batch": 4}, "same training step"),
-                       ({"train_other": "xx"}, "unknown language"), ({"train_track": []}, "at least one")]:
+    for bad, words in [
+        ({"train_samples": [0, 4, 2]}, "increasing"),
+        ({"train_track": ["ru"]}, "cannot also be"),
+        ({"train_ratio": 1.5}, "outside"),
+        ({"train_precision": "fp8"}, "precision"),
+        ({"train_samples": [0, 1, 2], "train_batch": 4}, "same training step"),
+        ({"train_other": "xx"}, "unknown language"),
+        ({"train_track": []}, "at least one"),
+    ]:
         with pytest.raises(LingregionError, match=words):
-            small_config(tiny_folder, **bad).validate()
-    small_config(tiny_folder).validate()
+            validate(small_config(tiny_folder, **bad))
+    validate(small_config(tiny_folder))
 
 
 @pytest.mark.integration
@@ -445,15 +531,15 @@ def test_real_model_top_freeze_in_bf16_keeps_the_region_removed():
     """The default Gemma 3 270M: two bf16-autocast steps on Chinese with a magnitude Top 1% held at its removed
     value (its (1 + w) norms at −1); the frozen entries stay exact while the loss falls and the rest moves."""
     m = models.load()
-    names = models.scored_names(m.model)
-    removed = models.removed_values(m.model, names)
-    params = dict(m.model.named_parameters())
+    names = models.scored_names(m.module)
+    removed = models.removed_values(m.module, names)
+    params = dict(m.module.named_parameters())
     layer = [n for n in names if ".layers.3." in n]  # one layer keeps the selection and the checks quick
     top = select({n: params[n].detach().abs() for n in layer}, 0.01, "top")
     before = {n: params[n].detach().clone() for n in layer}
     data = corpus.load_windows(m.tokenizer, "zh", "score", 64, 4 * 64)
-    cfg = training.TrainConfig(steps=3, lr=1e-4, warmup=0, batch_size=2, precision="bfloat16")
-    h = training.train(m.model, data, cfg, names, frozen=top, frozen_values=removed, progress=False)
-    assert h["trainable_parameters"] < 0.4 * sum(p.numel() for p in m.model.parameters())  # embedding left out
+    cfg = freezing.TrainConfig(steps=3, lr=1e-4, warmup=0, batch_size=2, precision="bfloat16")
+    h = freezing.train(m.module, data, cfg, names, frozen=top, frozen_values=removed, progress=False)
+    assert h["trainable_parameters"] < 0.4 * sum(p.numel() for p in m.module.parameters())  # embedding left out
     assert h["loss"][-1] < h["loss"][0]
-    assert_frozen_exact_and_rest_moved(m.model, before, top, expected=removed)
+    assert_frozen_exact_and_rest_moved(m.module, before, top, expected=removed)

@@ -5,17 +5,23 @@ Settings are the unmodified model, the Top / Bottom / Random `down_ratio` of the
 evaluated here. Every setting is scored on the built-in parallel task (`udhr_next`) in each of
 `down_langs`, and on any lm-eval tasks named in `down_lmeval_tasks`, run in process on the same model object.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-from matplotlib import pyplot as plt
 
-from .. import figures, interventions, report, tasks
+from .. import blocks, figures, interventions, tasks
 from ..regions import Region
 from ..store import LingregionError, read_json, write_bytes, write_json
-from . import Experiment, Run, _digest, _edits_digest
+from .runfolder import Run, digest, edits_digest
+
+NAME = "downstream"
+DOC = (
+    "multiple-choice accuracy (built-in parallel task, lm-eval) with core and monolingual regions "
+    "removed, beside perplexity"
+)
 
 RESULTS = "downstream.json"
 
@@ -25,13 +31,18 @@ def _settings(run: Run) -> list[tuple[str, Region | None, Path | None]]:
     cfg, core = run.cfg, run.core_scores()
     out = [("base", None, None)]
     for side in cfg.sides:
-        out.append((f"{side}@{cfg.down_ratio:g}", run.region(core, side, cfg.down_ratio),
-                    run.out / "regions" / f"core-{side}-{cfg.down_ratio:g}.safetensors"))
+        out.append(
+            (
+                f"{side}@{cfg.down_ratio:g}",
+                run.region(core, side, cfg.down_ratio),
+                run.out / "regions" / f"core-{side}-{cfg.down_ratio:g}.safetensors",
+            )
+        )
     for lang in cfg.down_langs if cfg.down_mono else []:
         path = run.out / "regions" / f"monolingual-{lang}-{cfg.mono_ratio:g}.safetensors"
         if path.is_file():
             region = Region.load(path)
-            region.check_model(run.m.model, run.m.info["fingerprint"])
+            region.check_model(run.model, run.info["fingerprint"])
             out.append((f"mono-{lang}", region, path))
     return out
 
@@ -46,10 +57,10 @@ class _Cache:
         self.data = read_json(self.path) if self.path.is_file() else {}
         self.data.setdefault("entries", {})
         self.data.setdefault("keys", {})
-        self.base = {"fingerprint": run.m.info["fingerprint"], "dtype": run.cfg.dtype}
+        self.base = {"fingerprint": run.info["fingerprint"], "dtype": run.cfg.dtype}
 
     def get(self, name: str, made_of: dict, compute):
-        key = _digest({**self.base, **made_of})
+        key = digest({**self.base, **made_of})
         if self.data["keys"].get(name) != key:
             self.data["entries"][name] = compute()
             self.data["keys"][name] = key
@@ -59,13 +70,15 @@ class _Cache:
 
 def run(run: Run) -> dict:
     """Multiple-choice accuracy (and perplexity) of each setting in each language."""
-    cfg, m = run.cfg, run.m
+    cfg, m = run.cfg, run.lm
     langs = cfg.down_langs
     items = {lang: tasks.load_items(lang, cfg.down_items) for lang in langs}
-    limit, need = tasks.max_length(m.model), max(tasks.longest_candidate(m.tokenizer, v) for v in items.values())
+    limit, need = tasks.max_length(m.module), max(tasks.longest_candidate(m.tokenizer, v) for v in items.values())
     if limit and need > limit:  # a model with a short context (e.g. a tiny test model) cannot take the items
-        result = {"experiment": "downstream", "skipped": f"the model takes {limit} positions and the task's "
-                                                         f"longest candidate alone is {need} tokens"}
+        result = {
+            "experiment": "downstream",
+            "skipped": f"the model takes {limit} positions and the task's longest candidate alone is {need} tokens",
+        }
         run.save("downstream", result)
         return result
     cache = _Cache(run)
@@ -74,28 +87,51 @@ def run(run: Run) -> dict:
     task = tasks.manifest()
     for name, region, path in settings:
         edits = interventions.removal(region, run.removed) if region else []
-        regions[name] = {"file": str(path.relative_to(run.out)) if path else None, "edits": _edits_digest(edits),
-                         "entries": region.count() if region else 0}
-        with interventions.applied(m.model, edits):
-            mc[name] = {lang: cache.get(f"{name}/{lang}", {
-                "edits": regions[name]["edits"], "items": task["languages"][lang]["sha256"], "n": len(items[lang])},
-                lambda lang=lang: tasks.evaluate(m.model, m.tokenizer, lang, items[lang], batch_size=cfg.down_batch,
-                                                 progress=run.progress)) for lang in langs}
+        regions[name] = {
+            "file": str(path.relative_to(run.out)) if path else None,
+            "edits": edits_digest(edits),
+            "entries": region.count() if region else 0,
+        }
+        with interventions.applied(m.module, edits):
+            mc[name] = {
+                lang: cache.get(
+                    f"{name}/{lang}",
+                    {
+                        "edits": regions[name]["edits"],
+                        "items": task["languages"][lang]["sha256"],
+                        "n": len(items[lang]),
+                    },
+                    lambda lang=lang: tasks.evaluate(
+                        m.module, m.tokenizer, lang, items[lang], batch_size=cfg.down_batch, progress=run.progress
+                    ),
+                )
+                for lang in langs
+            }
             if cfg.down_lmeval_tasks:
-                lmeval[name] = cache.get(f"{name}/lm-eval", {
-                    "edits": regions[name]["edits"], "tasks": cfg.down_lmeval_tasks, "limit": cfg.down_lmeval_limit},
-                    lambda: tasks.lmeval(m.model, m.tokenizer, cfg.down_lmeval_tasks, limit=cfg.down_lmeval_limit,
-                                         samples=True))
+                lmeval[name] = cache.get(
+                    f"{name}/lm-eval",
+                    {"edits": regions[name]["edits"], "tasks": cfg.down_lmeval_tasks, "limit": cfg.down_lmeval_limit},
+                    lambda: tasks.lmeval(
+                        m.module, m.tokenizer, cfg.down_lmeval_tasks, limit=cfg.down_lmeval_limit, samples=True
+                    ),
+                )
         ppl[name] = _perplexity(run, name, edits)
     result = {
-        "experiment": "downstream", "task": tasks.TASK, "task_version": task["version"],
-        "settings": [s for s, _, _ in settings], "languages": langs, "items": {lang: len(v) for lang, v in items.items()},
-        "ratio": cfg.down_ratio, "regions": regions,
-        "accuracy": {s: {lang: {k: v for k, v in r.items() if k != "loglik"} for lang, r in by.items()}
-                     for s, by in mc.items()},
-        "perplexity": ppl, "lmeval": {s: _lmeval_summary(r) for s, r in lmeval.items()},
+        "experiment": "downstream",
+        "task": tasks.TASK,
+        "task_version": task["version"],
+        "settings": [s for s, _, _ in settings],
+        "languages": langs,
+        "items": {lang: len(v) for lang, v in items.items()},
+        "ratio": cfg.down_ratio,
+        "regions": regions,
+        "accuracy": {
+            s: {lang: {k: v for k, v in r.items() if k != "loglik"} for lang, r in by.items()} for s, by in mc.items()
+        },
+        "perplexity": ppl,
+        "lmeval": {s: _lmeval_summary(r) for s, r in lmeval.items()},
         "scoring": "summed log-probability of each candidate given the context (fp32 logits, fp64 sums), "
-                   "lm-eval's multiple_choice; acc_norm divides by the candidate's characters",
+        "lm-eval's multiple_choice; acc_norm divides by the candidate's characters",
     }
     figs = run.out / "figures"
     write_bytes(figs / "downstream.png", accuracy_chart(result))
@@ -115,8 +151,14 @@ def _perplexity(run: Run, name: str, edits: list) -> dict:
     else:
         base = run.evaluate("removal.json", "base", [], langs)
         removed = run.evaluate("removal.json", name, edits, langs)
-    return {lang: {"ppl": removed[lang]["ppl"], "ratio": removed[lang]["ppl"] / base[lang]["ppl"],
-                   "tokens": removed[lang]["tokens"]} for lang in langs}
+    return {
+        lang: {
+            "ppl": removed[lang]["ppl"],
+            "ratio": removed[lang]["ppl"] / base[lang]["ppl"],
+            "tokens": removed[lang]["tokens"],
+        }
+        for lang in langs
+    }
 
 
 def _lmeval_summary(results: dict) -> dict:
@@ -148,26 +190,42 @@ def _colours(settings: list[str]) -> dict[str, tuple]:
     colours = figures._setting_colours(core)
     mono = [s for s in settings if s.startswith("mono-")]
     for i, s in enumerate(mono):
-        colours[s] = plt.cm.Purples(0.45 + 0.5 * i / max(1, len(mono) - 1))[:3]
+        colours[s] = figures.colormap("Purples")(0.45 + 0.5 * i / max(1, len(mono) - 1))[:3]
     return colours
 
 
 def accuracy_chart(result: dict) -> bytes:
     """Accuracy per language and setting, with standard errors and the chance level."""
     settings, langs = result["settings"], result["languages"]
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.22 * len(settings) * len(langs) + 2.5), 4.5))
+    fig, ax = figures.subplots(figsize=(max(7.0, 0.22 * len(settings) * len(langs) + 2.5), 4.5))
     series = {_label(s): {lang: 100 * result["accuracy"][s][lang]["acc"] for lang in langs} for s in settings}
     colours = {_label(s): c for s, c in _colours(settings).items()}
     offsets = figures._grouped_bars(ax, langs, series, colours)
     for off, s in zip(offsets, settings):
-        ax.errorbar(np.arange(len(langs)) + off, [series[_label(s)][lang] for lang in langs],
-                    yerr=[100 * result["accuracy"][s][lang]["acc_stderr"] for lang in langs],
-                    fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
+        ax.errorbar(
+            np.arange(len(langs)) + off,
+            [series[_label(s)][lang] for lang in langs],
+            yerr=[100 * result["accuracy"][s][lang]["acc_stderr"] for lang in langs],
+            fmt="none",
+            ecolor="black",
+            elinewidth=0.8,
+            capsize=2,
+        )
     ax.axhline(100 * _chance(result), color="black", ls="--", lw=1, label="chance")
-    ax.set(ylim=(0, 100), ylabel="accuracy (%)", xlabel="language",
-           title=f"{result['task']}: which ending completes the paragraph ({result['items'][langs[0]]} items each)")
-    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False,
-               ncol=min(len(settings) + 1, 5), title="setting (side and share of parameters removed)")
+    ax.set(
+        ylim=(0, 100),
+        ylabel="accuracy (%)",
+        xlabel="language",
+        title=f"{result['task']}: which ending completes the paragraph ({result['items'][langs[0]]} items each)",
+    )
+    fig.legend(
+        *ax.get_legend_handles_labels(),
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        frameon=False,
+        ncol=min(len(settings) + 1, 5),
+        title="setting (side and share of parameters removed)",
+    )
     fig.tight_layout()
     return figures.png(fig)
 
@@ -184,48 +242,79 @@ def findings(result: dict) -> list[str]:
     base = _mean(result, "base")
     for s in result["settings"][1:]:
         ppl = [result["perplexity"][s][lang]["ratio"] for lang in result["languages"]]
-        out.append(f"Removing {_label(s)} changes mean multiple-choice accuracy over {n} languages from {base:.0%} "
-                   f"to {_mean(result, s):.0%} (chance {chance:.0%}), while perplexity is multiplied by "
-                   f"{report.fmt(min(ppl))}–{report.fmt(max(ppl))}.")
+        out.append(
+            f"Removing {_label(s)} changes mean multiple-choice accuracy over {n} languages from {base:.0%} "
+            f"to {_mean(result, s):.0%} (chance {chance:.0%}), while perplexity is multiplied by "
+            f"{blocks.fmt(min(ppl))}–{blocks.fmt(max(ppl))}."
+        )
     for s in [s for s in result["settings"] if s.startswith("mono-")]:
-        lang = s[len("mono-"):]
+        lang = s[len("mono-") :]
         own = result["accuracy"][s][lang]["acc"] - result["accuracy"]["base"][lang]["acc"]
-        others = [result["accuracy"][s][x]["acc"] - result["accuracy"]["base"][x]["acc"]
-                  for x in result["languages"] if x != lang]
+        others = [
+            result["accuracy"][s][x]["acc"] - result["accuracy"]["base"][x]["acc"]
+            for x in result["languages"]
+            if x != lang
+        ]
         if others:
-            out.append(f"Removing {lang}'s monolingual region changes {lang} accuracy by {100 * own:+.0f} points, "
-                       f"the other languages' by {100 * sum(others) / len(others):+.0f} points on average.")
+            out.append(
+                f"Removing {lang}'s monolingual region changes {lang} accuracy by {100 * own:+.0f} points, "
+                f"the other languages' by {100 * sum(others) / len(others):+.0f} points on average."
+            )
     return out
 
 
 def section(result: dict) -> list:
     if "skipped" in result:
-        return [report.heading("Downstream: multiple-choice accuracy with a region removed"),
-                report.text(f"Not run: {result['skipped']}.")]
+        return [
+            blocks.heading("Downstream: multiple-choice accuracy with a region removed"),
+            blocks.text(f"Not run: {result['skipped']}."),
+        ]
     settings, langs, acc = result["settings"], result["languages"], result["accuracy"]
     head = ["Language"] + [_label(s) for s in settings]
 
     def cells(metric):
-        return [[lang] + [f"{acc[s][lang][metric]:.0%} ± {acc[s][lang][metric + '_stderr']:.0%}" for s in settings]
-                for lang in langs]
+        return [
+            [lang] + [f"{acc[s][lang][metric]:.0%} ± {acc[s][lang][metric + '_stderr']:.0%}" for s in settings]
+            for lang in langs
+        ]
 
-    both = [[lang] + [f"{acc[s][lang]['acc']:.0%} · ×{report.fmt(result['perplexity'][s][lang]['ratio'])}"
-                      for s in settings] for lang in langs]
+    both = [
+        [lang]
+        + [f"{acc[s][lang]['acc']:.0%} · ×{blocks.fmt(result['perplexity'][s][lang]['ratio'])}" for s in settings]
+        for lang in langs
+    ]
     n = result["items"][langs[0]]
-    blocks = [
-        report.heading("Downstream: multiple-choice accuracy with a region removed"),
-        report.text(f"Built-in task `{result['task']}` (v{result['task_version']}): the first ~60% of a paragraph of "
-                    f"the Universal Declaration of Human Rights and four endings, one true, the others from other "
-                    f"articles; the same {n} items in every language. Scoring: {result['scoring']}. Regions: the core "
-                    f"Top / Bottom / Random {result['ratio']:g} of the summed importance"
-                    + (", and the monolingual regions saved by the monolingual experiment" if any(
-                        s.startswith("mono-") for s in settings) else "") + "."),
-        report.table(head, both, caption=f"Accuracy · perplexity relative to Base. Top should fall towards chance "
-                     f"({_chance(result):.0%}) as perplexity explodes; Bottom and Random should stay near Base."),
-        report.figure("figures/downstream.png", "Accuracy per language and setting with standard errors; the dashed "
-                      "line is chance. Look for the Top bars at the line and the others level with Base."),
-        report.table(head, cells("acc_norm"), caption="Accuracy per character of the candidate (acc_norm) ± "
-                     f"standard error over {n} items: the same picture without any length preference."),
+    out = [
+        blocks.heading("Downstream: multiple-choice accuracy with a region removed"),
+        blocks.text(
+            f"Built-in task `{result['task']}` (v{result['task_version']}): the first ~60% of a paragraph of "
+            f"the Universal Declaration of Human Rights and four endings, one true, the others from other "
+            f"articles; the same {n} items in every language. Scoring: {result['scoring']}. Regions: the core "
+            f"Top / Bottom / Random {result['ratio']:g} of the summed importance"
+            + (
+                ", and the monolingual regions saved by the monolingual experiment"
+                if any(s.startswith("mono-") for s in settings)
+                else ""
+            )
+            + "."
+        ),
+        blocks.table(
+            head,
+            both,
+            caption=f"Accuracy · perplexity relative to Base. Top should fall towards chance "
+            f"({_chance(result):.0%}) as perplexity explodes; Bottom and Random should stay near Base.",
+        ),
+        blocks.figure(
+            "figures/downstream.png",
+            "Accuracy per language and setting with standard errors; the dashed "
+            "line is chance. Look for the Top bars at the line and the others level with Base.",
+        ),
+        blocks.table(
+            head,
+            cells("acc_norm"),
+            caption="Accuracy per character of the candidate (acc_norm) ± "
+            f"standard error over {n} items: the same picture without any length preference.",
+        ),
     ]
     if result["lmeval"]:
         rows = []
@@ -233,28 +322,29 @@ def section(result: dict) -> list:
             for metric in ("acc", "acc_norm", "acc_not_first", "first_chosen"):
                 vals = [result["lmeval"][s].get(task, {}).get(metric) for s in settings]
                 if any(isinstance(v, (int, float)) for v in vals):
-                    rows.append([task, metric] + [report.fmt(v) if isinstance(v, (int, float)) else "—" for v in vals])
-        blocks.append(report.table(["Task", "Metric"] + [_label(s) for s in settings], rows,
-                                   caption="lm-eval tasks run in process on the same model object. acc_not_first: "
-                                           "accuracy on documents whose answer is not the first choice; "
-                                           "first_chosen: how often the first choice wins (near 1 = collapse)."))
-    return blocks
+                    rows.append([task, metric] + [blocks.fmt(v) if isinstance(v, (int, float)) else "—" for v in vals])
+        out.append(
+            blocks.table(
+                ["Task", "Metric"] + [_label(s) for s in settings],
+                rows,
+                caption="lm-eval tasks run in process on the same model object. acc_not_first: "
+                "accuracy on documents whose answer is not the first choice; "
+                "first_chosen: how often the first choice wins (near 1 = collapse).",
+            )
+        )
+    return out
 
 
 def validate(cfg) -> None:
     known = set(tasks.languages())
     bad = [lang for lang in cfg.down_langs if lang not in known]
     if bad or not cfg.down_langs:
-        raise LingregionError(f"down_langs {', '.join(bad) or '(empty)'}: the {tasks.TASK} task has "
-                              f"{', '.join(sorted(known))}")
+        raise LingregionError(
+            f"down_langs {', '.join(bad) or '(empty)'}: the {tasks.TASK} task has {', '.join(sorted(known))}"
+        )
     if not 0 < cfg.down_ratio < 1:
         raise LingregionError(f"down_ratio {cfg.down_ratio} is outside (0, 1); pass a fraction such as 0.01")
     if cfg.down_items is not None and cfg.down_items < 1 or cfg.down_batch < 1:
         raise LingregionError("down_items (or null for all) and down_batch must be ≥ 1")
     if cfg.down_lmeval_tasks:
         tasks.check_lmeval_tasks(cfg.down_lmeval_tasks)
-
-
-EXPERIMENTS = [Experiment("downstream", run, section, "multiple-choice accuracy (built-in parallel task, lm-eval) "
-                          "with core and monolingual regions removed, beside perplexity", findings=findings,
-                          validate=validate)]

@@ -14,6 +14,7 @@ dimensions, which are whole rows and columns): the core region from a language n
 from the six languages' windows with their tokens shuffled within each window (same tokens, no word
 order), the magnitude of the weights (no data at all), and the most massive residual dimensions.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,14 +24,14 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .. import estimators as est
-from .. import figures, interventions, report, structure
-from ..corpus import Windows, builtin_languages, load_windows
+from .. import blocks, figures, importance, interventions, slices
+from ..corpus import Windows, load_windows
 from ..regions import Region, select
 from ..store import LingregionError, write_bytes
-from . import Experiment, Run, _digest
+from .runfolder import Run, digest
 
-import matplotlib.pyplot as plt  # noqa: E402  (figures has selected the Agg backend)
+NAME = "estimators"
+DOC = "Compare importance estimators; specificity of the core region"
 
 RESULTS = "estimators.json"
 CORE = "taylor"  # the paper's estimator: its region is the core region the controls are compared with
@@ -67,8 +68,9 @@ def _region_path(run: Run, label: str, ratio: float):
     return run.out / "regions" / f"est-{label}-top-{ratio:g}.safetensors"
 
 
-def _regions(run: Run, labels: list[str], ratios: list[float], made_of: dict[str, str], scopes: dict[str, str],
-             compute) -> dict[str, dict[float, Region]]:
+def _regions(
+    run: Run, labels: list[str], ratios: list[float], made_of: dict[str, str], scopes: dict[str, str], compute
+) -> dict[str, dict[float, Region]]:
     """Top regions of each label at each ratio: read back when made from the same inputs, otherwise
     `compute(labels)` yields the missing labels' (label, scores), each selected, saved and dropped in turn."""
     out, missing = {}, []
@@ -82,7 +84,7 @@ def _regions(run: Run, labels: list[str], ratios: list[float], made_of: dict[str
         missing.append(label)
     if missing:
         for label, scores in compute(missing):
-            meta = {"model": run.m.info["fingerprint"], "label": label, "made_of": made_of[label]}
+            meta = {"model": run.info["fingerprint"], "label": label, "made_of": made_of[label]}
             out[label] = {r: select(scores, r, "top", scopes[label], run.cfg.seed, meta) for r in ratios}
             for r, region in out[label].items():
                 region.save(_region_path(run, label, r))
@@ -91,25 +93,34 @@ def _regions(run: Run, labels: list[str], ratios: list[float], made_of: dict[str
 
 
 def _made_of(run: Run, what: str, windows: list[Windows], scope: str) -> str:
-    return _digest({"fingerprint": run.m.info["fingerprint"], "names": run.names, "estimator": what, "scope": scope,
-                    "windows": [w.meta for w in windows], "dtype": run.cfg.dtype})
+    return digest(
+        {
+            "fingerprint": run.info["fingerprint"],
+            "names": run.names,
+            "estimator": what,
+            "scope": scope,
+            "windows": [w.meta for w in windows],
+            "dtype": run.cfg.dtype,
+        }
+    )
 
 
 def _score_windows(run: Run, lang: str) -> Windows:
     """A language's scoring windows at the estimators' own budget and window length."""
     cfg = run.cfg
-    return load_windows(run.m.tokenizer, lang, "score", cfg.est_seq_len or cfg.seq_len, cfg.est_tokens,
-                        cfg.texts.get(lang))
+    return load_windows(
+        run.tokenizer, lang, "score", cfg.est_seq_len or cfg.seq_len, cfg.est_tokens, cfg.texts.get(lang)
+    )
 
 
 def _outlier_dims(run: Run, windows: list[Windows]) -> tuple[list[int], list[interventions.Edit], Region]:
     """The most massive residual dimensions (first score window of each language), their removal from
     every matrix of every layer, and those entries as a region."""
     firsts = [replace(w, input_ids=w.input_ids[:1], n_bytes=w.n_bytes[:1]) for w in windows]
-    scan = structure.scan(run.m.model, firsts, [], run.cfg.batch_size, run.progress)
-    dims = sorted(int(d) for d in structure.ranking(scan.massive())[:run.cfg.est_outlier_dims])
-    edits = [e for e in structure.dimension_removal(run.m.model, dims) if e.name in run.names]
-    params = {n: run.m.model.get_parameter(n) for n in run.names}
+    scan = slices.scan(run.model, firsts, [], run.cfg.batch_size, run.progress)
+    dims = sorted(int(d) for d in slices.ranking(scan.massive())[: run.cfg.est_outlier_dims])
+    edits = [e for e in slices.dimension_removal(run.model, dims) if e.name in run.names]
+    params = {n: run.model.get_parameter(n) for n in run.names}
     masks = {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in params.items()}
     for e in edits:
         masks[e.name].view(-1)[e.index.cpu()] = True
@@ -118,11 +129,11 @@ def _outlier_dims(run: Run, windows: list[Windows]) -> tuple[list[int], list[int
 
 def run(run: Run) -> dict:
     cfg, langs = run.cfg, run.cfg.est_eval_langs
-    t = est.Target(run.m.model, run.names, run.removed)
-    vocab = run.m.model.get_output_embeddings().weight.shape[0]
+    t = importance.Target(run.model, run.names, run.removed)
+    vocab = run.model.get_output_embeddings().weight.shape[0]
     windows = [_score_windows(run, lang) for lang in cfg.score_langs]
     ratios = sorted(set(cfg.est_ratios))
-    scopes = {name: est.get(name).scope or cfg.scope for name in cfg.est_estimators}
+    scopes = {name: importance.get(name).scope or cfg.scope for name in cfg.est_estimators}
     results: dict[str, dict] = {}
 
     def removed(setting: str, edits) -> dict[str, float]:
@@ -131,10 +142,16 @@ def run(run: Run) -> dict:
         return damage(base, results[setting], vocab)
 
     made = {name: _made_of(run, name, windows, scopes[name]) for name in cfg.est_estimators}
-    regions = _regions(run, cfg.est_estimators, ratios, made, scopes,
-                       lambda which: est.iter_estimates(t, windows, which, run.progress))
+    regions = _regions(
+        run,
+        cfg.est_estimators,
+        ratios,
+        made,
+        scopes,
+        lambda which: importance.iter_estimates(t, windows, which, run.progress),
+    )
     base = results["base"] = run.evaluate(RESULTS, "base", [], langs, cfg.est_eval_tokens)
-    shapes = {n: run.m.model.get_parameter(n) for n in run.names}  # Random needs only the shapes
+    shapes = {n: run.model.get_parameter(n) for n in run.names}  # Random needs only the shapes
     regions["random"] = {r: select(shapes, r, "random", cfg.scope, cfg.seed) for r in ratios}
 
     per_lang, curves, entries = {}, {}, {}
@@ -152,16 +169,29 @@ def run(run: Run) -> dict:
 
     result = {
         "experiment": "estimators",
-        "estimators": cfg.est_estimators, "definitions": {n: " ".join(est.get(n).doc.split()) for n in cfg.est_estimators},
-        "scopes": scopes, "ratios": [f"{r:g}" for r in ratios], "overlap_ratio": f"{at:g}",
-        "score_languages": cfg.score_langs, "eval_languages": langs, "control_language": cfg.est_control_lang,
-        "tokens_per_language": cfg.est_tokens, "score_seq_len": cfg.est_seq_len or cfg.seq_len,
+        "estimators": cfg.est_estimators,
+        "definitions": {n: " ".join(importance.get(n).doc.split()) for n in cfg.est_estimators},
+        "scopes": scopes,
+        "ratios": [f"{r:g}" for r in ratios],
+        "overlap_ratio": f"{at:g}",
+        "score_languages": cfg.score_langs,
+        "eval_languages": langs,
+        "control_language": cfg.est_control_lang,
+        "tokens_per_language": cfg.est_tokens,
+        "score_seq_len": cfg.est_seq_len or cfg.seq_len,
         "eval_tokens_per_language": cfg.est_eval_tokens,
-        "scored_parameters": sum(p.numel() for p in shapes.values()), "vocab": vocab,
-        "base": base, "results": results, "damage": curves, "damage_by_language": per_lang, "entries": entries,
+        "scored_parameters": sum(p.numel() for p in shapes.values()),
+        "vocab": vocab,
+        "base": base,
+        "results": results,
+        "damage": curves,
+        "damage_by_language": per_lang,
+        "entries": entries,
         "cap": cap(base, vocab),
-        "jaccard": jaccard, "chance_jaccard": at / (2 - at),
-        "specificity": specificity, "outlier_dims": dims,
+        "jaccard": jaccard,
+        "chance_jaccard": at / (2 - at),
+        "specificity": specificity,
+        "outlier_dims": dims,
         **run.eval_record(langs, cfg.est_eval_tokens),
         "score_windows": {w.lang: w.meta for w in windows + en_windows},
         "figures": ["figures/estimators-damage.png", "figures/estimators-jaccard.png"],
@@ -170,24 +200,41 @@ def run(run: Run) -> dict:
     figs = run.out / "figures"
     write_bytes(figs / "estimators-damage.png", damage_chart(result))
     names = list(jaccard)
-    write_bytes(figs / "estimators-jaccard.png", figures.matrix_heatmap(
-        names, names, [[jaccard[a][b] for b in names] for a in names], f"Jaccard overlap of Top {at:g} regions",
-        "Jaccard", "estimator", "estimator"))
+    write_bytes(
+        figs / "estimators-jaccard.png",
+        figures.matrix_heatmap(
+            names,
+            names,
+            [[jaccard[a][b] for b in names] for a in names],
+            f"Jaccard overlap of Top {at:g} regions",
+            "Jaccard",
+            "estimator",
+            "estimator",
+        ),
+    )
     run.save("estimators", result)
     return result
 
 
-def _specificity(run: Run, t: est.Target, windows: list[Windows], ratios: list[float], regions: dict, removed,
-                 per_lang: dict) -> tuple[dict, list[int], list[Windows]]:
+def _specificity(
+    run: Run, t: importance.Target, windows: list[Windows], ratios: list[float], regions: dict, removed, per_lang: dict
+) -> tuple[dict, list[int], list[Windows]]:
     """At every k, the core region against Taylor regions of its size from the control language alone and
     from the token-shuffled windows, the magnitude region, the outlier dimensions and Random."""
     cfg = run.cfg
-    control_windows = {f"{cfg.est_control_lang}-only": [_score_windows(run, cfg.est_control_lang)],
-                       "shuffled": [shuffled(w, cfg.seed) for w in windows]}
+    control_windows = {
+        f"{cfg.est_control_lang}-only": [_score_windows(run, cfg.est_control_lang)],
+        "shuffled": [shuffled(w, cfg.seed) for w in windows],
+    }
     made = {label: _made_of(run, CORE, ws, cfg.scope) for label, ws in control_windows.items()}
-    controls = _regions(run, list(control_windows), ratios, made, {label: cfg.scope for label in control_windows},
-                        lambda which: ((label, est.score(CORE, t, control_windows[label], run.progress))
-                                       for label in which))
+    controls = _regions(
+        run,
+        list(control_windows),
+        ratios,
+        made,
+        {label: cfg.scope for label in control_windows},
+        lambda which: ((label, importance.score(CORE, t, control_windows[label], run.progress)) for label in which),
+    )
     dims, fixed = [], {}
     if cfg.est_outlier_dims:
         dims, edits, region = _outlier_dims(run, windows)
@@ -214,9 +261,13 @@ def _compare(compared: dict[str, tuple[Region, str]], per_lang: dict) -> dict:
     core = compared["core"][0]
     out = {}
     for label, (region, setting) in compared.items():
-        out[label] = {"setting": setting, "entries": region.count(), "jaccard_core": region.jaccard(core),
-                      "share_in_core": (region & core).count() / max(region.count(), 1),
-                      "damage": mean(per_lang[setting].values())}
+        out[label] = {
+            "setting": setting,
+            "entries": region.count(),
+            "jaccard_core": region.jaccard(core),
+            "share_in_core": (region & core).count() / max(region.count(), 1),
+            "damage": mean(per_lang[setting].values()),
+        }
     lo, hi = out["random"]["damage"], out["core"]["damage"]
     for s in out.values():
         s["relative_damage"] = (s["damage"] - lo) / (hi - lo) if hi != lo else math.nan
@@ -226,7 +277,7 @@ def _compare(compared: dict[str, tuple[Region, str]], per_lang: dict) -> dict:
 def damage_chart(result: dict) -> bytes:
     """Damage against the share of parameters removed, one line per estimator, Random dashed."""
     ratios = [float(r) for r in result["ratios"]]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = figures.subplots(figsize=(6.5, 4.2))
     for name, curve in result["damage"].items():
         style = {"color": "#888888", "ls": "--"} if name == "random" else {}
         ax.plot([100 * r for r in ratios], [curve[f"{r:g}"] for r in ratios], marker="o", label=name, **style)
@@ -234,8 +285,11 @@ def damage_chart(result: dict) -> bytes:
     ax.set_xscale("log")
     ax.set_xticks([100 * r for r in ratios], [_pct(r) for r in ratios])
     ax.minorticks_off()
-    ax.set(xlabel="Top k% of parameters removed", ylabel="mean ln(perplexity ratio), capped",
-           title=f"Damage over {', '.join(result['eval_languages'])}")
+    ax.set(
+        xlabel="Top k% of parameters removed",
+        ylabel="mean ln(perplexity ratio), capped",
+        title=f"Damage over {', '.join(result['eval_languages'])}",
+    )
     ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     return figures.png(fig)
@@ -250,15 +304,18 @@ def saturated(result: dict) -> dict[str, list[str]]:
     """Per k, the estimators whose removal leaves every language worse than a uniform guess (at the cap),
     where damage can no longer say which region matters more."""
     by_lang, limit = result["damage_by_language"], result["cap"]
-    return {r: [n for n in result["estimators"]
-                if all(0 < limit[lang] <= by_lang[f"{n}@{r}"][lang] for lang in limit)] for r in result["ratios"]}
+    return {
+        r: [n for n in result["estimators"] if all(0 < limit[lang] <= by_lang[f"{n}@{r}"][lang] for lang in limit)]
+        for r in result["ratios"]
+    }
 
 
 def answer_ratio(result: dict) -> str | None:
     """The smallest k at which the core region does clearly more damage than Random (MIN_EFFECT)."""
     spec = result["specificity"]
-    return next((r for r in result["ratios"] if spec[r]["core"]["damage"] - spec[r]["random"]["damage"] >= MIN_EFFECT),
-                None)
+    return next(
+        (r for r in result["ratios"] if spec[r]["core"]["damage"] - spec[r]["random"]["damage"] >= MIN_EFFECT), None
+    )
 
 
 def answer(result: dict) -> str:
@@ -267,50 +324,77 @@ def answer(result: dict) -> str:
     more likely removal destroys the model whatever was removed."""
     r0, control, spec = answer_ratio(result), f"{result['control_language']}-only", result["specificity"]
     if r0 is None:
-        return (f"Removing the core region (Taylor over {', '.join(result['score_languages'])}) does less than "
-                f"{MIN_EFFECT} ln perplexity beyond Random at every k tried, so the controls cannot be compared with it "
-                "on this model and data; try larger k or more evaluation tokens.")
+        return (
+            f"Removing the core region (Taylor over {', '.join(result['score_languages'])}) does less than "
+            f"{MIN_EFFECT} ln perplexity beyond Random at every k tried, so the controls cannot be compared with it "
+            "on this model and data; try larger k or more evaluation tokens."
+        )
     en, sh = spec[r0][control]["relative_damage"] + 0.0, spec[r0]["shuffled"]["relative_damage"] + 0.0
     if en >= 0.5:
-        verdict = ("mostly the model's generally important parameters: neither the six languages nor word order is "
-                   "needed to find most of it" if sh >= 0.5 else
-                   "not specific to the six languages, but tied to structured text: a language none of the six finds "
-                   "most of it, their token-shuffled text does not")
+        verdict = (
+            "mostly the model's generally important parameters: neither the six languages nor word order is "
+            "needed to find most of it"
+            if sh >= 0.5
+            else "not specific to the six languages, but tied to structured text: a language none of the six finds "
+            "most of it, their token-shuffled text does not"
+        )
     else:
-        verdict = ("tied to the six languages' tokens rather than their word order: their token-shuffled text finds "
-                   "most of it, another language does not" if sh >= 0.5 else
-                   "specific to the scored languages in large part: neither another language nor shuffled text finds "
-                   "most of it")
+        verdict = (
+            "tied to the six languages' tokens rather than their word order: their token-shuffled text finds "
+            "most of it, another language does not"
+            if sh >= 0.5
+            else "specific to the scored languages in large part: neither another language nor shuffled text finds "
+            "most of it"
+        )
     s = spec[r0]
     parts = [f"At Top {_pct(r0)}, the core region (Taylor over {', '.join(result['score_languages'])}) is {verdict}."]
     if CORE in saturated(result)[r0]:
-        parts.append("At this k removing it already leaves every language worse than a uniform guess, so a control "
-                     "at 100% destroys the model as thoroughly, and smaller k would separate them further.")
-    parts.append(f"A region of the same size found from {result['control_language']} text alone shares "
-                 f"{s[control]['jaccard_core']:.1%} of entries with it by Jaccard (chance about "
-                 f"{_pct(float(r0) / (2 - float(r0)))}) and does {en:.0%} of its damage above Random; one from "
-                 f"token-shuffled windows shares {s['shuffled']['jaccard_core']:.1%} and does {sh:.0%}.")
+        parts.append(
+            "At this k removing it already leaves every language worse than a uniform guess, so a control "
+            "at 100% destroys the model as thoroughly, and smaller k would separate them further."
+        )
+    parts.append(
+        f"A region of the same size found from {result['control_language']} text alone shares "
+        f"{s[control]['jaccard_core']:.1%} of entries with it by Jaccard (chance about "
+        f"{_pct(float(r0) / (2 - float(r0)))}) and does {en:.0%} of its damage above Random; one from "
+        f"token-shuffled windows shares {s['shuffled']['jaccard_core']:.1%} and does {sh:.0%}."
+    )
     if "magnitude" in s:
-        parts.append(f"Weight magnitude, with no data, shares {s['magnitude']['jaccard_core']:.1%} and does "
-                     f"{s['magnitude']['relative_damage']:.0%}.")
+        parts.append(
+            f"Weight magnitude, with no data, shares {s['magnitude']['jaccard_core']:.1%} and does "
+            f"{s['magnitude']['relative_damage']:.0%}."
+        )
     if "outlier-dims" in s:
         od = s["outlier-dims"]
-        parts.append(f"The outlier dimensions {', '.join(map(str, result['outlier_dims']))} ({od['entries']:,} entries, "
-                     f"{od['entries'] / result['scored_parameters']:.2%} of the parameters) hold {od['share_in_core']:.1%} "
-                     f"of their entries in the core region ({_pct(r0)} expected by chance) and removing them does "
-                     f"{od['relative_damage']:.0%} of its damage.")
+        parts.append(
+            f"The outlier dimensions {', '.join(map(str, result['outlier_dims']))} ({od['entries']:,} entries, "
+            f"{od['entries'] / result['scored_parameters']:.2%} of the parameters) hold {od['share_in_core']:.1%} "
+            f"of their entries in the core region ({_pct(r0)} expected by chance) and removing them does "
+            f"{od['relative_damage']:.0%} of its damage."
+        )
     others = [r for r in result["ratios"] if r != r0]
     if others:
-        parts.append(f"At the other k the {result['control_language']}-only and shuffled regions do " + ", ".join(
-            f"{spec[r][control]['relative_damage'] + 0.0:.0%} and {spec[r]['shuffled']['relative_damage'] + 0.0:.0%} "
-            f"({_pct(r)})" for r in others) + " of the core region's damage above Random.")
+        parts.append(
+            f"At the other k the {result['control_language']}-only and shuffled regions do "
+            + ", ".join(
+                f"{spec[r][control]['relative_damage'] + 0.0:.0%} and "
+                f"{spec[r]['shuffled']['relative_damage'] + 0.0:.0%} "
+                f"({_pct(r)})"
+                for r in others
+            )
+            + " of the core region's damage above Random."
+        )
     full = [r for r, names in saturated(result).items() if len(names) == len(result["estimators"])]
     if full:
-        parts.append(f"At {', '.join(map(_pct, full))} every estimator's region leaves the model worse than a uniform "
-                     f"guess over its {result['vocab']:,} tokens, so those points cannot tell the regions apart.")
-    parts.append(f"Rule: read at the smallest k where the core region does at least {MIN_EFFECT} ln perplexity more "
-                 "damage than Random; a control that does at least half of the core region's damage above Random "
-                 "counts as finding it.")
+        parts.append(
+            f"At {', '.join(map(_pct, full))} every estimator's region leaves the model worse than a uniform "
+            f"guess over its {result['vocab']:,} tokens, so those points cannot tell the regions apart."
+        )
+    parts.append(
+        f"Rule: read at the smallest k where the core region does at least {MIN_EFFECT} ln perplexity more "
+        "damage than Random; a control that does at least half of the core region's damage above Random "
+        "counts as finding it."
+    )
     return " ".join(parts)
 
 
@@ -332,80 +416,110 @@ def findings(result: dict) -> list[str]:
     r0, full = ratios[0], saturated(result)
     rest = sorted((n for n in d if n not in ("random", *tied)), key=lambda n: -d[n][r0])
     who = " and ".join(tied) + (" tie" if len(tied) > 1 else "")
-    text = (f"Removing the Top {_pct(r0)} of each importance estimator's scores, {who} "
-            f"{'do' if len(tied) > 1 else 'does'} the most damage (mean ln perplexity ratio {report.fmt(d[tied[0]][r0])}"
-            + (", every language past a uniform guess" if tied[0] in full[r0] else "")
-            + f"; then {', '.join(f'{n} {report.fmt(d[n][r0])}' for n in rest)}; Random {report.fmt(d['random'][r0])})"
-            + (f", with ties broken at {_pct(ratios[k])}." if k else "."))
+    text = (
+        f"Removing the Top {_pct(r0)} of each importance estimator's scores, {who} "
+        f"{'do' if len(tied) > 1 else 'does'} the most damage (mean ln perplexity ratio {blocks.fmt(d[tied[0]][r0])}"
+        + (", every language past a uniform guess" if tied[0] in full[r0] else "")
+        + f"; then {', '.join(f'{n} {blocks.fmt(d[n][r0])}' for n in rest)}; Random {blocks.fmt(d['random'][r0])})"
+        + (f", with ties broken at {_pct(ratios[k])}." if k else ".")
+    )
     return [text, result["answer"].split(". ")[0].rstrip(".") + "."]
 
 
 def section(result: dict) -> list:
-    fmt, ratios, curves = report.fmt, result["ratios"], result["damage"]
+    fmt, ratios, curves = blocks.fmt, result["ratios"], result["damage"]
     names = [n for n in curves if n != "random"]
     spec, r0 = result["specificity"], answer_ratio(result) or ratios[0]
     labels = list(spec[r0])
     settings = [spec[r0][label]["setting"] for label in labels]
     over = result["overlap_ratio"]
     return [
-        report.heading("Importance estimators and the specificity of the core region"),
-        report.text(f"Each estimator scores {', '.join(result['score_languages'])} ({result['tokens_per_language']:,} "
-                    f"tokens each in windows of {result['score_seq_len']}, one pass for all); its Top k% is set to the "
-                    f"removed value and the damage is the mean ln(perplexity ratio) over "
-                    f"{', '.join(result['eval_languages'])} ({result['eval_tokens_per_language']:,} tokens each). "
-                    "Selection scope: " + ", ".join(f"{n} {s}" for n, s in result["scopes"].items()) + "."),
-        report.bullets([f"**{n}**: {d}" for n, d in result["definitions"].items()]),
-        report.table(["estimator", *map(_pct, ratios)], [[n, *[fmt(curves[n][r]) for r in ratios]] for n in curves],
-                     caption="Damage (mean ln perplexity ratio) per share removed: the best estimator does the most "
-                             "damage at the smallest k; Random is the floor. Each language's ratio is capped where the "
-                             f"model does worse than a uniform guess over its {result['vocab']:,} tokens (mean cap "
-                             f"{fmt(mean(result['cap'].values()))}): beyond it a model is destroyed either way."),
-        report.figure("figures/estimators-damage.png", "Damage against the share removed (log x): the higher a line "
-                      "starts on the left, the better the estimator finds what matters."),
-        report.table(["", *names], [[a, *[f"{result['jaccard'][a][b]:.3f}" for b in names]] for a in names],
-                     caption=f"Jaccard overlap of the Top {_pct(over)} regions (chance "
-                             f"{result['chance_jaccard']:.4f}): which estimators find the same parameters?"),
-        report.figure("figures/estimators-jaccard.png", "The overlap as a heat map."),
-        report.heading("Is the core region specific to language?", 3),
-        report.table(["k", "region", "entries", "Jaccard with core", "share in core", "damage", "of core's damage"],
-                     [[_pct(r), label, f"{s['entries']:,}", f"{s['jaccard_core']:.3f}", f"{s['share_in_core']:.1%}",
-                       fmt(s["damage"]), f"{s['relative_damage'] + 0.0:.0%}"] for r in ratios for label, s in spec[r].items()],
-                     caption="Controls against the core region of the same k (the outlier dimensions are whole rows "
-                             "and columns, of fixed size): a control that overlaps it and does as much damage above "
-                             "Random means the core region is not about the six languages."),
-        report.table(["language", *labels],
-                     [[lang, *[fmt(result["damage_by_language"][s][lang]) for s in settings]]
-                      for lang in result["eval_languages"]],
-                     caption=f"ln perplexity ratio per evaluation language at {_pct(r0)}: does a control hurt some "
-                             "languages (e.g. its own) more than the core region does?"),
-        report.text(result["answer"]),
+        blocks.heading("Importance estimators and the specificity of the core region"),
+        blocks.text(
+            f"Each estimator scores {', '.join(result['score_languages'])} ({result['tokens_per_language']:,} "
+            f"tokens each in windows of {result['score_seq_len']}, one pass for all); its Top k% is set to the "
+            f"removed value and the damage is the mean ln(perplexity ratio) over "
+            f"{', '.join(result['eval_languages'])} ({result['eval_tokens_per_language']:,} tokens each). "
+            "Selection scope: " + ", ".join(f"{n} {s}" for n, s in result["scopes"].items()) + "."
+        ),
+        blocks.bullets([f"**{n}**: {d}" for n, d in result["definitions"].items()]),
+        blocks.table(
+            ["estimator", *map(_pct, ratios)],
+            [[n, *[fmt(curves[n][r]) for r in ratios]] for n in curves],
+            caption="Damage (mean ln perplexity ratio) per share removed: the best estimator does the most "
+            "damage at the smallest k; Random is the floor. Each language's ratio is capped where the "
+            f"model does worse than a uniform guess over its {result['vocab']:,} tokens (mean cap "
+            f"{fmt(mean(result['cap'].values()))}): beyond it a model is destroyed either way.",
+        ),
+        blocks.figure(
+            "figures/estimators-damage.png",
+            "Damage against the share removed (log x): the higher a line "
+            "starts on the left, the better the estimator finds what matters.",
+        ),
+        blocks.table(
+            ["", *names],
+            [[a, *[f"{result['jaccard'][a][b]:.3f}" for b in names]] for a in names],
+            caption=f"Jaccard overlap of the Top {_pct(over)} regions (chance "
+            f"{result['chance_jaccard']:.4f}): which estimators find the same parameters?",
+        ),
+        blocks.figure("figures/estimators-jaccard.png", "The overlap as a heat map."),
+        blocks.heading("Is the core region specific to language?", 3),
+        blocks.table(
+            ["k", "region", "entries", "Jaccard with core", "share in core", "damage", "of core's damage"],
+            [
+                [
+                    _pct(r),
+                    label,
+                    f"{s['entries']:,}",
+                    f"{s['jaccard_core']:.3f}",
+                    f"{s['share_in_core']:.1%}",
+                    fmt(s["damage"]),
+                    f"{s['relative_damage'] + 0.0:.0%}",
+                ]
+                for r in ratios
+                for label, s in spec[r].items()
+            ],
+            caption="Controls against the core region of the same k (the outlier dimensions are whole rows "
+            "and columns, of fixed size): a control that overlaps it and does as much damage above "
+            "Random means the core region is not about the six languages.",
+        ),
+        blocks.table(
+            ["language", *labels],
+            [
+                [lang, *[fmt(result["damage_by_language"][s][lang]) for s in settings]]
+                for lang in result["eval_languages"]
+            ],
+            caption=f"ln perplexity ratio per evaluation language at {_pct(r0)}: does a control hurt some "
+            "languages (e.g. its own) more than the core region does?",
+        ),
+        blocks.text(result["answer"]),
     ]
 
 
 def validate(cfg) -> None:
     for name in cfg.est_estimators:
-        est.get(name)
+        importance.get(name)
     if CORE not in cfg.est_estimators:
-        raise LingregionError(f"--est-estimators must include {CORE}: its region is the core region the controls are "
-                              "compared with")
+        raise LingregionError(
+            f"--est-estimators must include {CORE}: its region is the core region the controls are compared with"
+        )
     if "lape" in cfg.est_estimators and len(cfg.score_langs) < 2:
         raise LingregionError("the lape estimator compares languages: pass at least two --score-langs or drop lape")
     for r in cfg.est_ratios:
         if not 0 < r < 1:
             raise LingregionError(f"estimator ratio {r} is outside (0, 1); pass a fraction such as 0.01 for 1%")
     if cfg.est_overlap_ratio not in cfg.est_ratios:
-        raise LingregionError(f"the overlap ratio {cfg.est_overlap_ratio} must be one of the estimator ratios "
-                              f"{cfg.est_ratios}; add it")
-    builtin = set(builtin_languages())
-    for lang in [*cfg.est_eval_langs, cfg.est_control_lang]:
-        if lang not in builtin and lang not in cfg.texts:
-            raise LingregionError(f"unknown language {lang!r} for the estimators experiment; built-in languages are "
-                                  f"{', '.join(sorted(builtin))}, or pass your own text as --lang {lang}=PATH")
-    if cfg.est_tokens < 1 or cfg.est_eval_tokens < 1 or cfg.est_outlier_dims < 0 or not cfg.est_eval_langs \
-            or (cfg.est_seq_len is not None and cfg.est_seq_len < 2):
-        raise LingregionError("estimator token budgets must be ≥ 1, est_seq_len ≥ 2, outlier dimensions ≥ 0, and at "
-                              "least one evaluation language given")
-
-
-EXPERIMENTS = [Experiment("estimators", run, section, "Compare importance estimators; specificity of the core region",
-                          findings=findings, validate=validate)]
+        raise LingregionError(
+            f"the overlap ratio {cfg.est_overlap_ratio} must be one of the estimator ratios {cfg.est_ratios}; add it"
+        )
+    if (
+        cfg.est_tokens < 1
+        or cfg.est_eval_tokens < 1
+        or cfg.est_outlier_dims < 0
+        or not cfg.est_eval_langs
+        or (cfg.est_seq_len is not None and cfg.est_seq_len < 2)
+    ):
+        raise LingregionError(
+            "estimator token budgets must be ≥ 1, est_seq_len ≥ 2, outlier dimensions ≥ 0, and at "
+            "least one evaluation language given"
+        )

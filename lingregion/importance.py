@@ -19,6 +19,7 @@ languages, so the statistics are summed as the passes go and each estimator is c
 One pass per language collects every statistic the requested estimators need: several estimators cost
 one forward and one backward per window. Adding an estimator is one decorated function (and its test).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -83,6 +84,7 @@ def estimator(name: str, needs: Sequence[str] = (), scope: str | None = None):
     def register(fn):
         ESTIMATORS[name] = Estimator(name, fn, frozenset(needs), scope, (fn.__doc__ or "").strip())
         return fn
+
     return register
 
 
@@ -187,10 +189,13 @@ def _energy_hooks(t: Target, energy: dict[str, torch.Tensor]) -> list:
             continue
         wide = [leaf for leaf in leaves if module.get_parameter(leaf).dim() != 1]
         if wide:
-            raise LingregionError(f"wanda: {mod}.{wide[0]} belongs to a {type(module).__name__}, not a linear layer "
-                                  "or a norm; leave it out with --exclude")
-        handles.append(module.register_forward_hook(_channel_energy(module, mod, leaves, t.removed, energy),
-                                                    with_kwargs=True))
+            raise LingregionError(
+                f"wanda: {mod}.{wide[0]} belongs to a {type(module).__name__}, not a linear layer "
+                "or a norm; leave it out with --exclude"
+            )
+        handles.append(
+            module.register_forward_hook(_channel_energy(module, mod, leaves, t.removed, energy), with_kwargs=True)
+        )
     return handles
 
 
@@ -207,6 +212,7 @@ def _linear_energy(module, mod: str, leaves: list[str], energy):
                 add = torch.tensor([x.numel() / x.shape[-1]], dtype=torch.float32, device=x.device)
             key = f"{mod}.{leaf}"
             energy[key] = energy[key].add_(add) if key in energy else add.clone()
+
     return hook
 
 
@@ -225,15 +231,20 @@ def _channel_energy(module, mod: str, leaves: list[str], removed, energy):
                     p = module.get_parameter(leaf)
                     key = f"{mod}.{leaf}"
                     at = {v: torch.full_like(p, removed[key] + v) for v in (0.0, 1.0)}
-                    a = (torch.func.functional_call(module, {leaf: at[1.0]}, args, kwargs).float()
-                         - torch.func.functional_call(module, {leaf: at[0.0]}, args, kwargs).float())
+                    a = (
+                        torch.func.functional_call(module, {leaf: at[1.0]}, args, kwargs).float()
+                        - torch.func.functional_call(module, {leaf: at[0.0]}, args, kwargs).float()
+                    )
                     if not isinstance(output, torch.Tensor) or a.shape[-1] != p.numel():
-                        raise LingregionError(f"wanda: {key} does not scale the last axis of its module's output "
-                                              "channel by channel; leave it out with --exclude")
+                        raise LingregionError(
+                            f"wanda: {key} does not scale the last axis of its module's output "
+                            "channel by channel; leave it out with --exclude"
+                        )
                     sq = a.pow(2).reshape(-1, p.numel()).sum(0)
                     energy[key] = energy[key].add_(sq) if key in energy else sq
         finally:
             busy.clear()
+
     return hook
 
 
@@ -265,8 +276,10 @@ def neuron_parameters(model: nn.Module, act: str, n: int, names: list[str]) -> l
         i_ax = _in_axis(module)
         produces, consumes = w.shape[1 - i_ax] == n, w.shape[i_ax] == n
         if produces and consumes:
-            raise LingregionError(f"lape: {mod} is square ({n}×{n}), so which side holds the neurons is unknown; "
-                                  "leave it out with --exclude")
+            raise LingregionError(
+                f"lape: {mod} is square ({n}×{n}), so which side holds the neurons is unknown; "
+                "leave it out with --exclude"
+            )
         for leaf in leaves:
             if leaf == "weight" and (produces or consumes):
                 out.append((f"{mod}.weight", 1 - i_ax if produces else i_ax))
@@ -283,7 +296,9 @@ def _activation_hooks(model: nn.Module, acts: list[str], active: dict[str, torch
             on = (output.detach() > 0).reshape(-1, output.shape[-1]).sum(0)
             active[act] = active[act].add_(on) if act in active else on
             seen[act] = seen.get(act, 0) + output.numel() // output.shape[-1]
+
         return hook
+
     return [modules[a].register_forward_hook(counter(a)) for a in acts]
 
 
@@ -300,8 +315,9 @@ def _add(total: dict[str, torch.Tensor], name: str, t: torch.Tensor) -> None:
     total[name] = total[name].add_(t) if name in total else t
 
 
-def collect(t: Target, windows: Windows, needs: Iterable[str], stats: Stats | None = None,
-            progress: bool = True) -> Stats:
+def collect(
+    t: Target, windows: Windows, needs: Iterable[str], stats: Stats | None = None, progress: bool = True
+) -> Stats:
     """Add one language's pass over its windows, one window at a time, to `stats` (new if None)."""
     needs, stats = set(needs), stats if stats is not None else Stats()
     lang, model = windows.lang, t.model
@@ -325,8 +341,9 @@ def collect(t: Target, windows: Windows, needs: Iterable[str], stats: Stats | No
     try:
         for ids, n_bytes in zip(windows.input_ids, windows.n_bytes):
             if gradients:
-                g = scoring.gradient_sum(model, replace(windows, input_ids=[ids], n_bytes=[n_bytes]), t.names,
-                                         progress=False)
+                g = scoring.gradient_sum(
+                    model, replace(windows, input_ids=[ids], n_bytes=[n_bytes]), t.names, progress=False
+                )
                 _fold(stats, lang_grad, g, (len(ids) - 1) / windows.n_tokens, gradients)
             else:
                 with torch.no_grad():
@@ -356,8 +373,9 @@ def _fold(stats: Stats, lang_grad: dict, g: dict[str, torch.Tensor], share: floa
 
 
 # --- several estimators, several languages ---------------------------------------------------------
-def iter_estimates(t: Target, windows: Iterable[Windows], which: Sequence[str], progress: bool = True
-                   ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+def iter_estimates(
+    t: Target, windows: Iterable[Windows], which: Sequence[str], progress: bool = True
+) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """(name, core scores) of each estimator in `which`, one at a time so that the caller can drop each
     before the next is made; one pass per language serves all of them."""
     chosen = [get(name) for name in dict.fromkeys(which)]
@@ -372,13 +390,14 @@ def iter_estimates(t: Target, windows: Iterable[Windows], which: Sequence[str], 
         raise LingregionError("no languages to score; pass at least one language's windows")
     for i, e in enumerate(chosen):
         scores = e.fn(stats, t)
-        for name in e.needs - set().union(*(later.needs for later in chosen[i + 1:])):
+        for name in e.needs - set().union(*(later.needs for later in chosen[i + 1 :])):
             getattr(stats, name).clear()  # each statistic is as large as the model: free it once read
         yield e.name, scores
 
 
-def estimate(t: Target, windows: Iterable[Windows], which: Sequence[str], progress: bool = True
-             ) -> dict[str, dict[str, torch.Tensor]]:
+def estimate(
+    t: Target, windows: Iterable[Windows], which: Sequence[str], progress: bool = True
+) -> dict[str, dict[str, torch.Tensor]]:
     """Core scores of each estimator in `which`, from one pass over each language's windows."""
     return dict(iter_estimates(t, windows, which, progress))
 

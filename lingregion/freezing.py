@@ -19,6 +19,7 @@ run continues with exactly the losses it would have had. Only the parameters nam
 gradients: by default those inside the transformer layers, which leaves out the embedding (170M of Gemma
 3 270M's 268M parameters) and the LM head tied to it.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,10 +52,18 @@ class Frozen:
         params = dict(model.named_parameters())
         missing = [n for n in region.packed if n not in params]
         if missing:
-            raise LingregionError(f"region covers {missing[0]}, which this model lacks; locate the region with this model")
+            raise LingregionError(
+                f"region covers {missing[0]}, which this model lacks; locate the region with this model"
+            )
         if values is not None:  # e.g. Top&Freeze: set the region to its removed value, then hold it there
-            interventions.apply(model, [interventions.Edit(n, region.indices(n), _value_of(values, n))
-                                        for n in region.packed if region.count(n)])
+            interventions.apply(
+                model,
+                [
+                    interventions.Edit(n, region.indices(n), _value_of(values, n))
+                    for n in region.packed
+                    if region.count(n)
+                ],
+            )
         self._entries: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = []
         self._hooks = []
         for name in region.packed:
@@ -93,6 +102,7 @@ def _value_of(values, name: str):
 def _zero_grad_at(index: torch.Tensor):
     def hook(p):
         p.grad.view(-1).index_fill_(0, index, 0)
+
     return hook
 
 
@@ -107,8 +117,12 @@ class Attached:
         self._handle.remove()
 
 
-def freeze(model, optimizer: torch.optim.Optimizer, region: Region,
-           values: Mapping[str, float | torch.Tensor] | float | None = None) -> Attached:
+def freeze(
+    model,
+    optimizer: torch.optim.Optimizer,
+    region: Region,
+    values: Mapping[str, float | torch.Tensor] | float | None = None,
+) -> Attached:
     """Keep `region` bit-identical through every `optimizer.step()`: at its current values, or first set to
     `values` (one per parameter name, or one for all, e.g. θ_removed to keep a removed region removed)."""
     frozen = Frozen(model, region, values)
@@ -237,16 +251,23 @@ def backward(model, logits_fn, ids: torch.Tensor, tokens: int, precision: str) -
     total = 0.0
     for i in range(0, len(targets), evaluation.LOGIT_CHUNK):
         with _autocast(precision, ids.device):
-            logits = logits_fn(leaf[i:i + evaluation.LOGIT_CHUNK])
-        nll = F.cross_entropy(logits.float(), targets[i:i + evaluation.LOGIT_CHUNK], reduction="sum")
+            logits = logits_fn(leaf[i : i + evaluation.LOGIT_CHUNK])
+        nll = F.cross_entropy(logits.float(), targets[i : i + evaluation.LOGIT_CHUNK], reduction="sum")
         (nll / tokens).backward()
         total += nll.item()
     hidden.backward(leaf.grad)
     return total
 
 
-def _step(model, logits_fn, micro: list[torch.Tensor], params: list[torch.nn.Parameter], optimizer, scheduler,
-          cfg: TrainConfig) -> tuple[float, float, float]:
+def _step(
+    model,
+    logits_fn,
+    micro: list[torch.Tensor],
+    params: list[torch.nn.Parameter],
+    optimizer,
+    scheduler,
+    cfg: TrainConfig,
+) -> tuple[float, float, float]:
     """One weight update from several micro-batches; returns (mean token loss, gradient norm, lr used)."""
     tokens = sum(ids[:, 1:].numel() for ids in micro)
     nll = sum(backward(model, logits_fn, ids, tokens, cfg.precision) for ids in micro)
@@ -276,8 +297,14 @@ def save_checkpoint(path: Path, model, names: list[str], optimizer, scheduler, h
     if torch.cuda.is_available():
         for d, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng/cuda{d}"] = s
-    meta = {"format": CHECKPOINT_FORMAT, "signature": signature, "history": history,
-            "param_groups": opt["param_groups"], "optimizer_scalars": scalars, "scheduler": scheduler.state_dict()}
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "signature": signature,
+        "history": history,
+        "param_groups": opt["param_groups"],
+        "optimizer_scalars": scalars,
+        "scheduler": scheduler.state_dict(),
+    }
     write_tensors(path, tensors, meta)
 
 
@@ -324,10 +351,19 @@ def _signature(model, data: Windows, cfg: TrainConfig, names: list[str], frozen:
 
 
 # --- the loop -------------------------------------------------------------------------------------------
-def train(model, data: Windows, cfg: TrainConfig, names: list[str] | None = None, *, frozen: Region | None = None,
-          frozen_values: Mapping[str, float | torch.Tensor] | float | None = None,
-          evals: Mapping[str, Windows] | None = None, checkpoint: Path | None = None, progress: bool = True,
-          desc: str = "train") -> dict:
+def train(
+    model,
+    data: Windows,
+    cfg: TrainConfig,
+    names: list[str] | None = None,
+    *,
+    frozen: Region | None = None,
+    frozen_values: Mapping[str, float | torch.Tensor] | float | None = None,
+    evals: Mapping[str, Windows] | None = None,
+    checkpoint: Path | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> dict:
     """Train `names` (default: the transformer-layer parameters) on `data` for cfg.steps updates, with
     `frozen` held fixed (at `frozen_values` if given). Returns the history: per-step loss, gradient norm
     and lr, and the perplexity of each `evals` language after each of cfg.eval_steps.
@@ -340,16 +376,22 @@ def train(model, data: Windows, cfg: TrainConfig, names: list[str] | None = None
     params = dict(model.named_parameters())
     unknown = [n for n in names if n not in params]
     if unknown or not names:
-        raise LingregionError(f"no trainable parameter {unknown[0] if unknown else '(empty list)'} in this model; "
-                              "pass parameter names of this model")
+        raise LingregionError(
+            f"no trainable parameter {unknown[0] if unknown else '(empty list)'} in this model; "
+            "pass parameter names of this model"
+        )
     low = [n for n in names if params[n].dtype != torch.float32]
     if low:
-        raise LingregionError(f"{low[0]} is {params[low[0]].dtype}: training keeps fp32 master weights; load the "
-                              "model in float32 and use precision bfloat16 for bf16 compute")
+        raise LingregionError(
+            f"{low[0]} is {params[low[0]].dtype}: training keeps fp32 master weights; load the "
+            "model in float32 and use precision bfloat16 for bf16 compute"
+        )
     stream = Stream(data, cfg.seed)
     if len(stream) < cfg.batch_size:
-        raise LingregionError(f"{data.lang}: {len(stream)} full training windows, fewer than the batch size "
-                              f"{cfg.batch_size}; pass more text or a smaller batch")
+        raise LingregionError(
+            f"{data.lang}: {len(stream)} full training windows, fewer than the batch size "
+            f"{cfg.batch_size}; pass more text or a smaller batch"
+        )
     evals = dict(evals or {})
     signature = _signature(model, data, cfg, names, frozen, frozen_values) if checkpoint else ""
     flags = {n: p.requires_grad for n, p in params.items()}
@@ -372,8 +414,10 @@ def train(model, data: Windows, cfg: TrainConfig, names: list[str] | None = None
         while history["step"] < cfg.steps:
             t0 = time.time()
             model.train()
-            micro = [stream.take(history["position"] + j * cfg.batch_size, cfg.batch_size).to(device)
-                     for j in range(cfg.accumulation)]
+            micro = [
+                stream.take(history["position"] + j * cfg.batch_size, cfg.batch_size).to(device)
+                for j in range(cfg.accumulation)
+            ]
             loss, norm, lr = _step(model, logits_fn, micro, trainable, optimizer, scheduler, cfg)
             history["step"] += 1
             history["position"] += cfg.samples_per_step
@@ -395,15 +439,22 @@ def train(model, data: Windows, cfg: TrainConfig, names: list[str] | None = None
             p.requires_grad_(flags[n])
             p.grad = None
         model.eval()
-    return dict(history, windows=len(stream), epochs=history["position"] / len(stream),
-                samples_per_step=cfg.samples_per_step, tokens_per_step=cfg.samples_per_step * (len(stream.windows[0]) - 1),
-                trainable_parameters=sum(p.numel() for p in trainable),
-                frozen_entries=attached.frozen.count if attached else 0,
-                frozen_bytes=attached.frozen.nbytes if attached else 0)
+    return dict(
+        history,
+        windows=len(stream),
+        epochs=history["position"] / len(stream),
+        samples_per_step=cfg.samples_per_step,
+        tokens_per_step=cfg.samples_per_step * (len(stream.windows[0]) - 1),
+        trainable_parameters=sum(p.numel() for p in trainable),
+        frozen_entries=attached.frozen.count if attached else 0,
+        frozen_bytes=attached.frozen.nbytes if attached else 0,
+    )
 
 
 def _evaluate(model, evals: dict[str, Windows], cfg: TrainConfig, progress: bool) -> dict:
     """Perplexity of each language in the model's own dtype, without autocast."""
     model.eval()
-    return {lang: evaluation.perplexity(model, w, cfg.eval_batch_size, progress, desc=f"eval {lang}")
-            for lang, w in evals.items()}
+    return {
+        lang: evaluation.perplexity(model, w, cfg.eval_batch_size, progress, desc=f"eval {lang}")
+        for lang, w in evals.items()
+    }

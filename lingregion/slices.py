@@ -32,6 +32,7 @@ sets it to its initial value, 1 for a plain norm weight and 0 for Gemma's (1 + w
 effective scale of 1); "x10" multiplies the *effective* scale by 10: w → 10 w for a plain weight, and
 1 + w → 10 (1 + w), i.e. w → 10 w + 9, for the (1 + w) kind, so that both kinds mean the same thing.
 """
+
 from __future__ import annotations
 
 import re
@@ -48,12 +49,30 @@ from .interventions import Edit
 from .regions import Region
 from .store import LingregionError
 
-ROLE_OF = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
-           "down_proj": "down", "attn.c_attn": "qkv", "attn.c_proj": "o", "mlp.c_fc": "up", "mlp.c_proj": "down"}
+ROLE_OF = {
+    "q_proj": "q",
+    "k_proj": "k",
+    "v_proj": "v",
+    "o_proj": "o",
+    "gate_proj": "gate",
+    "up_proj": "up",
+    "down_proj": "down",
+    "attn.c_attn": "qkv",
+    "attn.c_proj": "o",
+    "mlp.c_fc": "up",
+    "mlp.c_proj": "down",
+}
 FAMILIES = {
     "feature": (("o", "row"), ("q", "col"), ("k", "col"), ("v", "col")),
-    "feature+ffn": (("o", "row"), ("q", "col"), ("k", "col"), ("v", "col"),
-                    ("down", "row"), ("gate", "col"), ("up", "col")),
+    "feature+ffn": (
+        ("o", "row"),
+        ("q", "col"),
+        ("k", "col"),
+        ("v", "col"),
+        ("down", "row"),
+        ("gate", "col"),
+        ("up", "col"),
+    ),
     "head": (("o", "col"), ("q", "row"), ("k", "row"), ("v", "row")),
 }
 FAMILY_LABELS = {
@@ -88,7 +107,7 @@ class Block:
 
     def hf(self, t: torch.Tensor) -> torch.Tensor:
         """The block of a tensor shaped like the parameter, as a [rows, cols] view in HF layout."""
-        return (t.T if self.conv1d else t)[self.offset:self.offset + self.rows]
+        return (t.T if self.conv1d else t)[self.offset : self.offset + self.rows]
 
 
 def heads(model) -> tuple[int, int, int]:
@@ -116,12 +135,14 @@ def blocks(model) -> list[Block]:
             continue
         conv1d = isinstance(module, Conv1D)
         out_f, in_f = module.weight.shape[::-1] if conv1d else module.weight.shape
-        layer = int(mod_name[len(prefix):].split(".")[0])
+        layer = int(mod_name[len(prefix) :].split(".")[0])
         if role == "qkv":  # fused: q, then k, then v along the output axis
             sizes = {"q": n * hd, "k": kv * hd, "v": kv * hd}
             if sum(sizes.values()) != out_f:
-                raise LingregionError(f"{mod_name}: fused q/k/v has {out_f} outputs, the config implies "
-                                      f"{sum(sizes.values())}; structural removal cannot split it")
+                raise LingregionError(
+                    f"{mod_name}: fused q/k/v has {out_f} outputs, the config implies "
+                    f"{sum(sizes.values())}; structural removal cannot split it"
+                )
             offset = 0
             for r, size in sizes.items():
                 out.append(Block(mod_name + ".weight", r, layer, conv1d, offset, size, in_f, module.weight.shape[1]))
@@ -129,8 +150,10 @@ def blocks(model) -> list[Block]:
         else:
             out.append(Block(mod_name + ".weight", role, layer, conv1d, 0, out_f, in_f, module.weight.shape[1]))
     if not {"q", "k", "v", "o"} <= {b.role for b in out}:
-        raise LingregionError(f"{type(model).__name__}: no attention matrices named q_proj/k_proj/v_proj/o_proj "
-                              "(or GPT-2's c_attn/c_proj); structural removal does not know this architecture")
+        raise LingregionError(
+            f"{type(model).__name__}: no attention matrices named q_proj/k_proj/v_proj/o_proj "
+            "(or GPT-2's c_attn/c_proj); structural removal does not know this architecture"
+        )
     return out
 
 
@@ -171,8 +194,10 @@ def slices(model, family: str, mode: str = "common") -> list[Slice]:
             size = b.rows if axis == "row" else b.cols
             expected = hidden if family != "head" else (n * hd if role in ("q", "o") else kv * hd)
             if size != expected:
-                raise LingregionError(f"{b.name}: {role} has {size} {axis}s where the config implies {expected}; "
-                                      f"the {family} family does not fit this architecture")
+                raise LingregionError(
+                    f"{b.name}: {role} has {size} {axis}s where the config implies {expected}; "
+                    f"the {family} family does not fit this architecture"
+                )
             if mode == "matrix":
                 space, to_own = f"{b.name}:{role}:{axis}", torch.arange(size)
             elif family == "head":
@@ -199,8 +224,10 @@ def counts(region: Region, group: list[Slice]) -> torch.Tensor:
     total = torch.zeros(len(group[0].to_own), dtype=torch.int64)
     for s in group:
         if s.block.name not in region.shapes:
-            raise LingregionError(f"the region does not cover {s.block.name}; locate it with the attention and "
-                                  "MLP matrices scored (drop --include/--exclude)")
+            raise LingregionError(
+                f"the region does not cover {s.block.name}; locate it with the attention and "
+                "MLP matrices scored (drop --include/--exclude)"
+            )
         if s.block.name not in masks:
             masks[s.block.name] = region.mask(s.block.name)
         total += s.counts(masks[s.block.name])[s.to_own]
@@ -224,7 +251,7 @@ def pick(count: torch.Tensor, n: int, how: str, seed: int = 0, key: str = "") ->
         g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
         return torch.randperm(size, generator=g)[:n].sort().values
     start = {"top": 0, "middle": (size - n) // 2, "bottom": size - n}[how]
-    return ranking(count)[start:start + n].sort().values
+    return ranking(count)[start : start + n].sort().values
 
 
 def edits_for(group_map: dict[str, list[Slice]], chosen: dict[str, torch.Tensor]) -> list[Edit]:
@@ -255,8 +282,9 @@ def ranked(model, region: Region, family: str, mode: str = "common") -> Ranked:
     return Ranked(group_map, {space: counts(region, g) for space, g in group_map.items()})
 
 
-def removal(model, region: Region, family: str, n: int, how: str, mode: str = "common",
-            seed: int = 0) -> tuple[list[Edit], dict[str, list[int]]]:
+def removal(
+    model, region: Region, family: str, n: int, how: str, mode: str = "common", seed: int = 0
+) -> tuple[list[Edit], dict[str, list[int]]]:
     """Edits removing `n` dimensions of `family` per space, picked by Top-region counts, and the picks."""
     return ranked(model, region, family, mode).removal(model, n, how, seed)
 
@@ -282,13 +310,15 @@ def input_norms(model) -> list[str]:
     prefix = models.layer_prefix(model)
     found: dict[int, str] = {}
     for name, _ in model.named_parameters():
-        parts = name[len(prefix):].split(".")
+        parts = name[len(prefix) :].split(".")
         if name.startswith(prefix) and len(parts) == 3 and parts[1] in INPUT_NORMS and parts[2] == "weight":
             found[int(parts[0])] = name
     n_layers = len(model.get_submodule(prefix[:-1]))
     if sorted(found) != list(range(n_layers)):
-        raise LingregionError(f"{type(model).__name__}: cannot find each layer's input norm (named one of "
-                              f"{', '.join(INPUT_NORMS)}); single-parameter perturbation does not know this architecture")
+        raise LingregionError(
+            f"{type(model).__name__}: cannot find each layer's input norm (named one of "
+            f"{', '.join(INPUT_NORMS)}); single-parameter perturbation does not know this architecture"
+        )
     return [found[i] for i in range(n_layers)]
 
 
@@ -318,7 +348,7 @@ def perturbation(model, layer: int, dim: int, kind: str) -> list[Edit]:
     if not 0 <= dim < w.numel():
         raise LingregionError(f"dimension {dim} out of range; {name} has {w.numel()} entries")
     offset = is_offset(model, name)
-    new = perturbed_scale(effective_scale(w.detach()[dim:dim + 1], offset), kind)
+    new = perturbed_scale(effective_scale(w.detach()[dim : dim + 1], offset), kind)
     return [Edit(name, torch.tensor([dim]), new - 1.0 if offset else new)]
 
 
@@ -387,6 +417,7 @@ def scan(model, windows: list[Windows], layers: list[int], batch_size: int = 4, 
             peak[i] = torch.maximum(peak[i], x.abs().amax(dim=0).float().cpu())
             if i in inputs:
                 inputs[i].append(x)
+
         return hook
 
     hooks = [modules[i].register_forward_pre_hook(capture(i)) for i in modules]
@@ -419,5 +450,4 @@ def _changes(model, name: str, module, x: torch.Tensor) -> dict[str, torch.Tenso
         xhat = module(x).float()
     scale = effective_scale(module.weight.detach(), offset)
     norm = y.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    return {k: (xhat.abs() * (perturbed_scale(scale, k) - scale).abs() / norm).amax(dim=0).cpu()
-            for k in PERTURBATIONS}
+    return {k: (xhat.abs() * (perturbed_scale(scale, k) - scale).abs() / norm).amax(dim=0).cpu() for k in PERTURBATIONS}

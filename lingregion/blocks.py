@@ -1,0 +1,53 @@
+"""The building blocks of a report: headings, text, bullets, tables and figures, as plain dicts.
+
+Experiments describe their part of the report with these; `report` renders the same blocks as Markdown
+and as HTML, so the two never disagree.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def fmt(x: float) -> str:
+    if math.isinf(x) or math.isnan(x):
+        return str(x)
+    return f"{x:.3f}" if abs(x) < 1e4 else f"{x:.3g}"
+
+
+def heading(text: str, level: int = 2) -> dict:
+    return {"kind": "heading", "text": text, "level": level}
+
+
+def text(markdown: str) -> dict:
+    """A paragraph; `code` and **bold** are the only inline markup."""
+    return {"kind": "text", "text": markdown}
+
+
+def bullets(items: list[str]) -> dict:
+    return {"kind": "bullets", "items": list(items)}
+
+
+def table(head: list[str], rows: list[list[str]], caption: str | None = None) -> dict:
+    if any(len(r) != len(head) for r in rows):
+        raise ValueError(f"table rows must have {len(head)} cells like its head")
+    return {
+        "kind": "table",
+        "head": [str(h) for h in head],
+        "rows": [[str(c) for c in r] for r in rows],
+        "caption": caption,
+    }
+
+
+def figure(path: str, caption: str) -> dict:
+    """A PNG under the run folder, referenced by its relative path."""
+    return {"kind": "figure", "path": path, "caption": caption}
+
+
+def _md_cell(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(map(_md_cell, head)) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows])

@@ -1,0 +1,246 @@
+"""Everything a run depends on, declared once.
+
+Each field of `Config` carries its help text and its `--quick` value; the command line, the YAML file a
+run folder keeps and the quick preset are all generated from these declarations, so they cannot drift.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+from . import corpus
+from .store import LingregionError
+
+PAPER_SCORE_LANGS = ["ar", "es", "ru", "zh", "ko", "vi"]
+PAPER_EVAL_LANGS = ["ar", "zh", "it", "ja", "ko", "fa", "pt", "ru", "es", "uk", "vi", "en"]
+MONO_LANGS = PAPER_SCORE_LANGS + ["uk", "pt", "it", "ja"]  # so that related pairs exist
+EXPERIMENT_NAMES = [
+    "removal",
+    "monolingual",
+    "structural",
+    "outliers",
+    "recovery",
+    "forgetting",
+    "downstream",
+    "estimators",
+]  # the order they run in: later ones reuse earlier caches
+
+
+def opt(default, help: str, quick=MISSING, flag: str | None = None, langs: bool = False, choices=None):
+    """A Config field: its default, help text, value under --quick, command-line flag (default: the name with
+    dashes), whether it names languages (checked before anything else) and its allowed values."""
+    meta = {"help": help, "quick": quick, "flag": flag, "langs": langs, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    """Everything a run depends on. `Config.quick()` is the small preset; every field can be overridden."""
+
+    # --- model and data -----------------------------------------------------------------------------
+    model: str | None = opt(None, "Hugging Face hub id or local folder (default: the built-in Gemma 3 270M base)")
+    dtype: str = opt(
+        "float32",
+        "weights dtype; losses and scores accumulate in fp32 regardless",
+        choices=["float32", "bfloat16", "float16"],
+    )
+    device: str = opt("cpu", "torch device (cpu, cuda, cuda:1), or auto to spread the model over all visible GPUs")
+    trust_remote_code: bool = opt(False, "allow the model's own Python code to run")
+    texts: dict[str, str] = opt(
+        {},
+        "your own text for language L: .txt, .jsonl, .parquet or hf:DATASET[:CONFIG]; repeat for several",
+        flag="lang",
+    )
+    score_langs: list[str] = opt(
+        PAPER_SCORE_LANGS, "languages whose importance is summed into the core score", langs=True
+    )
+    eval_langs: list[str] = opt(
+        PAPER_EVAL_LANGS,
+        "languages evaluated in the removal table",
+        langs=True,
+        quick=["ar", "zh", "ja", "ru", "uk", "es", "pt", "en"],
+    )
+    seq_len: int = opt(512, "tokens per window, BOS included", quick=256)
+    score_tokens: int = opt(4096, "scoring tokens per language", quick=1024)
+    eval_tokens: int = opt(2048, "evaluation tokens per language and setting", quick=256)
+    batch_size: int = opt(4, "windows per forward pass when evaluating")
+    scale_checkpoint_every: int = opt(
+        4,
+        "save a scoring or evaluation job's running sums every N windows, so that "
+        "a killed run resumes (each save writes one fp32 copy of the scored "
+        "parameters: use hundreds on a GPU)",
+        flag="checkpoint-every",
+    )
+    # --- regions ------------------------------------------------------------------------------------
+    ratios: list[float] = opt([0.01, 0.03], "core region sizes as fractions of each matrix")
+    sides: list[str] = opt(["top", "bottom", "random"], "which core regions to remove")
+    scope: str = opt(
+        "matrix",
+        "take the ratio of each matrix (the paper) or of all scored parameters at once",
+        choices=["matrix", "global"],
+    )
+    include: str | None = opt(None, "regex of the parameters to score (default: every transformer-layer parameter)")
+    exclude: str | None = opt(None, "regex of parameters to leave out of scoring")
+    seed: int = opt(0, "seed of every random choice (Random regions, controls, shuffles)")
+    experiments: list[str] = opt(EXPERIMENT_NAMES, "which experiments to run", choices=EXPERIMENT_NAMES)
+    # --- monolingual --------------------------------------------------------------------------------
+    mono_langs: list[str] = opt(
+        MONO_LANGS,
+        "languages whose monolingual regions are found",
+        langs=True,
+        quick=["ar", "zh", "ru", "uk", "es", "pt"],
+    )
+    mono_ratio: float = opt(0.03, "Top share of each language's own score before the set difference")
+    mono_eval_tokens: int = opt(1024, "evaluation tokens per language and setting of the interaction matrix", quick=256)
+    mono_focus: str = opt("ru", "the language of the Table 5 layout")
+    gen_tokens: int = opt(16, "tokens generated per prompt with each region removed", quick=8)
+    # --- structural and outliers --------------------------------------------------------------------
+    struct_dims: list[int] = opt([1, 3, 5, 10], "N_d: rows/columns removed per space", quick=[1, 10])
+    struct_families: list[str] = opt(
+        ["feature", "feature+ffn", "head"], "dimension families removed", choices=["feature", "feature+ffn", "head"]
+    )
+    struct_mode: str = opt(
+        "common", "one index shared by the matrices of a space, or one per matrix", choices=["common", "matrix"]
+    )
+    struct_ratio: float = opt(0.03, "the core Top region whose entries rank rows and columns")
+    struct_langs: list[str] = opt(
+        ["zh", "ru", "en"], "languages evaluated by structural and outliers", langs=True, quick=["zh", "en"]
+    )
+    struct_eval_tokens: int = opt(512, "evaluation tokens per language and setting (at most eval_tokens)", quick=256)
+    outlier_layers: int = opt(4, "input norms of the first N layers are scanned")
+    outlier_scan_tokens: int = opt(512, "tokens per language of the scan's forward pass", quick=256)
+    outlier_confirm: int = opt(5, "scan candidates confirmed by perplexity", quick=3)
+    outlier_controls: int = opt(2, "random input-norm entries perturbed as controls", quick=1)
+    outlier_dims: int = opt(2, "most massive residual dimensions removed whole (and as many random ones)", quick=1)
+    # --- estimators ---------------------------------------------------------------------------------
+    est_estimators: list[str] = opt(
+        ["taylor", "taylor-window", "fisher", "magnitude", "wanda", "lape"], "importance estimators compared"
+    )
+    est_ratios: list[float] = opt(
+        [1e-6, 1e-5, 1e-4, 1e-3, 1e-2], "region sizes of the damage curve", quick=[1e-6, 1e-2]
+    )
+    est_overlap_ratio: float = opt(0.01, "the estimators' regions are compared (Jaccard) at this share")
+    est_tokens: int = opt(2048, "tokens per language of the one pass every estimator shares", quick=128)
+    est_seq_len: int | None = opt(None, "window length of that pass (default: seq_len)", quick=64)
+    est_eval_langs: list[str] = opt(
+        ["ru", "zh", "ja", "en"], "languages evaluated by the estimators experiment", langs=True, quick=["ru", "en"]
+    )
+    est_eval_tokens: int = opt(512, "evaluation tokens per language and setting", quick=256)
+    est_control_lang: str = opt("en", "the specificity control's single language (none of the scored ones)", langs=True)
+    est_outlier_dims: int = opt(2, "most massive residual dimensions as a control (0: none)")
+    # --- recovery and forgetting ----------------------------------------------------------------------
+    train_lang: str = opt("zh", "further pre-trained on (recovery and forgetting)", langs=True)
+    train_other: str = opt("en", "the untrained language of the recovery table", langs=True)
+    train_track: list[str] = opt(
+        ["en", "ru", "es"], "untrained languages tracked for forgetting", langs=True, quick=["en"]
+    )
+    train_ratio: float = opt(0.01, "Top / Bottom / Random share of the core score removed or frozen")
+    train_samples: list[int] = opt([0, 6, 12, 24], "sample counts at which perplexity is measured", quick=[0, 2, 4])
+    train_batch: int = opt(2, "windows per forward/backward pass", quick=1)
+    train_accum: int = opt(1, "forward/backward passes per optimizer step (the paper: 256 samples per step)")
+    train_lr: float = opt(5e-5, "peak learning rate (the paper's)")
+    train_warmup: int = opt(2, "linear warm-up steps (the paper: 100)", quick=1)
+    train_precision: str = opt(
+        "float32",
+        "training precision: fp32, or bf16 autocast over fp32 master weights",
+        choices=["float32", "bfloat16"],
+    )
+    train_eval_tokens: int = opt(512, "evaluation tokens per language and evaluation point", quick=256)
+    train_checkpoint_every: int = opt(50, "training steps between checkpoints (0: none)")
+    # --- downstream ---------------------------------------------------------------------------------
+    down_langs: list[str] = opt(["ar", "zh", "ru", "en"], "languages of the built-in multiple-choice task")
+    down_items: int | None = opt(16, "items per language, of 50 (null: all)", quick=5)
+    down_ratio: float = opt(0.01, "Top / Bottom / Random share of the core score removed")
+    down_mono: bool = opt(True, "also remove the saved monolingual regions of down_langs", quick=False)
+    down_batch: int = opt(16, "sequences (context + one candidate) per forward pass")
+    down_lmeval_tasks: list[str] = opt(
+        [], "lm-eval tasks run in process for every setting, e.g. mmlu", flag="lmeval-tasks"
+    )
+    down_lmeval_limit: int | None = opt(None, "documents per lm-eval task (default all)", flag="lmeval-limit")
+
+    @classmethod
+    def quick(cls, **overrides) -> Config:
+        """The small preset (minutes on a 2-core CPU), with `overrides` on top."""
+        preset = {f.name: f.metadata["quick"] for f in fields(cls) if f.metadata["quick"] is not MISSING}
+        return cls(**{**preset, **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict, quick: bool = False) -> Config:
+        """A Config from keys such as a YAML file holds, on top of the default or the quick preset."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise LingregionError(
+                f"unknown config key(s): {', '.join(unknown)}; known keys are {', '.join(sorted(known))}"
+            )
+        return cls.quick(**d) if quick else cls(**d)
+
+    @staticmethod
+    def read(path: Path) -> dict:
+        """The keys of a YAML config file (a run folder's config.yaml, or one written by hand)."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise LingregionError(f"{path}: config file not found")
+        try:
+            d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise LingregionError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+        if not isinstance(d, dict):
+            raise LingregionError(
+                f"{path}: a config is a mapping of keys such as 'score_tokens: 4096', not {type(d).__name__}"
+            )
+        return d
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML, which `--config` reads back."""
+        import yaml
+
+        return (
+            "# lingregion run config: repeat with `lingregion reproduce --config THIS_FILE --out DIR`\n"
+            + yaml.safe_dump(asdict(self), sort_keys=False, allow_unicode=True)
+        )
+
+    def languages(self) -> list[str]:
+        """Every language any field names, in order of appearance."""
+        out: list[str] = []
+        for f in fields(self):
+            if f.metadata["langs"]:
+                value = getattr(self, f.name)
+                out += value if isinstance(value, list) else [value]
+        return list(dict.fromkeys(out))
+
+    def check_languages(self, langs: list[str] | None = None) -> None:
+        """Unknown languages first, before any other check, so that a typo is what the user hears about."""
+        builtin = set(corpus.builtin_languages())
+        for lang in self.languages() if langs is None else langs:
+            if lang not in builtin and lang not in self.texts:
+                raise LingregionError(
+                    f"unknown language {lang!r}; built-in languages are "
+                    f"{', '.join(sorted(builtin))}, or pass your own text as --lang {lang}=PATH"
+                )
+
+    def check_basics(self) -> None:
+        """The checks every command needs: budgets, ratios, choices."""
+        if self.seq_len < 2 or self.score_tokens < 1 or self.eval_tokens < 1 or self.batch_size < 1:
+            raise LingregionError("--seq-len must be ≥ 2 and token budgets and --batch-size ≥ 1")
+        if self.scale_checkpoint_every < 1:
+            raise LingregionError(f"--checkpoint-every {self.scale_checkpoint_every} must be a whole number ≥ 1")
+        for r in self.ratios + [self.mono_ratio]:
+            if not 0 < r < 1:
+                raise LingregionError(f"ratio {r} is outside (0, 1); pass a fraction such as 0.01 for 1%")
+        for f in fields(self):
+            choices, value = f.metadata["choices"], getattr(self, f.name)
+            bad = [v for v in (value if isinstance(value, list) else [value]) if choices and v not in choices]
+            if bad:
+                raise LingregionError(f"unknown {f.name} value {bad[0]!r}; choose from {', '.join(choices)}")
+
+
+def field_types() -> dict[str, type]:
+    """Each Config field's declared type (the annotations are strings under `from __future__`)."""
+    return typing.get_type_hints(Config)

@@ -1,0 +1,257 @@
+"""The paper's Table 8 (perturb one input-norm parameter, remove one residual dimension), with a scan that
+finds the outlier dimensions behind it instead of taking them as given. The perturbations are defined in
+`lingregion.slices`."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import blocks, figures, slices
+from ..store import write_bytes
+from .runfolder import Run
+from .structural import (
+    RESULTS,
+    _budget,
+    _ratio,
+    _top_region,
+    validate,  # noqa: F401  (the same rules: the registry reads it here)
+)
+
+NAME = "outliers"
+DOC = "Table 8 and an outlier scan: perturb single input-norm entries, remove single residual dimensions"
+KIND_LABELS = {"reset": "Reset", "x10": "Mul 10"}
+PAPER_TABLE8_RATIO = 83224.078 / 5.865  # Reset L1-N2100 over base, LLaMA-2-13B, Chinese (the paper's Table 8)
+
+
+def _controls(scan: slices.Scan, candidates: list[tuple[int, int]], k: int, seed: int) -> list[tuple[int, int]]:
+    """k seeded random (layer, dim) pairs among the scanned entries, none of them a candidate."""
+    hidden = scan.peak.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    pairs = [
+        (scan.layers[int(i) // hidden], int(i) % hidden) for i in torch.randperm(len(scan.layers) * hidden, generator=g)
+    ]
+    return [p for p in pairs if p not in candidates][:k]
+
+
+def run(run: Run) -> dict:
+    """Scan for the input-norm entries whose perturbation would most change what attention reads, confirm the
+    top few (and random controls) by perplexity, and remove the most massive residual dimensions whole."""
+    cfg, model = run.cfg, run.model
+    langs, budget = cfg.struct_langs, _budget(cfg)
+    norms = slices.input_norms(model)
+    layers = list(range(min(cfg.outlier_layers, len(norms))))
+    scan = slices.scan(
+        model,
+        [run.windows(lang, "score", cfg.outlier_scan_tokens) for lang in langs],
+        layers,
+        cfg.batch_size,
+        run.progress,
+    )
+    region = _top_region(run)
+    core = slices.ranked(model, region, "feature+ffn", "common").counts["residual"]
+    core_rank = {int(d): r + 1 for r, d in enumerate(slices.ranking(core))}
+    base = run.evaluate(RESULTS, "base", [], langs, budget)
+    massive = scan.massive()
+    score = scan.score()
+    hidden = massive.shape[0]
+
+    def entry(layer: int, dim: int) -> dict:
+        j, name = layers.index(layer), norms[layer]
+        return {
+            "layer": layer,
+            "dim": dim,
+            "label": slices.label(layer, dim),
+            "score": float(score[j, dim]),
+            **{f"{k}_change": float(scan.change[k][j, dim]) for k in slices.PERTURBATIONS},
+            "weight": float(model.get_parameter(name).detach()[dim]),
+            "offset_norm": slices.is_offset(model, name),
+            "in_core_top": bool(slices.in_region(region, name, torch.tensor([dim]))[0])
+            if name in region.shapes
+            else None,
+            "massive": float(massive[dim]),
+            "core_rank": core_rank[dim],
+            "ppl": {
+                k: run.evaluate(
+                    RESULTS, f"{k}/{slices.label(layer, dim)}", slices.perturbation(model, layer, dim, k), langs, budget
+                )
+                for k in slices.PERTURBATIONS
+            },
+        }
+
+    candidates = scan.top(cfg.outlier_confirm)
+    controls = _controls(scan, candidates, cfg.outlier_controls, cfg.seed)
+    pairs = tqdm(candidates + controls, desc="perturbations", disable=not run.progress)
+    confirmed = [entry(layer, dim) for layer, dim in pairs]
+
+    big = slices.ranking(massive)[: cfg.outlier_dims].tolist()
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    others = [int(d) for d in torch.randperm(hidden, generator=g) if int(d) not in big][: cfg.outlier_dims]
+    dims = [
+        {
+            "dim": d,
+            "kind": kind,
+            "massive": float(massive[d]),
+            "massive_layer": int(scan.peak[:, d].argmax()),
+            "core_rank": core_rank[d],
+            "core_count": int(core[d]),
+            "ppl": run.evaluate(RESULTS, f"dimension/{d}", slices.dimension_removal(model, [d]), langs, budget),
+        }
+        for kind, ds in (("massive", big), ("control", others))
+        for d in ds
+    ]
+
+    densest = slices.ranking(core)[:10].tolist()
+    result = {
+        "experiment": "outliers",
+        "langs": langs,
+        "layers": layers,
+        "scan_tokens": scan.tokens,
+        "hidden": hidden,
+        "ratio": cfg.struct_ratio,
+        "seed": cfg.seed,
+        "base": base,
+        "candidates": confirmed[: len(candidates)],
+        "controls": confirmed[len(candidates) :],
+        "dimensions": dims,
+        "score_median": float(score.median()),
+        "score_max": float(score.max()),
+        "massive_profile": massive.tolist(),
+        "massive_layer": scan.peak.argmax(dim=0).tolist(),
+        "core_counts": core.tolist(),
+        "densest": densest,
+        "massive_top": [
+            {"dim": int(d), "massive": float(massive[d]), "core_rank": core_rank[int(d)]}
+            for d in slices.ranking(massive)[:10]
+        ],
+        **run.eval_record(langs, budget),
+        "figures": ["figures/outliers.png"],
+    }
+    write_bytes(run.out / "figures" / "outliers.png", outlier_chart(result))
+    run.save("outliers", result)
+    return result
+
+
+def outlier_chart(result: dict) -> bytes:
+    fig, (top, bottom) = figures.subplots(2, 1, figsize=(9, 5), sharex=True)
+    dims = range(result["hidden"])
+    top.plot(dims, result["massive_profile"], lw=0.8, color="#444")
+    top.set_yscale("log")
+    top.set_ylabel("peak |activation|\n/ median dim")
+    bottom.bar(dims, result["core_counts"], width=1.0, color="#1f77b4")
+    bottom.set_ylabel("core Top entries\nper residual dim")
+    bottom.set_xlabel("residual dimension")
+    for d in [m["dim"] for m in result["massive_top"][:3]]:
+        for ax in (top, bottom):
+            ax.axvline(d, color="#d62728", lw=0.8, ls="--")
+        top.annotate(str(d), (d, result["massive_profile"][d]), fontsize=8, color="#d62728")
+    return figures.png(fig)
+
+
+def _worst(entry: dict, langs: list[str], base: dict) -> tuple[str, float]:
+    """The perturbation (reset or x10) with the larger perplexity ratio, and that ratio."""
+    return max(((k, _ratio(entry["ppl"][k], base, langs)) for k in slices.PERTURBATIONS), key=lambda x: x[1])
+
+
+def outliers_table(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Table 8's layout (perturbation, parameter, perplexity), one perplexity column per language."""
+    langs, base, fmt = result["langs"], result["base"], blocks.fmt
+    head = ["Perturbation", "Parameter", "Chosen as", "Scan score"] + [f"PPL {lang}" for lang in langs]
+    rows = [["-", "-", "", ""] + [fmt(base[lang]["ppl"]) for lang in langs]]
+    for k in slices.PERTURBATIONS:
+        for i, e in enumerate(result["candidates"] + result["controls"]):
+            chosen = f"candidate {i + 1}" if i < len(result["candidates"]) else "random control"
+            rows.append(
+                [KIND_LABELS[k], e["label"], chosen, fmt(e["score"])]
+                + [fmt(e["ppl"][k][lang]["ppl"]) for lang in langs]
+            )
+    for d in result["dimensions"]:
+        chosen = f"massive ({fmt(d['massive'])}×)" if d["kind"] == "massive" else "random control"
+        rows.append(
+            ["Remove dim", f"D{d['dim']} (all matrices)", chosen, ""] + [fmt(d["ppl"][lang]["ppl"]) for lang in langs]
+        )
+    return head, rows
+
+
+def findings(result: dict) -> list[str]:
+    langs, base, fmt, out = result["langs"], result["base"], blocks.fmt, []
+    cands, ctrls = result["candidates"], result["controls"]
+    worst = max(cands, key=lambda e: _worst(e, langs, base)[1])
+    kind, r = _worst(worst, langs, base)
+    line = (
+        f"The worst single-parameter perturbation found is {KIND_LABELS[kind]} at {worst['label']}: "
+        f"perplexity ×{fmt(r)} "
+        f"(geometric mean over {', '.join(langs)})"
+    )
+    if ctrls:
+        line += f"; random controls ({len(ctrls)}) reach at most ×{fmt(max(_worst(e, langs, base)[1] for e in ctrls))}"
+    out.append(line + f" (the paper's L1-N2100 on LLaMA-2-13B: ×{fmt(PAPER_TABLE8_RATIO)}).")
+    massive = [d for d in result["dimensions"] if d["kind"] == "massive"]
+    control = [d for d in result["dimensions"] if d["kind"] == "control"]
+    for d in massive:
+        out.append(
+            f"Removing residual dimension {d['dim']} (massive activation, {fmt(d['massive'])}× the median "
+            f"dimension's peak) from every matrix multiplies perplexity by ×{fmt(_ratio(d['ppl'], base, langs))}; "
+            f"it ranks #{d['core_rank']} of {result['hidden']} residual dimensions by core Top entries."
+        )
+    if control:
+        out.append(
+            "Removing a random residual dimension instead: "
+            f"×{fmt(max(_ratio(d['ppl'], base, langs) for d in control))} at most."
+        )
+    return out
+
+
+def section(result: dict) -> list:
+    fmt, langs, base = blocks.fmt, result["langs"], result["base"]
+    cands = result["candidates"]
+    layers = ", ".join(f"L{i + 1}" for i in result["layers"])
+    in_top = [c for c in cands if c["in_core_top"]]
+    densest = result["densest"][:5]
+    massive_top = result["massive_top"][:5]
+    coincide = [m["dim"] for m in massive_top if m["dim"] in densest]
+    bullets = [
+        "Massive activations (peak |x| of the residual stream over all layers, in units of the median dimension's "
+        "peak): "
+        + "; ".join(f"dim {m['dim']} {fmt(m['massive'])}× (core rank #{m['core_rank']})" for m in massive_top)
+        + ".",
+        "Densest residual dimensions of the core Top region (feature+ffn rows/columns): "
+        f"{', '.join(map(str, densest))}; "
+        + (
+            f"dims {', '.join(map(str, coincide))} are also among the five most massive."
+            if coincide
+            else "none of them is among the five most massive dimensions."
+        ),
+        f"Scan scores (largest relative change of what attention reads): median {fmt(result['score_median'])}, "
+        f"maximum {fmt(result['score_max'])}; candidates confirmed: "
+        + ", ".join(f"{c['label']} (score {fmt(c['score'])}, worst ×{fmt(_worst(c, langs, base)[1])})" for c in cands)
+        + ".",
+        f"{len(in_top)} of {len(cands)} candidate input-norm entries are in the core Top region"
+        + (f" ({', '.join(c['label'] for c in in_top)})." if in_top else "."),
+    ]
+    return [
+        blocks.heading("Single dimensions and single parameters (the paper's Table 8) and the outlier scan"),
+        blocks.text(
+            f"Scan: {result['scan_tokens']:,} tokens ({', '.join(langs)}, scoring split) pass through the model "
+            f"once; for each input-norm entry of layers {layers} (1-based, as the paper's L1) the scan "
+            f"computes max over tokens of |x̂_d · (s′_d − s_d)| / ‖y‖: how much Reset (effective scale to "
+            f"1, its initial value: w = 1 for a plain norm, w = 0 for Gemma's (1 + w)) or Mul 10 (effective "
+            f"scale × 10) would change the norm's output. The top {len(cands)} are confirmed by perplexity, "
+            f"with {len(result['controls'])} seeded random entries as controls. Separately, the most massive "
+            "residual dimensions (and random ones as controls) are removed from every attention and MLP "
+            f"matrix (feature+ffn family, common index). Perplexity on {result['protocol']['seq_len']}-token "
+            "windows, token-weighted."
+        ),
+        blocks.table(
+            *outliers_table(result),
+            caption="Table 8's layout. A real outlier dimension shows perplexity far "
+            "above the base row; the random controls should stay near it.",
+        ),
+        blocks.bullets(bullets),
+        blocks.figure(
+            "figures/outliers.png",
+            "Top: each residual dimension's peak activation over the median "
+            "dimension's (log). Bottom: core Top entries per residual dimension. Dashed: the three most "
+            "massive dimensions; see whether they line up with tall bars.",
+        ),
+    ]

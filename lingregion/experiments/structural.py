@@ -1,0 +1,222 @@
+"""The paper's Tables 3–4: remove whole rows/columns ranked by how many core Top-region entries they hold.
+The definitions (families, common index) are in `lingregion.slices`."""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+from tqdm.auto import tqdm
+
+from .. import blocks, figures, slices
+from ..store import LingregionError, write_bytes
+from .runfolder import Run
+
+NAME = "structural"
+DOC = "Tables 3-4: remove N_d whole rows/columns ranked by core Top entries (feature, feature+ffn, head)"
+
+
+RESULTS = "structure.json"  # both experiments share it, so the base perplexity is measured once
+PICK_LABELS = {"top": "Top", "middle": "Middle", "bottom": "Bottom", "random": "Random"}
+
+
+def validate(cfg) -> None:
+    bad = [f for f in cfg.struct_families if f not in slices.FAMILIES]
+    if bad:
+        raise LingregionError(f"unknown structural family {bad[0]!r}; use some of {', '.join(slices.FAMILIES)}")
+    if cfg.struct_mode not in slices.MODES:
+        raise LingregionError(f"unknown struct_mode {cfg.struct_mode!r}; use one of {', '.join(slices.MODES)}")
+    if not cfg.struct_dims or any(not isinstance(n, int) or n < 1 for n in cfg.struct_dims):
+        raise LingregionError(f"struct_dims {cfg.struct_dims} must be whole numbers ≥ 1, such as 1,3,5,10")
+    if not 0 < cfg.struct_ratio < 1:
+        raise LingregionError(f"struct_ratio {cfg.struct_ratio} is outside (0, 1); pass a fraction such as 0.03")
+    if not cfg.struct_langs:
+        raise LingregionError("struct_langs is empty; name at least one language to evaluate")
+    if (
+        min(cfg.struct_eval_tokens, cfg.outlier_scan_tokens, cfg.outlier_layers, cfg.outlier_confirm, cfg.outlier_dims)
+        < 1
+        or cfg.outlier_controls < 0
+    ):
+        raise LingregionError(
+            "struct_eval_tokens, outlier_scan_tokens, outlier_layers, outlier_confirm and "
+            "outlier_dims must be ≥ 1, outlier_controls ≥ 0"
+        )
+
+
+def _budget(cfg) -> int:
+    """Evaluation tokens per language and setting: struct_eval_tokens, never more than eval_tokens."""
+    return min(cfg.struct_eval_tokens, cfg.eval_tokens)
+
+
+_REGIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _top_region(run: Run):
+    """The core Top region that ranks rows/columns, selected once per run: both experiments use it, and
+    summing the languages' scores and selecting cost more than a few evaluations on a CPU."""
+    cached = _REGIONS.setdefault(run, {})
+    if run.cfg.struct_ratio not in cached:
+        cached[run.cfg.struct_ratio] = run.region(run.core_scores(), "top", run.cfg.struct_ratio)
+    return cached[run.cfg.struct_ratio]
+
+
+def _ratio(r: dict, base: dict, langs: list[str]) -> float:
+    """Geometric mean over languages of perplexity / base perplexity."""
+    logs = [math.log(r[lang]["ppl"]) - math.log(base[lang]["ppl"]) for lang in langs]
+    return math.exp(sum(logs) / len(logs))
+
+
+def run(run: Run) -> dict:
+    """Remove N_d rows/columns of each family, picked Top / Middle / Bottom / Random by how many entries
+    of the core Top region they hold, and measure perplexity."""
+    cfg, model = run.cfg, run.model
+    langs, budget = cfg.struct_langs, _budget(cfg)
+    region = _top_region(run)
+    base = run.evaluate(RESULTS, "base", [], langs, budget)
+    families = {}
+    for family in cfg.struct_families:
+        ranked = slices.ranked(model, region, family, cfg.struct_mode)
+        cells = {}
+        for n in tqdm(cfg.struct_dims, desc=f"structural {family}", disable=not run.progress):
+            for how in slices.PICKS:
+                edits, picks = ranked.removal(model, n, how, cfg.seed)
+                removed = sum(len(e.index) for e in edits)
+                in_top = sum(int(slices.in_region(region, e.name, e.index).sum()) for e in edits)
+                cells[f"{n}/{how}"] = {
+                    "ppl": run.evaluate(
+                        RESULTS, f"structural/{family}/{cfg.struct_mode}/{n}/{how}", edits, langs, budget
+                    ),
+                    "picks": picks,
+                    "removed": removed,
+                    "top_share": in_top / max(removed, 1),
+                }
+        sizes = sorted({len(c) for c in ranked.counts.values()})
+        families[family] = {
+            "label": slices.FAMILY_LABELS[family],
+            "spaces": len(ranked.counts),
+            "space_size": f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}–{sizes[-1]}",
+            "cells": cells,
+        }
+    result = {
+        "experiment": "structural",
+        "model_name": run.info["name"],
+        "score_tokens": cfg.score_tokens,
+        "score_langs": cfg.score_langs,
+        "mode": cfg.struct_mode,
+        "ratio": cfg.struct_ratio,
+        "dims": cfg.struct_dims,
+        "seed": cfg.seed,
+        "langs": langs,
+        "base": base,
+        "families": families,
+        "region": {"entries": region.count(), "of": region.total()},
+        **run.eval_record(langs, budget),
+        "figures": ["figures/structural.png"],
+    }
+    write_bytes(run.out / "figures" / "structural.png", structural_chart(result))
+    run.save("structural", result)
+    return result
+
+
+def structural_chart(result: dict) -> bytes:
+    fams = result["families"]
+    fig, axes = figures.subplots(1, len(fams), figsize=(4.2 * len(fams), 3.4), sharey=True, squeeze=False)
+    colours = {"top": "#d62728", "middle": "#2ca02c", "bottom": "#1f77b4", "random": "#ff7f0e"}
+    for ax, (family, info) in zip(axes[0], fams.items()):
+        for how in slices.PICKS:
+            ys = [_ratio(info["cells"][f"{n}/{how}"]["ppl"], result["base"], result["langs"]) for n in result["dims"]]
+            ax.plot(result["dims"], ys, marker="o", label=PICK_LABELS[how], color=colours[how])
+        ax.set_yscale("log")
+        ax.set_xlabel("N_d (dimensions removed)")
+        ax.set_title(family, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("perplexity / base (geo-mean)")
+    axes[0][-1].legend(fontsize=8)
+    return figures.png(fig)
+
+
+def structural_table(result: dict, family: str) -> tuple[list[str], list[list[str]]]:
+    """The paper's layout: model, budget, N_d × Top / Middle / Bottom / Random (one row per language)."""
+    cells, base = result["families"][family]["cells"], result["base"]
+    head = ["Model", "Score tokens", "N_d", "Language", "Base"] + [PICK_LABELS[h] for h in slices.PICKS]
+    rows = [
+        [result["model_name"], f"{result['score_tokens']:,}", str(n), lang, blocks.fmt(base[lang]["ppl"])]
+        + [blocks.fmt(cells[f"{n}/{how}"]["ppl"][lang]["ppl"]) for how in slices.PICKS]
+        for n in result["dims"]
+        for lang in result["langs"]
+    ]
+    return head, rows
+
+
+def findings(result: dict) -> list[str]:
+    n, out = max(result["dims"]), []
+    fmt, langs, base = blocks.fmt, result["langs"], result["base"]
+    for family, info in result["families"].items():
+        r = {how: _ratio(info["cells"][f"{n}/{how}"]["ppl"], base, langs) for how in slices.PICKS}
+        others = max(r[h] for h in slices.PICKS if h != "top")
+        where = "" if info["spaces"] == 1 else " of every layer" if result["mode"] == "common" else " of every matrix"
+        out.append(
+            f"Removing the {n} {family} dimensions{where} densest in the core Top region multiplies perplexity "
+            f"by {fmt(r['top'])} (geometric mean over {', '.join(langs)}); Middle, Bottom and Random by at most "
+            f"{fmt(others)}."
+        )
+    return out
+
+
+def section(result: dict) -> list:
+    mode = (
+        "one common index per space: a residual index in every layer, a head-dimension index per layer"
+        if result["mode"] == "common"
+        else "each matrix ranks and picks its own rows/columns"
+    )
+    out = [
+        blocks.heading("Structural removal (the paper's Tables 3 and 4)"),
+        blocks.text(
+            f"Whole rows or columns are set to 0, in the Hugging Face layout [out_features, in_features] "
+            f"(GPT-2's Conv1D transposed to it). They are ranked by how many entries of the core Top "
+            f"{result['ratio']:g} region ({result['region']['entries']:,} of {result['region']['of']:,} "
+            f"entries; languages {', '.join(result['score_langs'])}) they hold; Top = the N_d densest, Middle = "
+            f"the N_d around the median, Bottom = the N_d sparsest, Random = seeded uniform "
+            f"(seed {result['seed']}). Mode: {mode}. Biases and norm weights are left alone. Perplexity on "
+            f"{result['protocol']['seq_len']}-token windows, token-weighted."
+        ),
+        blocks.bullets(
+            [
+                f"**{family}**: {info['label']}; {info['spaces']} index space(s) of {info['space_size']} indices"
+                for family, info in result["families"].items()
+            ]
+        ),
+    ]
+    n_lo, n_hi = min(result["dims"]), max(result["dims"])
+    notes = []
+    for family, info in result["families"].items():
+        cells = info["cells"]
+        if info["spaces"] == 1:  # one index for the whole model: say which dimensions Top took
+            picked = {n: next(iter(cells[f"{n}/top"]["picks"].values())) for n in (n_lo, n_hi)}
+            notes.append(
+                f"{family}: Top takes dimension(s) {', '.join(map(str, picked[n_lo]))} at N_d = {n_lo}"
+                + (f" and {', '.join(map(str, picked[n_hi]))} at N_d = {n_hi}." if n_hi != n_lo else ".")
+            )
+        notes.append(
+            f"{family}, N_d = {n_hi}: share of the removed weights that are in the core Top region: "
+            + ", ".join(f"{PICK_LABELS[h]} {cells[f'{n_hi}/{h}']['top_share']:.1%}" for h in slices.PICKS)
+            + f" ({cells[f'{n_hi}/top']['removed']:,} weights removed per setting)."
+        )
+    out.append(blocks.bullets(notes))
+    captions = {
+        "feature": "Residual dimensions, attention only (Table 3, without FFN). Top should stand out "
+        "from Middle, Bottom and Random.",
+        "feature+ffn": "Residual dimensions in attention and MLP (Table 3, with FFN.down): the paper's "
+        "most harmful family; compare Top with the other columns.",
+        "head": "Head dimensions (Table 4): compare Top with the residual families above.",
+    }
+    for family in result["families"]:
+        out.append(blocks.table(*structural_table(result, family), caption=f"{family}: {captions[family]}"))
+    out.append(
+        blocks.figure(
+            "figures/structural.png",
+            "Perplexity relative to base (geometric mean over languages, "
+            "log scale) against N_d: look for the Top line rising far above the others.",
+        )
+    )
+    return out
