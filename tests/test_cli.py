@@ -176,6 +176,31 @@ def test_bad_input_is_one_line_exit_2(argv, message, tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # nothing half-written
 
 
+def test_unknown_language_is_reported_before_any_experiment_rule(tmp_path, capsys):
+    # the quick preset runs the estimators experiment, whose lape rule wants two score languages: the typo
+    # must still be what the user hears about
+    code, _, err = run(capsys, "reproduce", "--quick", "--score-langs", "xx", "--out", tmp_path / "o")
+    assert code == 2 and "unknown language 'xx'" in err and "lape" not in err
+
+
+def test_out_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    target = tmp_path / "results.txt"
+    target.write_text("keep me")
+    code, _, err = run(capsys, "reproduce", "--quick", "--experiments", "removal", "--out", target)
+    assert code == 2 and err.count("\n") == 1 and "is a file, not a run folder" in err
+    assert target.read_text() == "keep me"
+
+
+def test_score_one_language(tiny_folder, tmp_path, capsys):
+    # score validates only what it runs: no experiment's rule (lape wants two languages) applies
+    out = tmp_path / "run"
+    code, stdout, err = run(
+        capsys, "score", "--model", tiny_folder, "--lang", "ru", "--seq-len", 16, "--score-tokens", 32, "--out", out
+    )
+    assert code == 0, err
+    assert (out / "scores" / "ru.safetensors").is_file() and "ru:" in stdout
+
+
 def test_region_from_another_model_is_refused(tiny_folder, tmp_path, capsys):
     bad = tmp_path / "foreign.safetensors"
     Region.from_masks(

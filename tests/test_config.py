@@ -1,0 +1,78 @@
+"""Config declares every field once; the quick preset, the CLI flags and their help come from it."""
+
+from dataclasses import MISSING, fields
+
+import pytest
+
+from lingregion.cli import config, parser
+from lingregion.config import Config
+from lingregion.experiments.registry import EXPERIMENTS
+from lingregion.store import LingregionError
+
+
+def _reproduce_actions():
+    sub = next(a for a in parser()._actions if a.dest == "command")
+    return {a.dest: a for a in sub.choices["reproduce"]._actions}
+
+
+def test_every_field_has_help_and_a_reproduce_flag():
+    actions = _reproduce_actions()
+    for f in fields(Config):
+        assert f.metadata["help"], f.name
+        dest = "lang" if f.name == "texts" else f.name
+        assert dest in actions, f"no flag for {f.name}"
+
+
+def test_help_shows_the_declared_default_and_quick_value():
+    action = _reproduce_actions()["score_tokens"]
+    assert action.option_strings == ["--score-tokens"]
+    assert "default: 4096" in action.help and "--quick: 1024" in action.help
+    assert Config().score_tokens == 4096 and Config.quick().score_tokens == 1024
+
+
+def test_quick_preset_comes_from_the_declarations():
+    quick = Config.quick()
+    for f in fields(Config):
+        want = f.metadata["quick"]
+        if want is not MISSING:
+            assert getattr(quick, f.name) == want, f.name
+    assert Config.quick(seq_len=99).seq_len == 99
+
+
+@pytest.mark.parametrize("command", ["score", "evaluate", "perturb"])
+def test_scoring_and_evaluation_budgets_have_distinct_flags(command):
+    sub = next(a for a in parser()._actions if a.dest == "command")
+    flags = {s for a in sub.choices[command]._actions for s in a.option_strings}
+    assert "--tokens" not in flags
+    assert ("--score-tokens" in flags) == (command == "score")
+    assert ("--eval-tokens" in flags) == (command != "score")
+
+
+def test_flags_override_the_file_which_overrides_the_preset(tmp_path):
+    (tmp_path / "c.yaml").write_text("seq_len: 64\nscore_tokens: 999\nratios: [0.2]\ndown_mono: true\n")
+    args = parser().parse_args(
+        [
+            "reproduce",
+            "--config",
+            str(tmp_path / "c.yaml"),
+            "--seq-len",
+            "32",
+            "--struct-dims",
+            "2,4",
+            "--down-items",
+            "none",
+            "--no-down-mono",
+        ]
+    )
+    cfg = config(args, quick=True)
+    assert (cfg.seq_len, cfg.score_tokens, cfg.ratios, cfg.eval_tokens) == (32, 999, [0.2], 256)
+    assert cfg.struct_dims == [2, 4] and cfg.down_items is None and cfg.down_mono is False
+
+
+def test_experiment_names_are_the_registry():
+    assert Config().experiments == list(EXPERIMENTS)
+
+
+def test_a_list_flag_with_a_bad_value_is_refused():
+    with pytest.raises(LingregionError, match="unknown struct_families value 'rows'"):
+        Config(struct_families=["rows"]).check_basics()

@@ -1,0 +1,109 @@
+"""The package's shape: the public API, unique file names, and module-level imports without a cycle."""
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lingregion as lr
+
+PACKAGE = Path(lr.__file__).parent
+README = PACKAGE.parent / "README.md"
+
+
+def test_the_api_is_listed_and_importable():
+    assert {
+        "load",
+        "windows",
+        "score",
+        "core",
+        "monolingual",
+        "removed",
+        "applied",
+        "perplexity",
+        "generate",
+        "plot",
+        "reproduce",
+        "Config",
+        "Region",
+        "Model",
+    } <= set(lr.__all__)
+    assert all(hasattr(lr, name) for name in lr.__all__)
+
+
+def test_no_two_files_in_the_package_share_a_name():
+    names = [p.name for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"]
+    assert sorted(set(names)) == sorted(names)
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Package modules a file imports when it is imported (top-level statements, not function bodies)."""
+    here = _module_name(path)
+    package = here if path.name == "__init__.py" else here.rpartition(".")[0]
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            module = (base + "." + node.module if node.module else base) if node.level else node.module
+            if module and module.startswith("lingregion"):
+                found.add(module)
+                found |= {f"{module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("lingregion")}
+    return found
+
+
+def test_module_imports_have_no_cycle():
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {m: {i for i in _imports(p) if i in files and i != m} for m, p in files.items()}
+    # a package's __init__ runs before its submodules, so an edge to a parent package is not a cycle
+    graph = {m: {i for i in deps if not m.startswith(i + ".")} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for dep in graph[m]:
+            if state.get(dep) == 1:
+                pytest.fail(
+                    "import cycle: " + " → ".join(path[path.index(dep) :] + [dep])
+                    if dep in path
+                    else f"import cycle through {m} → {dep}"
+                )
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+
+
+def test_every_public_function_has_a_docstring():
+    missing = []
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        nodes = list(tree.body) + [n for c in tree.body if isinstance(c, ast.ClassDef) for n in c.body]
+        for node in nodes:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                if ast.get_docstring(node) is None:
+                    missing.append(f"{path.relative_to(PACKAGE)}:{node.name}")
+    assert not missing, f"{len(missing)} public functions without a docstring: {missing[:20]}"
+
+
+@pytest.mark.integration
+def test_the_readme_python_api_runs_as_written(tmp_path):
+    block = re.search(r"## Python API.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    done = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ja without the core region:" in done.stdout
+    assert (tmp_path / "core-top-1pct.png").read_bytes().startswith(b"\x89PNG")
