@@ -86,6 +86,8 @@ class Config:
     include: str | None = opt(None, "regex of the parameters to score (default: every transformer-layer parameter)")
     exclude: str | None = opt(None, "regex of parameters to leave out of scoring")
     seed: int = opt(0, "seed of every random choice (Random regions, controls, shuffles)")
+    random_seeds: int = opt(3, "Random regions drawn per ratio (seeds seed, seed+1, ...): tables show their "
+                               "geometric mean and min–max", quick=2)
     experiments: list[str] = opt(EXPERIMENT_NAMES, "which experiments to run", choices=EXPERIMENT_NAMES)
     # --- monolingual --------------------------------------------------------------------------------
     mono_langs: list[str] = opt(
