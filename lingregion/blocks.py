@@ -10,12 +10,14 @@ import math
 
 
 def fmt(x: float) -> str:
+    """A number for a table cell: three decimals, or three significant digits when large (inf and nan as is)."""
     if math.isinf(x) or math.isnan(x):
         return str(x)
     return f"{x:.3f}" if abs(x) < 1e4 else f"{x:.3g}"
 
 
 def heading(text: str, level: int = 2) -> dict:
+    """A section heading; `level` 2 for an experiment's section, 3 for a part of it."""
     return {"kind": "heading", "text": text, "level": level}
 
 
@@ -25,10 +27,12 @@ def text(markdown: str) -> dict:
 
 
 def bullets(items: list[str]) -> dict:
+    """A bulleted list; each item takes the same inline markup as `text`."""
     return {"kind": "bullets", "items": list(items)}
 
 
 def table(head: list[str], rows: list[list[str]], caption: str | None = None) -> dict:
+    """A table of strings with an optional caption; every row must have as many cells as the head."""
     if any(len(r) != len(head) for r in rows):
         raise ValueError(f"table rows must have {len(head)} cells like its head")
     return {
@@ -49,5 +53,6 @@ def _md_cell(s: str) -> str:
 
 
 def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured Markdown table, with `|` and line breaks in the cells escaped."""
     lines = ["| " + " | ".join(map(_md_cell, head)) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows])

@@ -70,4 +70,5 @@ class Checkpoint:
             self.saved_at = windows
 
     def remove(self) -> None:
+        """Delete this process's checkpoint file: the job finished, and its result is kept elsewhere."""
         self.path.unlink(missing_ok=True)

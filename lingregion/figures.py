@@ -66,11 +66,13 @@ def reduce_for_display(x: torch.Tensor, max_side: int = 256) -> torch.Tensor:
 
 
 def layer_of(name: str) -> int | None:
+    """The layer number in a parameter name (`.layers.N.` or GPT-2's `.h.N.`), or None outside the layers."""
     m = _LAYER.search(name)
     return int(m.group(1)) if m else None
 
 
 def kind_of(name: str) -> str:
+    """The kind of matrix a parameter name denotes (q, k, v, o, gate, up, down, norm), else "other"."""
     if "norm" in name:
         return "norm"
     for kind in KINDS[:-1]:
@@ -86,6 +88,7 @@ def _density_image(region: Region, name: str, max_side: int) -> torch.Tensor:
 
 
 def region_heatmap(region: Region, name: str, head_dim: int | None = None) -> bytes:
+    """PNG of one matrix's region density (rows = outputs), with head boundaries marked when `head_dim` is given."""
     img = _density_image(region, name, 256)
     h, w = region.shapes[name]
     side = max(img.shape)

@@ -66,6 +66,8 @@ class Target:
 
 @dataclass(frozen=True)
 class Estimator:
+    """A registered estimator: its function, the statistics its passes must collect, and its own scope, if any."""
+
     name: str
     fn: Callable[[Stats, Target], dict[str, torch.Tensor]]
     needs: frozenset[str]
@@ -77,6 +79,7 @@ ESTIMATORS: dict[str, Estimator] = {}
 
 
 def estimator(name: str, needs: Sequence[str] = (), scope: str | None = None):
+    """Decorator registering an estimator under `name`; its docstring becomes the definition in the report."""
     unknown = set(needs) - set(STATS)
     if unknown:
         raise ValueError(f"estimator {name}: unknown statistics {sorted(unknown)}")
@@ -89,6 +92,7 @@ def estimator(name: str, needs: Sequence[str] = (), scope: str | None = None):
 
 
 def get(name: str) -> Estimator:
+    """The estimator registered as `name`, or a LingregionError listing the known ones."""
     if name not in ESTIMATORS:
         raise LingregionError(f"unknown estimator {name!r}; choose from {', '.join(ESTIMATORS)}")
     return ESTIMATORS[name]

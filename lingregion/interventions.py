@@ -32,6 +32,7 @@ class Applied:
 
     @torch.no_grad()
     def undo(self) -> None:
+        """Put back the saved entries, bit for bit; a second call does nothing."""
         for flat, index, original in reversed(self._saved):
             flat[index] = original
         self._saved = []
@@ -39,6 +40,7 @@ class Applied:
 
 @torch.no_grad()
 def apply(model, edits: list[Edit]) -> Applied:
+    """Apply `edits` in place, saving only the touched entries; `undo()` on the result restores them."""
     params = dict(model.named_parameters())
     saved = []
     for e, index in zip(edits, _indices_on_devices(edits, params)):
@@ -72,6 +74,7 @@ def removal(region: Region, removed: dict[str, float]) -> list[Edit]:
 
 @contextmanager
 def applied(model, edits: list[Edit]):
+    """Context manager: the model with `edits` applied inside the block, restored exactly on leaving it."""
     handle = apply(model, edits)
     try:
         yield model

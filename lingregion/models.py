@@ -23,6 +23,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def cache_dir() -> Path:
+    """Where converted models are kept: $LINGREGION_CACHE, else ~/.cache/lingregion."""
     return Path(os.environ.get("LINGREGION_CACHE", Path.home() / ".cache" / "lingregion"))
 
 
@@ -89,6 +90,7 @@ class Model:
 
 
 def input_device(model: nn.Module) -> torch.device:
+    """The device inputs go to: the embedding's, also when the model is spread over several GPUs."""
     return model.get_input_embeddings().weight.device
 
 

@@ -48,6 +48,7 @@ class Region:
 
     @classmethod
     def from_masks(cls, masks: Mapping[str, torch.Tensor], meta: dict | None = None) -> Region:
+        """A region from one boolean mask per parameter (the masks are packed to 1 bit per entry)."""
         return cls(
             {n: _pack(m.bool()) for n, m in masks.items()},
             {n: tuple(m.shape) for n, m in masks.items()},
@@ -55,6 +56,7 @@ class Region:
         )
 
     def mask(self, name: str) -> torch.Tensor:
+        """The boolean mask of one parameter, unpacked to the parameter's shape."""
         return _unpack(self.packed[name], self.shapes[name])
 
     def indices(self, name: str) -> torch.Tensor:
@@ -62,10 +64,12 @@ class Region:
         return self.mask(name).reshape(-1).nonzero().squeeze(1)
 
     def count(self, name: str | None = None) -> int:
+        """Selected entries, of one parameter or (by default) of all of them."""
         names = [name] if name else self.packed
         return sum(_popcount(self.packed[n]) for n in names)
 
     def total(self) -> int:
+        """Entries of all the parameters the region covers, selected or not."""
         return sum(int(np.prod(s)) for s in self.shapes.values())
 
     def _combine(self, other: Region, op, label: str) -> Region:
@@ -90,15 +94,18 @@ class Region:
         return self._combine(other, lambda a, b: np.bitwise_and(a, np.bitwise_not(b)), "difference")
 
     def jaccard(self, other: Region) -> float:
+        """|A ∩ B| / |A ∪ B|: how far two regions agree (1.0 when both are empty)."""
         union = (self | other).count()
         return (self & other).count() / union if union else 1.0
 
     def save(self, path: Path) -> None:
+        """Write the packed masks, shapes and meta to a safetensors file (atomically)."""
         meta = dict(self.meta, shapes={n: list(s) for n, s in self.shapes.items()}, format="lingregion-region-v1")
         write_tensors(path, self.packed, meta)
 
     @classmethod
     def load(cls, path: Path) -> Region:
+        """Read a region written by `save`, refusing score files and masks of the wrong size."""
         tensors, meta = read_tensors(path)
         if meta.get("format") != "lingregion-region-v1":
             raise LingregionError(

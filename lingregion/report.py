@@ -19,6 +19,7 @@ from .store import LingregionError, read_json, write_text
 
 # --- Markdown ---------------------------------------------------------------------------------------
 def to_markdown(blocks: list[dict], run_dir: Path) -> str:
+    """The blocks as Markdown; figures are linked by their path, and left out if the PNG is missing."""
     out = []
     for b in blocks:
         if b["kind"] == "heading":
@@ -56,6 +57,7 @@ def _inline(s: str) -> str:
 
 
 def to_html(blocks: list[dict], run_dir: Path, title: str) -> str:
+    """The blocks as one self-contained HTML page, figures embedded, so that it opens offline on its own."""
     out = []
     for b in blocks:
         if b["kind"] == "heading":

@@ -190,6 +190,7 @@ def score(
     checkpoint: Path | None = None,
     every: int = CHECKPOINT_EVERY,
 ) -> dict[str, torch.Tensor]:
+    """The paper's importance I = |(θ − θ_removed) ⊙ g| of every scored parameter over one language's windows."""
     grads = gradient_sum(model, windows, names, batch_size, progress, checkpoint, every)
     return taylor_importance(model, grads, removed, inplace=True)
 

@@ -180,6 +180,7 @@ class Slice:
 
 
 def slices(model, family: str, mode: str = "common") -> list[Slice]:
+    """The Slices of every block that `family` removes, with the index space each is ranked in under `mode`."""
     if family not in FAMILIES:
         raise LingregionError(f"unknown family {family!r}; use one of {', '.join(FAMILIES)}")
     if mode not in MODES:
@@ -278,6 +279,7 @@ class Ranked:
 
 
 def ranked(model, region: Region, family: str, mode: str = "common") -> Ranked:
+    """The family's index spaces with the Top-region entries each index holds, ready to pick from."""
     group_map = groups(model, family, mode)
     return Ranked(group_map, {space: counts(region, g) for space, g in group_map.items()})
 
@@ -328,6 +330,7 @@ def is_offset(model, name: str) -> bool:
 
 
 def effective_scale(w: torch.Tensor, offset: bool) -> torch.Tensor:
+    """The scale a norm weight applies, in fp32: 1 + w for the (1 + w) kind (Gemma), else w."""
     return w.float() + 1.0 if offset else w.float()
 
 

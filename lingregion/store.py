@@ -43,18 +43,22 @@ def _atomic(path: Path, write) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
+    """Write UTF-8 text atomically: a reader sees the old file or the new one, never a partial one."""
     _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_bytes(path: Path, data: bytes) -> None:
+    """Write bytes atomically (PNG figures and the like)."""
     _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically, with sorted keys and non-ASCII kept, so that reruns produce identical files."""
     write_text(path, json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=True) + "\n")
 
 
 def read_json(path: Path) -> Any:
+    """Parse a JSON file, or raise a LingregionError naming the file if it is missing or corrupt."""
     path = Path(path)
     if not path.is_file():
         raise LingregionError(f"{path}: file not found")
@@ -73,6 +77,7 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> N
 
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors in their saved order, provenance record) of a file written by `write_tensors`; refuses others."""
     path = Path(path)
     if not path.is_file():
         raise LingregionError(f"{path}: file not found")
@@ -95,10 +100,12 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of some bytes: identifies a text by its content."""
     return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks so that model weights need not fit in memory."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -107,6 +114,7 @@ def sha256_file(path: Path) -> str:
 
 
 def environment() -> dict:
+    """Versions of lingregion, torch, transformers and Python, and the platform: part of every provenance record."""
     import transformers
 
     from . import __version__

@@ -41,14 +41,17 @@ def _task_dir() -> Path:
 
 
 def manifest() -> dict:
+    """The built-in task's manifest.json: how its items were made, its version, and its languages."""
     return json.loads((_task_dir() / "manifest.json").read_text(encoding="utf-8"))
 
 
 def languages() -> list[str]:
+    """The languages the built-in task has, sorted."""
     return sorted(manifest()["languages"])
 
 
 def items_path(lang: str) -> Path:
+    """The gzipped JSONL file of one language's items, or a LingregionError naming the languages there are."""
     if lang not in manifest()["languages"]:
         raise LingregionError(f"the {TASK} task has no language {lang!r}; it has {', '.join(languages())}")
     return _task_dir() / f"{lang}.jsonl.gz"

@@ -60,6 +60,7 @@ class _Cache:
         self.base = {"fingerprint": run.info["fingerprint"], "dtype": run.cfg.dtype}
 
     def get(self, name: str, made_of: dict, compute):
+        """The cached entry `name`, computed (and saved at once) when missing or made from other inputs."""
         key = digest({**self.base, **made_of})
         if self.data["keys"].get(name) != key:
             self.data["entries"][name] = compute()
@@ -264,6 +265,7 @@ def findings(result: dict) -> list[str]:
 
 
 def section(result: dict) -> list:
+    """Report blocks: accuracy ± standard error per language and setting, beside the perplexity ratio."""
     if "skipped" in result:
         return [
             blocks.heading("Downstream: multiple-choice accuracy with a region removed"),
@@ -336,6 +338,7 @@ def section(result: dict) -> list:
 
 
 def validate(cfg) -> None:
+    """Refuse task languages the built-in task lacks, a ratio outside (0, 1), and unknown lm-eval tasks."""
     known = set(tasks.languages())
     bad = [lang for lang in cfg.down_langs if lang not in known]
     if bad or not cfg.down_langs:

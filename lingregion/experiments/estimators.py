@@ -60,6 +60,7 @@ def damage(base: dict, removed: dict, vocab: int) -> dict[str, float]:
 
 
 def mean(values) -> float:
+    """The arithmetic mean of a non-empty iterable."""
     values = list(values)
     return sum(values) / len(values)
 
@@ -128,6 +129,7 @@ def _outlier_dims(run: Run, windows: list[Windows]) -> tuple[list[int], list[int
 
 
 def run(run: Run) -> dict:
+    """Damage per estimator and ratio against Random, the estimators' overlap, and the specificity controls."""
     cfg, langs = run.cfg, run.cfg.est_eval_langs
     t = importance.Target(run.model, run.names, run.removed)
     vocab = run.model.get_output_embeddings().weight.shape[0]
@@ -427,6 +429,7 @@ def findings(result: dict) -> list[str]:
 
 
 def section(result: dict) -> list:
+    """Report blocks: the damage curves, the estimators' overlap, and the specificity of the core region."""
     fmt, ratios, curves = blocks.fmt, result["ratios"], result["damage"]
     names = [n for n in curves if n != "random"]
     spec, r0 = result["specificity"], answer_ratio(result) or ratios[0]
@@ -497,6 +500,7 @@ def section(result: dict) -> list:
 
 
 def validate(cfg) -> None:
+    """Refuse unknown estimators, a list without the core's, lape with one language, and bad ratios or budgets."""
     for name in cfg.est_estimators:
         importance.get(name)
     if CORE not in cfg.est_estimators:

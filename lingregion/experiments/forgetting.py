@@ -69,6 +69,7 @@ def forgetting(res: dict, setting: str) -> float:
 
 
 def findings(res: dict) -> list[str]:
+    """Whether freezing the core region reduced the forgetting of the untrained languages (or could not be tested)."""
     x, n = res["languages"][0], res["samples"][-1]
     f = {s: forgetting(res, s) for s in FORGETTING}
     learned = {s: res["table"][s]["ppl"][x][-1] / res["table"][s]["ppl"][x][0] for s in FORGETTING}
@@ -90,6 +91,7 @@ def findings(res: dict) -> list[str]:
 
 
 def section(res: dict) -> list:
+    """Report blocks: each untrained language's perplexity before → after training, per frozen region."""
     x, others = res["languages"][0], res["languages"][1:]
     t = res["table"]
     head = ["Setting", f"{x} (trained)"] + others + ["forgetting (geo. mean)"]

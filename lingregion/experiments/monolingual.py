@@ -195,6 +195,7 @@ def run(run: Run) -> dict:
 
 
 def validate(cfg) -> None:
+    """Refuse a focus language that is not among the monolingual languages."""
     if cfg.mono_focus not in cfg.mono_langs:
         raise LingregionError(
             f"--mono-focus {cfg.mono_focus} is not among the monolingual languages "
@@ -203,6 +204,7 @@ def validate(cfg) -> None:
 
 
 def findings(res: dict) -> list[str]:
+    """For how many languages removing their own monolingual region hurts them most."""
     ratio, langs = res["ppl_ratio"], [lang for lang in res["languages"] if lang in res["eval_languages"]]
     own = [lang for lang in langs if ratio[lang][lang] == max(ratio[lang].values())]
     return [
@@ -217,6 +219,7 @@ def _ppl_of(results: dict):
 
 
 def section(res: dict) -> list:
+    """Report blocks: region sizes, the interaction matrix, related languages, Table 5, generations, overlap."""
     fmt, langs, evals, ratio = blocks.fmt, res["languages"], res["eval_languages"], res["ppl_ratio"]
     out = [
         blocks.heading("Monolingual regions (the paper's Table 5, and beyond)"),

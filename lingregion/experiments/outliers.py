@@ -133,6 +133,7 @@ def run(run: Run) -> dict:
 
 
 def outlier_chart(result: dict) -> bytes:
+    """PNG: per residual dimension, its massive-activation peak above its core Top entries; top three marked."""
     fig, (top, bottom) = figures.subplots(2, 1, figsize=(9, 5), sharex=True)
     dims = range(result["hidden"])
     top.plot(dims, result["massive_profile"], lw=0.8, color="#444")
@@ -174,6 +175,7 @@ def outliers_table(result: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def findings(result: dict) -> list[str]:
+    """The worst single-parameter perturbation against random controls, and what removing a massive dimension does."""
     langs, base, fmt, out = result["langs"], result["base"], blocks.fmt, []
     cands, ctrls = result["candidates"], result["controls"]
     worst = max(cands, key=lambda e: _worst(e, langs, base)[1])
@@ -203,6 +205,7 @@ def findings(result: dict) -> list[str]:
 
 
 def section(result: dict) -> list:
+    """Report blocks: Table 8's perturbations, the massive and core-densest dimensions, and their removal."""
     fmt, langs, base = blocks.fmt, result["langs"], result["base"]
     cands = result["candidates"]
     layers = ", ".join(f"L{i + 1}" for i in result["layers"])

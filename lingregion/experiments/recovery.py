@@ -31,6 +31,7 @@ MARGIN = 0.10  # share of log-perplexity damage: smaller differences are not cal
 
 # --- configuration ----------------------------------------------------------------------------------------
 def validate(cfg) -> None:
+    """Refuse sample counts that are not increasing or share a step, a bad ratio, or a trained tracked language."""
     samples = cfg.train_samples
     if not samples or min(samples) < 0 or max(samples) < 1 or sorted(set(samples)) != list(samples):
         raise LingregionError(
@@ -62,6 +63,7 @@ def eval_steps(cfg) -> list[int]:
 
 
 def train_config(cfg) -> freezing.TrainConfig:
+    """The training run the config asks for, evaluated after each requested sample count."""
     steps = eval_steps(cfg)
     return freezing.TrainConfig(
         steps=max(steps),
@@ -218,6 +220,7 @@ def _damage_undone(start: float, end: float, base: float) -> float:
 
 
 def findings(res: dict) -> list[str]:
+    """The paper's two findings tested: the trained language recovers; the other only with the region unfrozen."""
     x, other = res["languages"]
     fmt, t, base = blocks.fmt, res["table"], res["base"]
     n = res["samples"][-1]
@@ -250,6 +253,7 @@ def findings(res: dict) -> list[str]:
 
 
 def section(res: dict) -> list:
+    """Report blocks: perplexity of both languages after each sample count, per setting (the paper's Table 2)."""
     x, other = res["languages"]
     t, samples = res["table"], res["samples"]
     head = ["Samples"] + [f"{RECOVERY[s]} {lang}" for s in RECOVERY for lang in (x, other)]

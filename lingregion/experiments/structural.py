@@ -21,6 +21,7 @@ PICK_LABELS = {"top": "Top", "middle": "Middle", "bottom": "Bottom", "random": "
 
 
 def validate(cfg) -> None:
+    """Refuse unknown families or modes, dimension counts below 1, a bad ratio, and empty language lists."""
     bad = [f for f in cfg.struct_families if f not in slices.FAMILIES]
     if bad:
         raise LingregionError(f"unknown structural family {bad[0]!r}; use some of {', '.join(slices.FAMILIES)}")
@@ -119,6 +120,7 @@ def run(run: Run) -> dict:
 
 
 def structural_chart(result: dict) -> bytes:
+    """PNG: perplexity over base against N_d, one panel per family, one line per pick (Top, Middle, ...)."""
     fams = result["families"]
     fig, axes = figures.subplots(1, len(fams), figsize=(4.2 * len(fams), 3.4), sharey=True, squeeze=False)
     colours = {"top": "#d62728", "middle": "#2ca02c", "bottom": "#1f77b4", "random": "#ff7f0e"}
@@ -149,6 +151,7 @@ def structural_table(result: dict, family: str) -> tuple[list[str], list[list[st
 
 
 def findings(result: dict) -> list[str]:
+    """Per family: the damage of removing the N_d densest dimensions against the other picks at the largest N_d."""
     n, out = max(result["dims"]), []
     fmt, langs, base = blocks.fmt, result["langs"], result["base"]
     for family, info in result["families"].items():
@@ -164,6 +167,7 @@ def findings(result: dict) -> list[str]:
 
 
 def section(result: dict) -> list:
+    """Report blocks: the method, the families, one table per family (Tables 3 and 4), and the chart."""
     mode = (
         "one common index per space: a residual index in every layer, a head-dimension index per layer"
         if result["mode"] == "common"
