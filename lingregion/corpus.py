@@ -31,10 +31,12 @@ def _data_dir() -> Path:
 
 
 def manifest() -> dict:
+    """The built-in corpus's manifest.json: its version, sources and languages (documents, sizes, hashes)."""
     return json.loads((_data_dir() / "manifest.json").read_text(encoding="utf-8"))
 
 
 def builtin_languages() -> list[str]:
+    """The codes of the languages the built-in corpus has, sorted."""
     return sorted(manifest()["languages"])
 
 
@@ -196,3 +198,4 @@ def load_windows(tokenizer, lang: str, split: str, seq_len: int, max_tokens: int
     if not docs:
         raise LingregionError(f"no {split} text for {lang} in {source}; pass more documents")
     return make_windows(tokenizer, docs, seq_len, max_tokens, lang, split, source)
+    """One language's split (built-in, or the text at `path`) cut into windows of `seq_len`, up to `max_tokens`."""

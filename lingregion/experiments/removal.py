@@ -84,6 +84,7 @@ def findings(result: dict) -> list[str]:
 
 
 def section(result: dict) -> list:
+    """(head, rows) of one metric per language and setting, Base first: the paper's Table 1 layout."""
     langs = ", ".join(result["score_windows"])
     notes = [
         f"{result['share_already_at_removed_value']:.2%} of the scored parameters already sit at their removed "
@@ -109,6 +110,7 @@ def section(result: dict) -> list:
         ),
         blocks.figure(
             "figures/removal.png",
+    """Report blocks: Table 1 in perplexity and in bits per byte, the chart, notes, and where the region lies."""
             "Perplexity and bits per byte per language and setting (log scale): "
             "the Top bars tower over Base, Bottom and Random.",
         ),

@@ -53,6 +53,7 @@ class Run:
         self._regions: dict[tuple, tuple[dict, Region]] = {}
 
     def windows(self, lang: str, split: str, budget: int | None = None) -> corpus.Windows:
+        """A language's score or eval windows at `budget` tokens (the config's by default), loaded once per run."""
         budget = budget or (self.cfg.score_tokens if split == "score" else self.cfg.eval_tokens)
         key = (lang, split, budget)
         if key not in self._windows:
@@ -62,6 +63,7 @@ class Run:
         return self._windows[key]
 
     def provenance(self, **extra) -> dict:
+        """The model, the software versions and `extra`: the record every saved result starts with."""
         return {"model": self.info, "environment": environment(), **extra}
 
     def eval_record(self, langs: list[str], budget: int | None = None) -> dict:
