@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -49,7 +49,27 @@ from .interventions import Edit
 from .regions import Region
 from .store import LingregionError
 
-ROLE_OF = {
+# --- which matrix plays which role ---------------------------------------------------------------------
+# A parameter's role is found from its path inside its layer (layer index and ".weight" left out, e.g.
+# "self_attn.q_proj", "mlp.experts.down_proj"): the longest key of MAPPINGS that is that path or a dotted
+# ending of it decides. Fused matrices have a role of their own that says how they split into parts.
+ROLES = {
+    "q": "attention query projection",
+    "k": "attention key projection",
+    "v": "attention value projection",
+    "o": "attention output projection",
+    "gate": "MLP gate projection",
+    "up": "MLP up projection",
+    "down": "MLP down projection",
+    "qkv": "fused attention q|k|v projection (all q rows, then all k rows, then all v rows)",
+    "qkv_heads": "fused attention q/k/v projection interleaved per head (head h's q, k, v rows side by side)",
+    "gate_up": "fused MLP gate|up projection (all gate rows, then all up rows)",
+    "router": "mixture-of-experts router",
+    "other": "matrix that no structural family touches",
+    "input_norm": "input (pre-attention) norm",
+}
+MAPPINGS: dict[str, str] = {
+    # LLaMA, Llama 3, Mistral, Qwen2/3, Gemma 3, OLMo-2, Mixtral/Qwen-MoE/OLMoE attention and dense MLPs
     "q_proj": "q",
     "k_proj": "k",
     "v_proj": "v",
@@ -57,10 +77,39 @@ ROLE_OF = {
     "gate_proj": "gate",
     "up_proj": "up",
     "down_proj": "down",
+    # GPT-2 (Conv1D, [in, out])
     "attn.c_attn": "qkv",
     "attn.c_proj": "o",
     "mlp.c_fc": "up",
     "mlp.c_proj": "down",
+    # Phi-3
+    "self_attn.qkv_proj": "qkv",
+    "mlp.gate_up_proj": "gate_up",
+    # GPT-NeoX / Pythia and BLOOM
+    "attention.query_key_value": "qkv_heads",
+    "self_attention.query_key_value": "qkv_heads",
+    "attention.dense": "o",
+    "self_attention.dense": "o",
+    "mlp.dense_h_to_4h": "up",
+    "mlp.dense_4h_to_h": "down",
+    # mixture of experts: stacked experts [experts, out, in] (transformers 5), routers
+    "experts.gate_up_proj": "gate_up",
+    "experts.down_proj": "down",
+    "mlp.gate": "router",
+    "block_sparse_moe.gate": "router",
+    "mlp.shared_expert_gate": "router",
+    # input norms
+    "input_layernorm": "input_norm",
+    "ln_1": "input_norm",
+    "attention_norm": "input_norm",
+    "input_norm": "input_norm",
+}
+# Why a model has no input norm, by config.model_type: single-parameter perturbation does not apply to it.
+NO_INPUT_NORM = {
+    "olmo2": "OLMo-2 normalises each sublayer's output (post-norm) and q/k, never the residual stream the "
+    "layer reads, so no norm weight scales residual dimension d on its way into attention",
+    "olmo3": "OLMo-3 normalises each sublayer's output (post-norm) and q/k, never the residual stream the "
+    "layer reads, so no norm weight scales residual dimension d on its way into attention",
 }
 FAMILIES = {
     "feature": (("o", "row"), ("q", "col"), ("k", "col"), ("v", "col")),
@@ -72,24 +121,64 @@ FAMILIES = {
         ("down", "row"),
         ("gate", "col"),
         ("up", "col"),
+        ("router", "col"),  # a mixture-of-experts block reads d through its router too
     ),
     "head": (("o", "col"), ("q", "row"), ("k", "row"), ("v", "row")),
 }
 FAMILY_LABELS = {
     "feature": "Attn.o (row), Attn.q/k/v (column)",
-    "feature+ffn": "Attn.o (row), Attn.q/k/v (column), FFN.down (row), FFN.gate/up (column)",
+    "feature+ffn": "Attn.o (row), Attn.q/k/v (column), FFN.down (row), FFN.gate/up (column), MoE router (column)",
     "head": "Attn.o (column), Attn.q/k/v (row)",
 }
+OPTIONAL = {"gate", "router"}  # roles a layer may lack (GPT-2, NeoX and BLOOM MLPs have no gate; dense: no router)
 PICKS = ("top", "middle", "bottom", "random")
 MODES = ("common", "matrix")
 PERTURBATIONS = ("reset", "x10")
-INPUT_NORMS = ("input_layernorm", "ln_1", "attention_norm", "input_norm")
+
+
+class NotApplicable(LingregionError):
+    """An experiment that does not apply to this architecture, with the reason."""
+
+
+def register(suffix: str, role: str) -> None:
+    """Tell lingregion which role the matrix (or norm) at `suffix` plays in every layer.
+
+    suffix: the parameter's path inside its layer, or a dotted ending of it, without ".weight", e.g.
+    "attn.wo" for model.layers.3.attn.wo.weight. role: one of ROLES (q, k, v, o, gate, up, down, the fused
+    qkv, qkv_heads, gate_up, router, other to leave a matrix out of the structural families, input_norm).
+    A registration applies to models loaded afterwards and overrides a built-in mapping of the same suffix."""
+    if role not in ROLES:
+        raise LingregionError(f"unknown role {role!r}; use one of {', '.join(ROLES)}")
+    if not suffix or suffix.startswith(".") or suffix.endswith((".", ".weight")):
+        raise LingregionError(f"{suffix!r} is not a module path suffix like 'attn.wo' (no '.weight')")
+    MAPPINGS[suffix] = role
+
+
+def _inside_layer(name: str, prefix: str) -> tuple[int, str]:
+    """(layer index, path inside the layer without a trailing .weight) of a parameter under `prefix`."""
+    layer, _, rest = name[len(prefix) :].partition(".")
+    return int(layer), rest.removesuffix(".weight")
+
+
+def role_of(path: str) -> str | None:
+    """The role of a path inside a layer (see MAPPINGS): the longest matching suffix decides."""
+    parts = path.split(".")
+    for i in range(len(parts)):
+        role = MAPPINGS.get(".".join(parts[i:]))
+        if role is not None:
+            return role
+    return None
 
 
 # --- where the rows and columns are ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class Block:
-    """The rows `offset … offset + rows` (HF layout) of parameter `name`, playing `role` in `layer`."""
+    """One role's part of a stored matrix, seen as a [rows, cols] matrix in HF layout ([out, in]).
+
+    Row r of the block is row offset + (r // chunk) · period + r % chunk of the stored matrix: a contiguous
+    part (q|k|v, gate|up) has chunk = rows; a per-head interleaved one (GPT-NeoX, BLOOM) chunk = head_dim and
+    period = 3 · head_dim. `expert` ≥ 0 picks one matrix of a stack [experts, out, in] (MoE), whose entries
+    start at flat index `base` of the parameter."""
 
     name: str
     role: str
@@ -99,15 +188,29 @@ class Block:
     rows: int
     cols: int
     width: int  # length of a stored row: in_features for Linear, all out_features for Conv1D
+    chunk: int = 0  # 0: the rows are contiguous
+    period: int = 0
+    expert: int = -1
+    base: int = 0
+
+    def stored_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The rows of the (HF-layout) stored matrix that rows `rows` of the block are."""
+        if not self.chunk:
+            return self.offset + rows
+        return self.offset + torch.div(rows, self.chunk, rounding_mode="floor") * self.period + rows % self.chunk
 
     def flat(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Flat indices into the stored parameter of every (row, col) pair of the block (HF layout)."""
-        r, c = torch.meshgrid(self.offset + rows, cols, indexing="ij")
-        return (c * self.width + r if self.conv1d else r * self.width + c).reshape(-1)
+        r, c = torch.meshgrid(self.stored_rows(rows), cols, indexing="ij")
+        return self.base + (c * self.width + r if self.conv1d else r * self.width + c).reshape(-1)
 
     def hf(self, t: torch.Tensor) -> torch.Tensor:
-        """The block of a tensor shaped like the parameter, as a [rows, cols] view in HF layout."""
-        return (t.T if self.conv1d else t)[self.offset : self.offset + self.rows]
+        """The block of a tensor shaped like the parameter, as a [rows, cols] tensor in HF layout."""
+        m = t[self.expert] if self.expert >= 0 else t
+        m = m.T if self.conv1d else m
+        if not self.chunk:
+            return m[self.offset : self.offset + self.rows]
+        return m[self.stored_rows(torch.arange(self.rows, device=m.device))]
 
 
 def heads(model) -> tuple[int, int, int]:
@@ -119,42 +222,87 @@ def heads(model) -> tuple[int, int, int]:
     return n, kv, hd
 
 
+def _parts(role: str, name: str, out_f: int, n: int, kv: int, hd: int) -> list[tuple[str, int, int, int, int]]:
+    """(role, offset, rows, chunk, period) of each part of a matrix with `out_f` output rows."""
+    if role == "qkv":
+        sizes = {"q": n * hd, "k": kv * hd, "v": kv * hd}
+        if sum(sizes.values()) != out_f:
+            raise LingregionError(
+                f"{name}: fused q/k/v has {out_f} outputs, the config implies {sum(sizes.values())}; "
+                "structural removal cannot split it"
+            )
+        offsets = [0, n * hd, (n + kv) * hd]
+        return [(r, o, s, 0, 0) for (r, s), o in zip(sizes.items(), offsets)]
+    if role == "qkv_heads":
+        if kv != n or 3 * n * hd != out_f:
+            raise LingregionError(
+                f"{name}: per-head interleaved q/k/v has {out_f} outputs, the config implies 3 × {n} heads × "
+                f"{hd} with {kv} key/value heads; structural removal cannot split it"
+            )
+        return [(r, i * hd, n * hd, hd, 3 * hd) for i, r in enumerate("qkv")]
+    if role == "gate_up":
+        if out_f % 2:
+            raise LingregionError(f"{name}: fused gate|up has an odd number of outputs ({out_f}); cannot split it")
+        return [("gate", 0, out_f // 2, 0, 0), ("up", out_f // 2, out_f // 2, 0, 0)]
+    return [(role, 0, out_f, 0, 0)]
+
+
 def blocks(model) -> list[Block]:
-    """Every attention and MLP weight matrix of every layer, split into roles."""
+    """Every weight matrix of every layer split into its roles' parts; experts of a stack one by one.
+
+    Raises a one-line error naming a matrix no mapping places (register it with `register`)."""
     from transformers.pytorch_utils import Conv1D
 
     prefix = models.layer_prefix(model)
     n, kv, hd = heads(model)
-    out = []
-    for mod_name, module in model.named_modules():
-        if not mod_name.startswith(prefix) or not isinstance(module, (torch.nn.Linear, Conv1D)):
+    out, unknown = [], []
+    for name, p in model.named_parameters():
+        if not name.startswith(prefix) or p.dim() < 2:
             continue
-        parts = mod_name.split(".")
-        role = ROLE_OF.get(".".join(parts[-2:])) or ROLE_OF.get(parts[-1])
-        if role is None:
+        layer, path = _inside_layer(name, prefix)
+        role = role_of(path)
+        if role is None or p.dim() > 3:
+            unknown.append((layer, path))
             continue
-        conv1d = isinstance(module, Conv1D)
-        out_f, in_f = module.weight.shape[::-1] if conv1d else module.weight.shape
-        layer = int(mod_name[len(prefix) :].split(".")[0])
-        if role == "qkv":  # fused: q, then k, then v along the output axis
-            sizes = {"q": n * hd, "k": kv * hd, "v": kv * hd}
-            if sum(sizes.values()) != out_f:
-                raise LingregionError(
-                    f"{mod_name}: fused q/k/v has {out_f} outputs, the config implies "
-                    f"{sum(sizes.values())}; structural removal cannot split it"
-                )
-            offset = 0
-            for r, size in sizes.items():
-                out.append(Block(mod_name + ".weight", r, layer, conv1d, offset, size, in_f, module.weight.shape[1]))
-                offset += size
-        else:
-            out.append(Block(mod_name + ".weight", role, layer, conv1d, 0, out_f, in_f, module.weight.shape[1]))
-    if not {"q", "k", "v", "o"} <= {b.role for b in out}:
+        if role in ("other", "input_norm"):
+            continue
+        mod_name, _, leaf = name.rpartition(".")
+        conv1d = leaf == "weight" and isinstance(model.get_submodule(mod_name), Conv1D)
+        out_f, in_f = (p.shape[-1], p.shape[-2]) if conv1d else (p.shape[-2], p.shape[-1])
+        per_expert = p.shape[-2] * p.shape[-1]
+        for expert in range(p.shape[0]) if p.dim() == 3 else [-1]:
+            for part, offset, rows, chunk, period in _parts(role, name, out_f, n, kv, hd):
+                block = Block(name, part, layer, conv1d, offset, rows, in_f, p.shape[-1], chunk, period, expert)
+                out.append(replace(block, base=max(expert, 0) * per_expert))
+    if unknown:
+        layer, path = unknown[0]
         raise LingregionError(
-            f"{type(model).__name__}: no attention matrices named q_proj/k_proj/v_proj/o_proj "
-            "(or GPT-2's c_attn/c_proj); structural removal does not know this architecture"
+            f"{type(model).__name__}: layer {layer} has a matrix {path!r} that no mapping places; say which "
+            f"role it plays: lingregion.slices.register({path!r}, ROLE), ROLE one of {', '.join(ROLES)}"
         )
     return out
+
+
+def require(model, found: list[Block], roles) -> None:
+    """A one-line error naming the first role of `roles` (OPTIONAL ones aside) missing from some layer,
+    and how to register the matrix that plays it."""
+    n_layers = len(model.get_submodule(models.layer_prefix(model)[:-1]))
+    have: dict[int, set[str]] = {}
+    for b in found:
+        have.setdefault(b.layer, set()).add(b.role)
+    for layer in range(n_layers):
+        for role in roles:
+            if role not in OPTIONAL and role not in have.get(layer, set()):
+                prefix = models.layer_prefix(model)
+                mats = [
+                    _inside_layer(nm, prefix)[1]
+                    for nm, p in model.named_parameters()
+                    if nm.startswith(f"{prefix}{layer}.") and p.dim() >= 2
+                ]
+                raise LingregionError(
+                    f"cannot find the {ROLES[role]} of layer {layer} in {type(model).__name__} (its matrices: "
+                    f"{', '.join(mats) or 'none'}); name it with lingregion.slices.register(SUFFIX, {role!r})"
+                )
 
 
 @dataclass(frozen=True, eq=False)
@@ -188,7 +336,9 @@ def slices(model, family: str, mode: str = "common") -> list[Slice]:
     n, kv, hd = heads(model)
     hidden = model.config.hidden_size
     out = []
-    for b in blocks(model):
+    found = blocks(model)
+    require(model, found, [role for role, _ in FAMILIES[family]])
+    for b in found:
         for role, axis in FAMILIES[family]:
             if b.role != role:
                 continue
@@ -200,7 +350,8 @@ def slices(model, family: str, mode: str = "common") -> list[Slice]:
                     f"the {family} family does not fit this architecture"
                 )
             if mode == "matrix":
-                space, to_own = f"{b.name}:{role}:{axis}", torch.arange(size)
+                expert = f":expert{b.expert}" if b.expert >= 0 else ""  # each expert's matrix is a matrix
+                space, to_own = f"{b.name}{expert}:{role}:{axis}", torch.arange(size)
             elif family == "head":
                 i = torch.arange(n * hd)  # query head i // hd reads k/v head (i // hd) // (n / kv)
                 space, to_own = f"layer{b.layer}", (i // hd // (n // kv)) * hd + i % hd if role in ("k", "v") else i
@@ -308,18 +459,31 @@ def dimension_removal(model, dims: list[int]) -> list[Edit]:
 
 # --- single parameters in the input norms --------------------------------------------------------------
 def input_norms(model) -> list[str]:
-    """The weight of each layer's input (pre-attention) norm, in layer order."""
+    """The weight of each layer's input (pre-attention) norm, in layer order.
+
+    Raises NotApplicable, with the reason, for a known architecture without one (NO_INPUT_NORM), and a
+    one-line error naming the layer's norms and how to register the right one otherwise."""
     prefix = models.layer_prefix(model)
     found: dict[int, str] = {}
-    for name, _ in model.named_parameters():
-        parts = name[len(prefix) :].split(".")
-        if name.startswith(prefix) and len(parts) == 3 and parts[1] in INPUT_NORMS and parts[2] == "weight":
-            found[int(parts[0])] = name
+    norms: dict[int, list[str]] = {}
+    for name, p in model.named_parameters():
+        if not name.startswith(prefix) or p.dim() != 1 or not name.endswith(".weight"):
+            continue
+        layer, path = _inside_layer(name, prefix)
+        norms.setdefault(layer, []).append(path)
+        if role_of(path) == "input_norm":
+            found[layer] = name
     n_layers = len(model.get_submodule(prefix[:-1]))
-    if sorted(found) != list(range(n_layers)):
+    missing = [i for i in range(n_layers) if i not in found]
+    if missing:
+        cls, layer = type(model).__name__, missing[0]
+        reason = NO_INPUT_NORM.get(getattr(model.config, "model_type", ""))
+        if reason and not found:
+            raise NotApplicable(f"{cls}: single-parameter perturbation of the input norm does not apply: {reason}")
         raise LingregionError(
-            f"{type(model).__name__}: cannot find each layer's input norm (named one of "
-            f"{', '.join(INPUT_NORMS)}); single-parameter perturbation does not know this architecture"
+            f"cannot find the {ROLES['input_norm']} of layer {layer} in {cls} (its 1-D weights: "
+            f"{', '.join(norms.get(layer, [])) or 'none'}); name it with "
+            "lingregion.slices.register(SUFFIX, 'input_norm')"
         )
     return [found[i] for i in range(n_layers)]
 
@@ -404,26 +568,36 @@ class Scan:
 @torch.no_grad()
 def scan(model, windows: list[Windows], layers: list[int], batch_size: int = 4, progress: bool = True) -> Scan:
     """Capture the residual stream entering each layer over `windows`; score the input-norm entries of
-    `layers` by how much each perturbation would change what attention reads."""
-    norms = input_norms(model)
-    bad = [i for i in layers if not 0 <= i < len(norms)]
+    `layers` by how much each perturbation would change what attention reads.
+
+    The peaks are read at each layer's own input, so the massive-activation scan (layers=[]) needs no
+    input norm and works for post-norm models (OLMo-2) too."""
+    stack = model.get_submodule(models.layer_prefix(model)[:-1])
+    n_layers = len(stack)
+    bad = [i for i in layers if not 0 <= i < n_layers]
     if bad:
-        raise LingregionError(f"layer {bad[0]} out of range; the model has layers 0..{len(norms) - 1}")
-    modules = {i: model.get_submodule(norms[i].rpartition(".")[0]) for i in range(len(norms))}
+        raise LingregionError(f"layer {bad[0]} out of range; the model has layers 0..{n_layers - 1}")
+    norms = input_norms(model) if layers else []
+    modules = {i: model.get_submodule(norms[i].rpartition(".")[0]) for i in layers}
     hidden = model.config.hidden_size
-    peak = torch.zeros(len(norms), hidden)
+    peak = torch.zeros(n_layers, hidden)
     inputs: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
 
-    def capture(i):
-        def hook(_module, args):
-            x = args[0].detach().reshape(-1, hidden)
+    def at_layer(i):
+        def hook(_module, args, kwargs):
+            x = (args[0] if args else kwargs["hidden_states"]).detach().reshape(-1, hidden)
             peak[i] = torch.maximum(peak[i], x.abs().amax(dim=0).float().cpu())
-            if i in inputs:
-                inputs[i].append(x)
 
         return hook
 
-    hooks = [modules[i].register_forward_pre_hook(capture(i)) for i in modules]
+    def at_norm(i):
+        def hook(_module, args):
+            inputs[i].append(args[0].detach().reshape(-1, hidden))
+
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(at_layer(i), with_kwargs=True) for i, layer in enumerate(stack)]
+    hooks += [modules[i].register_forward_pre_hook(at_norm(i)) for i in modules]
     device = next(model.parameters()).device
     tokens = 0
     try:
