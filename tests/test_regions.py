@@ -1,7 +1,12 @@
+"""Scores → regions: Top / Bottom / Random selection per matrix and over all matrices (against a stable
+sort, ties by parameter order then flat index), packing and set operations, region files, and the
+monolingual region and size-matched controls built from them."""
+
 import pytest
 import torch
 
-from lingregion.regions import Region, select
+from lingregion import regions
+from lingregion.regions import Region, matching, monolingual, select
 from lingregion.store import LingregionError
 
 
@@ -112,3 +117,129 @@ def test_corrupt_and_foreign_files_are_refused(tmp_path, tiny):
     wrong = Region.from_masks({"model.layers.0.mlp.up_proj.weight": torch.ones(4, 4, dtype=torch.bool)})
     with pytest.raises(LingregionError, match="does not fit"):
         wrong.check_model(model, "mine")
+
+
+# --- selection at scale: the sampled bracket across matrices and its exact fallbacks -----------------
+def large_scores(zeros: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Three matrices of fp32 scores, a share `zeros` of them exactly 0, and repeated values."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in (("a.weight", (300, 400)), ("b.weight", (500, 300)), ("c.weight", (70_000,))):
+        x = torch.rand(shape, generator=g).mul_(1000).round_().div_(1000)  # about 1000 distinct values
+        x[torch.rand(shape, generator=g) < zeros] = 0.0
+        out[name] = x
+    return out
+
+
+def by_sorting(sc, k, largest):
+    flat = torch.cat([t.reshape(-1) for t in sc.values()])
+    order = torch.sort(flat if largest else -flat, descending=True, stable=True).indices[:k]
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[order] = True
+    out, start = {}, 0
+    for n, t in sc.items():
+        out[n] = mask[start : start + t.numel()].reshape(t.shape)
+        start += t.numel()
+    return out
+
+
+def check_global(sc, ratio, side):
+    region = select(sc, ratio, side, scope="global")
+    k = round(ratio * sum(t.numel() for t in sc.values()))
+    want = by_sorting(sc, k, side == "top")
+    assert region.count() == k
+    for n in sc:
+        assert torch.equal(region.mask(n), want[n]), n
+
+
+@pytest.fixture
+def bisections(monkeypatch):
+    calls = []
+    real = regions._bisect
+    monkeypatch.setattr(regions, "_bisect", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("side,ratio", [("top", 0.03), ("bottom", 0.03), ("top", 0.4), ("bottom", 0.01)])
+def test_sampled_bracket_matches_sorting(side, ratio, bisections):
+    sc = large_scores(zeros=0.05)
+    assert 1 << 16 < sum(t.numel() for t in sc.values())  # a sample, not every value
+    check_global(sc, ratio, side)
+    assert bisections == []  # found through the bracket
+
+
+def test_too_many_ties_in_the_bracket_fall_back_to_bisection(bisections):
+    sc = large_scores(zeros=0.9)  # the bottom 3% are all tied at 0, more than the largest matrix holds
+    check_global(sc, 0.03, "bottom")
+    check_global(sc, 0.03, "top")
+    assert len(bisections) == 1
+
+
+def test_a_missed_bracket_falls_back_to_bisection(monkeypatch, bisections):
+    sc = large_scores(zeros=0.05)
+    monkeypatch.setattr(regions, "_sample", lambda s, names, sizes, count: torch.zeros(count))  # a useless sample
+    check_global(sc, 0.03, "top")
+    assert len(bisections) == 1
+
+
+def test_per_matrix_quickselect_matches_sorting():
+    sc = large_scores(zeros=0.3, seed=1)
+    for side in ("top", "bottom"):
+        region = select(sc, 0.05, side)
+        for n, t in sc.items():
+            want = by_sorting({n: t}, round(0.05 * t.numel()), side == "top")[n]
+            assert torch.equal(region.mask(n), want)
+
+
+def test_gpu_rank_by_topk_matches_sorting():
+    """The GPU path of the rank-i value (top-k from the nearer end), run here on CPU tensors."""
+    x = torch.rand(1001, generator=torch.Generator().manual_seed(3))
+    x[::7] = 0.5  # ties
+    ordered = x.sort().values
+    for i in (0, 1, 499, 500, 501, 999, 1000):
+        assert regions._smallest_by_topk(x, i) == ordered[i].item()
+
+
+# --- monolingual regions and size-matched controls -------------------------------------------------
+def test_set_difference_hand_case():
+    # one 2×4 matrix; each language's Top 25% (2 entries) written out by hand
+    scores = {
+        "ru": {"w": torch.tensor([[9.0, 8, 0, 0], [0, 0, 0, 0]])},  # Top {0, 1}
+        "uk": {"w": torch.tensor([[0.0, 8, 9, 0], [0, 0, 0, 0]])},  # Top {1, 2}
+        "es": {"w": torch.tensor([[0.0, 0, 0, 0], [9, 8, 0, 0]])},  # Top {4, 5}
+    }
+    tops = {lang: select(s, 0.25, "top") for lang, s in scores.items()}
+    assert tops["ru"].indices("w").tolist() == [0, 1]
+    assert monolingual(tops, "ru").indices("w").tolist() == [0]  # 1 is shared with uk
+    assert monolingual(tops, "uk").indices("w").tolist() == [2]
+    assert monolingual(tops, "es").indices("w").tolist() == [4, 5]  # shares nothing
+
+
+def test_monolingual_regions_are_disjoint_from_every_other_top_set():
+    g = torch.Generator().manual_seed(0)
+    langs = ["ar", "es", "ru", "zh"]
+    tops = {
+        lang: select({"a": torch.rand(40, 30, generator=g), "b": torch.rand(77, generator=g)}, 0.1, "top")
+        for lang in langs
+    }
+    for lang in langs:
+        mono = monolingual(tops, lang)
+        for n in mono.packed:
+            assert mono.count(n) <= round(0.1 * mono.mask(n).numel())
+            assert not (mono.mask(n) & ~tops[lang].mask(n)).any()
+        for other in langs:
+            if other != lang:
+                assert (mono & tops[other]).count() == 0
+    with pytest.raises(LingregionError):
+        monolingual({"ru": tops["ru"]}, "ru")
+
+
+def test_matching_control_has_the_same_size_per_matrix():
+    g = torch.Generator().manual_seed(1)
+    scores = {"a": torch.rand(20, 10, generator=g), "b": torch.rand(50, generator=g)}
+    like = Region.from_masks({"a": torch.rand(20, 10, generator=g) < 0.2, "b": torch.rand(50, generator=g) < 0.5})
+    bottom = matching(scores, like, "bottom")
+    for n in scores:
+        assert bottom.count(n) == like.count(n)
+        chosen = scores[n][bottom.mask(n)]
+        assert chosen.max() <= scores[n][~bottom.mask(n)].min()
