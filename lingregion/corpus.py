@@ -119,6 +119,9 @@ class Windows:
     input_ids: list[torch.Tensor]  # each 1-D: BOS (if the tokenizer has one) + text tokens
     n_bytes: list[int]  # UTF-8 bytes covered by each window's predicted tokens
     meta: dict = field(default_factory=dict)
+    # UTF-8 bytes of each predicted token, one int32 tensor per window (summing to n_bytes), for per-block
+    # bits per byte; None in windows not made by make_windows.
+    token_bytes: list[torch.Tensor] | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -157,7 +160,10 @@ def make_windows(
         # so the windows' byte counts partition the text exactly.
         return char_to_byte[offsets[i][0]] if i < take else char_to_byte[offsets[take - 1][1]]
 
-    windows, n_bytes = [], []
+    # Token i covers byte_at(i) to byte_at(i + 1): the windows' partition of the bytes, one token finer.
+    cuts = torch.tensor([byte_at(i) for i in range(take + 1)], dtype=torch.int64)
+    per_token = cuts.diff().to(torch.int32)
+    windows, n_bytes, token_bytes = [], [], []
     for start in range(0, take, per_window):
         end = min(start + per_window, take)
         chunk = ids[start:end]
@@ -166,6 +172,7 @@ def make_windows(
             break
         windows.append(torch.tensor(([bos] if bos is not None else []) + chunk, dtype=torch.long))
         n_bytes.append(byte_at(end) - byte_at(first_predicted))
+        token_bytes.append(per_token[first_predicted:end].clone())
     meta = {
         "lang": lang,
         "split": split,
@@ -180,7 +187,7 @@ def make_windows(
         "bos": bos is not None,
         "bytes": sum(n_bytes),
     }
-    return Windows(lang, split, windows, n_bytes, meta)
+    return Windows(lang, split, windows, n_bytes, meta, token_bytes)
 
 
 def _char_to_byte_offsets(text: str) -> list[int]:

@@ -51,14 +51,26 @@ def local_device(device: str) -> str:
     return device
 
 
+def owned(n: int) -> range:
+    """Indices, among n windows, of this process's share: every world-size-th one, from its rank."""
+    rank, size = world()
+    return range(rank, n, size)
+
+
 def shard(windows: Windows) -> Windows:
-    """This process's share of the windows: every world-size-th one, starting at its rank.
+    """This process's share of the windows (see owned).
 
     Striding keeps the windows in order, so a language's one short window stays last in its shard."""
     rank, size = world()
     if size == 1:
         return windows
-    return dataclasses.replace(windows, input_ids=windows.input_ids[rank::size], n_bytes=windows.n_bytes[rank::size])
+    per_token = windows.token_bytes
+    return dataclasses.replace(
+        windows,
+        input_ids=windows.input_ids[rank::size],
+        n_bytes=windows.n_bytes[rank::size],
+        token_bytes=per_token[rank::size] if per_token is not None else None,
+    )
 
 
 def sum_(tensors) -> None:

@@ -3,8 +3,15 @@
 The output layer is applied one block of positions × vocabulary at a time: with a 262K-token vocabulary,
 logits for a whole batch would be the largest tensor in the run. Losses are summed in fp32/fp64 whatever the dtype.
 
-Under torchrun each process evaluates its share of the windows and the summed NLL and token counts are
-all-reduced once; with a checkpoint path the sums are saved every few windows and a rerun resumes.
+Besides the totals, the NLL is kept per block of consecutive predicted tokens (64 by default; a block
+never spans two windows), the unit that uncertainty.py resamples for confidence intervals. The total
+NLL is the exactly rounded sum of the block sums (math.fsum), so blocks and totals agree to the last bit
+whichever process computed which block.
+
+Under torchrun each process evaluates its share of the windows; each fills its blocks' places in one
+vector of all blocks (zeros elsewhere), and that vector and the token count are all-reduced once, which
+adds nothing but zeros to any block. With a checkpoint path the sums are saved every few windows and a
+rerun resumes.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ LOGIT_CHUNK = 256  # positions per output-layer call with gradients: 256 × 262K
 # Positions × vocabulary entries per output-layer call without gradients. 2048 × 2048 fp32 logits (16 MB)
 # stay in a CPU's cache while their log-sum-exp is taken; a GPU wants fewer, larger calls.
 BLOCKS = {"cpu": (2048, 2048), "cuda": (8192, 8192)}
+NLL_BLOCK = 64  # predicted tokens per resampling unit of the bootstrap: --quick's one window still gives several
 
 
 def batches(windows: Windows, batch_size: int) -> Iterator[torch.Tensor]:
@@ -123,9 +131,38 @@ def token_nll(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return out
 
 
-def summed_nll(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Σ −log p(target) over positions, in fp64."""
-    return token_nll(model, hidden, targets).double().sum()
+def summed_nll(
+    model, hidden: torch.Tensor, targets: torch.Tensor, block: int | None = None, rows: int = 1
+) -> torch.Tensor:
+    """Σ −log p(target) over positions, in fp64.
+
+    With `block`: the positions are `rows` equal-length windows laid end to end, and the result is a
+    rows × ⌈T/block⌉ tensor of the sums over each window's consecutive `block` positions (a window's last
+    block may be shorter)."""
+    nll = token_nll(model, hidden, targets).double()
+    if block is None:
+        return nll.sum()
+    per_row = nll.view(rows, -1)
+    # Zero padding fills the short last block; adding 0.0 leaves an fp64 sum unchanged.
+    padded = torch.nn.functional.pad(per_row, (0, -per_row.shape[1] % block))
+    return padded.view(rows, -1, block).sum(2)
+
+
+def block_layout(windows: Windows, block: int) -> tuple[list[int], list[int], list[int]]:
+    """Where each window's blocks start in the vector of all blocks, and each block's predicted tokens
+    and UTF-8 bytes (these depend on the windows alone, not on the model)."""
+    per_token = windows.token_bytes
+    if per_token is None or [len(b) for b in per_token] != [len(w) - 1 for w in windows.input_ids]:
+        raise LingregionError(
+            "these windows carry no per-token byte counts (or stale ones); make them with corpus.make_windows"
+        )
+    starts, tokens, n_bytes = [], [], []
+    for b in per_token:
+        starts.append(len(tokens))
+        for i in range(0, len(b), block):
+            tokens.append(len(b[i : i + block]))
+            n_bytes.append(int(b[i : i + block].sum()))
+    return starts, tokens, n_bytes
 
 
 @torch.inference_mode()
@@ -137,13 +174,22 @@ def perplexity(
     desc: str = "",
     checkpoint: Path | None = None,
     every: int = CHECKPOINT_EVERY,
+    block: int = NLL_BLOCK,
 ) -> dict:
     """Token-weighted perplexity exp(Σ NLL / Σ tokens) and bits per byte Σ NLL / (ln 2 · Σ bytes).
 
+    Returns {"ppl", "bpb", "nll", "tokens", "bytes", "blocks"}, where blocks = {"size": block, "nll": [...],
+    "tokens": [...], "bytes": [...]} lists each block of `block` consecutive predicted tokens of a window
+    (windows in order; a window's last block may be shorter): its summed NLL (fp64), predicted tokens and
+    UTF-8 bytes. nll == math.fsum(blocks["nll"]); tokens and bytes are the sums of theirs.
+
     checkpoint: a file to save the running sums to every `every` windows; a rerun of the same job
     resumes from it, and it is deleted once the sums are complete."""
+    if block < 1:
+        raise LingregionError(f"block {block} must be at least 1 token")
     check_output_layer(model)
     device = input_device(model)
+    starts, block_tokens, block_bytes = block_layout(windows, block)
     ckpt = state = None
     if checkpoint:
         ckpt = Checkpoint(
@@ -153,12 +199,16 @@ def perplexity(
                 "model": fingerprint(model),
                 "windows": windows_digest(windows),
                 "batch_size": batch_size,
+                "block": block,
             },
             every,
         )
         state = ckpt.load()
-    sums = state[0]["sums"] if state else torch.zeros(2, dtype=torch.float64)  # [Σ NLL, Σ predicted tokens]
+    sums = state[0] if state else {}
+    nll_blocks = sums.get("blocks", torch.zeros(len(block_tokens), dtype=torch.float64))
+    counted = sums.get("tokens", torch.zeros(1, dtype=torch.float64))  # predicted tokens evaluated
     start = state[1] if state else 0
+    owned = distributed.owned(len(windows.input_ids))
     mine = distributed.shard(windows)
     bar = tqdm(
         total=len(mine.input_ids),
@@ -174,23 +224,28 @@ def perplexity(
         if b < start:  # already in the checkpoint's sums
             continue
         hidden, targets = hidden_and_targets(model, ids.to(device))
-        sums[0] += summed_nll(model, hidden, targets).item()
-        sums[1] += len(targets)
+        per_window = summed_nll(model, hidden, targets, block, len(ids)).cpu()
+        for row, w in zip(per_window, owned[done - len(ids) : done]):
+            nll_blocks[starts[w] : starts[w] + len(row)] = row
+        counted += len(targets)
         if ckpt:
-            ckpt.update({"sums": sums}, b + 1, done)
+            ckpt.update({"blocks": nll_blocks, "tokens": counted}, b + 1, done)
     bar.close()
-    distributed.sum_([sums])
+    distributed.sum_([nll_blocks, counted])
     if ckpt:
         ckpt.remove()
-    nll, tokens, n_bytes = sums[0].item(), windows.n_tokens, sum(windows.n_bytes)
-    if sums[1].item() != tokens:
-        raise RuntimeError(f"evaluated {sums[1].item():.0f} tokens of {tokens}: the processes saw different windows")
+    tokens, n_bytes = windows.n_tokens, sum(windows.n_bytes)
+    if counted.item() != tokens:
+        raise RuntimeError(f"evaluated {counted.item():.0f} tokens of {tokens}: the processes saw different windows")
+    per_block = nll_blocks.tolist()
+    nll = math.fsum(per_block)
     return {
         "ppl": math.exp(nll / tokens) if nll / tokens < 700 else math.inf,
         "bpb": nll / math.log(2) / n_bytes,
         "nll": nll,
         "tokens": tokens,
         "bytes": n_bytes,
+        "blocks": {"size": block, "nll": per_block, "tokens": block_tokens, "bytes": block_bytes},
     }
 
 

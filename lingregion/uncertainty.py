@@ -1,0 +1,181 @@
+"""How far a number would move with other text: bootstrap intervals, split-half stability of a region,
+the token budget a stable region needs, and verdicts read off intervals.
+
+Perplexity intervals resample blocks of consecutive predicted tokens (evaluation.perplexity's `blocks`),
+not windows, so that a single window still gives an interval. A ratio of two settings evaluated on the
+same text resamples the same blocks for both (paired): a block of hard text raises both perplexities,
+and pairing cancels it. Intervals are percentile intervals, seeded.
+
+Region stability compares the regions of the two halves of a language's scoring windows (scoring.Split).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from scipy import stats
+
+from .regions import select
+from .store import LingregionError
+
+RESAMPLES = 2000
+LEVEL = 0.95
+SPEARMAN_SAMPLE = 100_000  # entries per matrix: the standard error of ρ is then at most about 0.003
+HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
+RULE = (
+    "A finding holds when its whole 95% interval lies beyond the threshold in the hypothesised direction, "
+    "does not hold when the whole interval lies on the other side of the threshold, and is inconclusive "
+    "at this budget when the interval contains the threshold. No verdict rests on a point estimate."
+)
+_CHUNK = 1 << 22  # resamples × blocks per matrix of resampling counts (32 MB of int64)
+
+
+def _columns(result: Mapping) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(NLL, tokens, bytes) per block, from a perplexity result or its "blocks"."""
+    b = result.get("blocks", result)
+    if not len(b["nll"]):
+        raise LingregionError("no blocks to resample: the evaluation covered no tokens")
+    return tuple(np.asarray(b[k], dtype=np.float64) for k in ("nll", "tokens", "bytes"))
+
+
+def _counts(m: int, n: int, rng: np.random.Generator):
+    """n bootstrap resamples of m blocks, as how often each block is drawn: chunks of (resamples, m)."""
+    step = max(1, _CHUNK // m)
+    for i in range(0, n, step):
+        yield rng.multinomial(m, np.full(m, 1 / m), size=min(step, n - i))
+
+
+def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def ratio(num: Mapping, den: Mapping) -> float:
+    """Perplexity ratio num / den = exp(ΣNLL_num/Σtok_num − ΣNLL_den/Σtok_den), from their blocks."""
+    (a, ta, _), (b, tb, _) = _columns(num), _columns(den)
+    return math.exp(a.sum() / ta.sum() - b.sum() / tb.sum())
+
+
+def paired_bootstrap(
+    num: Mapping, den: Mapping, n: int = RESAMPLES, seed: int = 0, level: float = LEVEL, paired: bool = True
+) -> tuple[float, float]:
+    """`level` percentile interval of the perplexity ratio num / den (perplexity results or their blocks).
+
+    paired: resample the same block indices for both, which must then be blocks of the same text (equal
+    token counts block by block). paired=False resamples each side on its own (texts that differ)."""
+    (a, ta, _), (b, tb, _) = _columns(num), _columns(den)
+    rng = np.random.default_rng(seed)
+    if paired:
+        if not np.array_equal(ta, tb):
+            raise LingregionError("a paired interval needs blocks of the same text on both sides; pass paired=False")
+        log_ratio = np.concatenate([(c @ a - c @ b) / (c @ ta) for c in _counts(len(a), n, rng)])
+    else:
+        num_rate = np.concatenate([(c @ a) / (c @ ta) for c in _counts(len(a), n, rng)])
+        den_rate = np.concatenate([(c @ b) / (c @ tb) for c in _counts(len(b), n, rng)])
+        log_ratio = num_rate - den_rate
+    lo, hi = _interval(log_ratio, level)
+    return math.exp(lo), math.exp(hi)
+
+
+def bootstrap_ppl(
+    result: Mapping, n: int = RESAMPLES, seed: int = 0, level: float = LEVEL
+) -> dict[str, tuple[float, float]]:
+    """`level` percentile intervals of one setting's perplexity and bits per byte: {"ppl": (lo, hi),
+    "bpb": (lo, hi)}, both from the same resamples of its blocks."""
+    nll, tokens, n_bytes = _columns(result)
+    rng = np.random.default_rng(seed)
+    per_token, per_byte = [], []
+    for c in _counts(len(nll), n, rng):
+        total = c @ nll
+        per_token.append(total / (c @ tokens))
+        per_byte.append(total / (c @ n_bytes) / math.log(2))
+    lo, hi = _interval(np.concatenate(per_token), level)
+    return {"ppl": (math.exp(lo), math.exp(hi)), "bpb": _interval(np.concatenate(per_byte), level)}
+
+
+def method_record(n: int = RESAMPLES, block: int = 64, level: float = LEVEL, seed: int = 0) -> dict:
+    """How the intervals were made, stored beside them (e.g. in a summary's "ci95_method")."""
+    return {
+        "method": "percentile bootstrap; a ratio's numerator and denominator resample the same blocks (paired)",
+        "unit": f"block of {block} consecutive predicted tokens of one window (a window's last block may be shorter)",
+        "resamples": n,
+        "level": level,
+        "seed": seed,
+    }
+
+
+def verdict(interval: tuple[float, float], threshold: float, direction: str) -> str:
+    """HOLDS, FAILS or INCONCLUSIVE for the hypothesis "the value is `direction` ('above' or 'below')
+    `threshold`", by RULE."""
+    lo, hi = interval
+    if direction == "above":
+        return HOLDS if lo > threshold else FAILS if hi < threshold else INCONCLUSIVE
+    if direction == "below":
+        return HOLDS if hi < threshold else FAILS if lo > threshold else INCONCLUSIVE
+    raise LingregionError(f"unknown direction {direction!r}; use 'above' or 'below'")
+
+
+def split_half_jaccard(half_a: Mapping[str, torch.Tensor], half_b: Mapping[str, torch.Tensor], ratio: float) -> float:
+    """Mean over matrices of the Jaccard overlap of the two halves' per-matrix Top `ratio` sets.
+
+    Matrices whose Top set is empty (round(ratio · entries) = 0) are left out: they would count as a
+    perfect overlap of nothing."""
+    top_a, top_b = (select(h, ratio, "top", "matrix") for h in (half_a, half_b))
+    both, either = top_a & top_b, top_a | top_b
+    overlaps = [both.count(n) / either.count(n) for n in top_a.packed if either.count(n)]
+    return float(np.mean(overlaps)) if overlaps else math.nan
+
+
+def spearman(
+    half_a: Mapping[str, torch.Tensor],
+    half_b: Mapping[str, torch.Tensor],
+    sample: int = SPEARMAN_SAMPLE,
+    seed: int = 0,
+) -> float:
+    """Mean over matrices of Spearman's ρ between the two halves' scores of the matrix's entries.
+
+    Per matrix, because regions are chosen per matrix: a correlation over all entries at once would be
+    dominated by the differences of scale between matrices, which both halves share. A matrix of more
+    than `sample` entries is represented by a seeded uniform sample of that many (the same positions in
+    both halves), which bounds time and memory. Matrices constant in either half (ρ undefined) are left out."""
+    rng = np.random.default_rng(seed)
+    rhos = []
+    for n in half_a:
+        x = half_a[n].reshape(-1).float().cpu().numpy()
+        y = half_b[n].reshape(-1).float().cpu().numpy()
+        if len(x) > sample:
+            at = rng.choice(len(x), sample, replace=False)
+            x, y = x[at], y[at]
+        if x.min() < x.max() and y.min() < y.max():
+            rhos.append(stats.spearmanr(x, y).statistic)
+    return float(np.mean(rhos)) if rhos else math.nan
+
+
+def fit_budget(tokens: list[int], jaccards: list[float], target: float = 0.9) -> dict:
+    """The scoring budget at which a region would overlap an independent sample's with Jaccard `target`.
+
+    tokens[i]: the tokens of EACH of the two compared samples (for split halves, half the scoring budget
+    used), jaccards[i] their overlap. A split-half Jaccard at n tokens per half is the overlap of two
+    independent samples of n tokens, so the answer, n*, is the budget a run needs for its region to agree
+    with that of another run on other text of the same size. Model: logit(J) = a + b · ln(tokens),
+    least squares over the points with 0 < J < 1; n* = exp((logit(target) − a) / b).
+
+    Returns {"tokens": n* or None, "reason": why None (else None), "model", "intercept": a, "slope": b,
+    "extrapolation": n* / largest tokens given}."""
+    if not 0 < target < 1:
+        raise LingregionError(f"target Jaccard {target} must lie strictly between 0 and 1")
+    t, j = np.asarray(tokens, dtype=np.float64), np.asarray(jaccards, dtype=np.float64)
+    ok = (j > 0) & (j < 1) & (t > 0)
+    out = {"tokens": None, "reason": None, "model": "logit(J) = a + b·ln(tokens per sample)"}
+    if len(np.unique(t[ok])) < 2:
+        return dict(out, reason="needs Jaccards strictly between 0 and 1 at two or more budgets")
+    x, y = np.log(t[ok]), np.log(j[ok] / (1 - j[ok]))
+    slope, intercept = np.polyfit(x, y, 1)
+    out.update(intercept=float(intercept), slope=float(slope))
+    if slope <= 0:
+        return dict(out, reason="the split-half Jaccard does not grow with tokens at these budgets")
+    needed = math.exp((math.log(target / (1 - target)) - intercept) / slope)
+    return dict(out, tokens=needed, extrapolation=needed / t[ok].max())
