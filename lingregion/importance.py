@@ -18,6 +18,12 @@ predicted tokens of the language), so g_L is exactly the paper's gradient. θ_r 
 languages, so the statistics are summed as the passes go and each estimator is computed once at the end.
 One pass per language collects every statistic the requested estimators need: several estimators cost
 one forward and one backward per window. Adding an estimator is one decorated function (and its test).
+
+With `groups` G > 1 a pass also keeps its additive sums per group of windows (window i in group i mod G, a
+`Part` each), so that any union of groups, e.g. the odd and the even windows, can be scored on its own
+without another forward or backward pass. A language's full sums are the sums of its groups, added as a
+binary tree over the window index's low bits: full = even + odd, even = (0 mod 4) + (2 mod 4) and so on,
+so each half of a split adds up to the full statistic bit for bit.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -36,6 +43,7 @@ from .evaluation import check_output_layer, hidden_and_targets
 from .store import LingregionError
 
 STATS = ("lang_abs", "window_abs", "window_sq", "act_norm", "active")
+ADDITIVE = ("grad", "window_abs", "window_sq", "energy", "active")  # the sums a `Part` holds
 
 
 @dataclass
@@ -49,6 +57,110 @@ class Stats:
     act_norm: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ_L ‖a‖₂, broadcastable to the parameter
     active: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # language → MLP act → positions > 0
     seen: dict[str, dict[str, int]] = field(default_factory=dict)  # language → MLP act → positions
+
+
+@dataclass
+class Part:
+    """Additive sums of one group of a language's windows: any union of groups is their sum, and the
+    estimator statistics (`Stats`) are functions of these sums (`part_stats`)."""
+
+    windows: int = 0
+    tokens: int = 0  # predicted tokens of these windows
+    grad: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ_w share_w g_w, signed
+    window_abs: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ_w |share_w g_w|
+    window_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ_w (share_w g_w)²
+    energy: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ_positions a², broadcastable
+    active: dict[str, torch.Tensor] = field(default_factory=dict)  # MLP act → positions > 0
+    seen: dict[str, int] = field(default_factory=dict)  # MLP act → positions
+    # Statistics of a one-window group that are not stored but read off its gradient when asked for
+    # (|g|, g²): a group of one window then costs one model-sized accumulator instead of three.
+    derived: set[str] = field(default_factory=set)
+
+    def item(self, k: str, n: str) -> torch.Tensor | None:
+        """Statistic k of parameter n (a derived one is a fresh tensor)."""
+        if k in self.derived:
+            g = self.grad.get(n)
+            return None if g is None else (g.abs() if k == "window_abs" else g * g)
+        return getattr(self, k).get(n)
+
+    def keys(self, k: str) -> list[str]:
+        """The parameters statistic k holds."""
+        return list(self.grad if k in self.derived else getattr(self, k))
+
+    def __add__(self, other: Part) -> Part:
+        """The sums of both groups (fresh tensors; neither operand changes)."""
+        out = Part(self.windows + other.windows, self.tokens + other.tokens)
+        for k in ADDITIVE:
+            d = getattr(out, k)
+            for n in dict.fromkeys(self.keys(k) + other.keys(k)):
+                a, b = self.item(k, n), other.item(k, n)
+                d[n] = a + b if a is not None and b is not None else (a if b is None else b).clone()
+        out.seen = {n: self.seen.get(n, 0) + other.seen.get(n, 0) for n in {**self.seen, **other.seen}}
+        return out
+
+    def add_(self, other: Part) -> Part:
+        """self += other in place: the same bits as `self + other`, without another copy."""
+        for k in sorted(self.derived):  # read |g| and g² off the gradient before it changes
+            setattr(self, k, {n: self.item(k, n) for n in self.keys(k)})
+        self.derived = set()
+        self.windows, self.tokens = self.windows + other.windows, self.tokens + other.tokens
+        for k in ADDITIVE:
+            d = getattr(self, k)
+            for n in other.keys(k):
+                t = other.item(k, n)
+                d[n] = d[n].add_(t) if n in d else t.clone()
+        for n, c in other.seen.items():
+            self.seen[n] = self.seen.get(n, 0) + c
+        return self
+
+
+def subset(parts: Sequence[Part], residue: int = 0, modulus: int = 1) -> Part:
+    """The sums over the windows whose index is `residue` mod `modulus` (a power of two ≤ len(parts)),
+    added as the binary tree `collect` uses for the full sums: subset(parts, 0, 1) is bit for bit the
+    language's full statistic, and it is exactly subset(parts, 0, 2) + subset(parts, 1, 2)."""
+    if modulus == len(parts):
+        return parts[residue]
+    if modulus > len(parts) or len(parts) % modulus:
+        raise ValueError(f"modulus {modulus} does not divide the {len(parts)} groups")
+    return subset(parts, residue, 2 * modulus) + subset(parts, residue + modulus, 2 * modulus)
+
+
+def combine(parts: Sequence[Part]) -> Part:
+    """The sums over any groups (a random half-split), added in the given order."""
+    out = parts[0]
+    for p in parts[1:]:
+        out = out + p
+    return out if len(parts) > 1 else out + Part()
+
+
+def _tree_(parts: list[Part]) -> Part:
+    """subset(parts, 0, 1) computed in place in the groups' own tensors (the parts are spent)."""
+    m = len(parts) // 2
+    while m:
+        for r in range(m):
+            parts[r].add_(parts[r + m])
+            parts[r + m] = Part()  # its tensors may be freed as soon as they have been added
+        m //= 2
+    return parts[0]
+
+
+def part_stats(lang: str, part: Part) -> Stats:
+    """The estimator statistics of one language's windows in `part`, as if they were all it had."""
+    return Stats(
+        tokens={lang: part.tokens},
+        lang_abs={n: g.abs() for n, g in part.grad.items()},
+        window_abs=dict(part.window_abs),
+        window_sq=dict(part.window_sq),
+        act_norm={n: e.sqrt() for n, e in part.energy.items()},
+        active={lang: dict(part.active)} if part.active else {},
+        seen={lang: dict(part.seen)} if part.seen else {},
+    )
+
+
+def per_language(name: str) -> bool:
+    """Whether an estimator scores one language's text on its own (every one but those, like LAPE,
+    whose score compares the languages with each other)."""
+    return "active" not in get(name).needs
 
 
 @dataclass
@@ -182,14 +294,15 @@ def _by_module(names: Iterable[str]) -> dict[str, list[str]]:
     return out
 
 
-def _energy_hooks(t: Target, energy: dict[str, torch.Tensor]) -> list:
-    """Hooks adding Σ_positions a² for each scored parameter (see `wanda`)."""
+def _energy_hooks(t: Target, box: list[Part]) -> list:
+    """Hooks adding Σ_positions a² for each scored parameter (see `wanda`) to the energy of the group
+    in box[0]."""
     modules = dict(t.model.named_modules())
     handles = []
     for mod, leaves in _by_module(t.names).items():
         module = modules[mod]
         if _is_linear(module):
-            handles.append(module.register_forward_pre_hook(_linear_energy(module, mod, leaves, energy)))
+            handles.append(module.register_forward_pre_hook(_linear_energy(module, mod, leaves, box)))
             continue
         wide = [leaf for leaf in leaves if module.get_parameter(leaf).dim() != 1]
         if wide:
@@ -198,15 +311,16 @@ def _energy_hooks(t: Target, energy: dict[str, torch.Tensor]) -> list:
                 "or a norm; leave it out with --exclude"
             )
         handles.append(
-            module.register_forward_hook(_channel_energy(module, mod, leaves, t.removed, energy), with_kwargs=True)
+            module.register_forward_hook(_channel_energy(module, mod, leaves, t.removed, box), with_kwargs=True)
         )
     return handles
 
 
-def _linear_energy(module, mod: str, leaves: list[str], energy):
+def _linear_energy(module, mod: str, leaves: list[str], box: list[Part]):
     axis = _in_axis(module)
 
     def hook(_, args):
+        energy = box[0].energy
         x = args[0].detach().float()
         sq = x.pow(2).reshape(-1, x.shape[-1]).sum(0)
         for leaf in leaves:
@@ -220,7 +334,7 @@ def _linear_energy(module, mod: str, leaves: list[str], energy):
     return hook
 
 
-def _channel_energy(module, mod: str, leaves: list[str], removed, energy):
+def _channel_energy(module, mod: str, leaves: list[str], removed, box: list[Part]):
     """For a norm's 1-D parameters: a = y(θ_c = θ_r + 1) − y(θ_c = θ_r), the output channel's slope in its
     own parameter. Norms are affine in each of their parameters channel by channel, so this is exact."""
     busy = []
@@ -229,6 +343,7 @@ def _channel_energy(module, mod: str, leaves: list[str], removed, energy):
         if busy:  # our own functional calls below pass through this hook again
             return
         busy.append(True)
+        energy = box[0].energy
         try:
             with torch.no_grad():
                 for leaf in leaves:
@@ -292,11 +407,13 @@ def neuron_parameters(model: nn.Module, act: str, n: int, names: list[str]) -> l
     return out
 
 
-def _activation_hooks(model: nn.Module, acts: list[str], active: dict[str, torch.Tensor], seen: dict[str, int]) -> list:
+def _activation_hooks(model: nn.Module, acts: list[str], box: list[Part]) -> list:
+    """Hooks counting, per MLP activation, the positions where each neuron is > 0 (in box[0]'s group)."""
     modules = dict(model.named_modules())
 
     def counter(act):
         def hook(_, args, output):
+            active, seen = box[0].active, box[0].seen
             on = (output.detach() > 0).reshape(-1, output.shape[-1]).sum(0)
             active[act] = active[act].add_(on) if act in active else on
             seen[act] = seen.get(act, 0) + output.numel() // output.shape[-1]
@@ -320,35 +437,56 @@ def _add(total: dict[str, torch.Tensor], name: str, t: torch.Tensor) -> None:
 
 
 def collect(
-    t: Target, windows: Windows, needs: Iterable[str], stats: Stats | None = None, progress: bool = True
+    t: Target,
+    windows: Windows,
+    needs: Iterable[str],
+    stats: Stats | None = None,
+    progress: bool = True,
+    groups: int = 1,
+    visit: Callable[[str, list[Part]], None] | None = None,
 ) -> Stats:
-    """Add one language's pass over its windows, one window at a time, to `stats` (new if None)."""
+    """Add one language's pass over its windows, one window at a time, to `stats` (new if None).
+
+    groups: up to this many groups of windows (a power of two; fewer when the language has fewer windows)
+    keep their own sums, window i in group i mod G; `visit(lang, parts)` reads them before they are added
+    up into the language's full statistics (see `subset`). groups=1 is one running sum, as ever."""
     needs, stats = set(needs), stats if stats is not None else Stats()
     lang, model = windows.lang, t.model
     if lang in stats.tokens:
         raise LingregionError(f"language {lang!r} is given twice; pass each language's windows once")
+    if groups < 1 or groups & (groups - 1):
+        raise ValueError(f"groups must be a power of two, not {groups}")
+    n_win = len(windows.input_ids)
+    while groups > 1 and groups > n_win:
+        groups //= 2
     stats.tokens[lang] = windows.n_tokens
+    gradients = needs & {"lang_abs", "window_abs", "window_sq"}
+    parts = [Part() for _ in range(groups)]
+    for i, part in enumerate(parts):
+        single = groups > 1 and len(range(i, n_win, groups)) == 1
+        part.derived = {k for k in ("window_abs", "window_sq") if k in gradients} if single else set()
+        stored = {"grad"} if single or "lang_abs" in gradients else set()
+        for k in ({"window_abs", "window_sq"} & gradients) - part.derived | (stored if gradients else set()):
+            _zeros(t, getattr(part, k))
     check_output_layer(model)  # its one-time forward must run before the hooks below count anything
-    energy: dict[str, torch.Tensor] = {}
-    handles = _energy_hooks(t, energy) if "act_norm" in needs else []
+    box = [parts[0]]  # the group the window being run belongs to: the hooks add to its sums
+    handles = _energy_hooks(t, box) if "act_norm" in needs else []
     if "active" in needs:
         acts = activation_modules(model, t.names)
         if not acts:
             raise LingregionError("lape: no scored MLP layer with an activation function; include the MLP weights")
-        stats.active[lang], stats.seen[lang] = {}, {}
-        handles += _activation_hooks(model, acts, stats.active[lang], stats.seen[lang])
-    gradients = needs & {"lang_abs", "window_abs", "window_sq"}
-    lang_grad: dict[str, torch.Tensor] = {}
-    for k in gradients:
-        _zeros(t, lang_grad if k == "lang_abs" else getattr(stats, k))
-    bar = tqdm(total=len(windows.input_ids), desc=f"estimators {lang}", unit="win", disable=not progress, leave=False)
+        handles += _activation_hooks(model, acts, box)
+    bar = tqdm(total=n_win, desc=f"estimators {lang}", unit="win", disable=not progress, leave=False)
     try:
-        for ids, n_bytes in zip(windows.input_ids, windows.n_bytes):
+        for i, (ids, n_bytes) in enumerate(zip(windows.input_ids, windows.n_bytes)):
+            part = box[0] = parts[i % groups]
+            part.windows += 1
+            part.tokens += len(ids) - 1
             if gradients:
                 g = scoring.gradient_sum(
                     model, replace(windows, input_ids=[ids], n_bytes=[n_bytes]), t.names, progress=False
                 )
-                _fold(stats, lang_grad, g, (len(ids) - 1) / windows.n_tokens, gradients)
+                _fold(part, g, (len(ids) - 1) / windows.n_tokens)
             else:
                 with torch.no_grad():
                     hidden_and_targets(model, ids[None].to(model.get_input_embeddings().weight.device))
@@ -357,37 +495,55 @@ def collect(
         bar.close()
         for h in handles:
             h.remove()
-    for n, g in lang_grad.items():
-        _add(stats.lang_abs, n, g.abs_())
-    for n, e in energy.items():
+    if visit is not None:
+        visit(lang, parts)
+    full = _tree_(parts)
+    if "lang_abs" in gradients:
+        for n in t.names:
+            _add(stats.lang_abs, n, full.grad.pop(n).abs_())
+    for k in ("window_abs", "window_sq"):
+        if k in gradients:
+            for n in t.names:
+                _add(getattr(stats, k), n, full.item(k, n))
+                getattr(full, k).pop(n, None)
+    for n, e in full.energy.items():
         _add(stats.act_norm, n, e.sqrt_())
+    if "active" in needs:
+        stats.active[lang], stats.seen[lang] = full.active, full.seen
     return stats
 
 
-def _fold(stats: Stats, lang_grad: dict, g: dict[str, torch.Tensor], share: float, which: set[str]) -> None:
-    """Add one window's gradient: gradient_sum gives that of the window's own mean loss; `share` (its
-    tokens / the language's tokens) turns it into the gradient of the window's part of the language's."""
+def _fold(part: Part, g: dict[str, torch.Tensor], share: float) -> None:
+    """Add one window's gradient to its group: gradient_sum gives that of the window's own mean loss;
+    `share` (its tokens / the language's tokens) turns it into the gradient of the window's part of the
+    language's. A sum the group does not hold is not needed (or is derived from `grad`)."""
     for n, gw in g.items():
-        if "window_abs" in which:
-            stats.window_abs[n].add_(gw.abs(), alpha=share)
-        if "window_sq" in which:
-            stats.window_sq[n].addcmul_(gw, gw, value=share * share)
-        if "lang_abs" in which:
-            lang_grad[n].add_(gw, alpha=share)
+        if n in part.window_abs:
+            part.window_abs[n].add_(gw.abs(), alpha=share)
+        if n in part.window_sq:
+            part.window_sq[n].addcmul_(gw, gw, value=share * share)
+        if n in part.grad:
+            part.grad[n].add_(gw, alpha=share)
 
 
 # --- several estimators, several languages ---------------------------------------------------------
 def iter_estimates(
-    t: Target, windows: Iterable[Windows], which: Sequence[str], progress: bool = True
+    t: Target,
+    windows: Iterable[Windows],
+    which: Sequence[str],
+    progress: bool = True,
+    groups: int = 1,
+    visit: Callable[[str, list[Part]], None] | None = None,
 ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """(name, core scores) of each estimator in `which`, one at a time so that the caller can drop each
-    before the next is made; one pass per language serves all of them."""
+    before the next is made; one pass per language serves all of them. `groups` and `visit`: see
+    `collect` (visit is called once per language that needs a pass)."""
     chosen = [get(name) for name in dict.fromkeys(which)]
     needs = set().union(*(e.needs for e in chosen))
     stats = Stats()
     for w in windows:
         if needs:
-            collect(t, w, needs, stats, progress)
+            collect(t, w, needs, stats, progress, groups, visit)
         else:
             stats.tokens[w.lang] = w.n_tokens
     if not stats.tokens:
@@ -409,3 +565,66 @@ def estimate(
 def score(name: str, t: Target, windows: Iterable[Windows], progress: bool = True) -> dict[str, torch.Tensor]:
     """One estimator's core score."""
     return estimate(t, windows, [name], progress)[name]
+
+
+# --- Top sets of many subsets, compared matrix by matrix ------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """Where each scored matrix's entries sit in one flat index space, and how many its Top k% takes
+    (round(ratio · n), as regions.select takes per matrix)."""
+
+    names: tuple[str, ...]
+    offsets: tuple[int, ...]  # flat index of each matrix's first entry
+    k: tuple[int, ...]
+
+    @classmethod
+    def of(cls, shapes: dict[str, tuple[int, ...]], ratio: float) -> Layout:
+        """The layout of parameters with these shapes (in this order) at Top `ratio` per matrix."""
+        sizes = [int(np.prod(s)) for s in shapes.values()]
+        return cls(
+            tuple(shapes), tuple(int(o) for o in np.cumsum([0, *sizes[:-1]])), tuple(round(ratio * n) for n in sizes)
+        )
+
+
+def top_set(scores: dict[str, torch.Tensor], layout: Layout) -> np.ndarray:
+    """The per-matrix Top set of `scores` as sorted flat indices (int64): the same entries as
+    regions.select(scores, ratio, "top") takes, ties at the k-th value filled by lowest index, but about
+    ten times faster, because only the entries above a sampled bracket of the k-th value are partitioned."""
+    out = []
+    for name, offset, k in zip(layout.names, layout.offsets, layout.k):
+        if k:
+            out.append(_top_indices(scores[name].detach().reshape(-1).float().cpu().numpy(), k) + offset)
+    return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
+
+
+def _top_indices(v: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest entries of v, ties at the k-th value by lowest index."""
+    n = len(v)
+    s = v[:: max(1, n // 4096)]
+    # A sample quantile a few standard deviations below the k-th value: every Top entry lies above it
+    # (checked: if fewer than k entries do, take them all).
+    m = len(s)
+    j = int(m * (1 - k / n) - 4 * np.sqrt(m * k / n) - 2)
+    cand = np.flatnonzero(v >= np.partition(s, j)[j]) if j > 0 else np.arange(n)
+    if len(cand) < k:
+        cand = np.arange(n)
+    w = v[cand]
+    kth = np.partition(w, len(w) - k)[len(w) - k]
+    above = cand[w > kth]
+    return np.concatenate([above, cand[w == kth][: k - len(above)]]).astype(np.int64)
+
+
+def matrix_jaccards(a: np.ndarray, b: np.ndarray, layout: Layout) -> np.ndarray:
+    """Jaccard of two per-matrix Top sets (from `top_set`), one value per matrix with k > 0: both take k
+    entries, so |A ∪ B| = 2k − |A ∩ B|."""
+    pos = np.minimum(np.searchsorted(b, a), max(len(b) - 1, 0))
+    hit = np.concatenate([[0], np.cumsum(b[pos] == a if len(b) else np.zeros(len(a), bool))])
+    k = np.array([x for x in layout.k if x])
+    ends = np.cumsum(k)
+    inter = hit[ends] - hit[ends - k]
+    return inter / (2 * k - inter)
+
+
+def mean_jaccard(a: np.ndarray, b: np.ndarray, layout: Layout) -> float:
+    """The mean over matrices of their Top sets' Jaccard (each matrix counts once, whatever its size)."""
+    return float(matrix_jaccards(a, b, layout).mean())
