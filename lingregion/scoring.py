@@ -9,16 +9,27 @@ the LM head. Each gradient is folded into its fp32 accumulator as soon as autogr
 dropped, so no full set of `.grad` buffers is ever alive. Peak memory is the weights, one fp32
 accumulator per scored parameter, the activations of one batch and one output-layer chunk.
 
+Split halves (halves=True): the gradients of the even-numbered windows and those of the odd-numbered
+ones go to two fp32 accumulators A and B (a window's parity is its index among all the language's
+windows, whichever process takes it), and the full sum is A + B. Batches are formed within a half, so a
+batch never mixes the two and no pass is added (with batch_size 1, none at all; otherwise at most one
+short batch per half). A + B is the full sum bit for bit by definition; it differs from the single
+accumulator of halves=False by the rounding of another order of additions (about 1e-7 relative), and
+halves=False computes exactly what it did before halves existed. The scoring pass holds one extra fp32
+copy of the scored parameters.
+
 Under torchrun each process sums its share of the windows and the sums are all-reduced once; with a
 checkpoint path the sums are saved every few windows and a rerun resumes from them (see checkpoint.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -38,14 +49,18 @@ from .store import LingregionError
 
 
 @contextmanager
-def _folded_into(params: dict[str, torch.nn.Parameter], acc: dict[str, torch.Tensor | None]):
-    """Within the block only the parameters of `acc` require grad, and each gradient autograd makes is
-    added to its accumulator and dropped at once; flags are restored afterwards. An accumulator that is
-    still None takes over the first (fp32) gradient itself, which spares zero-filling and one addition."""
+def _folded_into(params: dict[str, torch.nn.Parameter], into: list[dict[str, torch.Tensor | None]]):
+    """Within the block only the parameters named in the accumulators `into[0]` require grad, and each
+    gradient autograd makes is added to its accumulator in `into[0]` and dropped at once; flags are
+    restored afterwards. The caller may put another set of accumulators (of the same names) in `into[0]`
+    between backward passes. An accumulator that is still None takes over the first (fp32) gradient
+    itself, which spares zero-filling and one addition."""
+    names = set(into[0])
 
     def fold(name):
         def hook(p):
             g, p.grad = p.grad, None
+            acc = into[0]
             if acc[name] is None:
                 acc[name] = g if g.dtype == torch.float32 else g.float()
             else:
@@ -54,9 +69,9 @@ def _folded_into(params: dict[str, torch.nn.Parameter], acc: dict[str, torch.Ten
         return hook
 
     flags = {n: p.requires_grad for n, p in params.items()}
-    hooks = [params[n].register_post_accumulate_grad_hook(fold(n)) for n in acc]
+    hooks = [params[n].register_post_accumulate_grad_hook(fold(n)) for n in into[0]]
     for n, p in params.items():
-        p.requires_grad_(n in acc)
+        p.requires_grad_(n in names)
     try:
         yield
     finally:
@@ -64,7 +79,7 @@ def _folded_into(params: dict[str, torch.nn.Parameter], acc: dict[str, torch.Ten
             h.remove()
         for n, p in params.items():
             p.requires_grad_(flags[n])
-            if n in acc:
+            if n in names:
                 p.grad = None
 
 
@@ -100,6 +115,22 @@ def _backward(model, ids: torch.Tensor, total: int) -> None:
     hidden.backward(leaf.grad)
 
 
+def _schedule(windows: Windows, batch_size: int, halves: bool) -> list[tuple[int, torch.Tensor]]:
+    """(accumulator, batch) pairs of this process's windows in the order they are run: one accumulator,
+    or with halves the even-numbered windows' batches (accumulator 0) alternating with the odd ones'
+    (1), so that the two halves advance through the text together."""
+    if not halves:
+        return [(0, ids) for ids in batches(distributed.shard(windows), batch_size)]
+    owned = distributed.owned(len(windows.input_ids))
+    runs = []
+    for parity in (0, 1):
+        ids = [windows.input_ids[i] for i in owned if i % 2 == parity]
+        runs.append([(parity, b) for b in batches(dataclasses.replace(windows, input_ids=ids), batch_size)])
+    even, odd = runs
+    common = min(len(even), len(odd))
+    return [pair for both in zip(even, odd) for pair in both] + even[common:] + odd[common:]
+
+
 def gradient_sum(
     model,
     windows: Windows,
@@ -108,9 +139,12 @@ def gradient_sum(
     progress: bool = True,
     checkpoint: Path | None = None,
     every: int = CHECKPOINT_EVERY,
-) -> dict[str, torch.Tensor]:
+    halves: bool = False,
+) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Σ over windows of ∂(mean token NLL over all windows)/∂θ for each named parameter, in fp32.
 
+    halves: return (A, B), the sums over the even- and over the odd-numbered windows, instead of the full
+    sum A + B (each still of the mean over all windows, so that they add up to the full sum).
     checkpoint: a file to save the running sums to every `every` windows; a rerun of the same job
     resumes from it, and it is deleted once the sums are complete."""
     params = dict(model.named_parameters())
@@ -131,21 +165,26 @@ def gradient_sum(
                 "names": shapes,
                 "windows": windows_digest(windows),
                 "batch_size": batch_size,
-            },
+            }
+            # Without halves the key stays what it was, and so do the checkpoints it accepts.
+            | ({"halves": True} if halves else {}),
             every,
         )
         state = ckpt.load()
     saved = state[0] if state else {}
-    acc = {n: saved[n].to(params[n].device) if n in saved else None for n in names}
+    prefixes = ["a/", "b/"] if halves else [""]  # names of the sums in the checkpoint: a half's are prefixed
+    sums = [{n: saved[k + n].to(params[n].device) if k + n in saved else None for n in names} for k in prefixes]
     start = state[1] if state else 0
     check_output_layer(model)
     device = input_device(model)
-    mine = distributed.shard(windows)
+    schedule = _schedule(windows, batch_size, halves)
     show = progress and distributed.is_main()
-    bar = tqdm(total=len(mine.input_ids), desc=f"score {windows.lang}", unit="win", disable=not show, leave=False)
+    n_windows = sum(len(ids) for _, ids in schedule)
+    bar = tqdm(total=n_windows, desc=f"score {windows.lang}", unit="win", disable=not show, leave=False)
     done = 0
-    with _folded_into(params, acc):
-        for b, ids in enumerate(batches(mine, batch_size)):
+    into = [sums[0]]
+    with _folded_into(params, into):
+        for b, (half, ids) in enumerate(schedule):
             done += len(ids)
             bar.update(len(ids))
             if b < start:  # already in the checkpoint's sums
@@ -154,17 +193,21 @@ def gradient_sum(
                 tqdm.write(
                     f"score {windows.lang}: resumed after {done - len(ids)} windows from {ckpt.path}", file=sys.stderr
                 )
+            into[0] = sums[half]
             _backward(model, ids.to(device), total)
             if ckpt:
-                ckpt.update({n: t for n, t in acc.items() if t is not None}, b + 1, done)
+                ckpt.update(
+                    {k + n: t for k, acc in zip(prefixes, sums) for n, t in acc.items() if t is not None}, b + 1, done
+                )
     bar.close()
-    for n, t in acc.items():  # a parameter the loss does not depend on (or a process without windows)
-        if t is None:
-            acc[n] = torch.zeros(params[n].shape, dtype=torch.float32, device=params[n].device)
-    distributed.sum_(acc.values())
+    for acc in sums:
+        for n, t in acc.items():  # a parameter the loss does not depend on (or a process without windows)
+            if t is None:
+                acc[n] = torch.zeros(params[n].shape, dtype=torch.float32, device=params[n].device)
+        distributed.sum_(acc.values())
     if ckpt:
         ckpt.remove()
-    return acc
+    return (sums[0], sums[1]) if halves else sums[0]
 
 
 def taylor_importance(
@@ -180,6 +223,14 @@ def taylor_importance(
     return out
 
 
+class Split(NamedTuple):
+    """Importance from all of a language's windows and from each half of them (see gradient_sum)."""
+
+    full: dict[str, torch.Tensor]  # |(θ − θ_removed) ⊙ (A + B)|, the scores a run stores
+    a: dict[str, torch.Tensor]  # |(θ − θ_removed) ⊙ A|: the even-numbered windows
+    b: dict[str, torch.Tensor]  # |(θ − θ_removed) ⊙ B|: the odd-numbered windows
+
+
 def score(
     model,
     windows: Windows,
@@ -189,10 +240,18 @@ def score(
     progress: bool = True,
     checkpoint: Path | None = None,
     every: int = CHECKPOINT_EVERY,
-) -> dict[str, torch.Tensor]:
-    """The paper's importance I = |(θ − θ_removed) ⊙ g| of every scored parameter over one language's windows."""
-    grads = gradient_sum(model, windows, names, batch_size, progress, checkpoint, every)
-    return taylor_importance(model, grads, removed, inplace=True)
+    halves: bool = False,
+) -> dict[str, torch.Tensor] | Split:
+    """The paper's importance I = |(θ − θ_removed) ⊙ g| of every scored parameter over one language's windows.
+
+    halves: a Split of the full importance and each half's (gradient_sum's A and B). The scoring pass
+    holds one extra fp32 copy of the scored parameters; the result holds three copies in all."""
+    if not halves:
+        grads = gradient_sum(model, windows, names, batch_size, progress, checkpoint, every)
+        return taylor_importance(model, grads, removed, inplace=True)
+    a, b = gradient_sum(model, windows, names, batch_size, progress, checkpoint, every, halves=True)
+    full = taylor_importance(model, {n: a[n] + b[n] for n in names}, removed, inplace=True)
+    return Split(full, *(taylor_importance(model, half, removed, inplace=True) for half in (a, b)))
 
 
 def accumulate(total: dict[str, torch.Tensor], scores: dict[str, torch.Tensor]) -> None:

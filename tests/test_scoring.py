@@ -83,3 +83,114 @@ def test_default_scope_is_transformer_layers(tiny):
     model = tiny("llama")
     only_mlp = models.scored_names(model, include=r"mlp\.", exclude="down_proj")
     assert only_mlp and all("mlp" in n and "down" not in n for n in only_mlp)
+
+
+# --- split halves --------------------------------------------------------------------------------------
+def test_halves_off_scores_are_the_previous_computation(tiny, tokenizer):
+    """halves=False gives bit for bit what one fp32 accumulator taking the batches in order gives, the
+    loop as it was before halves existed."""
+    from lingregion.evaluation import batches
+
+    model = tiny("llama")
+    w = windows(tokenizer, seq_len=8)
+    names = models.scored_names(model)
+    removed = models.removed_values(model, names)
+    params = dict(model.named_parameters())
+    for n, p in params.items():
+        p.requires_grad_(n in names)
+    acc = {}
+    for ids in batches(w, 2):
+        scoring._backward(model, ids, w.n_tokens)
+        for n in names:
+            g, params[n].grad = params[n].grad, None
+            acc[n] = acc[n].add_(g) if n in acc else g
+    for p in params.values():
+        p.requires_grad_(True)
+    want = scoring.taylor_importance(model, acc, removed)
+    got = scoring.score(model, w, names, removed, batch_size=2, progress=False)
+    assert all(torch.equal(got[n], want[n]) for n in names)
+
+
+def test_half_sums_add_up_to_the_full_sum_and_are_the_even_and_odd_windows(tiny, tokenizer):
+    import dataclasses
+
+    model = tiny("gemma3")
+    w = windows(tokenizer, seq_len=8)
+    assert len(w.input_ids) >= 6  # batches of 2 would mix the halves if they could
+    names = models.scored_names(model)
+    removed = models.removed_values(model, names)
+    a, b = scoring.gradient_sum(model, w, names, batch_size=2, progress=False, halves=True)
+    split = scoring.score(model, w, names, removed, batch_size=2, progress=False, halves=True)
+    full = scoring.taylor_importance(model, {n: a[n] + b[n] for n in names}, removed)
+    alone = scoring.score(model, w, names, removed, batch_size=2, progress=False)
+    for n in names:
+        assert torch.equal(split.full[n], full[n])  # the stored scores are those of A + B, bit for bit
+        assert torch.equal(split.a[n], scoring.taylor_importance(model, {n: a[n]}, removed)[n])
+        assert torch.equal(split.b[n], scoring.taylor_importance(model, {n: b[n]}, removed)[n])
+        torch.testing.assert_close(split.full[n], alone[n], rtol=1e-5, atol=1e-7)  # rounding apart
+    # A is the even-numbered windows' gradient, B the odd ones', each a share of the mean over all windows
+    for half, parity in ((a, 0), (b, 1)):
+        part = dataclasses.replace(w, input_ids=w.input_ids[parity::2])
+        want = scoring.gradient_sum(model, part, names, batch_size=2, progress=False)
+        for n in names:
+            torch.testing.assert_close(half[n], want[n] * (part.n_tokens / w.n_tokens), rtol=1e-4, atol=1e-7)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_halves_resume_from_a_checkpoint_bit_identical(tiny, tokenizer, tmp_path, monkeypatch):
+    from lingregion import checkpoint
+    from lingregion.store import read_tensors
+
+    model = tiny("llama")
+    w = windows(tokenizer, seq_len=8)
+    names = models.scored_names(model)
+    want = scoring.gradient_sum(model, w, names, progress=False, halves=True)
+    path = tmp_path / "score.safetensors"
+    real = checkpoint.Checkpoint.update
+
+    def update_then_die(self, sums, batches, n_windows):
+        real(self, sums, batches, n_windows)
+        if self.saved_at == n_windows:
+            raise _Killed
+
+    monkeypatch.setattr(checkpoint.Checkpoint, "update", update_then_die)
+    with pytest.raises(_Killed):
+        scoring.gradient_sum(model, w, names, progress=False, checkpoint=path, every=2, halves=True)
+    saved, meta = read_tensors(path)
+    assert meta["windows"] == 2 and {k[:2] for k in saved} == {"a/", "b/"}  # one window of each half
+    monkeypatch.setattr(checkpoint.Checkpoint, "update", real)
+    got = scoring.gradient_sum(model, w, names, progress=False, checkpoint=path, every=2, halves=True)
+    assert all(torch.equal(g[n], h[n]) for g, h in zip(got, want) for n in names)
+    assert not path.exists()
+
+
+def test_halves_follow_the_global_window_number_across_processes(tiny, tokenizer, monkeypatch):
+    """Three ranks, the all-reduce simulated: a window's half is its parity among all windows, so each
+    rank's A and B add up to the single process's."""
+    from lingregion import distributed
+
+    model = tiny("llama")
+    w = windows(tokenizer, seq_len=8)
+    names = models.scored_names(model)
+    want = scoring.gradient_sum(model, w, names, progress=False, halves=True)
+    sent = {}
+    for rank in (1, 2):
+        monkeypatch.setattr(distributed, "world", lambda rank=rank: (rank, 3))
+        monkeypatch.setattr(distributed, "sum_", lambda ts, rank=rank: sent.setdefault(rank, []).append(list(ts)))
+        scoring.gradient_sum(model, w, names, progress=False, halves=True)
+    calls = iter(range(2))
+
+    def all_reduce(ts):
+        i = next(calls)
+        for j, t in enumerate(ts):
+            t += sent[1][i][j] + sent[2][i][j]
+
+    monkeypatch.setattr(distributed, "world", lambda: (0, 3))
+    monkeypatch.setattr(distributed, "sum_", all_reduce)
+    got = scoring.gradient_sum(model, w, names, progress=False, halves=True)
+    for g, h in zip(got, want):
+        for n in names:
+            torch.testing.assert_close(g[n], h[n], rtol=1e-5, atol=1e-7)
