@@ -204,10 +204,10 @@ def cmd_perturb(args) -> None:
 
 
 def cmd_locate(args) -> None:
-    """A core or monolingual region from score files."""
-    from . import scoring
+    """A core or monolingual region from score files; with --run, the core comes from the run's stored
+    core sum when it covers exactly the given languages (exact at any share its file keeps exact)."""
+    from . import scorefile, scoring
     from .regions import monolingual, select
-    from .store import read_tensors
 
     files = (
         [Path(args.run) / "scores" / f"{lang}.safetensors" for lang in args.langs]
@@ -216,22 +216,36 @@ def cmd_locate(args) -> None:
     )
     if not files:
         raise LingregionError("give score files with --scores FILE ... or a run folder with --run DIR --langs ar,es")
-    total, tops, fingerprint, langs = {}, {}, None, []
+    core = Path(args.run) / "scores" / "core.safetensors" if args.run and args.kind == "core" else None
+    if core and core.is_file() and sorted(scorefile.load_meta(core).get("languages") or []) == sorted(args.langs):
+        files = [core]  # the fp32 sum as the run made it, rather than a sum of compact files
+    total, tops, fingerprint, langs, inexact = {}, {}, None, [], []
     for f in files:
-        tensors, meta = read_tensors(f)
-        if meta.get("format") != "lingregion-scores-v1":
-            raise LingregionError(f"{f}: not a score file; pass files written by 'lingregion score'")
+        tensors, meta = scorefile.load(f)
         if fingerprint and meta["model_fingerprint"] != fingerprint:
             raise LingregionError(
                 f"{f}: scores come from another model ({meta['model_fingerprint']} ≠ "
                 f"{fingerprint}); score every language with the same model"
             )
         fingerprint = meta["model_fingerprint"]
-        langs.append(meta["lang"])
+        langs += meta.get("languages") or [meta["lang"]]
+        share = scorefile.exact_share(meta)
+        summed = args.kind == "core" and len(files) > 1
+        if args.side != "random" and (args.ratio > share or args.scope == "global" or (summed and share < 1)):
+            inexact.append(f"{f.name} ({meta.get('precision', 'float32')}, exact up to {share:g} of each matrix)")
         if args.kind == "monolingual":
             tops[meta["lang"]] = select(tensors, args.ratio, "top", meta={"model": fingerprint, "estimator": "taylor"})
         else:
             scoring.accumulate(total, tensors)
+    if inexact:
+        # compact files keep exact values only in each matrix's tails; a sum, a larger share or a global
+        # selection also reads the 4-bit body, so the region can differ slightly from the fp32 one
+        print(
+            "lingregion: note: this region may differ slightly from the one fp32 scores give: "
+            + "; ".join(inexact)
+            + " (score with --score-precision float32 for exact sums and shares)",
+            file=sys.stderr,
+        )
     if args.kind == "monolingual":
         if args.side != "top" or args.scope != "matrix":
             raise LingregionError("--kind monolingual uses per-matrix Top sets; drop --side/--scope")

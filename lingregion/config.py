@@ -66,6 +66,12 @@ class Config:
     )
     seq_len: int = opt(512, "tokens per window, BOS included", quick=256)
     score_tokens: int = opt(4096, "scoring tokens per language", quick=1024)
+    score_precision: str = opt(
+        "compact",
+        "how score files are kept: compact (every region the run makes stays exact; 0.74 bytes per scored "
+        "parameter when the largest region share is 0.03), bfloat16 (2 bytes) or float32 (4 bytes, as computed)",
+        choices=["compact", "bfloat16", "float32"],
+    )
     eval_tokens: int = opt(2048, "evaluation tokens per language and setting", quick=256)
     batch_size: int = opt(4, "windows per forward pass when evaluating")
     scale_checkpoint_every: int = opt(

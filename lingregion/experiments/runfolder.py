@@ -78,9 +78,14 @@ class Run:
         write_json(self.out / "results" / f"{name}-summary.json", self.provenance(**result))
 
     # --- scores -------------------------------------------------------------------------------------
-    def scores(self, lang: str, budget: int | None = None) -> dict[str, torch.Tensor]:
+    def scores(self, lang: str, budget: int | None = None, exact: bool = False) -> dict[str, torch.Tensor]:
         """The paper's importance for one language, computed once and kept in scores/LANG.safetensors
-        (scores/LANG-BUDGET.safetensors for a budget other than the configured one)."""
+        (scores/LANG-BUDGET.safetensors for a budget other than the configured one) at the configured
+        `score_precision` (see `scorefile`). Read back from a compact file, every per-matrix Top / Bottom
+        selection up to the run's largest region share is that of the fp32 scores; `exact=True` asks for
+        the fp32 values themselves, and scores the language again if its file is not float32."""
+        from .. import scorefile
+
         budget = None if budget == self.cfg.score_tokens else budget
         w = self.windows(lang, "score", budget)
         made_of = {
@@ -90,10 +95,18 @@ class Run:
             "dtype": self.cfg.dtype,
             "estimator": "taylor",
         }
+        cfg = self.cfg
+        share = max([*cfg.ratios, cfg.mono_ratio, cfg.struct_ratio, cfg.train_ratio, cfg.down_ratio])
+        precision = cfg.score_precision if share < 0.5 else "float32"  # tails of half a matrix: keep it all
         path = self.out / "scores" / (f"{lang}-{budget}.safetensors" if budget else f"{lang}.safetensors")
         if path.is_file():
-            tensors, meta = read_tensors(path)
-            if meta.get("made_of") == made_of:
+            tensors, meta = scorefile.load(path)
+            good = scorefile.exact_share(meta) >= (1.0 if exact else share) or (
+                not exact and precision == meta.get("precision") == "bfloat16"  # inexact by the user's choice
+            )
+            if meta.get("made_of") == made_of and good:
+                if meta.get("stability"):
+                    self._stability[lang if budget is None else f"{lang}-{budget}"] = meta["stability"]
                 return {n: tensors[n] for n in self.names}  # parameter order: ties and edits follow it
         t0 = time.time()
         s = scoring.score(
@@ -104,30 +117,128 @@ class Run:
             progress=self.progress,
             checkpoint=path.with_name(f".{path.stem}.partial.safetensors"),
             every=self.cfg.scale_checkpoint_every,
+            halves=cfg.split_halves,
         )
-        write_tensors(
+        stability = None
+        if cfg.split_halves:
+            stability = self._split_half(lang if budget is None else f"{lang}-{budget}", w, s.a, s.b)
+            if budget is None and lang in cfg.score_langs:  # the core score's halves are these halves' sums
+                for total, half in zip(self._core_halves, (s.a, s.b)):
+                    scoring.accumulate(total, half)
+            s = s.full
+        scorefile.save(
             path,
             s,
             self.provenance(
                 made_of=made_of,
-                format="lingregion-scores-v1",
                 lang=lang,
                 model_fingerprint=self.info["fingerprint"],
                 estimator="taylor: |(θ − θ_removed) ⊙ Σ_windows ∂(mean token NLL)/∂θ|, fp32 accumulation",
-                score_dtype="float32",
                 seconds=round(time.time() - t0, 1),
+                stability=stability,
             ),
+            precision,
+            min(share, 0.49),
         )
-        return s
+        return s  # the fp32 scores as computed, whatever the file keeps
+
+    def _split_half(self, label: str, w: corpus.Windows, a: dict, b: dict) -> dict:
+        """Split-half stability of one score: the Jaccard of the halves' per-matrix Top sets at every share
+        the run selects, and their Spearman correlation; the halves' Top mono_ratio sets are kept as regions
+        (regions/halves/LABEL-{a,b}-top-RATIO) so that languages can be compared half against half later."""
+        from .. import uncertainty
+
+        cfg = self.cfg
+        shares = sorted({*cfg.ratios, cfg.mono_ratio})
+        stats = {
+            "split_half_jaccard": {f"{r:g}": uncertainty.split_half_jaccard(a, b, r) for r in shares},
+            "spearman": uncertainty.spearman(a, b, seed=cfg.seed),
+            "tokens_per_half": [sum(len(ids) - 1 for ids in w.input_ids[k::2]) for k in (0, 1)],
+        }
+        for k, half in (("a", a), ("b", b)):
+            region = select(half, cfg.mono_ratio, "top", "matrix", meta={"model": self.info["fingerprint"]})
+            region.save(self.out / "regions" / "halves" / f"{label}-{k}-top-{cfg.mono_ratio:g}.safetensors")
+        self._stability[label] = stats
+        return stats
+
+    def half_region(self, label: str, half: str) -> Region | None:
+        """One half's Top mono_ratio set of a score made in this run folder (None if it was made without halves)."""
+        path = self.out / "regions" / "halves" / f"{label}-{half}-top-{self.cfg.mono_ratio:g}.safetensors"
+        return Region.load(path) if path.is_file() else None
+
+    def stability_of_scores(self) -> dict:
+        """Split-half stability of every score this run has made or read, and of the core score when every
+        scored language's halves were computed in this process."""
+        from .. import uncertainty
+
+        out = dict(self._stability)
+        a, b = self._core_halves
+        if a and all(lang in self._stability for lang in self.cfg.score_langs) and len(a) == len(self.names):
+            shares = sorted({*self.cfg.ratios, self.cfg.mono_ratio})
+            out["core"] = {
+                "split_half_jaccard": {f"{r:g}": uncertainty.split_half_jaccard(a, b, r) for r in shares},
+                "spearman": uncertainty.spearman(a, b, seed=self.cfg.seed),
+            }
+        return out
 
     def core_scores(self) -> dict[str, torch.Tensor]:
         """Σ over the scored languages of their importance (the paper's core-region score), kept in
-        memory once made: most experiments start from it."""
-        if self._core is None:
-            total: dict[str, torch.Tensor] = {}
-            for lang in tqdm(self.cfg.score_langs, desc="scoring languages", disable=not self.progress):
-                scoring.accumulate(total, self.scores(lang))
-            self._core = total
+        memory once made (most experiments start from it) and in scores/core.safetensors. That file is
+        written from the fp32 sum, so core regions stay exact however compact the per-language files are;
+        while the sum is being built it is kept in fp32 after each language
+        (scores/.core.partial.safetensors), so that an interrupted run resumes it."""
+        from .. import scorefile
+
+        if self._core is not None:
+            return self._core
+        cfg, langs = self.cfg, list(self.cfg.score_langs)
+        made_of = {  # the same inputs as each language's scores
+            "languages": langs,
+            "fingerprint": self.info["fingerprint"],
+            "windows": {lang: self.windows(lang, "score").meta for lang in langs},
+            "names": digest(self.names),
+            "dtype": cfg.dtype,
+            "estimator": "taylor",
+        }
+        share = max([*cfg.ratios, cfg.struct_ratio, cfg.train_ratio, cfg.down_ratio])
+        # a global selection may take more than `share` of one matrix: only float32 keeps it exact
+        precision = cfg.score_precision if cfg.scope == "matrix" and share < 0.5 else "float32"
+        path, partial = self.out / "scores" / "core.safetensors", self.out / "scores" / ".core.partial.safetensors"
+        if path.is_file():
+            tensors, meta = scorefile.load(path)
+            good = scorefile.exact_share(meta) >= share or precision == meta.get("precision") == "bfloat16"
+            if meta.get("made_of") == made_of and good:
+                self._core = {n: tensors[n] for n in self.names}
+                return self._core
+        total: dict[str, torch.Tensor] = {}
+        done: list[str] = []
+        if partial.is_file():
+            tensors, meta = read_tensors(partial)
+            if meta.get("made_of") == made_of and meta.get("done") == langs[: len(meta.get("done") or [])]:
+                total, done = {n: tensors[n] for n in self.names}, list(meta["done"])
+        t0 = time.time()
+        for lang in tqdm(langs[len(done) :], desc="scoring languages", disable=not self.progress):
+            # fp32 values: the sum must be the fp32 one, bit for bit, whatever the language files keep
+            scoring.accumulate(total, self.scores(lang, exact=True))
+            done.append(lang)
+            if len(done) < len(langs):
+                write_tensors(partial, total, {"made_of": made_of, "done": done, "format": "lingregion-core-partial"})
+        scorefile.save(
+            path,
+            total,
+            self.provenance(
+                made_of=made_of,
+                lang="+".join(langs),
+                languages=langs,
+                model_fingerprint=self.info["fingerprint"],
+                estimator="Σ over languages of taylor importance, summed in fp32 in the order of 'languages'",
+                seconds=round(time.time() - t0, 1),
+            ),
+            precision,
+            min(share, 0.49),
+        )
+        partial.unlink(missing_ok=True)
+        self._core = total
         return self._core
 
     def region(self, scores: dict[str, torch.Tensor], side: str, ratio: float, label: str = "core") -> Region:

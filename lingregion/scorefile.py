@@ -1,0 +1,210 @@
+"""Score files: per-language importance on disk, compact by default, with every region the run makes exact.
+
+A run selects from scores only at a few shares of each matrix (the paper's Top / Bottom 1% and 3%, each
+language's Top 3% and a Bottom control no larger), and sums languages into the core score. So the
+compact format keeps exactly what selection reads and little else:
+
+- the **exact tails**: the Top and the Bottom `exact_share` of each matrix, chosen by `regions.select`'s
+  own rule (ties: lower flat index first), with their fp32 values;
+- the **body** (everything between): a 4-bit code per entry, decoded to the mean of the fp32 scores that
+  fell into that code's bin, and clamped strictly between the tails' inner values.
+
+Any per-matrix Top or Bottom selection of k ≤ round(exact_share · n) entries (ratio ≤ exact_share, or a
+matching control no larger) is then the same set as from the fp32 scores, ties included: the entries it
+takes all lie in the tail, which holds their exact values, and every body entry decodes strictly short
+of the tail (argued in `_decode`). Sums over languages of decoded scores are approximate in the body; a
+run therefore keeps the core sum in a score file of its own (written from the fp32 sum) rather than
+re-summing compact files. Sizes: 0.5 byte per entry for the codes and 4 bytes per tail entry, so
+0.5 + 8 · exact_share bytes per scored parameter (0.74 at 3%), against 4 for float32.
+
+`precision="bfloat16"` keeps every score rounded to bf16 (2 bytes, no exactness guarantee: for sums of
+arbitrary language subsets), `"float32"` keeps them as computed. Files are safetensors (no code runs when
+one is read) with the provenance record under the 'lingregion' metadata key; `load` also reads the
+fp32 `lingregion-scores-v1` files of earlier versions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .regions import select
+from .store import LingregionError, read_tensors, write_tensors
+
+FORMAT = "lingregion-scores-v2"
+OLD_FORMATS = ("lingregion-scores-v1",)
+PRECISIONS = ("compact", "bfloat16", "float32")
+EXACT_SHARE = 0.03  # the paper's largest region share (core 3%, each language's Top 3%)
+BODY_BITS = 4
+_EXACT_CODE = (1 << BODY_BITS) - 1  # the code of a tail entry; body codes are 0 .. _EXACT_CODE - 1
+_LEVELS = _EXACT_CODE
+
+
+def is_score_file(meta: dict) -> bool:
+    """Whether a file's metadata says it holds scores (this format or an earlier one)."""
+    return meta.get("format") in (FORMAT, *OLD_FORMATS)
+
+
+def exact_share(meta: dict) -> float:
+    """The share of each matrix up to which Top / Bottom selections from a file's scores are exactly those
+    of the fp32 scores: 1 for float32 (and v1) files, the tails' share for compact files, 0 for bfloat16."""
+    precision = meta.get("precision", "float32")
+    return {"float32": 1.0, "bfloat16": 0.0}.get(precision, meta.get("exact_share", 0.0))
+
+
+def save(
+    path: Path,
+    scores: dict[str, torch.Tensor],
+    meta: dict,
+    precision: str = "compact",
+    exact_share: float = EXACT_SHARE,
+) -> None:
+    """Write `scores` (name → non-negative fp32 tensor, in parameter order) to `path` with the provenance
+    record `meta`, at `precision` ("compact": exact Top / Bottom `exact_share` tails and a 4-bit body;
+    "bfloat16"; "float32")."""
+    if precision not in PRECISIONS:
+        raise LingregionError(f"unknown score precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    record = dict(meta, format=FORMAT, precision=precision, score_dtype="float32")
+    record["shapes"] = {n: list(t.shape) for n, t in scores.items()}
+    if precision == "float32":
+        write_tensors(path, {n: t.float() for n, t in scores.items()}, record)
+        return
+    if precision == "bfloat16":
+        write_tensors(path, {n: t.to(torch.bfloat16) for n, t in scores.items()}, record)
+        return
+    if not 0 < exact_share < 0.5:
+        raise LingregionError(
+            f"exact share {exact_share} is outside (0, 0.5); pass the largest region share, e.g. 0.03"
+        )
+    record.update(exact_share=exact_share, body_bits=BODY_BITS)
+    # the library's own selection picks the tails, so ties at their edges fall exactly as a later selection's
+    top = select(scores, exact_share, "top")
+    bottom = select(scores, exact_share, "bottom")
+    tensors: dict[str, torch.Tensor] = {}
+    for n, x in scores.items():
+        codes, exact, levels = _encode(
+            x.detach().float().reshape(-1), top.mask(n).reshape(-1), bottom.mask(n).reshape(-1)
+        )
+        tensors[f"{n}/codes"], tensors[f"{n}/exact"], tensors[f"{n}/levels"] = codes, exact, levels
+    write_tensors(path, tensors, record)
+
+
+def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The scores of a file (fp32 tensors in parameter order, whatever the precision on disk) and its
+    provenance record. Compact files decode to values whose per-matrix Top / Bottom selections up to the
+    file's exact share equal those of the original scores."""
+    path = Path(path)
+    tensors, meta = read_tensors(path)
+    if not is_score_file(meta):
+        raise LingregionError(f"{path}: not a score file; pass files written by 'lingregion score' or a run's scores/")
+    precision = meta.get("precision", "float32")
+    if meta["format"] in OLD_FORMATS or precision == "float32":
+        return {n: t.float() for n, t in tensors.items()}, meta
+    if precision == "bfloat16":
+        return {n: t.float() for n, t in tensors.items()}, meta
+    if precision != "compact":
+        raise LingregionError(f"{path}: unknown score precision {precision!r}; a newer lingregion wrote it")
+    out = {}
+    for n, shape in meta["shapes"].items():
+        try:
+            codes, exact, levels = (tensors[f"{n}/{part}"] for part in ("codes", "exact", "levels"))
+            out[n] = _decode(codes, exact, levels, math.prod(shape)).reshape(shape)
+        except (KeyError, RuntimeError, ValueError, IndexError):
+            raise LingregionError(
+                f"{path}: scores of {n} are missing or malformed; the file is corrupt, recreate it"
+            ) from None
+    return out, meta
+
+
+def load_meta(path: Path) -> dict:
+    """A score file's provenance record alone (its header), without reading the scores."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("lingregion", "null"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LingregionError(f"{path}: not a readable safetensors file ({e}); it is corrupt or truncated") from None
+    if not isinstance(meta, dict) or not is_score_file(meta):
+        raise LingregionError(f"{path}: not a score file; pass files written by 'lingregion score' or a run's scores/")
+    return meta
+
+
+def bytes_per_parameter(precision: str, exact_share: float = EXACT_SHARE) -> float:
+    """Bytes a score file takes per scored parameter (headers aside), from the format."""
+    if precision == "compact":
+        return BODY_BITS / 8 + 2 * exact_share * 4
+    return {"bfloat16": 2.0, "float32": 4.0}[precision]
+
+
+# --- the compact encoding, one matrix at a time -------------------------------------------------------------
+
+
+def _encode(x: torch.Tensor, top: torch.Tensor, bottom: torch.Tensor):
+    """(packed codes, tail values in flat order, [lo, hi, level_0 .. level_14]) of one flat fp32 matrix.
+
+    lo / hi are the tails' inner values (the largest of the Bottom tail, the smallest of the Top tail);
+    with an empty tail they are the body's own extreme. The body's bins are equally wide on [lo, hi] (a
+    sum over languages is thrown off by absolute errors, and equal widths bound those), and each level is
+    the mean of the body values in its bin, so that sums of decoded scores are unbiased per bin."""
+    exact = top | bottom
+    body = x[~exact]
+    hi = x[top].min() if top.any() else (body.max() if len(body) else x.max())
+    lo = x[bottom].max() if bottom.any() else (body.min() if len(body) else x.min())
+    codes = torch.full((x.numel(),), _EXACT_CODE, dtype=torch.uint8)
+    levels = torch.zeros(_LEVELS, dtype=torch.float32)
+    if len(body):
+        width = (hi.double() - lo.double()) / _LEVELS
+        b = (
+            ((body.double() - lo.double()) / width).floor()
+            if width > 0
+            else torch.zeros(len(body), dtype=torch.float64)
+        )
+        b = b.clamp_(0, _LEVELS - 1).long()
+        sums = torch.zeros(_LEVELS, dtype=torch.float64).index_add_(0, b, body.double())
+        counts = torch.bincount(b, minlength=_LEVELS).double()
+        centres = lo.double() + (torch.arange(_LEVELS, dtype=torch.float64) + 0.5) * max(width, 0.0)
+        levels = torch.where(counts > 0, sums / counts.clamp(min=1), centres).float()
+        codes[~exact] = b.to(torch.uint8)
+    packed = torch.from_numpy(_pack_nibbles(codes.numpy()))
+    return packed, x[exact].clone(), torch.cat([torch.stack([lo, hi]).float(), levels])
+
+
+def _decode(packed: torch.Tensor, exact: torch.Tensor, levels: torch.Tensor, n: int) -> torch.Tensor:
+    """One flat matrix back from `_encode`'s parts.
+
+    Why selections up to the tails' size are exact: the Top tail holds every entry above hi and the
+    lowest-index entries equal to hi (select's tie rule), with exact values; every body entry is ≤ hi
+    and decodes below hi. A Top-k with k ≤ the tail's size therefore finds the same k-th value, the
+    same entries beyond it, and the same lowest-index ties at it, all inside the tail. Likewise for
+    Bottom with lo. Decoded body values are clamped into [next float above lo, next float below hi]
+    for that; where no float lies strictly between lo and hi, the body's values are lo or hi themselves
+    and each bin's mean is then exactly one of them."""
+    codes = torch.from_numpy(_unpack_nibbles(packed.numpy(), n))
+    is_exact = codes == _EXACT_CODE
+    if int(is_exact.sum()) != exact.numel():
+        raise ValueError("tail size does not match its codes")
+    lo, hi, table = levels[0], levels[1], levels[2:]
+    out = table[codes.clamp(max=_LEVELS - 1).long()]
+    above_lo = torch.nextafter(lo, torch.tensor(math.inf))
+    below_hi = torch.nextafter(hi, torch.tensor(-math.inf))
+    if above_lo <= below_hi:
+        out.clamp_(above_lo, below_hi)
+    out[is_exact] = exact
+    return out
+
+
+def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    if len(codes) % 2:
+        codes = np.append(codes, np.uint8(0))
+    return (codes[0::2] << 4 | codes[1::2]).astype(np.uint8)
+
+
+def _unpack_nibbles(packed: np.ndarray, n: int) -> np.ndarray:
+    out = np.empty(2 * len(packed), dtype=np.uint8)
+    out[0::2], out[1::2] = packed >> 4, packed & 0x0F
+    return out[:n]
