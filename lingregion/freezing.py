@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from . import evaluation, interventions, models
+from . import evaluation, models
 from .corpus import Windows
 from .regions import Region
 from .store import LingregionError, read_tensors, sha256_bytes, write_tensors
@@ -44,25 +44,81 @@ CHECKPOINT_FORMAT = "lingregion-training-checkpoint-v1"
 
 
 # --- exact freezing ------------------------------------------------------------------------------------
+# Path parts that wrappers put into parameter names: DDP's `module.` (leading), torch.compile's
+# `_orig_mod.`, FSDP1's `_fsdp_wrapped_module.`, activation checkpointing's `_checkpoint_wrapped_module.`.
+# A region is located on the plain model, so its names are matched with these parts taken out.
+_WRAPPER_PARTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def plain_name(name: str) -> str:
+    """`name` without the path parts that DDP, FSDP1, torch.compile and activation checkpointing add,
+    e.g. 'module.model.layers.0.mlp.up_proj.weight' -> 'model.layers.0.mlp.up_proj.weight'."""
+    parts = [p for p in name.split(".") if p not in _WRAPPER_PARTS]
+    while len(parts) > 1 and parts[0] == "module":
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def named_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """The model's parameters by the names a region made on the plain model uses: each name as it is,
+    and, where a wrapper (DDP, FSDP1, torch.compile) changed it, also under its plain name."""
+    params = dict(model.named_parameters())
+    for n, p in list(params.items()):
+        params.setdefault(plain_name(n), p)
+    return params
+
+
+def local_indices(
+    index: torch.Tensor, shape: tuple[int, ...], local_shape: tuple[int, ...], offset: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of the global flat `index` (row-major, into a tensor of `shape`), the entries that lie in the block
+    of `local_shape` starting at `offset` (a shard of Shard(d) placements is such a block): returns
+    (which: a bool mask over `index`, local: their flat indices into the row-major local block)."""
+    coords = torch.unravel_index(index, tuple(shape)) if len(shape) else ()
+    which = torch.ones(index.shape, dtype=torch.bool, device=index.device)
+    for c, o, n in zip(coords, offset, local_shape):
+        which &= (c >= o) & (c < o + n)
+    local = torch.zeros(int(which.sum()), dtype=torch.int64, device=index.device)
+    for c, o, n in zip(coords, offset, local_shape):
+        local = local * n + (c[which] - o)
+    return which, local
+
+
+def _shard_of(p, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(which, local) for a DTensor parameter: the frozen entries held on this rank and their flat indices
+    into its local shard. Only Shard(d) and Replicate placements are blocks; others are refused."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    odd = [pl for pl in p.placements if not (type(pl) is Shard or isinstance(pl, Replicate))]
+    if odd:
+        raise LingregionError(
+            f"cannot freeze entries of a parameter placed as {odd[0]}; shard with Shard(d) or Replicate "
+            "placements (fully_shard's default Shard(0) works)"
+        )
+    local_shape, offset = compute_local_shape_and_global_offset(tuple(p.shape), p.device_mesh, p.placements)
+    return local_indices(index, tuple(p.shape), tuple(local_shape), tuple(offset))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this process holds: a DTensor's local shard (a view that shares its storage), else `t`."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class Frozen:
     """A region's entries held at fixed values: their gradients are zeroed as autograd produces them, and
-    `restore()` writes the stored values back (call it after each optimizer step; `freeze` does)."""
+    `restore()` writes the stored values back (call it after each optimizer step; `freeze` does).
+
+    The model may be wrapped in DDP (names with `module.`), torch.compile or FSDP1, or sharded by FSDP2's
+    `fully_shard` (DTensor parameters): then each process stores, zeroes and restores only the frozen
+    entries in its own shard, and `count` and `nbytes` are this process's share."""
 
     def __init__(self, model, region: Region, values: Mapping[str, float | torch.Tensor] | float | None = None):
-        params = dict(model.named_parameters())
+        params = named_parameters(model)
         missing = [n for n in region.packed if n not in params]
         if missing:
             raise LingregionError(
                 f"region covers {missing[0]}, which this model lacks; locate the region with this model"
-            )
-        if values is not None:  # e.g. Top&Freeze: set the region to its removed value, then hold it there
-            interventions.apply(
-                model,
-                [
-                    interventions.Edit(n, region.indices(n), _value_of(values, n))
-                    for n in region.packed
-                    if region.count(n)
-                ],
             )
         self._entries: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = []
         self._hooks = []
@@ -71,22 +127,37 @@ class Frozen:
                 continue
             p = params[name]
             index = region.indices(name).to(p.device)
-            self._entries.append((p, index, p.detach().reshape(-1)[index].clone()))
+            which = None
+            if hasattr(p, "device_mesh"):  # a DTensor: keep the entries this rank holds, as local indices
+                which, index = _shard_of(p, index)
+            if values is not None:  # e.g. Top&Freeze: set the region to its removed value, then hold it there
+                value = _value_of(values, name)
+                if isinstance(value, torch.Tensor):
+                    value = value.to(p.device, p.dtype)
+                    if value.dim() and which is not None:  # one value per frozen entry: this rank's share
+                        value = value.reshape(-1)[which]
+                with torch.no_grad():
+                    _local(p.data).view(-1)[index] = value
+            self._entries.append((p, index, _local(p.detach()).reshape(-1)[index].clone()))
             if p.requires_grad:
                 self._hooks.append(p.register_post_accumulate_grad_hook(_zero_grad_at(index)))
 
     @torch.no_grad()
     def restore(self) -> None:
+        """Write the stored values back into the frozen entries (of this process's shard)."""
         for p, index, value in self._entries:
-            p.data.view(-1)[index] = value
+            # view, not reshape: a copy would take the write and leave the parameter as it is
+            _local(p.data).view(-1)[index] = value
 
     def remove(self) -> None:
+        """Detach the gradient hooks; the entries keep their current values."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
 
     @property
     def count(self) -> int:
+        """Frozen entries held by this process (all of them, unless the parameters are sharded)."""
         return sum(len(i) for _, i, _ in self._entries)
 
     @property
@@ -101,7 +172,11 @@ def _value_of(values, name: str):
 
 def _zero_grad_at(index: torch.Tensor):
     def hook(p):
-        p.grad.view(-1).index_fill_(0, index, 0)
+        # Under FSDP2 the hook runs on the sharded parameter after the reduce-scatter, and the gradient is a
+        # DTensor: its local shard is what the optimizer reads. Under DDP it runs before the all-reduce, and
+        # every rank zeroes the same entries, so their average stays zero.
+        with torch.no_grad():
+            _local(p.grad).view(-1).index_fill_(0, index, 0)
 
     return hook
 
@@ -113,6 +188,7 @@ class Attached:
         self.frozen, self._handle = frozen, handle
 
     def remove(self) -> None:
+        """Detach the gradient hooks and the optimizer hook; the entries keep their current values."""
         self.frozen.remove()
         self._handle.remove()
 
@@ -124,7 +200,11 @@ def freeze(
     values: Mapping[str, float | torch.Tensor] | float | None = None,
 ) -> Attached:
     """Keep `region` bit-identical through every `optimizer.step()`: at its current values, or first set to
-    `values` (one per parameter name, or one for all, e.g. θ_removed to keep a removed region removed)."""
+    `values` (one per parameter name, or one for all, e.g. θ_removed to keep a removed region removed).
+
+    Call it on the model as it will be trained: after wrapping it in DDP (either the wrapper or the inner
+    model works) and after FSDP2's `fully_shard`, which replaces each parameter with a sharded DTensor;
+    then each process holds and restores the frozen entries of its own shard."""
     frozen = Frozen(model, region, values)
     return Attached(frozen, optimizer.register_step_post_hook(lambda *_: frozen.restore()))
 
@@ -132,21 +212,38 @@ def freeze(
 class FreezeCallback(TrainerCallback):
     """`Trainer(..., callbacks=[FreezeCallback(region)])`: the region stays bit-identical during training.
 
-    The gradient hooks are attached when training begins, and the values are written back right after
-    each optimizer step (the `on_optimizer_step` event), whatever optimizer the Trainer built or wrapped.
+    The region is attached when the first step begins, and the values are written back right after each
+    optimizer step (the `on_optimizer_step` event), whatever optimizer the Trainer built or wrapped. Not at
+    `on_train_begin`: the Trainer calls that before accelerate wraps or shards the model, and FSDP2's
+    `fully_shard` replaces every parameter with a sharded one, so hooks and stored indices taken then would
+    belong to parameters no longer trained (and a checkpoint the Trainer resumes from under FSDP is loaded
+    after sharding too). Under several processes each one holds its own shard of the region.
     """
 
     def __init__(self, region: Region, values: Mapping[str, float | torch.Tensor] | float | None = None):
         self.region, self.values, self.frozen = region, values, None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.frozen = Frozen(model, self.region, self.values)
+        """Forget a region attached by an earlier `train()` call; the next step attaches it afresh."""
+        self._detach()
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        """Attach (once per training run) to the parameters as the Trainer has wrapped or sharded them."""
+        if self.frozen is None:
+            self.frozen = Frozen(model, self.region, self.values)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
+        """Write the frozen entries back right after the optimizer moved them."""
         self.frozen.restore()
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.frozen.remove()
+        """Detach the gradient hooks."""
+        self._detach()
+
+    def _detach(self) -> None:
+        if self.frozen is not None:
+            self.frozen.remove()
+        self.frozen = None
 
 
 # --- configuration and schedule -------------------------------------------------------------------------
@@ -170,9 +267,11 @@ class TrainConfig:
 
     @property
     def samples_per_step(self) -> int:
+        """Windows behind one weight update: batch_size × accumulation."""
         return self.batch_size * self.accumulation
 
     def validate(self) -> None:
+        """Refuse a run that cannot be trained: sizes or rates out of range, unknown precision, steps past the end."""
         if self.steps < 1 or self.batch_size < 1 or self.accumulation < 1 or self.eval_batch_size < 1:
             raise LingregionError("training steps, batch size and accumulation must be ≥ 1")
         if not (self.lr > 0 and self.weight_decay >= 0 and self.clip >= 0 and self.warmup >= 0):
@@ -206,6 +305,7 @@ def optimizer_for(params: dict[str, torch.nn.Parameter], cfg: TrainConfig) -> to
 
 
 def scheduler_for(optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule of `lr_factor` (linear warm-up, then half cosine) on `optimizer`, stepped once per update."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup, cfg.steps))
 
 
@@ -224,6 +324,7 @@ class Stream:
         return len(self.windows)
 
     def take(self, position: int, n: int) -> torch.Tensor:
+        """Windows `position` .. `position + n - 1` of the stream, stacked into one batch."""
         return torch.stack([self._at(p) for p in range(position, position + n)])
 
     def _at(self, position: int) -> torch.Tensor:
