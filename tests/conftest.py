@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
     Gemma3TextConfig,
@@ -115,3 +115,26 @@ def loaded(tokenizer):
         )
 
     return build
+
+
+@pytest.fixture
+def bos_tokenizer(tokenizer):
+    """The tiny tokenizer, adding BOS as Gemma's does."""
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.backend_tokenizer.__class__.from_str(tokenizer.backend_tokenizer.to_str()),
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+    )
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)]
+    )
+    return tok
+
+
+def long_model(family="gemma3"):
+    """A tiny model with room for a paragraph of byte-level tokens (the task's items)."""
+    cfg = CONFIGS[family]()
+    cfg.max_position_embeddings = cfg.n_positions = 2048
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()

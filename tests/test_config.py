@@ -76,3 +76,14 @@ def test_experiment_names_are_the_registry():
 def test_a_list_flag_with_a_bad_value_is_refused():
     with pytest.raises(LingregionError, match="unknown struct_families value 'rows'"):
         Config(struct_families=["rows"]).check_basics()
+
+
+def test_every_command_and_option_has_help_text():
+    import argparse
+
+    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    summaries = {c.dest: c.help for c in sub._choices_actions}
+    for name, p in sub.choices.items():
+        assert summaries[name] and p.description, name
+        for a in p._actions:
+            assert a.help or isinstance(a, argparse._HelpAction), (name, a.option_strings or a.dest)

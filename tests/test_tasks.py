@@ -1,4 +1,5 @@
-"""Export of a region-removed model, the built-in parallel multiple-choice task, and the lm-eval path."""
+"""The built-in parallel multiple-choice task (its items and the script that builds them), the direct
+evaluator against a plain computation, and the in-process lm-eval path, also through `lingregion evaluate`."""
 
 import gzip
 import json
@@ -9,16 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import processors
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from lingregion import corpus, evaluation, export, interventions, models, tasks
+from lingregion import interventions, models, tasks
 from lingregion.cli import main
 from lingregion.config import PAPER_EVAL_LANGS
 from lingregion.regions import select
-from lingregion.store import LingregionError, sha256_file, write_tensors
+from lingregion.store import LingregionError, sha256_file
 
-from conftest import CONFIGS, TEXT
+from conftest import TEXT, long_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import build_task  # noqa: E402
@@ -111,29 +110,6 @@ def test_cut_keeps_the_text_and_graphemes():
 
 
 # --- scoring ------------------------------------------------------------------------------------------
-@pytest.fixture
-def bos_tokenizer(tokenizer):
-    """The tiny tokenizer, adding BOS as Gemma's does."""
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer.backend_tokenizer.__class__.from_str(tokenizer.backend_tokenizer.to_str()),
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-    )
-    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)]
-    )
-    return tok
-
-
-def long_model(family="gemma3"):
-    """A tiny model with room for a paragraph of byte-level tokens."""
-    cfg = CONFIGS[family]()
-    cfg.max_position_embeddings = cfg.n_positions = 2048
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg).eval()
-
-
 def reference_loglik(model, tokenizer, context, choice, max_length=None):
     """log p(choice | context), one sequence at a time, from the model's own full logits: the context's
     own tokens, then the tokens of context + choice past them (lm-eval's split), the start of the context
@@ -244,247 +220,20 @@ def test_lmeval_yaml_files(tmp_path):
     assert Path(cfg["dataset_kwargs"]["data_files"]["test"]) == tasks.items_path("zh")
 
 
-# --- export -------------------------------------------------------------------------------------------
-def _region_on(m, tmp_path, with_scores=True):
-    names = models.scored_names(m.module)
-    params = dict(m.module.named_parameters())
-    scores = {n: params[n].detach().float().abs() for n in names}
-    run = tmp_path / "run"
-    if with_scores:
-        for lang in ("ru", "es"):
-            write_tensors(
-                run / "scores" / f"{lang}.safetensors",
-                scores,
-                {
-                    "format": "lingregion-scores-v1",
-                    "lang": lang,
-                    "model_fingerprint": m.info["fingerprint"],
-                    "estimator": "taylor",
-                    "made_of": {"windows": {"tokens": 64, "windows": 4, "seq_len": 16, "text_sha256": "ab" * 32}},
-                },
-            )
-    region = select(
-        scores,
-        0.05,
-        "top",
-        meta={"model": m.info["fingerprint"], "languages": ["ru", "es"], "estimator": "taylor", "label": "core"},
-    )
-    path = run / "regions" / "core-top-0.05.safetensors"
-    region.save(path)
-    return region, path, models.removed_values(m.module, names)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_export_then_reload_is_bit_identical_with_the_same_perplexity(tiny_folder, tmp_path, dtype):
-    m = models.load(str(tiny_folder), dtype)  # loaded as lingregion loads any model (buffers included)
-    before = {k: v.clone() for k, v in m.module.state_dict().items()}
-    region, path, removed = _region_on(m, tmp_path)
-    edits = interventions.removal(region, removed)
-    record = export.region_record(region, path, m.module, removed)
-    out = export.export(m.module, m.tokenizer, tmp_path / "exported", edits, {**record, "base_model": m.info})
-    assert all(torch.equal(before[k], v) for k, v in m.module.state_dict().items())  # restored in memory
-    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".exported")]
-
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=models.DTYPES[dtype]).eval()
-    windows = corpus.make_windows(m.tokenizer, ["Квантовая механика описывает природу. " * 12], 16, 64, "ru")
-    with interventions.applied(m.module, edits):
-        edited = m.module.state_dict()
-        assert set(reloaded.state_dict()) == set(edited)
-        for k, v in reloaded.state_dict().items():
-            assert v.dtype == edited[k].dtype and torch.equal(v, edited[k]), k
-        ppl = evaluation.perplexity(m.module, windows, 2, progress=False)
-    assert evaluation.perplexity(reloaded, windows, 2, progress=False) == ppl
-    assert ppl != evaluation.perplexity(m.module, windows, 2, progress=False)  # the removal matters
-    assert AutoTokenizer.from_pretrained(out)("мир").input_ids == m.tokenizer("мир").input_ids
-
-    card = (out / "README.md").read_text(encoding="utf-8")
-    rec = json.loads((out / export.RECORD).read_text(encoding="utf-8"))
-    assert f"{region.count():,} of {region.total():,}" in card and sha256_file(path) in card and str(path) in card
-    assert rec["region"]["entries"] == region.count() == rec["edits"]["entries"]
-    assert rec["region"]["parameters"] == {
-        n: {
-            "entries": region.count(n),
-            "of": before[n].numel(),
-            "set_to": removed[n],
-            "already_at_value": int((before[n].reshape(-1)[region.indices(n)] == removed[n]).sum()),
-        }
-        for n in region.packed
-        if region.count(n)
-    }
-    assert set(rec["scores"]) == {"ru", "es"} and rec["scores"]["ru"]["sha256"][:16] in card
-    assert rec["base_model"]["fingerprint"] == m.info["fingerprint"]
-
-
-def test_export_refuses_to_overwrite_and_replaces_with_force(loaded, tmp_path):
-    m = loaded()
-    region, path, removed = _region_on(m, tmp_path, with_scores=False)
-    out = tmp_path / "exported"
-    (out / "old.txt").parent.mkdir()
-    (out / "old.txt").write_text("x")
-    record = export.region_record(region, path, m.module, removed)
-    assert record["scores"] == {}
-    with pytest.raises(LingregionError, match="not empty"):
-        export.export(m.module, m.tokenizer, out, [], record)
-    assert (out / "old.txt").is_file()
-    export.export(m.module, m.tokenizer, out, interventions.removal(region, removed), record, force=True)
-    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
-    assert "were not found" in (out / "README.md").read_text(encoding="utf-8")
-
-
-def test_export_command(tiny_folder, tmp_path, capsys):
-    m = models.load(str(tiny_folder))
-    region, path, removed = _region_on(m, tmp_path)
-    out = tmp_path / "cli-export"
-    assert main(["export", "--model", str(tiny_folder), "--remove", str(path), "--out", str(out)]) == 0
-    assert str(out) in capsys.readouterr().out
-    again = models.load(str(out))
-    with interventions.applied(m.module, interventions.removal(region, removed)):
-        assert again.info["fingerprint"] == models.fingerprint(m.module)
-    assert main(["export", "--model", str(tiny_folder), "--remove", str(path), "--out", str(out)]) == 2
-    assert "not empty" in capsys.readouterr().err
-    other = _fake_region_for_another_model(tmp_path)
-    assert main(["export", "--model", str(tiny_folder), "--remove", str(other), "--out", str(tmp_path / "x")]) == 2
-    assert "locate the region again" in capsys.readouterr().err and not (tmp_path / "x").exists()
-
-
-def _fake_region_for_another_model(tmp_path):
-    from conftest import make_model
-
-    other = make_model("gemma3", seed=1)
-    names = models.scored_names(other)
-    r = select(
-        {n: p.detach().abs() for n, p in other.named_parameters() if n in names},
-        0.05,
-        "top",
-        meta={"model": models.fingerprint(other)},
-    )
-    path = tmp_path / "other.safetensors"
-    r.save(path)
-    return path
-
-
-# --- the downstream experiment ------------------------------------------------------------------------
-DOWN = [
-    "--seq-len",
-    "16",
-    "--score-tokens",
-    "32",
-    "--eval-tokens",
-    "32",
-    "--score-langs",
-    "ru,es",
-    "--eval-langs",
-    "ru,en",
-    "--ratios",
-    "0.05",
-    "--batch-size",
-    "2",
-    "--experiments",
-    "downstream",
-]
-
-
-def test_downstream_experiment_matches_a_direct_evaluation_and_resumes(bos_tokenizer, tmp_path, capsys, monkeypatch):
-    pytest.importorskip("lm_eval")
-    folder = tmp_path / "tiny-long"
-    long_model().save_pretrained(folder)
-    bos_tokenizer.save_pretrained(folder)
-    out = tmp_path / "run"
-    m = models.load(str(folder))
-    names = models.scored_names(m.module)
-    mono = select(
-        {
-            n: torch.rand(p.shape, generator=torch.Generator().manual_seed(1))
-            for n, p in m.module.named_parameters()
-            if n in names
-        },
-        0.03,
-        "top",
-        meta={"model": m.info["fingerprint"], "label": "monolingual-ru"},
-    )
-    mono.save(out / "regions" / "monolingual-ru-0.03.safetensors")  # as the monolingual experiment leaves it
-    (tmp_path / "cfg.yaml").write_text(
-        "down_langs: [ru, en]\ndown_items: 3\ndown_ratio: 0.05\ndown_batch: 5\n"
-        "down_lmeval_tasks: [lingregion_udhr_next_ru]\ndown_lmeval_limit: 3\n"
-    )
-    argv = ["reproduce", "--model", str(folder), "--out", str(out), "--config", str(tmp_path / "cfg.yaml"), *DOWN]
-    assert main(argv) == 0, capsys.readouterr().err
-    res = json.loads((out / "results" / "downstream-summary.json").read_text())
-    assert res["settings"] == ["base", "top@0.05", "bottom@0.05", "random@0.05", "mono-ru"]
-    assert res["items"] == {"ru": 3, "en": 3} and res["model"]["fingerprint"] == m.info["fingerprint"]
-    removed = models.removed_values(m.module, names)
-    from lingregion.regions import Region
-
-    for setting, file in [("base", None), ("top@0.05", "core-top-0.05"), ("mono-ru", "monolingual-ru-0.03")]:
-        edits = interventions.removal(Region.load(out / "regions" / f"{file}.safetensors"), removed) if file else []
-        with interventions.applied(m.module, edits):
-            for lang in ("ru", "en"):
-                direct = tasks.evaluate(m.module, m.tokenizer, lang, limit=3)
-                assert res["accuracy"][setting][lang]["acc"] == direct["acc"], (setting, lang)
-                assert res["accuracy"][setting][lang]["acc_norm"] == direct["acc_norm"], (setting, lang)
-            lm = res["lmeval"][setting]["lingregion_udhr_next_ru"]
-            assert lm["acc"] == res["accuracy"][setting]["ru"]["acc"]  # lm-eval on the same model object agrees
-    ppl = json.loads((out / "results" / "removal.json").read_text())["entries"]
-    assert res["perplexity"]["top@0.05"]["ru"]["ratio"] == ppl["top@0.05/ru"]["ppl"] / ppl["base/ru"]["ppl"]
-    assert "mono-ru/ru" in json.loads((out / "results" / "monolingual.json").read_text())["entries"]
-    report_md = (out / "report.md").read_text(encoding="utf-8")
-    assert "Downstream: multiple-choice accuracy" in report_md and (out / "figures" / "downstream.png").is_file()
-    assert "first_chosen" in report_md
-
-    def fail(*a, **k):
-        raise AssertionError("recomputed a cached result")
-
-    monkeypatch.setattr(tasks, "loglikelihoods", fail)
-    monkeypatch.setattr(tasks, "lmeval", fail)
-    assert main(argv + ["--mono-focus", "uk"]) == 0  # a rerun (other experiments' settings changed) resumes
-    assert json.loads((out / "results" / "downstream-summary.json").read_text())["accuracy"] == res["accuracy"]
-
-
-def test_downstream_is_skipped_for_a_model_too_short_for_the_items(tiny_folder, tmp_path, capsys):
-    out = tmp_path / "run"
-    argv = ["reproduce", "--model", str(tiny_folder), "--out", str(out), *DOWN]
-    assert main(argv) == 0, capsys.readouterr().err
-    res = json.loads((out / "results" / "downstream-summary.json").read_text())
-    assert "128 positions" in res["skipped"] and "Not run: the model takes 128" in (out / "report.md").read_text()
-
-
-def test_downstream_config_is_checked_before_anything_runs(tiny_folder, tmp_path, capsys):
-    (tmp_path / "cfg.yaml").write_text("down_langs: [ru, xx]\n")
-    argv = [
-        "reproduce",
-        "--model",
-        str(tiny_folder),
-        "--out",
-        str(tmp_path / "run"),
-        "--config",
-        str(tmp_path / "cfg.yaml"),
-        *DOWN,
-    ]
-    assert main(argv) == 2 and "down_langs xx" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
-
-
-def test_every_command_and_option_has_help_text():
-    import argparse
-
-    from lingregion.cli import parser
-
-    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
-    summaries = {c.dest: c.help for c in sub._choices_actions}
-    for name, p in sub.choices.items():
-        assert summaries[name] and p.description, name
-        for a in p._actions:
-            assert a.help or isinstance(a, argparse._HelpAction), (name, a.option_strings or a.dest)
-
-
 def test_evaluate_command_runs_lmeval_tasks_on_the_region_removed_model(bos_tokenizer, tmp_path, capsys):
     pytest.importorskip("lm_eval")
     folder = tmp_path / "tiny-long"
     long_model().save_pretrained(folder)
     bos_tokenizer.save_pretrained(folder)
     m = models.load(str(folder))
-    region, path, removed = _region_on(m, tmp_path)
+    names = models.scored_names(m.module)
+    params = dict(m.module.named_parameters())
+    region = select(
+        {n: params[n].detach().float().abs() for n in names}, 0.05, "top", meta={"model": m.info["fingerprint"]}
+    )
+    path = tmp_path / "core-top-0.05.safetensors"
+    region.save(path)
+    removed = models.removed_values(m.module, names)
     argv = ["evaluate", "--model", str(folder), "--lmeval-tasks", "lingregion_udhr_next_en", "--lmeval-limit", "4"]
     assert main(argv + ["--remove", str(path)]) == 0
     out = capsys.readouterr().out
