@@ -25,6 +25,7 @@ EXPERIMENT_NAMES = [
     "forgetting",
     "downstream",
     "estimators",
+    "stability",
 ]  # the order they run in: later ones reuse earlier caches
 
 
@@ -64,6 +65,16 @@ class Config:
         langs=True,
         quick=["ar", "zh", "ja", "ru", "uk", "es", "pt", "en"],
     )
+    parallel: bool = opt(
+        False,
+        "build every language's windows from the same aligned documents: the alignment ids that all the "
+        "run's languages share, in one order (see `lingregion languages`)",
+    )
+    genres: list[str] = opt(
+        [],
+        "keep only documents of these genres (scripture, software-help, legal, essays, encyclopedia, "
+        "generated-prose, technical-manual; user text: user or its own); empty: all",
+    )
     seq_len: int = opt(512, "tokens per window, BOS included", quick=256)
     score_tokens: int = opt(4096, "scoring tokens per language", quick=1024)
     score_precision: str = opt(
@@ -92,8 +103,11 @@ class Config:
     include: str | None = opt(None, "regex of the parameters to score (default: every transformer-layer parameter)")
     exclude: str | None = opt(None, "regex of parameters to leave out of scoring")
     seed: int = opt(0, "seed of every random choice (Random regions, controls, shuffles)")
-    random_seeds: int = opt(3, "Random regions drawn per ratio (seeds seed, seed+1, ...): tables show their "
-                               "geometric mean and min–max", quick=2)
+    random_seeds: int = opt(
+        3,
+        "Random regions drawn per ratio (seeds seed, seed+1, ...): tables show their geometric mean and min–max",
+        quick=2,
+    )
     experiments: list[str] = opt(EXPERIMENT_NAMES, "which experiments to run", choices=EXPERIMENT_NAMES)
     # --- monolingual --------------------------------------------------------------------------------
     mono_langs: list[str] = opt(
@@ -124,6 +138,17 @@ class Config:
     outlier_confirm: int = opt(5, "scan candidates confirmed by perplexity", quick=3)
     outlier_controls: int = opt(2, "random input-norm entries perturbed as controls", quick=1)
     outlier_dims: int = opt(2, "most massive residual dimensions removed whole (and as many random ones)", quick=1)
+    # --- stability ------------------------------------------------------------------------------------
+    split_halves: bool = opt(
+        True,
+        "keep two half sums (even and odd windows) while scoring, for split-half "
+        "stability; costs one extra fp32 copy of the scored parameters while scoring",
+    )
+    stability_langs: list[str] = opt(["ru", "zh"], "languages scored at growing budgets", langs=True, quick=["ru"])
+    stability_tokens: int = opt(4096, "scoring tokens of the largest budget (1/8, 1/4, 1/2 and all of it)", quick=2048)
+    stability_precision: bool = opt(
+        True, "also score the first stability language in the other precision (an extra copy of the model)"
+    )
     # --- estimators ---------------------------------------------------------------------------------
     est_estimators: list[str] = opt(
         ["taylor", "taylor-window", "fisher", "magnitude", "wanda", "lape"], "importance estimators compared"

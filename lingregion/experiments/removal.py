@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .. import blocks, evaluation, figures, interventions
+import math
+
+from .. import blocks, evaluation, figures, interventions, uncertainty
 from ..store import write_bytes
 from .runfolder import Run
 
@@ -18,6 +20,7 @@ def run(run: Run) -> dict:
     params = dict(run.model.named_parameters())
     table = {"base": run.evaluate("removal.json", "base", [], langs)}
     regions, figs = {}, run.out / "figures"
+    draws: dict[str, dict[int, dict]] = {}
     for ratio in cfg.ratios:
         for side in cfg.sides:
             region = run.region(core, side, ratio)
@@ -29,6 +32,15 @@ def run(run: Run) -> dict:
                     write_bytes(figs / "core-q_proj.png", figures.region_heatmap(region, q, head_dim))
             setting = f"{side}@{ratio:g}"
             table[setting] = run.evaluate("removal.json", setting, interventions.removal(region, run.removed), langs)
+            if side == "random":  # further seeds: one draw is not a control (the paper's Random row is one)
+                draws[setting] = {cfg.seed: table[setting]}
+                for k in range(1, cfg.random_seeds):
+                    other = run.region(core, side, ratio, draw=k)
+                    edits = interventions.removal(other, run.removed)
+                    draws[setting][cfg.seed + k] = run.evaluate(
+                        "removal.json", f"{setting}/seed{cfg.seed + k}", edits, langs
+                    )
+                table[setting] = {lang: geometric_mean([d[lang] for d in draws[setting].values()]) for lang in langs}
             already = sum(
                 int((params[n].detach().reshape(-1)[region.indices(n)] == run.removed[n]).sum()) for n in region.packed
             )
@@ -37,12 +49,26 @@ def run(run: Run) -> dict:
                 "of": region.total(),
                 "already_at_removed_value": already / max(region.count(), 1),
             }
+    ratios, intervals = _intervals(table, langs, cfg.seed)
     zero = sum(int((params[n] == run.removed[n]).sum()) for n in run.names)
     result = {
         "experiment": "removal",
         "settings": list(table),
         "languages": langs,
-        "table": table,
+        "table": {
+            s: {
+                lang: {k: v for k, v in r.items() if k != "blocks"} | {"ci95": intervals[s][lang]}
+                for lang, r in by_lang.items()
+            }
+            for s, by_lang in table.items()
+        },
+        "ratio": ratios,
+        "ci95_method": uncertainty.method_record(seed=cfg.seed),
+        "verdict_rule": uncertainty.RULE,
+        "random_draws": {
+            s: {str(seed): {lang: d[lang]["ppl"] for lang in langs} for seed, d in by_seed.items()}
+            for s, by_seed in draws.items()
+        },
         "regions": regions,
         "scope": cfg.scope,
         "seed": cfg.seed,
@@ -58,7 +84,66 @@ def run(run: Run) -> dict:
     return result
 
 
+def _intervals(table: dict, langs: list[str], seed: int) -> tuple[dict, dict]:
+    """Each setting's perplexity ratio to Base with its paired 95% interval, and each setting's own
+    intervals of perplexity and bits per byte (block bootstrap over the same text)."""
+    ratios, own = {}, {}
+    for s, by_lang in table.items():
+        own[s] = {
+            lang: {k: list(v) for k, v in uncertainty.bootstrap_ppl(by_lang[lang], seed=seed).items()} for lang in langs
+        }
+        if s != "base":
+            ratios[s] = {
+                lang: {
+                    "value": uncertainty.ratio(by_lang[lang], table["base"][lang]),
+                    "ci95": list(uncertainty.paired_bootstrap(by_lang[lang], table["base"][lang], seed=seed)),
+                }
+                for lang in langs
+            }
+            random = table.get(s.replace("top@", "random@"))
+            if s.startswith("top@") and random:  # the paper's comparison, on the same text: paired
+                for lang in langs:
+                    ratios[s][lang]["vs_random"] = {
+                        "value": uncertainty.ratio(by_lang[lang], random[lang]),
+                        "ci95": list(uncertainty.paired_bootstrap(by_lang[lang], random[lang], seed=seed)),
+                    }
+    return ratios, own
+
+
+def _pattern(result: dict) -> list[tuple[str, str, str, str]]:
+    """Table 1's pattern as verdicts: (ratio, "Top" or "Bottom", language, verdict). Top hurts more than Random
+    when the paired interval of ppl(Top) / ppl(Random) (geometric mean of the draws) lies above 2; Bottom is
+    harmless when the interval of ppl(Bottom) / ppl(Base) lies below 1.1."""
+    out, ratio = [], result.get("ratio", {})
+    for r in sorted({s.split("@")[1] for s in ratio}, key=float):
+        top, bottom = ratio.get(f"top@{r}"), ratio.get(f"bottom@{r}")
+        for lang in result["languages"]:
+            if top and "vs_random" in top[lang]:
+                out.append((r, "Top", lang, uncertainty.verdict(tuple(top[lang]["vs_random"]["ci95"]), 2, "above")))
+            if bottom:
+                out.append((r, "Bottom", lang, uncertainty.verdict(tuple(bottom[lang]["ci95"]), 1.1, "below")))
+    return out
+
+
+def geometric_mean(results: list[dict]) -> dict:
+    """One evaluation standing for several Random draws on the same text: NLL averaged over draws (block by
+    block), so its perplexity and bits per byte are the geometric means of the draws'."""
+    first, n = results[0], len(results)
+    nll = sum(r["nll"] for r in results) / n
+    out = {
+        **first,
+        "nll": nll,
+        "ppl": math.exp(nll / first["tokens"]) if nll / first["tokens"] < 700 else math.inf,
+        "bpb": nll / math.log(2) / first["bytes"],
+        "draws": n,
+    }
+    if "blocks" in first:
+        out["blocks"] = {**first["blocks"], "nll": [sum(v) / n for v in zip(*(r["blocks"]["nll"] for r in results))]}
+    return out
+
+
 def table(result: dict, metric: str = "ppl") -> tuple[list[str], list[list[str]]]:
+    """(head, rows) of one metric per language and setting, Base first: the paper's Table 1 layout."""
     settings, t = result["settings"], result["table"]
     head = ["Language"] + [s.replace("@", " ") if s != "base" else "Base" for s in settings]
     return head, [[lang] + [blocks.fmt(t[s][lang][metric]) for s in settings] for lang in result["languages"]]
@@ -70,7 +155,7 @@ def _ratios(result: dict, setting: str) -> list[float]:
 
 
 def findings(result: dict) -> list[str]:
-    """Headline sentences computed from the numbers."""
+    """Headline sentences computed from the numbers, each finding with its verdict."""
     fmt, out = blocks.fmt, []
     for setting in result["settings"]:
         if setting == "base":
@@ -80,11 +165,49 @@ def findings(result: dict) -> list[str]:
             f"Removing {setting.replace('@', ' ')} of the core score multiplies perplexity by "
             f"{fmt(min(r))}–{fmt(max(r))} (median {fmt(sorted(r)[len(r) // 2])}) across {len(r)} languages."
         )
+    for s, by_seed in result.get("random_draws", {}).items():
+        if len(by_seed) > 1:
+            spread = [
+                max(d[lang] for d in by_seed.values()) / min(d[lang] for d in by_seed.values())
+                for lang in result["languages"]
+            ]
+            out.append(
+                f"The {len(by_seed)} Random draws at {s.split('@')[1]} differ in perplexity by up to "
+                f"×{fmt(max(spread))} per language (max / min over seeds)."
+            )
+    verdicts: dict[tuple[str, str], dict[str, list[str]]] = {}
+    for r, kind, lang, v in _pattern(result):
+        verdicts.setdefault((r, kind), {}).setdefault(v, []).append(lang)
+    for (r, kind), by_verdict in verdicts.items():
+        claim = (
+            f"Top {r} removal at least doubles perplexity relative to Random {r}"
+            if kind == "Top"
+            else f"Bottom {r} removal leaves perplexity within 10% of Base"
+        )
+        parts = [f"**{v}** for {', '.join(langs)}" for v, langs in sorted(by_verdict.items())]
+        out.append(f"{claim}: " + "; ".join(parts) + " (95% paired bootstrap intervals).")
     return out
 
 
+def ratio_table(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Perplexity ratio to Base per language and setting, with its 95% interval: ×3.91 [2.8, 5.6]."""
+    settings = [s for s in result["settings"] if s != "base"]
+    head = ["Language"] + [s.replace("@", " ") for s in settings]
+    return head, [[lang] + [interval_cell(result["ratio"][s][lang]) for s in settings] for lang in result["languages"]]
+
+
+def interval_cell(entry: dict, prefix: str = "×") -> str:
+    """A value and its interval, compactly: ×3.91 [2.8, 5.6]."""
+    lo, hi = entry["ci95"]
+    return f"{prefix}{_short(entry['value'])} [{_short(lo)}, {_short(hi)}]"
+
+
+def _short(x: float) -> str:
+    return f"{x:.3g}" if math.isfinite(x) else str(x)
+
+
 def section(result: dict) -> list:
-    """(head, rows) of one metric per language and setting, Base first: the paper's Table 1 layout."""
+    """Report blocks: Table 1 in perplexity and in bits per byte, the chart, notes, and where the region lies."""
     langs = ", ".join(result["score_windows"])
     notes = [
         f"{result['share_already_at_removed_value']:.2%} of the scored parameters already sit at their removed "
@@ -108,9 +231,17 @@ def section(result: dict) -> list:
             *table(result, "ppl"),
             caption="Perplexity. Top should wipe out every language; Bottom and Random should stay near Base.",
         ),
+        blocks.table(
+            *ratio_table(result),
+            caption="Perplexity ratio to Base with its 95% interval (paired block bootstrap: Base and the setting "
+            "resample the same blocks of text). Random is the geometric mean of "
+            f"{max((len(d) for d in result.get('random_draws', {}).values()), default=1)} seeded draws.",
+        )
+        if "ratio" in result
+        else blocks.text(""),
+        blocks.text(uncertainty.RULE),
         blocks.figure(
             "figures/removal.png",
-    """Report blocks: Table 1 in perplexity and in bits per byte, the chart, notes, and where the region lies."""
             "Perplexity and bits per byte per language and setting (log scale): "
             "the Top bars tower over Base, Bottom and Random.",
         ),

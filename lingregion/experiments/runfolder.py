@@ -51,14 +51,26 @@ class Run:
         self._windows: dict[tuple[str, str], corpus.Windows] = {}
         self._core: dict[str, torch.Tensor] | None = None
         self._regions: dict[tuple, tuple[dict, Region]] = {}
+        self._stability: dict[str, dict] = {}  # label → split-half statistics of a score
+        self._core_halves: tuple[dict, dict] = ({}, {})  # Σ over the scored languages of each half's importance
 
     def windows(self, lang: str, split: str, budget: int | None = None) -> corpus.Windows:
         """A language's score or eval windows at `budget` tokens (the config's by default), loaded once per run."""
         budget = budget or (self.cfg.score_tokens if split == "score" else self.cfg.eval_tokens)
         key = (lang, split, budget)
         if key not in self._windows:
+            cfg = self.cfg
             self._windows[key] = corpus.load_windows(
-                self.tokenizer, lang, split, self.cfg.seq_len, budget, self.cfg.texts.get(lang)
+                self.tokenizer,
+                lang,
+                split,
+                cfg.seq_len,
+                budget,
+                cfg.texts.get(lang),
+                parallel=cfg.parallel,
+                parallel_with=cfg.languages() if cfg.parallel else None,  # one aligned set for the whole run
+                genres=cfg.genres or None,
+                texts=cfg.texts,
             )
         return self._windows[key]
 
@@ -241,10 +253,13 @@ class Run:
         self._core = total
         return self._core
 
-    def region(self, scores: dict[str, torch.Tensor], side: str, ratio: float, label: str = "core") -> Region:
+    def region(
+        self, scores: dict[str, torch.Tensor], side: str, ratio: float, label: str = "core", draw: int = 0
+    ) -> Region:
         """The Top / Bottom / Random `ratio` of `scores`, saved as regions/LABEL-SIDE-RATIO.safetensors and
-        kept for the other experiments that ask for the same one."""
-        key = (id(scores), label, side, ratio)
+        kept for the other experiments that ask for the same one. `draw` k > 0 is the k-th further Random
+        region (seed + k), saved with a -seedN suffix."""
+        key = (id(scores), label, side, ratio, draw)
         if key not in self._regions:
             meta = {
                 "model": self.info["fingerprint"],
@@ -252,8 +267,10 @@ class Run:
                 "estimator": "taylor",
                 "label": label,
             }
-            region = select(scores, ratio, side, self.cfg.scope, self.cfg.seed, meta)
-            region.save(self.out / "regions" / f"{label}-{side}-{ratio:g}.safetensors")
+            seed = self.cfg.seed + draw
+            region = select(scores, ratio, side, self.cfg.scope, seed, meta)
+            suffix = f"-seed{seed}" if draw else ""
+            region.save(self.out / "regions" / f"{label}-{side}-{ratio:g}{suffix}.safetensors")
             self._regions[key] = (scores, region)  # holding `scores` keeps its id from being reused
         return self._regions[key][1]
 
@@ -273,7 +290,12 @@ class Run:
         cache = read_json(path) if path.is_file() else {}
         cache.setdefault("entries", {})
         cache.setdefault("keys", {})
-        made_of = {"fingerprint": self.info["fingerprint"], "dtype": self.cfg.dtype, "edits": _editsdigest(edits)}
+        made_of = {
+            "fingerprint": self.info["fingerprint"],
+            "dtype": self.cfg.dtype,
+            "edits": edits_digest(edits),
+            "block": evaluation.NLL_BLOCK,  # results without per-block NLL (older runs) are recomputed
+        }
         keys = {lang: digest({**made_of, "windows": self.windows(lang, "eval", budget).meta}) for lang in langs}
         todo = [lang for lang in langs if cache["keys"].get(f"{setting}/{lang}") != keys[lang]]
         if todo:
@@ -293,19 +315,6 @@ class Run:
                     cache["keys"][f"{setting}/{lang}"] = keys[lang]
                     write_json(path, cache)
         return {lang: cache["entries"][f"{setting}/{lang}"] for lang in langs}
-
-
-def _editsdigest(edits: list[interventions.Edit]) -> str:
-    """What a list of edits does, as a short hash (a value of None stands for "held where it is")."""
-    h = hashlib.sha256()
-    for e in edits:
-        h.update(e.name.encode())
-        h.update(e.index.detach().cpu().numpy().tobytes())
-        if torch.is_tensor(e.value):
-            h.update(e.value.detach().cpu().float().numpy().tobytes())
-        else:
-            h.update(repr(None if e.value is None else float(e.value)).encode())
-    return h.hexdigest()[:16]
 
 
 def edits_digest(edits: list[interventions.Edit]) -> str:
