@@ -19,6 +19,14 @@ from torch import nn
 from .store import LingregionError, read_json, sha256_file, write_json
 
 DEFAULT_MODEL = "builtin:gemma-3-270m"
+# Mixture-of-experts routers (slices.MAPPINGS role "router") are scored, selected, removed and trained like
+# any matrix of a layer: zeroing a router entry changes the model's output as any removal does, and further
+# pre-training trains routers. Set False to leave them out of the default scored (and trained) parameters.
+ROUTER_SCORED = True
+ROUTER_NOTE = (
+    "MoE routers are scored and selected like any matrix (their Taylor score sees the gating weights, not "
+    "top-k re-routing); the structural families remove only their column at a residual dimension"
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -172,6 +180,8 @@ def load(
     info["tokenizer"] = type(tokenizer).__name__
     info["parameters"] = sum(p.numel() for p in model.parameters())
     info["fingerprint"] = fingerprint(model)
+    if routers(model):  # said in every result's provenance, which carries this record
+        info["router"] = ROUTER_NOTE if ROUTER_SCORED else "MoE routers are not scored (models.ROUTER_SCORED)"
     names = scored_names(model, include, exclude)
     return Model(model, tokenizer, info, names, removed_values(model, names))
 
@@ -190,6 +200,9 @@ def scored_names(model: nn.Module, include: str | None = None, exclude: str | No
     (attention, MLP, the layers' norms), leaving out embeddings, the final norm and the LM head."""
     prefix = layer_prefix(model)
     names = [n for n, _ in model.named_parameters() if n.startswith(prefix)]
+    if not ROUTER_SCORED:
+        skip = set(routers(model))
+        names = [n for n in names if n not in skip]
     if include:
         names = [n for n, _ in model.named_parameters() if re.search(include, n)]
     if exclude:
@@ -197,6 +210,18 @@ def scored_names(model: nn.Module, include: str | None = None, exclude: str | No
     if not names:
         raise LingregionError(f"no parameter matches include={include!r} exclude={exclude!r}; loosen the patterns")
     return names
+
+
+def routers(model: nn.Module) -> list[str]:
+    """Names of the mixture-of-experts router parameters inside the layers (none for a dense model)."""
+    from .slices import role_of  # slices builds on this module
+
+    prefix = layer_prefix(model)
+    return [
+        n
+        for n, _ in model.named_parameters()
+        if n.startswith(prefix) and role_of(n[len(prefix) :].partition(".")[2].removesuffix(".weight")) == "router"
+    ]
 
 
 def fingerprint(model: nn.Module) -> str:

@@ -298,12 +298,22 @@ def select(
     groups = [[n] for n in names] if scope == "matrix" else [names]
     packed: dict[str, torch.Tensor] = {}
     for group in groups:
+        if scope == "matrix" and len(shapes[group[0]]) == 3:  # a stack [experts, out, in]: each expert a matrix
+            packed[group[0]] = _pack(_select_stack(scores[group[0]], ratio, largest=side != "bottom"))
+            continue
         k = round(ratio * sum(int(np.prod(shapes[n])) for n in group))
         for n, mask in _select_group(scores, group, k, largest=side != "bottom"):
             packed[n] = _pack(mask)  # 1 bit per entry before the next matrix's mask exists
     return Region(
         packed, shapes, dict(meta or {}, ratio=ratio, side=side, scope=scope, seed=seed if side == "random" else None)
     )
+
+
+def _select_stack(x: torch.Tensor, ratio: float, largest: bool) -> torch.Tensor:
+    """Mask of the per-matrix selection in each matrix x[e] of a stack (mixture-of-experts experts stored as
+    one [experts, out, in] parameter), so that every expert's matrix loses its share like any matrix."""
+    picks = [next(_select_group({"m": m}, ["m"], round(ratio * m.numel()), largest))[1] for m in x]
+    return torch.stack(picks)
 
 
 def monolingual(tops: Mapping[str, Region], lang: str) -> Region:

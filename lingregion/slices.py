@@ -219,6 +219,8 @@ def heads(model) -> tuple[int, int, int]:
     n = c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", None) or n
     hd = getattr(c, "head_dim", None) or c.hidden_size // n
+    if n % kv:
+        raise LingregionError(f"{n} query heads do not split into groups of {kv} key/value heads; check the config")
     return n, kv, hd
 
 
@@ -274,7 +276,8 @@ def blocks(model) -> list[Block]:
             for part, offset, rows, chunk, period in _parts(role, name, out_f, n, kv, hd):
                 block = Block(name, part, layer, conv1d, offset, rows, in_f, p.shape[-1], chunk, period, expert)
                 out.append(replace(block, base=max(expert, 0) * per_expert))
-    if unknown:
+    if unknown:  # a role that no matrix plays says more than the name of a matrix that plays none
+        require(model, out, ("q", "k", "v", "o", "up", "down"))
         layer, path = unknown[0]
         raise LingregionError(
             f"{type(model).__name__}: layer {layer} has a matrix {path!r} that no mapping places; say which "

@@ -75,6 +75,79 @@ CONFIGS = {
     "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=128),
 }
 
+# The architecture matrix (tests/test_architectures.py): one tiny config per family, 2 layers, hidden 32.
+SMALL = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=128)
+IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # the conftest tokenizer's special tokens
+MOE = dict(num_experts=4, num_experts_per_tok=2)
+
+
+def _config(name: str, **kw):
+    import transformers
+
+    return getattr(transformers, name)(**kw)
+
+
+CONFIGS.update(
+    {
+        "llama3": lambda: _config(
+            "LlamaConfig",
+            **SMALL,
+            **IDS,
+            intermediate_size=48,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,  # as Llama 3.2 1B/3B
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        ),
+        "qwen3": lambda: _config(
+            "Qwen3Config", **SMALL, **IDS, intermediate_size=48, num_key_value_heads=1, head_dim=16
+        ),
+        "mistral": lambda: _config(
+            "MistralConfig", **SMALL, **IDS, intermediate_size=48, num_key_value_heads=1, sliding_window=16
+        ),
+        "phi3": lambda: _config("Phi3Config", **SMALL, **IDS, intermediate_size=48, num_key_value_heads=1),
+        "gpt_neox": lambda: _config("GPTNeoXConfig", **SMALL, **IDS, intermediate_size=48),
+        "olmo2": lambda: _config("Olmo2Config", **SMALL, **IDS, intermediate_size=48, num_key_value_heads=1),
+        "bloom": lambda: _config("BloomConfig", vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=2, **IDS),
+        "mixtral": lambda: _config(
+            "MixtralConfig",
+            **SMALL,
+            **IDS,
+            intermediate_size=24,
+            num_key_value_heads=1,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        ),
+        "qwen2_moe": lambda: _config(
+            "Qwen2MoeConfig",
+            **SMALL,
+            **IDS,
+            **MOE,
+            intermediate_size=48,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=32,
+            num_key_value_heads=1,
+        ),
+        "qwen3_moe": lambda: _config(
+            "Qwen3MoeConfig",
+            **SMALL,
+            **IDS,
+            **MOE,
+            intermediate_size=48,
+            moe_intermediate_size=24,
+            head_dim=16,
+            num_key_value_heads=1,
+        ),
+        "olmoe": lambda: _config("OlmoeConfig", **SMALL, **IDS, **MOE, intermediate_size=24, num_key_value_heads=1),
+    }
+)
+
 
 def make_model(family: str, seed: int = 0, dtype=torch.float32):
     torch.manual_seed(seed)
