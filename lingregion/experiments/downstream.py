@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import blocks, figures, interventions, tasks
+from .. import blocks, figures, interventions, tasks, uncertainty
 from ..regions import Region
 from ..store import LingregionError, read_json, write_bytes, write_json
 from .runfolder import Run, digest, edits_digest
+from .structural import cell, percentile, ratio_entry, verdict_of
 
 NAME = "downstream"
 DOC = (
@@ -24,6 +25,14 @@ DOC = (
 )
 
 RESULTS = "downstream.json"
+DROP = 0.05  # accuracy points (as a share): a change smaller than this is not called a drop
+ACC_METHOD = {
+    "method": "percentile bootstrap over items: base and the setting resample the same items (paired), and every "
+    "language the same item indices when their items are the same (the task is parallel)",
+    "unit": "item",
+    "resamples": uncertainty.RESAMPLES,
+    "level": uncertainty.LEVEL,
+}
 
 
 def _settings(run: Run) -> list[tuple[str, Region | None, Path | None]]:
@@ -130,6 +139,13 @@ def run(run: Run) -> dict:
             s: {lang: {k: v for k, v in r.items() if k != "loglik"} for lang, r in by.items()} for s, by in mc.items()
         },
         "perplexity": ppl,
+        "accuracy_change": accuracy_intervals(
+            {s: {lang: correct(items[lang], r["loglik"]) for lang, r in by.items()} for s, by in mc.items()},
+            {lang: [it.get("id", i) for i, it in enumerate(v)] for lang, v in items.items()},
+            cfg.seed,
+        ),
+        "accuracy_ci95_method": ACC_METHOD | {"seed": cfg.seed},
+        "verdict_rule": uncertainty.RULE,
         "lmeval": {s: _lmeval_summary(r) for s, r in lmeval.items()},
         "scoring": "summed log-probability of each candidate given the context (fp32 logits, fp64 sums), "
         "lm-eval's multiple_choice; acc_norm divides by the candidate's characters",
@@ -156,10 +172,82 @@ def _perplexity(run: Run, name: str, edits: list) -> dict:
         lang: {
             "ppl": removed[lang]["ppl"],
             "ratio": removed[lang]["ppl"] / base[lang]["ppl"],
+            "ci95": ratio_entry(removed[lang], base[lang], cfg.seed)["ci95"],  # paired: the same text
             "tokens": removed[lang]["tokens"],
         }
         for lang in langs
     }
+
+
+def correct(items: list[dict], logliks: list[list[float]]) -> np.ndarray:
+    """1.0 where the highest summed log-probability picks the item's answer (ties to the first, as tasks.accuracy)."""
+    return np.array(
+        [max(range(len(ll)), key=lambda k: (ll[k], -k)) == it["label"] for it, ll in zip(items, logliks)], dtype=float
+    )
+
+
+def accuracy_intervals(correct: dict[str, dict[str, np.ndarray]], ids: dict[str, list], seed: int = 0) -> dict:
+    """Accuracy change from base of every other setting, per language and as the mean over languages, and for a
+    monolingual region mono-L the change in L minus the mean change in the others ("own_minus_others"), each
+    {"value", "ci95"} from a paired percentile bootstrap over items (ACC_METHOD); seeded.
+
+    correct: {setting: {lang: 0/1 per item}} with "base" among the settings; ids: each language's item ids,
+    resampled with one draw for all languages when they are the same items."""
+    langs = list(correct["base"])
+    rng = np.random.default_rng(seed)
+    shared = all(ids[lang] == ids[langs[0]] for lang in langs)
+    draws, one = {}, None
+    for lang in langs:  # one draw of item indices per language, or one for all
+        m = len(ids[lang])
+        if not shared or one is None:
+            one = rng.multinomial(m, np.full(m, 1 / m), size=uncertainty.RESAMPLES) / m
+        draws[lang] = one
+
+    def entry(value: float, boot: np.ndarray) -> dict:
+        return {"value": float(value), "ci95": percentile(boot)}
+
+    out = {}
+    for s in correct:
+        if s == "base":
+            continue
+        delta = {lang: correct[s][lang] - correct["base"][lang] for lang in langs}
+        boot = {lang: draws[lang] @ delta[lang] for lang in langs}
+        out[s] = {lang: entry(delta[lang].mean(), boot[lang]) for lang in langs}
+        out[s]["mean"] = entry(np.mean([delta[lang].mean() for lang in langs]), np.mean(list(boot.values()), axis=0))
+        lang = s[len("mono-") :]
+        others = [x for x in langs if x != lang]
+        if s.startswith("mono-") and lang in langs and others:
+            own = delta[lang].mean() - np.mean([delta[x].mean() for x in others])
+            out[s]["own_minus_others"] = entry(own, boot[lang] - np.mean([boot[x] for x in others], axis=0))
+    return out
+
+
+def verdicts(result: dict) -> dict[str, dict]:
+    """Each setting's accuracy finding as a verdict from its 95% interval (uncertainty.RULE):
+
+    - Top: removing it lowers mean accuracy by more than DROP (interval of the mean change below −DROP);
+    - Bottom and Random: removing them lowers mean accuracy by less than DROP (interval above −DROP);
+    - mono-L: removing L's monolingual region lowers L's accuracy more than the others' (interval of
+      own − others below 0).
+    A result without intervals (made before they were recorded) is inconclusive, with the reason."""
+    change, out = result.get("accuracy_change"), {}
+    for s in result["settings"][1:]:
+        if s.startswith("mono-"):
+            claim, key, threshold, direction = (
+                f"lowers {s[5:]} accuracy more than the others'",
+                "own_minus_others",
+                0.0,
+                "below",
+            )
+        elif s.startswith("top"):
+            claim, key, threshold, direction = f"lowers mean accuracy by more than {DROP:.0%}", "mean", -DROP, "below"
+        else:
+            claim, key, threshold, direction = f"lowers mean accuracy by less than {DROP:.0%}", "mean", -DROP, "above"
+        e = (change or {}).get(s, {}).get(key)
+        out[s] = {"claim": claim, "verdict": verdict_of(e, threshold, direction), "entry": e}
+        if e is None:
+            out[s]["reason"] = "no accuracy intervals in this result; rerun to compute them"
+    return out
 
 
 def _lmeval_summary(results: dict) -> dict:
@@ -235,18 +323,33 @@ def _label(setting: str) -> str:
     return "Base" if setting == "base" else setting.replace("@", " ")
 
 
+def _points(entry: dict | None) -> str:
+    """An accuracy change and its interval in points: −12 [−25, 0] pts."""
+    if not entry:
+        return "—"
+    lo, hi = entry["ci95"]
+    return f"{100 * entry['value']:+.0f} [{100 * lo:+.0f}, {100 * hi:+.0f}] pts"
+
+
 def findings(result: dict) -> list[str]:
-    """Headline sentences computed from the numbers."""
+    """Headline sentences computed from the numbers, each accuracy change with its verdict from a paired
+    bootstrap over items (see `verdicts`)."""
     if "skipped" in result:
         return []
     out, chance, n = [], _chance(result), len(result["languages"])
     base = _mean(result, "base")
+    v = verdicts(result)
+    change = result.get("accuracy_change", {})
     for s in result["settings"][1:]:
         ppl = [result["perplexity"][s][lang]["ratio"] for lang in result["languages"]]
+        e = change.get(s, {}).get("mean")
         out.append(
             f"Removing {_label(s)} changes mean multiple-choice accuracy over {n} languages from {base:.0%} "
-            f"to {_mean(result, s):.0%} (chance {chance:.0%}), while perplexity is multiplied by "
-            f"{blocks.fmt(min(ppl))}–{blocks.fmt(max(ppl))}."
+            f"to {_mean(result, s):.0%}" + (f" ({_points(e)}, 95% interval)" if e else "") + f" (chance "
+            f"{chance:.0%}), while perplexity is multiplied by {blocks.fmt(min(ppl))}–{blocks.fmt(max(ppl))}"
+            + ("" if s.startswith("mono-") else f": removing it {v[s]['claim']} **{v[s]['verdict']}**")
+            + (f" ({v[s]['reason']})" if "reason" in v[s] else "")
+            + "."
         )
     for s in [s for s in result["settings"] if s.startswith("mono-")]:
         lang = s[len("mono-") :]
@@ -257,9 +360,14 @@ def findings(result: dict) -> list[str]:
             if x != lang
         ]
         if others:
+            e = change.get(s, {}).get("own_minus_others")
             out.append(
                 f"Removing {lang}'s monolingual region changes {lang} accuracy by {100 * own:+.0f} points, "
-                f"the other languages' by {100 * sum(others) / len(others):+.0f} points on average."
+                f"the other languages' by {100 * sum(others) / len(others):+.0f} points on average"
+                + (f" (difference {_points(e)})" if e else "")
+                + f": it {v[s]['claim']} **{v[s]['verdict']}**"
+                + (f" ({v[s]['reason']})" if "reason" in v[s] else "")
+                + "."
             )
     return out
 
@@ -280,9 +388,11 @@ def section(result: dict) -> list:
             for lang in langs
         ]
 
+    def ppl_cell(entry):
+        return cell({"value": entry["ratio"], "ci95": entry.get("ci95")})
+
     both = [
-        [lang]
-        + [f"{acc[s][lang]['acc']:.0%} · ×{blocks.fmt(result['perplexity'][s][lang]['ratio'])}" for s in settings]
+        [lang] + [f"{acc[s][lang]['acc']:.0%} · {ppl_cell(result['perplexity'][s][lang])}" for s in settings]
         for lang in langs
     ]
     n = result["items"][langs[0]]
@@ -303,9 +413,11 @@ def section(result: dict) -> list:
         blocks.table(
             head,
             both,
-            caption=f"Accuracy · perplexity relative to Base. Top should fall towards chance "
+            caption="Accuracy · perplexity relative to Base with its 95% interval (paired block bootstrap). "
+            f"Top should fall towards chance "
             f"({_chance(result):.0%}) as perplexity explodes; Bottom and Random should stay near Base.",
         ),
+        _change_table(result),
         blocks.figure(
             "figures/downstream.png",
             "Accuracy per language and setting with standard errors; the dashed "
@@ -335,6 +447,23 @@ def section(result: dict) -> list:
             )
         )
     return out
+
+
+def _change_table(result: dict) -> dict:
+    """Accuracy change from Base per language and setting, and its mean, with 95% intervals (text when none)."""
+    change = result.get("accuracy_change")
+    if not change:
+        return blocks.text("")
+    settings = result["settings"][1:]
+    rows = [[lang] + [_points(change[s][lang]) for s in settings] for lang in result["languages"]]
+    rows.append(["mean"] + [_points(change[s]["mean"]) for s in settings])
+    return blocks.table(
+        ["Language"] + [_label(s) for s in settings],
+        rows,
+        caption="Accuracy change from Base with its 95% interval (paired bootstrap over items, seeded; the same "
+        f"items resampled for Base and the setting). Top is called a drop where the mean's interval lies below "
+        f"−{100 * DROP:.0f} points; Bottom and Random harmless where it lies above. " + uncertainty.RULE,
+    )
 
 
 def validate(cfg) -> None:

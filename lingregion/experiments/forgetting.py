@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import math
 
-from .. import blocks
+import numpy as np
+
+from .. import blocks, uncertainty
 from ..store import write_bytes
 from .recovery import (
     PAPER_SAMPLES,
@@ -14,10 +16,12 @@ from .recovery import (
     _curve_figure,
     _training_record,
     curves,
+    final,
     trained,
     validate,  # noqa: F401  (the same rules: the registry reads it here)
 )
 from .runfolder import Run
+from .structural import all_of, cell, joint_log_ppl, log_ppl, percentile, verdict_of
 
 NAME = "forgetting"
 DOC = "Forgetting: further pre-train one language with the core region frozen vs none vs random"
@@ -49,9 +53,13 @@ def run(run: Run) -> dict:
         "languages": langs,
         "ratio": cfg.train_ratio,
         "settings": FORGETTING,
-        "base": start,
+        "base": {lang: {k: v for k, v in r.items() if k != "blocks"} for lang, r in start.items()},
         "table": table,
         "region_entries": {s: (r.count() if r is not None else 0) for s, r in regions.items()},
+        "intervals": _intervals(start, {s: final(run, start, h) for s, h in histories.items()}, langs[1:], cfg.seed),
+        "ci95_method": uncertainty.method_record(seed=cfg.seed)
+        | {"languages": "each untrained language's blocks resampled on their own, the same draw for every setting"},
+        "verdict_rule": uncertainty.RULE,
         **_training_record(run, histories),
         **run.eval_record(langs, cfg.train_eval_tokens),
         "figures": ["figures/forgetting.png"],
@@ -68,25 +76,80 @@ def forgetting(res: dict, setting: str) -> float:
     return math.exp(sum(math.log(ppl[lang][-1] / ppl[lang][0]) for lang in langs) / len(langs))
 
 
+def _intervals(start: dict, ends: dict[str, dict], untrained: list[str], seed: int) -> dict:
+    """95% intervals of the forgetting of each setting (geometric mean over the untrained languages of end / start
+    perplexity) and of the ratios the finding compares (core / none, core / random). Each language's blocks
+    are resampled once for all settings (they share the text), languages independently (their texts differ);
+    without blocks the intervals are None, with the reason."""
+    draws, reason = {}, None
+    for lang in untrained:
+        logs, why = joint_log_ppl({"start": start[lang]} | {s: ends[s][lang] for s in FORGETTING}, seed)
+        if logs is None:
+            reason = reason or f"{lang}: {why}"
+        draws[lang] = logs
+    point = {
+        s: float(np.mean([log_ppl(ends[s][lang]) - log_ppl(start[lang]) for lang in untrained])) for s in FORGETTING
+    }
+    boot = None
+    if reason is None:
+        boot = {s: np.mean([draws[lang][s] - draws[lang]["start"] for lang in untrained], axis=0) for s in FORGETTING}
+
+    def entry(log_value: float, log_draws) -> dict:
+        if log_draws is None:
+            return {"value": math.exp(log_value), "ci95": None, "reason": reason}
+        return {"value": math.exp(log_value), "ci95": [math.exp(v) for v in percentile(log_draws)]}
+
+    out = {s: entry(point[s], boot and boot[s]) for s in FORGETTING}
+    for other in ("none", "random"):
+        out[f"core_vs_{other}"] = entry(point["core"] - point[other], boot and boot["core"] - boot[other])
+    return out
+
+
+def verdicts(res: dict) -> dict:
+    """The paper's finding (less forgetting with the core frozen) from 95% intervals (uncertainty.RULE):
+
+    - it can be tested only when there is forgetting to reduce: the interval of the forgetting with nothing
+      frozen lies above 1; otherwise the verdict is inconclusive at this budget, with the reason;
+    - it holds when the intervals of forgetting(core) / forgetting(none) and forgetting(core) / forgetting(random)
+      both lie below 1, does not hold when either lies above 1, and is inconclusive otherwise."""
+    iv = res.get("intervals")
+    if iv is None:
+        return {"verdict": uncertainty.INCONCLUSIVE, "reason": "this result has no intervals; rerun to compute them"}
+    if iv["none"].get("ci95") is None:
+        return {"verdict": uncertainty.INCONCLUSIVE, "reason": iv["none"].get("reason")}
+    parts = {k: verdict_of(iv[k], 1.0, "below") for k in ("core_vs_none", "core_vs_random")}
+    forgot = verdict_of(iv["none"], 1.0, "above")
+    if forgot != uncertainty.HOLDS:
+        return {
+            "verdict": uncertainty.INCONCLUSIVE,
+            "parts": parts,
+            "reason": "with nothing frozen the untrained languages did not measurably get worse (95% interval "
+            f"{cell(iv['none'])} does not lie above 1), so there was no forgetting to reduce "
+            f"(the paper trains up to {PAPER_SAMPLES[-1]:,} samples)",
+        }
+    return {"verdict": all_of(list(parts.values())), "parts": parts}
+
+
 def findings(res: dict) -> list[str]:
-    """Whether freezing the core region reduced the forgetting of the untrained languages (or could not be tested)."""
+    """Whether freezing the core region reduced the forgetting of the untrained languages (or could not be tested),
+    as a verdict from 95% intervals (see `verdicts`)."""
     x, n = res["languages"][0], res["samples"][-1]
-    f = {s: forgetting(res, s) for s in FORGETTING}
+    iv = res.get("intervals", {})
+    f = {s: (cell(iv[s]) if s in iv else f"×{forgetting(res, s):.3f}") for s in FORGETTING}
     learned = {s: res["table"][s]["ppl"][x][-1] / res["table"][s]["ppl"][x][0] for s in FORGETTING}
-    if f["none"] <= 1:
-        verdict = (
-            "cannot be tested at this budget: with nothing frozen the untrained languages did not get worse, "
-            f"so there was no forgetting to reduce (the paper trains up to {PAPER_SAMPLES[-1]:,} samples)."
-        )
-    elif f["core"] < f["none"] and f["core"] < f["random"]:
-        verdict = "holds here."
-    else:
-        verdict = "does not hold here."
+    v = verdicts(res)
+    compared = (
+        f" (forgetting core / none {cell(iv['core_vs_none'])}, core / random {cell(iv['core_vs_random'])})"
+        if "core_vs_none" in iv
+        else ""
+    )
     return [
-        f"After {n:,} samples of {x}, the untrained languages' perplexity changed ×{f['none']:.3f} with nothing "
-        f"frozen, ×{f['core']:.3f} with the core region frozen and ×{f['random']:.3f} with a random region of the "
-        f"same size frozen (geometric means; {x} itself ×{learned['none']:.3f}, ×{learned['core']:.3f}, "
-        f"×{learned['random']:.3f}): the paper's finding (less forgetting with the core frozen) " + verdict
+        f"After {n:,} samples of {x}, the untrained languages' perplexity changed {f['none']} with nothing "
+        f"frozen, {f['core']} with the core region frozen and {f['random']} with a random region of the "
+        f"same size frozen (geometric means with 95% intervals; {x} itself ×{learned['none']:.3f}, "
+        f"×{learned['core']:.3f}, ×{learned['random']:.3f}){compared}: the paper's finding (less forgetting with "
+        f"the core frozen than with nothing or a random region frozen: both intervals below 1) "
+        f"**{v['verdict']}**" + (f" ({v['reason']})" if v.get("reason") else "") + "."
     ]
 
 
@@ -98,7 +161,7 @@ def section(res: dict) -> list:
     rows = [
         [FORGETTING[s], _change(t[s]["ppl"][x])]
         + [_change(t[s]["ppl"][lang]) for lang in others]
-        + [f"×{forgetting(res, s):.3f}"]
+        + [cell(res["intervals"][s]) if "intervals" in res else f"×{forgetting(res, s):.3f}"]
         for s in FORGETTING
     ]
     return [
@@ -112,8 +175,9 @@ def section(res: dict) -> list:
         blocks.table(
             head,
             rows,
-            caption="Perplexity before → after training, and its ratio. Paper: the untrained "
-            "languages' perplexity grows least with the core region frozen.",
+            caption="Perplexity before → after training, and its ratio; forgetting with its 95% interval "
+            "(block bootstrap, the same draw for every setting). Paper: the untrained "
+            "languages' perplexity grows least with the core region frozen. " + uncertainty.RULE,
         ),
         blocks.figure(
             "figures/forgetting.png",

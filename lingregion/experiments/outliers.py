@@ -7,15 +7,23 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .. import blocks, figures, slices
+from .. import blocks, figures, slices, uncertainty
 from ..store import write_bytes
 from .runfolder import Run
 from .structural import (
+    FACTOR,
+    NO_BLOCKS,
     RESULTS,
     _budget,
     _ratio,
     _top_region,
+    all_of,
+    cell,
+    grouped,
+    ratio_entry,
     validate,  # noqa: F401  (the same rules: the registry reads it here)
+    verdict_of,
+    without_blocks,
 )
 
 NAME = "outliers"
@@ -102,6 +110,12 @@ def run(run: Run) -> dict:
     ]
 
     densest = slices.ranking(core)[:10].tolist()
+    comparisons = _comparisons(base, confirmed[: len(candidates)], confirmed[len(candidates) :], dims, langs, cfg.seed)
+    for e in confirmed:  # the summary keeps intervals, not blocks
+        e["ppl"] = {k: {lang: without_blocks(r[lang], cfg.seed) for lang in langs} for k, r in e["ppl"].items()}
+    for d in dims:
+        d["ppl"] = {lang: without_blocks(d["ppl"][lang], cfg.seed) for lang in langs}
+    base = {lang: without_blocks(base[lang], cfg.seed) for lang in langs}
     result = {
         "experiment": "outliers",
         "langs": langs,
@@ -124,12 +138,119 @@ def run(run: Run) -> dict:
             {"dim": int(d), "massive": float(massive[d]), "core_rank": core_rank[int(d)]}
             for d in slices.ranking(massive)[:10]
         ],
+        "comparisons": comparisons,
+        "ci95_method": uncertainty.method_record(seed=cfg.seed),
+        "verdict_rule": uncertainty.RULE,
         **run.eval_record(langs, budget),
         "figures": ["figures/outliers.png"],
     }
+    result["verdicts"] = verdicts(result)
     write_bytes(run.out / "figures" / "outliers.png", outlier_chart(result))
     run.save("outliers", result)
     return result
+
+
+def _comparisons(base: dict, cands: list[dict], ctrls: list[dict], dims: list[dict], langs: list[str], seed: int):
+    """Paired 95% intervals (all settings are evaluated on the same text) of what the findings claim, added to
+    the entries as "ratio" (to Base) and returned as the two comparisons with random controls:
+
+    - "worst": the candidate perturbation with the largest geometric-mean ratio (picked by point estimate,
+      so its ratio is a little optimistic), its ratio to Base, and its ratio to every perturbation of every
+      random control entry;
+    - "massive": for each massive dimension, its removal's ratio to every random dimension's removal."""
+    for e in cands + ctrls:
+        e["ratio"] = {k: {lang: ratio_entry(r[lang], base[lang], seed) for lang in langs} for k, r in e["ppl"].items()}
+    for d in dims:
+        d["ratio"] = {lang: ratio_entry(d["ppl"][lang], base[lang], seed) for lang in langs}
+    out = {}
+    if cands:
+        worst = max(cands, key=lambda e: _worst(e, langs, base)[1])
+        kind = _worst(worst, langs, base)[0]
+        out["worst"] = {
+            "label": worst["label"],
+            "kind": kind,
+            "vs_base": worst["ratio"][kind],
+            "vs_controls": {
+                lang: [
+                    {"control": c["label"], "kind": k, **ratio_entry(worst["ppl"][kind][lang], c["ppl"][k][lang], seed)}
+                    for c in ctrls
+                    for k in slices.PERTURBATIONS
+                ]
+                for lang in langs
+            },
+        }
+    controls = [d for d in dims if d["kind"] == "control"]
+    out["massive"] = {
+        str(d["dim"]): {
+            lang: [{"control": c["dim"], **ratio_entry(d["ppl"][lang], c["ppl"][lang], seed)} for c in controls]
+            for lang in langs
+        }
+        for d in dims
+        if d["kind"] == "massive"
+    }
+    return out
+
+
+def verdicts(result: dict) -> list[dict]:
+    """The findings as verdicts per language, each from paired 95% intervals (uncertainty.RULE, threshold FACTOR):
+
+    - "worst perturbation": the worst single-parameter perturbation raises perplexity more than FACTOR× Base;
+    - "worst vs controls": and more than FACTOR× each perturbation of each random control (all must hold);
+    - "massive dimension D": removing it raises perplexity more than FACTOR× Base;
+    - "massive dimension D vs controls": and more than FACTOR× removing each random dimension.
+    A result without intervals (or without controls to compare with) is inconclusive, with the reason."""
+    comp, langs, out = result.get("comparisons"), result["langs"], []
+
+    def add(claim, lang, verdict, reason=None, **numbers):
+        out.append(
+            {"claim": claim, "lang": lang, "verdict": verdict, **numbers, **({"reason": reason} if reason else {})}
+        )
+
+    if comp is None:
+        for lang in langs:
+            add("worst perturbation", lang, uncertainty.INCONCLUSIVE, NO_BLOCKS)
+        return out
+    if "worst" in comp:
+        w = comp["worst"]
+        for lang in langs:
+            e = w["vs_base"][lang]
+            add(
+                "worst perturbation",
+                lang,
+                verdict_of(e, FACTOR, "above"),
+                e.get("reason"),
+                value=e["value"],
+                ci95=e["ci95"],
+            )
+            vs = w["vs_controls"][lang]
+            add(
+                "worst vs controls",
+                lang,
+                all_of([verdict_of(c, FACTOR, "above") for c in vs]),
+                None if vs else "no random controls (outlier_controls = 0)",
+                ci95=[c["ci95"] for c in vs],
+            )
+    for d in result["dimensions"]:
+        if d["kind"] != "massive" or "ratio" not in d:
+            continue
+        for lang in langs:
+            e, vs = d["ratio"][lang], comp["massive"][str(d["dim"])][lang]
+            add(
+                f"massive dimension {d['dim']}",
+                lang,
+                verdict_of(e, FACTOR, "above"),
+                e.get("reason"),
+                value=e["value"],
+                ci95=e["ci95"],
+            )
+            add(
+                f"massive dimension {d['dim']} vs controls",
+                lang,
+                all_of([verdict_of(c, FACTOR, "above") for c in vs]),
+                None if vs else "no random dimensions to compare with",
+                ci95=[c["ci95"] for c in vs],
+            )
+    return out
 
 
 def outlier_chart(result: dict) -> bytes:
@@ -175,9 +296,14 @@ def outliers_table(result: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def findings(result: dict) -> list[str]:
-    """The worst single-parameter perturbation against random controls, and what removing a massive dimension does."""
+    """The worst single-parameter perturbation against random controls, and what removing a massive dimension does,
+    each with its verdicts from paired 95% intervals."""
     langs, base, fmt, out = result["langs"], result["base"], blocks.fmt, []
     cands, ctrls = result["candidates"], result["controls"]
+    by_claim: dict[str, dict[str, str]] = {}
+    for v in verdicts(result):
+        by_claim.setdefault(v["claim"], {})[v["lang"]] = v["verdict"]
+    missing = "" if result.get("comparisons") else f" ({NO_BLOCKS})"
     worst = max(cands, key=lambda e: _worst(e, langs, base)[1])
     kind, r = _worst(worst, langs, base)
     line = (
@@ -188,20 +314,53 @@ def findings(result: dict) -> list[str]:
     if ctrls:
         line += f"; random controls ({len(ctrls)}) reach at most ×{fmt(max(_worst(e, langs, base)[1] for e in ctrls))}"
     out.append(line + f" (the paper's L1-N2100 on LLaMA-2-13B: ×{fmt(PAPER_TABLE8_RATIO)}).")
+    out.append(
+        f"It raises perplexity more than ×{FACTOR:g} (95% paired interval of its ratio to Base above {FACTOR:g}): "
+        f"{grouped(by_claim['worst perturbation'])}{missing}"
+        + (
+            f"; and more than ×{FACTOR:g} every perturbation of every random control: "
+            f"{grouped(by_claim['worst vs controls'])}."
+            if "worst vs controls" in by_claim and ctrls
+            else "."
+        )
+    )
     massive = [d for d in result["dimensions"] if d["kind"] == "massive"]
     control = [d for d in result["dimensions"] if d["kind"] == "control"]
     for d in massive:
-        out.append(
+        claim = f"massive dimension {d['dim']}"
+        line = (
             f"Removing residual dimension {d['dim']} (massive activation, {fmt(d['massive'])}× the median "
             f"dimension's peak) from every matrix multiplies perplexity by ×{fmt(_ratio(d['ppl'], base, langs))}; "
             f"it ranks #{d['core_rank']} of {result['hidden']} residual dimensions by core Top entries."
         )
+        if claim in by_claim:
+            line += f" More than ×{FACTOR:g} Base: {grouped(by_claim[claim])}"
+            if control:
+                vs = grouped(by_claim[claim + " vs controls"])
+                line += f"; more than ×{FACTOR:g} each random dimension's removal: {vs}"
+            line += " (95% paired intervals)."
+        out.append(line)
     if control:
         out.append(
             "Removing a random residual dimension instead: "
             f"×{fmt(max(_ratio(d['ppl'], base, langs) for d in control))} at most."
         )
     return out
+
+
+def ratio_table(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Perplexity ratio to Base with its 95% interval, per perturbation or removed dimension and language."""
+    langs = result["langs"]
+    head = ["Perturbation", "Parameter", "Chosen as"] + [f"ratio {lang}" for lang in langs]
+    rows = []
+    for k in slices.PERTURBATIONS:
+        for i, e in enumerate(result["candidates"] + result["controls"]):
+            chosen = f"candidate {i + 1}" if i < len(result["candidates"]) else "random control"
+            rows.append([KIND_LABELS[k], e["label"], chosen] + [cell(e["ratio"][k][lang]) for lang in langs])
+    for d in result["dimensions"]:
+        chosen = "massive" if d["kind"] == "massive" else "random control"
+        rows.append(["Remove dim", f"D{d['dim']}", chosen] + [cell(d["ratio"][lang]) for lang in langs])
+    return head, rows
 
 
 def section(result: dict) -> list:
@@ -250,6 +409,14 @@ def section(result: dict) -> list:
             caption="Table 8's layout. A real outlier dimension shows perplexity far "
             "above the base row; the random controls should stay near it.",
         ),
+        blocks.table(
+            *ratio_table(result),
+            caption="Perplexity ratio to Base with its 95% interval (paired block bootstrap: Base and the setting "
+            f"resample the same blocks of text). A finding holds where the interval lies above {FACTOR:g}. "
+            + uncertainty.RULE,
+        )
+        if result.get("comparisons")
+        else blocks.text(""),
         blocks.bullets(bullets),
         blocks.figure(
             "figures/outliers.png",

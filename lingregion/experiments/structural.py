@@ -6,10 +6,12 @@ from __future__ import annotations
 import math
 import weakref
 
+import numpy as np
 from tqdm.auto import tqdm
 
-from .. import blocks, figures, slices
+from .. import blocks, figures, slices, uncertainty
 from ..store import LingregionError, write_bytes
+from .removal import interval_cell
 from .runfolder import Run
 
 NAME = "structural"
@@ -18,6 +20,96 @@ DOC = "Tables 3-4: remove N_d whole rows/columns ranked by core Top entries (fea
 
 RESULTS = "structure.json"  # both experiments share it, so the base perplexity is measured once
 PICK_LABELS = {"top": "Top", "middle": "Middle", "bottom": "Bottom", "random": "Random"}
+FACTOR = 2.0  # Top "stands out" when its perplexity is at least twice the other pick's (as removal's Top vs Random)
+NO_BLOCKS = (
+    "no per-block NLL in a cached result (made before intervals were kept); "
+    "delete that results file and rerun to get an interval"
+)
+
+
+# --- intervals and verdicts, shared by the experiments whose findings are perplexity ratios on the same text ---
+def has_blocks(result: dict) -> bool:
+    """Whether a perplexity result carries the per-block NLL a bootstrap resamples."""
+    return bool(result.get("blocks", {}).get("nll"))
+
+
+def ratio_entry(num: dict, den: dict, seed: int = 0) -> dict:
+    """The perplexity ratio num / den of two results on the same text, with its paired block-bootstrap 95%
+    interval: {"value", "ci95": [lo, hi]}. Without blocks on either side (or blocks of different text) the
+    interval is None and "reason" says why, so that a verdict reads inconclusive instead of failing."""
+    if not (has_blocks(num) and has_blocks(den)):
+        return {"value": num["ppl"] / den["ppl"], "ci95": None, "reason": NO_BLOCKS}
+    try:
+        ci = uncertainty.paired_bootstrap(num, den, seed=seed)
+    except LingregionError as e:  # not the same text block for block: no paired interval
+        return {"value": num["ppl"] / den["ppl"], "ci95": None, "reason": str(e)}
+    return {"value": uncertainty.ratio(num, den), "ci95": list(ci)}
+
+
+def joint_log_ppl(results: dict[str, dict], seed: int = 0, n: int = uncertainty.RESAMPLES):
+    """Log perplexity of several results on the same text under the same n block resamples, so that any
+    statistic of them (a difference of differences, a share of damage undone) gets a paired interval.
+
+    Returns ({name: array of n log perplexities}, None), or (None, reason) when a result lacks blocks or
+    the results are not block for block the same text."""
+    if not all(has_blocks(r) for r in results.values()):
+        return None, NO_BLOCKS
+    first = next(iter(results.values()))["blocks"]["tokens"]
+    if any(r["blocks"]["tokens"] != first for r in results.values()):
+        return None, "the results are not evaluated on the same blocks of text"
+    tokens = np.asarray(first, dtype=np.float64)
+    nll = np.stack([np.asarray(r["blocks"]["nll"], dtype=np.float64) for r in results.values()])
+    counts = np.random.default_rng(seed).multinomial(len(tokens), np.full(len(tokens), 1 / len(tokens)), size=n)
+    logs = (counts @ nll.T) / (counts @ tokens)[:, None]  # (resamples, results)
+    return {name: logs[:, i] for i, name in enumerate(results)}, None
+
+
+def log_ppl(result: dict) -> float:
+    """ln perplexity = Σ NLL / Σ tokens of one result (its point estimate)."""
+    return result["nll"] / result["tokens"] if "nll" in result else math.log(result["ppl"])
+
+
+def percentile(values: np.ndarray) -> list[float]:
+    """The 95% percentile interval of bootstrap values, as [lo, hi]."""
+    lo, hi = np.quantile(values, [(1 - uncertainty.LEVEL) / 2, (1 + uncertainty.LEVEL) / 2])
+    return [float(lo), float(hi)]
+
+
+def verdict_of(entry: dict | None, threshold: float, direction: str) -> str:
+    """uncertainty.verdict of an entry's ci95; inconclusive when it has none (see its "reason")."""
+    if not entry or entry.get("ci95") is None:
+        return uncertainty.INCONCLUSIVE
+    return uncertainty.verdict(tuple(entry["ci95"]), threshold, direction)
+
+
+def all_of(verdicts: list[str]) -> str:
+    """A conjunction of claims: holds when every part holds, does not hold when any part does not, else
+    inconclusive (also when there is no part at all)."""
+    if verdicts and all(v == uncertainty.HOLDS for v in verdicts):
+        return uncertainty.HOLDS
+    return uncertainty.FAILS if uncertainty.FAILS in verdicts else uncertainty.INCONCLUSIVE
+
+
+def grouped(verdicts: dict[str, str]) -> str:
+    """{language: verdict} as "**holds** for ru, zh; **inconclusive** for en"."""
+    by: dict[str, list[str]] = {}
+    for lang, v in verdicts.items():
+        by.setdefault(v, []).append(lang)
+    return "; ".join(f"**{v}** for {', '.join(langs)}" for v, langs in sorted(by.items()))
+
+
+def without_blocks(result: dict, seed: int = 0) -> dict:
+    """A perplexity result for a summary: its blocks dropped, its perplexity and bits per byte intervals
+    ("ci95": {"ppl": [lo, hi], "bpb": [lo, hi]}, None without blocks) kept instead."""
+    ci = {k: list(v) for k, v in uncertainty.bootstrap_ppl(result, seed=seed).items()} if has_blocks(result) else None
+    return {k: v for k, v in result.items() if k != "blocks"} | {"ci95": ci}
+
+
+def cell(entry: dict, prefix: str = "×") -> str:
+    """A ratio and its interval (×3.91 [2.8, 5.6]), or the ratio alone marked as having none."""
+    if entry.get("ci95") is None:
+        return f"{prefix}{entry['value']:.3g} [no interval]"
+    return interval_cell(entry, prefix)
 
 
 def validate(cfg) -> None:
@@ -98,6 +190,7 @@ def run(run: Run) -> dict:
             "space_size": f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}–{sizes[-1]}",
             "cells": cells,
         }
+    base = _with_intervals(base, families, langs, cfg.seed)
     result = {
         "experiment": "structural",
         "model_name": run.info["name"],
@@ -111,12 +204,77 @@ def run(run: Run) -> dict:
         "base": base,
         "families": families,
         "region": {"entries": region.count(), "of": region.total()},
+        "ci95_method": uncertainty.method_record(seed=cfg.seed),
+        "verdict_rule": uncertainty.RULE,
         **run.eval_record(langs, budget),
         "figures": ["figures/structural.png"],
     }
+    result["verdicts"] = verdicts(result)
     write_bytes(run.out / "figures" / "structural.png", structural_chart(result))
     run.save("structural", result)
     return result
+
+
+def _with_intervals(base: dict, families: dict, langs: list[str], seed: int) -> dict:
+    """Each cell's perplexity ratio to Base ("ratio") and, for Top, to each other pick at the same N_d ("vs"),
+    with paired 95% intervals (every setting is evaluated on the same text); the cells' results keep their
+    intervals instead of their blocks. Returns Base the same way."""
+    for info in families.values():
+        cells = info["cells"]
+        for key, c in cells.items():
+            n, how = key.split("/")
+            c["ratio"] = {lang: ratio_entry(c["ppl"][lang], base[lang], seed) for lang in langs}
+            if how == "top":
+                c["vs"] = {
+                    other: {
+                        lang: ratio_entry(c["ppl"][lang], cells[f"{n}/{other}"]["ppl"][lang], seed) for lang in langs
+                    }
+                    for other in slices.PICKS
+                    if other != "top"
+                }
+        for c in cells.values():  # after every comparison: they read the blocks
+            c["ppl"] = {lang: without_blocks(c["ppl"][lang], seed) for lang in langs}
+    return {lang: without_blocks(base[lang], seed) for lang in langs}
+
+
+def verdicts(result: dict) -> list[dict]:
+    """Per family, at the largest N_d, per other pick and language: does removing the Top dimensions raise
+    perplexity at least FACTOR times more than removing the other pick's? Decided by the paired 95% interval
+    of ppl(Top) / ppl(other) (uncertainty.RULE); inconclusive where the result has no interval."""
+    n, out = max(result["dims"]), []
+    for family, info in result["families"].items():
+        vs = info["cells"][f"{n}/top"].get("vs", {})
+        for other in (h for h in slices.PICKS if h != "top"):
+            for lang in result["langs"]:
+                entry = vs.get(other, {}).get(lang)
+                out.append(
+                    {
+                        "family": family,
+                        "n": n,
+                        "against": other,
+                        "lang": lang,
+                        "claim": f"ppl(Top) / ppl({PICK_LABELS[other]}) > {FACTOR:g}",
+                        "verdict": verdict_of(entry, FACTOR, "above"),
+                        **({"value": entry["value"], "ci95": entry["ci95"]} if entry else {"ci95": None}),
+                        **({"reason": entry.get("reason") or NO_BLOCKS} if not entry or not entry["ci95"] else {}),
+                    }
+                )
+    return out
+
+
+def ratio_table(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Top's perplexity ratio to Base and to each other pick, with 95% intervals, per family, N_d and language."""
+    others = [h for h in slices.PICKS if h != "top"]
+    head = ["Family", "N_d", "Language", "Top / Base"] + [f"Top / {PICK_LABELS[h]}" for h in others]
+    rows = []
+    for family, info in result["families"].items():
+        for n in result["dims"]:
+            top = info["cells"][f"{n}/top"]
+            for lang in result["langs"]:
+                rows.append(
+                    [family, str(n), lang, cell(top["ratio"][lang])] + [cell(top["vs"][h][lang]) for h in others]
+                )
+    return head, rows
 
 
 def structural_chart(result: dict) -> bytes:
@@ -151,17 +309,24 @@ def structural_table(result: dict, family: str) -> tuple[list[str], list[list[st
 
 
 def findings(result: dict) -> list[str]:
-    """Per family: the damage of removing the N_d densest dimensions against the other picks at the largest N_d."""
+    """Per family: the damage of removing the N_d densest dimensions against the other picks at the largest N_d,
+    and whether Top stands out from each other pick, as verdicts from paired 95% intervals."""
     n, out = max(result["dims"]), []
     fmt, langs, base = blocks.fmt, result["langs"], result["base"]
+    by_family: dict[str, dict[str, dict[str, str]]] = {}
+    for v in verdicts(result):
+        by_family.setdefault(v["family"], {}).setdefault(v["against"], {})[v["lang"]] = v["verdict"]
     for family, info in result["families"].items():
         r = {how: _ratio(info["cells"][f"{n}/{how}"]["ppl"], base, langs) for how in slices.PICKS}
         others = max(r[h] for h in slices.PICKS if h != "top")
         where = "" if info["spaces"] == 1 else " of every layer" if result["mode"] == "common" else " of every matrix"
+        claims = "; ".join(f"vs {PICK_LABELS[h]}: {grouped(v)}" for h, v in by_family.get(family, {}).items())
+        missing = "" if "vs" in info["cells"][f"{n}/top"] else f" ({NO_BLOCKS})"
         out.append(
             f"Removing the {n} {family} dimensions{where} densest in the core Top region multiplies perplexity "
             f"by {fmt(r['top'])} (geometric mean over {', '.join(langs)}); Middle, Bottom and Random by at most "
-            f"{fmt(others)}."
+            f"{fmt(others)}. Top removal raises perplexity at least ×{FACTOR:g} more than the other pick "
+            f"(95% paired bootstrap interval of ppl(Top) / ppl(other) above {FACTOR:g}) — {claims}{missing}."
         )
     return out
 
@@ -216,6 +381,15 @@ def section(result: dict) -> list:
     }
     for family in result["families"]:
         out.append(blocks.table(*structural_table(result, family), caption=f"{family}: {captions[family]}"))
+    if all("vs" in info["cells"][f"{n_hi}/top"] for info in result["families"].values()):
+        out.append(
+            blocks.table(
+                *ratio_table(result),
+                caption="Top's perplexity ratio to Base and to each other pick at the same N_d, with its 95% "
+                "interval (paired block bootstrap: both settings resample the same blocks of text). "
+                f"Top stands out where the interval lies above {FACTOR:g}. {uncertainty.RULE}",
+            )
+        )
     out.append(
         blocks.figure(
             "figures/structural.png",
