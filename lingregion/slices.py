@@ -2,9 +2,19 @@
 (Tables 3–4), its single-parameter perturbation (Table 8), and a scan for the outlier dimensions behind it.
 
 Layout. Everything is said in the Hugging Face layout of a linear layer, weight [out_features,
-in_features]: a *row* is one output unit, a *column* one input feature. GPT-2's Conv1D stores the
-transpose, [in, out], and its fused `c_attn` holds q, k and v side by side along `out`; a `Block` hides
-both, naming the part of one stored matrix that plays one role (q, k, v, o, gate, up, down) in one layer.
+in_features]: a *row* is one output unit, a *column* one input feature. A `Block` names the part of one
+stored matrix that plays one role (q, k, v, o, gate, up, down, router) in one layer, and hides how it is
+stored: GPT-2's Conv1D holds the transpose, [in, out]; fused matrices hold several roles along `out`, side by
+side (GPT-2 c_attn and Phi-3 qkv_proj: all q rows, then k, then v; Phi-3 gate_up_proj and MoE experts:
+gate, then up) or interleaved per head (GPT-NeoX/Pythia and BLOOM query_key_value: head h's q, k and v rows
+together); mixture-of-experts experts are one [experts, out, in] parameter, and each expert's matrix is a
+block of its own.
+
+Mappings. Which matrix plays which role is read from its path inside the layer through MAPPINGS (suffix →
+role); `register(suffix, role)` adds one for an architecture lingregion does not know. A layer that lacks a
+role, or holds a matrix no mapping places, gets a one-line error naming it and the `register` call to make.
+MoE routers are mapped to "router": scored like any matrix (models.ROUTER_SCORED), and in feature+ffn their
+column at d is removed with the MLP's, since the MoE block reads d through them too.
 
 Families (the rows and columns that make up one "dimension"):
 - feature: a residual-stream dimension d: row d of Attn.o and column d of Attn.q/k/v (what attention
@@ -31,6 +41,8 @@ Perturbation of one parameter (Table 8) acts on a layer's input-norm weight at o
 sets it to its initial value, 1 for a plain norm weight and 0 for Gemma's (1 + w) kind (both an
 effective scale of 1); "x10" multiplies the *effective* scale by 10: w → 10 w for a plain weight, and
 1 + w → 10 (1 + w), i.e. w → 10 w + 9, for the (1 + w) kind, so that both kinds mean the same thing.
+A post-norm model (OLMo-2) has no input norm: perturbation raises NotApplicable with the reason, while the
+massive-activation scan, which reads each layer's input, still applies.
 """
 
 from __future__ import annotations
