@@ -18,6 +18,7 @@ PAPER_EVAL_LANGS = ["ar", "zh", "it", "ja", "ko", "fa", "pt", "ru", "es", "uk", 
 MONO_LANGS = PAPER_SCORE_LANGS + ["uk", "pt", "it", "ja"]  # so that related pairs exist
 EXPERIMENT_NAMES = [
     "removal",
+    "stability",
     "monolingual",
     "structural",
     "outliers",
@@ -25,7 +26,6 @@ EXPERIMENT_NAMES = [
     "forgetting",
     "downstream",
     "estimators",
-    "stability",
 ]  # the order they run in: later ones reuse earlier caches
 
 
@@ -119,6 +119,12 @@ class Config:
     mono_ratio: float = opt(0.03, "Top share of each language's own score before the set difference")
     mono_eval_tokens: int = opt(1024, "evaluation tokens per language and setting of the interaction matrix", quick=256)
     mono_focus: str = opt("ru", "the language of the Table 5 layout")
+    mono_estimator: str = opt(
+        "taylor",
+        "importance estimator of each language's Top set (taylor: the paper's; the estimators experiment "
+        "recommends one); another also shows the paper's interaction matrix beside its own",
+        choices=["taylor", "taylor-window", "fisher", "wanda"],
+    )
     gen_tokens: int = opt(16, "tokens generated per prompt with each region removed", quick=8)
     # --- structural and outliers --------------------------------------------------------------------
     struct_dims: list[int] = opt([1, 3, 5, 10], "N_d: rows/columns removed per space", quick=[1, 10])

@@ -3,13 +3,14 @@ does to every language, how the regions overlap and where they sit, and what gen
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import blocks, evaluation, figures, interventions, scoring
+from .. import blocks, evaluation, figures, importance, interventions, scoring, uncertainty
 from ..regions import Region, matching, monolingual, select
-from ..store import LingregionError, write_bytes
-from .runfolder import Run
+from ..store import LingregionError, read_json, read_tensors, write_bytes, write_tensors
+from .runfolder import Run, digest
 
 NAME = "monolingual"
 DOC = "Table 5: monolingual regions, interaction matrix, generations"
@@ -32,20 +33,112 @@ PROMPTS = {  # the paper's generation case, in several languages
 }
 
 
-def _tops(run: Run, langs: list[str], budget: int | None) -> tuple[dict[str, Region], dict[str, torch.Tensor]]:
+def _tops(
+    run: Run, langs: list[str], budget: int | None, estimator: str = "taylor"
+) -> tuple[dict[str, Region], dict[str, torch.Tensor]]:
     """Each language's per-matrix Top set, and the summed score (for the core region), one language's
     scores in memory at a time."""
     tops, total = {}, {}
     for lang in tqdm(langs, desc="language Top sets", disable=not run.progress):
-        s = run.scores(lang, budget)
+        s = _scores(run, lang, budget, estimator)
         tops[lang] = select(
             s,
             run.cfg.mono_ratio,
             "top",
-            meta={"model": run.info["fingerprint"], "languages": [lang], "estimator": "taylor", "label": f"top-{lang}"},
+            meta={
+                "model": run.info["fingerprint"],
+                "languages": [lang],
+                "estimator": estimator,
+                "label": f"top-{lang}",
+            },
         )
         scoring.accumulate(total, s)
     return tops, total
+
+
+def _tag(estimator: str) -> str:
+    """Suffix of region files and evaluation settings made with another estimator than the paper's."""
+    return "" if estimator == "taylor" else f"-{estimator}"
+
+
+def _scores(run: Run, lang: str, budget: int | None, estimator: str) -> dict[str, torch.Tensor]:
+    """One language's scores by `estimator`: the paper's taylor from run.scores (its files unchanged),
+    another from one pass over the same scoring windows, kept in scores/LANG[-BUDGET].ESTIMATOR.safetensors."""
+    if estimator == "taylor":
+        return run.scores(lang, budget)
+    budget = None if budget == run.cfg.score_tokens else budget
+    w = run.windows(lang, "score", budget)
+    made_of = {
+        "fingerprint": run.info["fingerprint"],
+        "windows": w.meta,
+        "names": digest(run.names),
+        "dtype": run.cfg.dtype,
+        "estimator": estimator,
+    }
+    path = run.out / "scores" / (f"{lang}-{budget}" if budget else lang)
+    path = path.with_name(f"{path.name}.{estimator}.safetensors")
+    if path.is_file():
+        tensors, meta = read_tensors(path)
+        if meta.get("made_of") == made_of:
+            return {n: tensors[n] for n in run.names}
+    s = importance.score(estimator, importance.Target(run.model, run.names, run.removed), [w], run.progress)
+    write_tensors(
+        path,
+        s,
+        run.provenance(
+            made_of=made_of, format="lingregion-scores-v1", lang=lang, estimator=estimator, score_dtype="float32"
+        ),
+    )
+    return s
+
+
+def _paper_matrix(run: Run, langs: list[str], evals: list[str], budget: int, base: dict) -> dict:
+    """The interaction matrix with the paper's taylor regions, beside another estimator's (its evaluations
+    are the ones a taylor run makes, so they are shared through the cache)."""
+    tops = _tops(run, langs, None)[0]
+    monos = {lang: monolingual(tops, lang) for lang in langs}
+    ratio = {}
+    for lang in langs:
+        r = run.evaluate(
+            "monolingual.json", f"mono-{lang}", interventions.removal(monos[lang], run.removed), evals, budget
+        )
+        ratio[lang] = {e: r[e]["ppl"] / base[e]["ppl"] for e in evals}
+    return {
+        "estimator": "taylor",
+        "ppl_ratio": ratio,
+        "sizes": {lang: monos[lang].count() for lang in langs},
+        "jaccard": {a: {b: tops[a].jaccard(tops[b]) for b in langs} for a in langs},
+    }
+
+
+def own_most(ratio: dict, langs: list[str]) -> list[str]:
+    """The languages whose own column is the largest in their row of an interaction matrix."""
+    return [lang for lang in langs if lang in ratio[lang] and ratio[lang][lang] == max(ratio[lang].values())]
+
+
+def _comparison_blocks(res: dict) -> list:
+    """The paper's interaction matrix beside this run's estimator's, when they differ."""
+    if "paper_estimator" not in res:
+        return []
+    paper, est, langs, evals = res["paper_estimator"], res["estimator"], res["languages"], res["eval_languages"]
+    mine, theirs = own_most(res["ppl_ratio"], langs), own_most(paper["ppl_ratio"], langs)
+    n = len([lang for lang in langs if lang in evals])
+    return [
+        blocks.heading(f"The same matrix with the paper's estimator (taylor) instead of {est}", 3),
+        blocks.table(
+            ["removed ↓ / eval →", *evals],
+            [[r, *[f"{paper['ppl_ratio'][r][c]:.3f}" for c in evals]] for r in langs],
+            caption=f"Perplexity ratio with the monolingual regions from taylor scores (Top {res['ratio']:g} sets "
+            "of the same scoring windows).",
+        ),
+        blocks.text(
+            f"A language's own column is the largest of its row for {len(mine)} of {n} languages with {est} "
+            f"({', '.join(mine) or 'none'}) and for {len(theirs)} of {n} with taylor ({', '.join(theirs) or 'none'}). "
+            "Region sizes (entries), "
+            + ", ".join(f"{lang} {res['sizes'][lang]['entries']:,} vs {paper['sizes'][lang]:,}" for lang in langs)
+            + f" ({est} vs taylor)."
+        ),
+    ]
 
 
 def run(run: Run) -> dict:
@@ -54,41 +147,46 @@ def run(run: Run) -> dict:
     where the regions sit (overlaps, layers, matrix types)."""
     cfg, langs, evals = run.cfg, run.cfg.mono_langs, run.cfg.eval_langs
     budget, small = cfg.mono_eval_tokens, max(cfg.score_tokens // 4, cfg.seq_len)
-    tops, core_scores = _tops(run, langs, None)
+    est, tag = cfg.mono_estimator, _tag(cfg.mono_estimator)  # the paper's taylor keeps its names (no tag)
+    tops, core_scores = _tops(run, langs, None, est)
     core = select(core_scores, cfg.mono_ratio, "top", meta={"label": "core", "languages": langs})
     del core_scores
     monos = {lang: monolingual(tops, lang) for lang in langs}
     for lang, region in monos.items():
-        region.save(run.out / "regions" / f"monolingual-{lang}-{cfg.mono_ratio:g}.safetensors")
+        region.save(run.out / "regions" / f"monolingual-{lang}-{cfg.mono_ratio:g}{tag}.safetensors")
 
     base = run.evaluate("monolingual.json", "base", [], evals, budget)
     removed = {
         lang: run.evaluate(
-            "monolingual.json", f"mono-{lang}", interventions.removal(monos[lang], run.removed), evals, budget
+            "monolingual.json", f"mono-{lang}{tag}", interventions.removal(monos[lang], run.removed), evals, budget
         )
         for lang in langs
     }
     ratio = {lang: {e: removed[lang][e]["ppl"] / base[e]["ppl"] for e in evals} for lang in langs}
+    ratio_ci = {
+        lang: {e: list(uncertainty.paired_bootstrap(removed[lang][e], base[e], seed=cfg.seed)) for e in evals}
+        for lang in langs
+    }
 
     # Table 5 layout for the focus language at two scoring budgets; Bottom of the same size is the control.
     focus, table5 = cfg.mono_focus, {}
     for label, b in (("full", None), ("quarter", small)):
-        f_tops = tops if b is None else _tops(run, langs, b)[0]
+        f_tops = tops if b is None else _tops(run, langs, b, est)[0]
         f_mono = monos[focus] if b is None else monolingual(f_tops, focus)
-        bottom = matching(run.scores(focus, b), f_mono, "bottom", {"label": f"bottom-like-mono-{focus}"})
+        bottom = matching(_scores(run, focus, b, est), f_mono, "bottom", {"label": f"bottom-like-mono-{focus}"})
         table5[label] = {
             "score_tokens": cfg.score_tokens if b is None else b,
             "entries": f_mono.count(),
             "top": run.evaluate(
                 "monolingual.json",
-                f"mono-{focus}" if b is None else f"mono-{focus}@{b}",
+                f"mono-{focus}{tag}" if b is None else f"mono-{focus}{tag}@{b}",
                 interventions.removal(f_mono, run.removed),
                 evals,
                 budget,
             ),
             "bottom": run.evaluate(
                 "monolingual.json",
-                f"bottom-{focus}@{b or cfg.score_tokens}",
+                f"bottom-{focus}{tag}@{b or cfg.score_tokens}",
                 interventions.removal(bottom, run.removed),
                 evals,
                 budget,
@@ -105,10 +203,12 @@ def run(run: Run) -> dict:
         kin = [r for r in RELATED.get(lang, []) if r in evals]
         rest = sorted(ratio[lang][e] for e in evals if e != lang and e not in kin)
         if kin and rest:
+            others = [e for e in evals if e != lang and e not in kin]
             related[lang] = {
                 "related": {r: ratio[lang][r] for r in kin},
                 "others_median": rest[len(rest) // 2],
                 "own": ratio[lang].get(lang),
+                "verdict": {r: related_verdict(ratio_ci[lang][r], [ratio_ci[lang][e] for e in others]) for r in kin},
             }
     distributions = {
         "core": figures.region_distribution(core),
@@ -131,7 +231,12 @@ def run(run: Run) -> dict:
         "base": base,
         "removed": removed,
         "ppl_ratio": ratio,
+        "ppl_ratio_ci95": ratio_ci,
+        "ci95_method": uncertainty.method_record(seed=cfg.seed),
+        "resolution": resolution(run, langs),
+        "tokens_for_jaccard_0.9": _needed_budget(run),
         "table5": table5,
+        **({"estimator": est, "paper_estimator": _paper_matrix(run, langs, evals, budget, base)} if tag else {}),
         "related": related,
         "jaccard": {a: {b: tops[a].jaccard(tops[b]) for b in langs} for a in langs},
         "distribution": distributions,
@@ -194,6 +299,54 @@ def run(run: Run) -> dict:
     return result
 
 
+def related_verdict(related: list[float], others: list[list[float]]) -> str:
+    """Does removing L's region hurt a related language more than the others? Holds when the related
+    language's 95% interval lies above the median of the others' upper bounds, does not hold when it lies
+    below the median of their lower bounds, inconclusive otherwise: both sides' noise counts."""
+    uppers, lowers = sorted(hi for _, hi in others), sorted(lo for lo, _ in others)
+    if related[0] > uppers[len(uppers) // 2]:
+        return uncertainty.HOLDS
+    return uncertainty.FAILS if related[1] < lowers[len(lowers) // 2] else uncertainty.INCONCLUSIVE
+
+
+def _per_matrix_jaccard(x: Region, y: Region) -> np.ndarray:
+    both, either = x & y, x | y
+    return np.array([both.count(n) / either.count(n) for n in x.packed if either.count(n)])
+
+
+def resolution(run: Run, langs: list[str]) -> dict:
+    """Is each monolingual region more than sampling noise? L's own split-half overlap J(S_L^a, S_L^b) against
+    its overlap with every other language at the same budget, J(S_L^a, S_L'^a), matrix by matrix: resolved
+    when the 95% interval (bootstrap over matrices) of the mean within − max-between difference lies above 0."""
+    halves = {lang: (run.half_region(lang, "a"), run.half_region(lang, "b")) for lang in langs}
+    if any(a is None or b is None for a, b in halves.values()):
+        return {}  # scored without split halves (split_halves off, or scores from an earlier run)
+    rng, out = np.random.default_rng(run.cfg.seed), {}
+    for lang in langs:
+        within = _per_matrix_jaccard(*halves[lang])
+        between = {o: _per_matrix_jaccard(halves[lang][0], halves[o][0]) for o in langs if o != lang}
+        closest = max(between, key=lambda o: between[o].mean())
+        diff = within - between[closest]
+        means = diff[rng.integers(0, len(diff), (uncertainty.RESAMPLES, len(diff)))].mean(1)
+        lo, hi = np.quantile(means, [0.025, 0.975])
+        out[lang] = {
+            "within": float(within.mean()),
+            "between": {o: float(v.mean()) for o, v in between.items()},
+            "closest": closest,
+            "difference": float(diff.mean()),
+            "ci95": [float(lo), float(hi)],
+            "verdict": uncertainty.verdict((float(lo), float(hi)), 0.0, "above"),
+        }
+    return out
+
+
+def _needed_budget(run: Run) -> float | None:
+    """The largest budget the stability experiment fitted for Jaccard 0.9, when it ran first."""
+    path = run.out / "results" / "stability-summary.json"
+    fitted = read_json(path).get("tokens_for_jaccard_0.9", {}) if path.is_file() else {}
+    return max((v for v in fitted.values() if v), default=None)
+
+
 def validate(cfg) -> None:
     """Refuse a focus language that is not among the monolingual languages."""
     if cfg.mono_focus not in cfg.mono_langs:
@@ -204,12 +357,64 @@ def validate(cfg) -> None:
 
 
 def findings(res: dict) -> list[str]:
-    """For how many languages removing their own monolingual region hurts them most."""
+    """For how many languages removing their own monolingual region hurts them most; whether related
+    languages suffer more; whether the regions are resolved above sampling noise. Each with its verdict."""
     ratio, langs = res["ppl_ratio"], [lang for lang in res["languages"] if lang in res["eval_languages"]]
     own = [lang for lang in langs if ratio[lang][lang] == max(ratio[lang].values())]
-    return [
+    out = [
         f"Removing a language's monolingual region (Top {res['ratio']:g} minus the other languages' Top sets) hurts "
-        f"that language most for {len(own)} of {len(langs)} languages ({', '.join(own) or 'none'})."
+        f"that language most for {len(own)} of {len(langs)} languages ({', '.join(own) or 'none'}), by point "
+        "estimate; the interaction table gives each ratio's interval."
+    ]
+    for lang, r in res.get("related", {}).items():
+        for kin, v in r.get("verdict", {}).items():
+            out.append(
+                f"Removing {lang}'s region hurts the related {kin} more than the median other language: **{v}**."
+            )
+    res_ = res.get("resolution") or {}
+    if res_:
+        unresolved = [lang for lang, e in res_.items() if e["verdict"] != uncertainty.HOLDS]
+        need = res.get("tokens_for_jaccard_0.9")
+        out.append(
+            f"Monolingual regions resolved above sampling noise (own split-half overlap clearly above the closest "
+            f"other language's): **{uncertainty.HOLDS}** for "
+            f"{', '.join(lang for lang in res_ if lang not in unresolved) or 'none'}"
+            + (f"; **not resolved at this budget** for {', '.join(unresolved)}" if unresolved else "")
+            + (
+                f" (the stability fit asks for about {need:,.0f} tokens per language)."
+                if need
+                else " (the stability section gives the budget a region needs)."
+            )
+        )
+    return out
+
+
+def _cell(res: dict, removed: str, evaluated: str) -> str:
+    value, ci = res["ppl_ratio"][removed][evaluated], res.get("ppl_ratio_ci95", {}).get(removed, {}).get(evaluated)
+    return f"×{value:.3g} [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else f"{value:.3f}"
+
+
+def _resolution_blocks(res: dict) -> list:
+    rows = [
+        [
+            lang,
+            f"{e['within']:.3f}",
+            f"{e['closest']} {e['between'][e['closest']]:.3f}",
+            f"{e['difference']:+.3f} [{e['ci95'][0]:+.3f}, {e['ci95'][1]:+.3f}]",
+            e["verdict"],
+        ]
+        for lang, e in (res.get("resolution") or {}).items()
+    ]
+    if not rows:
+        return []
+    return [
+        blocks.table(
+            ["Language", "own split-half J", "closest other (half vs half)", "difference [95%]", "resolved"],
+            rows,
+            caption=f"Is each language's Top {res['ratio']:g} set more than sampling noise? Its two halves must "
+            "overlap clearly more than a half of it overlaps the closest other language's half "
+            "(interval over matrices).",
+        )
     ]
 
 
@@ -220,7 +425,7 @@ def _ppl_of(results: dict):
 
 def section(res: dict) -> list:
     """Report blocks: region sizes, the interaction matrix, related languages, Table 5, generations, overlap."""
-    fmt, langs, evals, ratio = blocks.fmt, res["languages"], res["eval_languages"], res["ppl_ratio"]
+    fmt, langs, evals = blocks.fmt, res["languages"], res["eval_languages"]
     out = [
         blocks.heading("Monolingual regions (the paper's Table 5, and beyond)"),
         blocks.text(
@@ -234,16 +439,18 @@ def section(res: dict) -> list:
             ],
             caption="Size of each monolingual region: a small fraction of the Top set survives the set difference.",
         ),
+        *_resolution_blocks(res),
         blocks.heading("Interaction matrix: perplexity ratio (removed / base)", 3),
         blocks.table(
             ["removed ↓ / eval →", *evals],
-            [[r, *[f"{ratio[r][c]:.3f}" for c in evals]] for r in langs],
+            [[r, *[_cell(res, r, c) for c in evals]] for r in langs],
             caption="Rows: whose region is removed; columns: evaluation language. A language's own column "
             "should stand out.",
         ),
         blocks.figure(
             "figures/interaction.png", "The same matrix as a heat map (log colour scale): look for the diagonal."
         ),
+        *_comparison_blocks(res),
         blocks.heading("Related languages", 3),
     ]
     lines = []

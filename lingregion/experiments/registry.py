@@ -51,7 +51,7 @@ class Experiment:
         )
 
 
-_MODULES = (removal, monolingual, structural, outliers, recovery, forgetting, downstream, estimators, stability)
+_MODULES = (removal, stability, monolingual, structural, outliers, recovery, forgetting, downstream, estimators)
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in map(Experiment.of, _MODULES)}
 assert list(EXPERIMENTS) == EXPERIMENT_NAMES, "config.EXPERIMENT_NAMES lists the registered experiments in order"
 

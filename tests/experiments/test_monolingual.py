@@ -37,6 +37,15 @@ def test_interaction_matrix_uses_the_core_evaluation(tiny_folder, tmp_path, toke
                 assert res["removed"][lang][e]["ppl"] == pytest.approx(ppl, rel=1e-9)
                 assert res["ppl_ratio"][lang][e] == pytest.approx(ppl / res["base"][e]["ppl"], rel=1e-9)
     assert set(res["related"]["ru"]["related"]) == {"uk"}
+    assert res["related"]["ru"]["verdict"]["uk"] in ("holds", "does not hold", "inconclusive")
+    for lang in res["languages"]:
+        for e in res["eval_languages"]:
+            lo, hi = res["ppl_ratio_ci95"][lang][e]
+            assert lo <= res["ppl_ratio"][lang][e] <= hi
+    # every language's own split-half overlap against the closest other language's, matrix by matrix
+    for lang, r in res["resolution"].items():
+        assert r["closest"] != lang and r["ci95"][0] <= r["difference"] <= r["ci95"][1]
+        assert r["difference"] == pytest.approx(r["within"] - r["between"][r["closest"]], abs=1e-9)
     assert set(res["generations"]) == {"base", "mono-ru", "mono-uk", "mono-es"}
     assert set(res["table5"]) == {"full", "quarter"}
     saved = json.loads((out / "results" / "monolingual-summary.json").read_text())
