@@ -198,3 +198,39 @@ def select_sort(s: Setup, scope: str, ratio: float = 0.03):
         order = torch.sort(flat, descending=True, stable=True).indices
         out.append(order[: round(ratio * flat.numel())])
     return out
+
+
+# --- bfloat16 beside float32, and score storage --------------------------------------------------------
+
+
+def region_agreement(reference: dict, other: dict, ratios=(0.01, 0.03), sides=("top", "bottom")) -> dict:
+    """Jaccard of the per-matrix regions of `other` scores against those of `reference`, and whether they
+    are the same entries, for each side and ratio."""
+    out = {}
+    for side in sides:
+        for ratio in ratios:
+            a, b = select(reference, ratio, side), select(other, ratio, side)
+            same = all(torch.equal(a.packed[n], b.packed[n]) for n in a.packed)
+            out[f"{side} {ratio:g}"] = {"jaccard": a.jaccard(b), "identical": same}
+    return out
+
+
+def score_file_roundtrip(scores: dict, path, precision: str) -> dict:
+    """Write `scores` as a score file at `precision` and read it back: size, seconds and the scores read."""
+    from lingregion import scorefile
+
+    t0 = time.perf_counter()
+    scorefile.save(path, scores, {"lang": "benchmark", "model_fingerprint": "benchmark"}, precision)
+    t1 = time.perf_counter()
+    back, meta = scorefile.load(path)
+    t2 = time.perf_counter()
+    n = sum(t.numel() for t in scores.values())
+    size = path.stat().st_size
+    return {
+        "bytes": size,
+        "bytes_per_parameter": size / n,
+        "exact_share": scorefile.exact_share(meta),
+        "save_seconds": t1 - t0,
+        "load_seconds": t2 - t1,
+        "scores": back,
+    }

@@ -294,6 +294,50 @@ def bench_storage(s: cases.Setup, folder: Path) -> dict:
     }
 
 
+def bench_bfloat16(s: cases.Setup, args) -> dict:
+    """Scoring and perplexity with the weights in bfloat16 beside float32 (sums in fp32 in both), timed
+    interleaved rep by rep in this process so that load from other processes hits both alike; and how far
+    bf16's regions (per-matrix Top / Bottom 1% and 3%) and perplexity are from fp32's on the same data."""
+    bf = cases.setup(args.seq_len, args.score_windows, args.eval_windows, args.device, "bfloat16", args.model)
+    both = {"float32": s, "bfloat16": bf}
+    score_jobs = {k: (lambda x=x: cases.score_lean(x)) for k, x in both.items()}
+    ppl_jobs = {k: (lambda x=x: cases.ppl_lean(x)) for k, x in both.items()}
+    score_secs, scores = interleaved("dtype scoring", score_jobs, args.reps)
+    ppl_secs, nll = interleaved("dtype perplexity", ppl_jobs, args.reps)
+    n_score, n_eval = s.score_windows.n_tokens, s.eval_windows.n_tokens
+    ppl = {k: math.exp(v / n_eval) for k, v in nll.items()}
+    out = {
+        "score_tokens": n_score,
+        "eval_tokens": n_eval,
+        "scoring_seconds": score_secs,
+        "scoring_tokens_per_s": {k: n_score / v for k, v in score_secs.items()},
+        "scoring_speedup": score_secs["float32"] / score_secs["bfloat16"],
+        "perplexity_seconds": ppl_secs,
+        "perplexity_tokens_per_s": {k: n_eval / v for k, v in ppl_secs.items()},
+        "perplexity_speedup": ppl_secs["float32"] / ppl_secs["bfloat16"],
+        "ppl": ppl,
+        "ppl_relative_difference": abs(ppl["bfloat16"] - ppl["float32"]) / ppl["float32"],
+        "regions": cases.region_agreement(scores["float32"], scores["bfloat16"]),
+    }
+    del bf, scores
+    gc.collect()
+    return out
+
+
+def bench_score_storage(s: cases.Setup, folder: Path) -> dict:
+    """Bytes per scored parameter of a score file at each precision, its save and load time, and whether
+    the regions read back from it (per-matrix Top / Bottom 1% and 3%) are those of the fp32 scores."""
+    from lingregion import scorefile
+
+    out = {}
+    for precision in scorefile.PRECISIONS:
+        r = cases.score_file_roundtrip(s.scores, folder / f"scores-{precision}.safetensors", precision)
+        r["regions"] = cases.region_agreement(s.scores, r.pop("scores"))
+        out[precision] = r
+        (folder / f"scores-{precision}.safetensors").unlink()
+    return out
+
+
 def bench_checkpoint(s: cases.Setup, folder: Path, seconds_per_window: float) -> dict:
     ckpt = Checkpoint(folder / "checkpoint.safetensors", {"job": "benchmark"}, every=1)
     t0 = time.perf_counter()
@@ -609,6 +653,85 @@ def markdown(r: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def markdown_extra(r: dict) -> str:
+    """Tables of the bfloat16 comparison and of score storage, where they were measured."""
+    out = []
+    if "bfloat16" in r:
+        b = r["bfloat16"]
+        out += [
+            "",
+            f"**bfloat16 beside float32** (same process, interleaved; {b['score_tokens']} scoring and "
+            f"{b['eval_tokens']} evaluation tokens; sums in fp32 in both):",
+            "",
+            "| | float32 | bfloat16 | bf16 / fp32 |",
+            "|---|---|---|---|",
+            "| scoring tok/s | {:.1f} | {:.1f} | **{:.2f}×** |".format(
+                *b["scoring_tokens_per_s"].values(), b["scoring_speedup"]
+            ),
+            "| perplexity tok/s | {:.1f} | {:.1f} | **{:.2f}×** |".format(
+                *b["perplexity_tokens_per_s"].values(), b["perplexity_speedup"]
+            ),
+            "| perplexity | {:.4f} | {:.4f} | relative difference {:.1e} |".format(
+                b["ppl"]["float32"], b["ppl"]["bfloat16"], b["ppl_relative_difference"]
+            ),
+        ]
+        out += [
+            f"| Jaccard of per-matrix {k} (bf16 scores vs fp32 scores) | | | {v['jaccard']:.4f} |"
+            for k, v in b["regions"].items()
+        ]
+    if "score_storage" in r:
+        out += [
+            "",
+            "**Score storage** (the scores above written and read back with `lingregion.scorefile`):",
+            "",
+            "| Precision | Bytes per parameter | Exact up to | Save / load | Regions read back: Jaccard vs fp32 |",
+            "|---|---|---|---|---|",
+        ]
+        for precision, v in r["score_storage"].items():
+            jac = ", ".join(
+                f"{k} {x['jaccard']:.4f}" + (" (identical)" if x["identical"] else "") for k, x in v["regions"].items()
+            )
+            out.append(
+                f"| {precision} | {v['bytes_per_parameter']:.3f} | {v['exact_share']:g} of each matrix | "
+                f"{v['save_seconds']:.2f} / {v['load_seconds']:.2f} s | {jac} |"
+            )
+    return "\n".join(out) + ("\n" if out else "")
+
+
+def only(s: cases.Setup, args, r: dict, started: float) -> None:
+    """`--only`: the bfloat16 comparison and / or score storage alone, written and printed like a full run."""
+    unknown = set(args.only) - {"bfloat16", "storage"}
+    if unknown:
+        raise SystemExit(f"--only: unknown part(s) {', '.join(sorted(unknown))}; use bfloat16 and/or storage")
+    if "storage" in args.only:
+        print("scores for the storage figures", flush=True)
+        s.scores = cases.score_lean(s)
+        with tempfile.TemporaryDirectory() as tmp:
+            r["score_storage"] = bench_score_storage(s, Path(tmp))
+    if "bfloat16" in args.only:
+        print("bfloat16 beside float32", flush=True)
+        r["bfloat16"] = bench_bfloat16(s, args)
+    r["load_average_end"] = os.getloadavg()
+    r["cpu_seconds"] = CPU_SECONDS
+    r["seconds"] = round(time.time() - started, 1)
+    out = Path(args.out)
+    store.write_json(out / "benchmarks-only.json", _jsonable(r))
+    m = r["machine"]
+    text = (
+        f"Machine: {m.get('gpu', '') + ', ' if m.get('gpu') else ''}{m['cpu']}, {m['cores']} cores, torch {m['torch']} "
+        f"({m['torch_threads']} threads); load average {m['load_average'][0]:.1f} at the start, "
+        f"{r['load_average_end'][0]:.1f} at the end. Command: `{r['command']}`.\n" + markdown_extra(r)
+    )
+    store.write_text(out / "benchmarks-only.md", text)
+    print(json.dumps(_jsonable(r), indent=1))
+    print(text)
+
+
+def _jsonable(r: dict) -> dict:
+    """The results without tensors (score storage keeps none, but a caller's additions might)."""
+    return json.loads(json.dumps(r, default=lambda o: None))
+
+
 def update_doc(path: Path, tables: str) -> None:
     text = path.read_text(encoding="utf-8")
     start, end = "<!-- figures:start -->", "<!-- figures:end -->"
@@ -639,6 +762,12 @@ def main(argv=None) -> None:
         help="torch threads (default: torch's own). On a machine shared with other "
         "jobs, 1 avoids threads waiting on each other's time slices",
     )
+    p.add_argument(
+        "--only",
+        type=lambda v: v.split(","),
+        help="run only these parts, comma-separated: bfloat16 (bf16 beside fp32: speed, regions, perplexity) "
+        "and/or storage (score file bytes per parameter and regions read back); default: everything",
+    )
     p.add_argument("--memory", choices=list(MEMORY_CASES), help=argparse.SUPPRESS)  # subprocess mode
     p.add_argument("--scores", help=argparse.SUPPRESS)
     for key in ("seq_len", "score_windows", "eval_windows", "reps"):
@@ -661,6 +790,8 @@ def main(argv=None) -> None:
     }
     s = cases.setup(args.seq_len, args.score_windows, args.eval_windows, args.device, args.dtype, args.model)
     r["model"] = describe_model(s, args)
+    if args.only:
+        return only(s, args, r, started)
     print("scoring", flush=True)
     r["scoring"], naive_scores = bench_scoring(s, args)
     print("perplexity", flush=True)
@@ -673,6 +804,10 @@ def main(argv=None) -> None:
         r["selection"] = bench_selection(s, args, scores_file)
         r["storage"] = bench_storage(s, Path(tmp))
         r["checkpoint"] = bench_checkpoint(s, Path(tmp), r["scoring"]["seconds"]["lean"] / args.score_windows)
+        r["score_storage"] = bench_score_storage(s, Path(tmp))
+    if args.dtype == "float32":
+        print("bfloat16 beside float32", flush=True)
+        r["bfloat16"] = bench_bfloat16(s, args)
     r["memory_model"] = bench_memory_model(s, args, r["scoring"], r["perplexity"])
     print("accuracy against fp64", flush=True)
     r["accuracy"] = bench_accuracy(s, naive_scores)
@@ -682,8 +817,8 @@ def main(argv=None) -> None:
     r["seconds"] = round(time.time() - started, 1)
     out = Path(args.out)
     store.write_json(out / "benchmarks.json", r)
-    store.write_text(out / "benchmarks.md", markdown(r))
-    print(markdown(r))
+    store.write_text(out / "benchmarks.md", markdown(r) + markdown_extra(r))
+    print(markdown(r) + markdown_extra(r))
     if args.doc:
         update_doc(Path(args.doc), markdown(r))
     print(f"{out / 'benchmarks.json'}, {out / 'benchmarks.md'} ({r['seconds']:.0f} s)")

@@ -158,16 +158,14 @@ def _encode(x: torch.Tensor, top: torch.Tensor, bottom: torch.Tensor):
     codes = torch.full((x.numel(),), _EXACT_CODE, dtype=torch.uint8)
     levels = torch.zeros(_LEVELS, dtype=torch.float32)
     if len(body):
-        width = (hi.double() - lo.double()) / _LEVELS
-        b = (
-            ((body.double() - lo.double()) / width).floor()
-            if width > 0
-            else torch.zeros(len(body), dtype=torch.float64)
-        )
-        b = b.clamp_(0, _LEVELS - 1).long()
+        width = (float(hi) - float(lo)) / _LEVELS  # bins need not be exact: decoding clamps to the tails
+        if width > 0:
+            b = body.sub(float(lo)).mul_(1 / width).floor_().clamp_(0, _LEVELS - 1).long()
+        else:
+            b = torch.zeros(len(body), dtype=torch.long)
         sums = torch.zeros(_LEVELS, dtype=torch.float64).index_add_(0, b, body.double())
         counts = torch.bincount(b, minlength=_LEVELS).double()
-        centres = lo.double() + (torch.arange(_LEVELS, dtype=torch.float64) + 0.5) * max(width, 0.0)
+        centres = float(lo) + (torch.arange(_LEVELS, dtype=torch.float64) + 0.5) * max(width, 0.0)
         levels = torch.where(counts > 0, sums / counts.clamp(min=1), centres).float()
         codes[~exact] = b.to(torch.uint8)
     packed = torch.from_numpy(_pack_nibbles(codes.numpy()))
