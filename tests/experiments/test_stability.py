@@ -104,3 +104,29 @@ def test_split_halves_off_stores_no_statistics(tiny_folder, tmp_path):
     run = Run(tmp_path / "r", cfg, models.load(str(tiny_folder)), progress=False)
     run.scores("ru")
     assert run.stability_of_scores() == {}
+
+
+def test_stability_command_for_one_language(tiny_folder, tmp_path, capsys):
+    from lingregion.cli import main
+
+    argv = [
+        "stability",
+        "--model",
+        str(tiny_folder),
+        "--lang",
+        "ru",
+        "--seq-len",
+        "16",
+        "--stability-tokens",
+        "64",
+        "--no-stability-precision",
+        "--ratios",
+        "0.05",
+        "--out",
+        str(tmp_path / "st"),
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ru: the Top 0.05 region of two disjoint samples")
+    summary = json.loads((tmp_path / "st" / "results" / "stability-summary.json").read_text())
+    assert [p["windows"] for p in summary["per_language"]["ru"]["points"]] == [2, 4]
