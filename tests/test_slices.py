@@ -1,11 +1,11 @@
-"""Structural removal, single-parameter perturbation and the outlier scan, checked on tiny models against
-masks and numbers written out by hand from each architecture's own weight layout."""
+"""slices: structural removal, single-parameter perturbation and the outlier scan, checked on tiny models against
+masks and numbers written out by hand from each architecture's own weight layout. The experiments built on them
+are tested in experiments/test_structural.py and experiments/test_outliers.py."""
 
 import pytest
 import torch
 
-from lingregion import Config, corpus, interventions, reproduce, slices
-from lingregion.experiments.runfolder import Run
+from lingregion import corpus, interventions, slices
 from lingregion.regions import Region
 from lingregion.store import LingregionError
 
@@ -272,67 +272,6 @@ def test_in_region_reads_the_packed_bits(tiny):
     name = "model.layers.0.mlp.up_proj.weight"
     index = torch.randperm(48 * 32)[:100]
     assert torch.equal(slices.in_region(region, name, index), region.mask(name).reshape(-1)[index])
-
-
-def test_experiments_on_a_tiny_model_match_direct_evaluation(tiny_folder, tmp_path):
-    import json
-
-    from lingregion import evaluation, models
-
-    cfg = Config(
-        model=str(tiny_folder),
-        seq_len=16,
-        score_tokens=32,
-        eval_tokens=32,
-        score_langs=["ru", "es"],
-        eval_langs=["ru"],
-        struct_langs=["ru", "zh"],
-        struct_dims=[1, 4],
-        outlier_layers=2,
-        outlier_scan_tokens=32,
-        outlier_confirm=2,
-        outlier_controls=1,
-        outlier_dims=1,
-        experiments=["structural", "outliers"],
-    )
-    out = tmp_path / "run"
-    res = reproduce(cfg, out, progress=False)
-    m = models.load(str(tiny_folder))
-    run = Run(out, cfg, m, progress=False)
-    region = run.region(run.core_scores(), "top", cfg.struct_ratio)
-
-    def ppl(edits, lang):
-        with interventions.applied(m.module, edits):
-            return evaluation.perplexity(m.module, run.windows(lang, "eval", 32), cfg.batch_size, False)["ppl"]
-
-    s = res["structural"]
-    assert set(s["families"]) == set(slices.FAMILIES)
-    edits, picks = slices.removal(m.module, region, "feature+ffn", 4, "top")
-    cell = s["families"]["feature+ffn"]["cells"]["4/top"]
-    assert cell["picks"] == picks
-    assert cell["ppl"]["zh"]["ppl"] == pytest.approx(ppl(edits, "zh"), rel=1e-9)
-    assert cell["removed"] == sum(len(e.index) for e in edits)
-
-    o = res["outliers"]
-    scan = slices.scan(m.module, [run.windows(lang, "score", 32) for lang in ["ru", "zh"]], [0, 1], 4, False)
-    assert [(c["layer"], c["dim"]) for c in o["candidates"]] == scan.top(2)
-    first = o["candidates"][0]
-    norm = slices.input_norms(m.module)[first["layer"]]
-    w = m.module.get_parameter(norm).detach()[first["dim"]].item()
-    by_hand = [interventions.Edit(norm, torch.tensor([first["dim"]]), 10 * (1 + w) - 1)]  # Gemma: (1 + w) × 10
-    assert first["ppl"]["x10"]["ru"]["ppl"] == pytest.approx(ppl(by_hand, "ru"), rel=1e-6)
-    massive = next(d for d in o["dimensions"] if d["kind"] == "massive")
-    assert massive["dim"] == int(scan.massive().argmax())
-    assert massive["ppl"]["ru"]["ppl"] == pytest.approx(
-        ppl(slices.dimension_removal(m.module, [massive["dim"]]), "ru"), rel=1e-9
-    )
-    summary = json.loads((out / "results" / "outliers-summary.json").read_text())
-    assert summary["model"]["fingerprint"] and summary["protocol"]["seq_len"] == 16
-    md = (out / "report.md").read_text()
-    assert "Structural removal (the paper's Tables 3 and 4)" in md and "Table 8" in md
-    assert "| Model | Score tokens | N_d | Language | Base | Top | Middle | Bottom | Random |" in md
-    for f in ["structural.png", "outliers.png"]:
-        assert (out / "figures" / f).read_bytes().startswith(b"\x89PNG")
 
 
 def test_parameter_labels_round_trip():

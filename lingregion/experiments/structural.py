@@ -256,7 +256,11 @@ def verdicts(result: dict) -> list[dict]:
                         "claim": f"ppl(Top) / ppl({PICK_LABELS[other]}) > {FACTOR:g}",
                         "verdict": verdict_of(entry, FACTOR, "above"),
                         **({"value": entry["value"], "ci95": entry["ci95"]} if entry else {"ci95": None}),
-                        **({"reason": entry.get("reason") or NO_BLOCKS} if not entry or not entry["ci95"] else {}),
+                        **(
+                            {"reason": (entry or {}).get("reason") or NO_BLOCKS}
+                            if not (entry or {}).get("ci95")
+                            else {}
+                        ),
                     }
                 )
     return out
