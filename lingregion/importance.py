@@ -149,8 +149,8 @@ def part_stats(lang: str, part: Part) -> Stats:
     return Stats(
         tokens={lang: part.tokens},
         lang_abs={n: g.abs() for n, g in part.grad.items()},
-        window_abs=dict(part.window_abs),
-        window_sq=dict(part.window_sq),
+        window_abs={n: part.item("window_abs", n) for n in part.keys("window_abs")},
+        window_sq={n: part.item("window_sq", n) for n in part.keys("window_sq")},
         act_norm={n: e.sqrt() for n, e in part.energy.items()},
         active={lang: dict(part.active)} if part.active else {},
         seen={lang: dict(part.seen)} if part.seen else {},

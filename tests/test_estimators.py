@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -442,3 +443,283 @@ def test_real_model_neurons_and_norms_are_all_covered():
             assert rows.shape[0] == inter and bool((rows == rows[:, :1]).all())
         else:
             assert float(lape.abs().max()) == 0
+
+
+# --- stability and specificity of each estimator's per-language regions (issue 18) ----------------------
+def test_group_sums_add_up_to_the_full_statistics_exactly(tiny, tokenizer):
+    model = tiny("gemma3")
+    t = target(model)
+    w = windows(tokenizer, TEXT[:3], "ru", seq_len=8)
+    w = corpus.Windows("ru", "score", w.input_ids[:6], w.n_bytes[:6])
+    # 6 windows in 4 groups: groups 0 and 1 hold two windows (sums stored), 2 and 3 one (|g| and g² derived)
+    assert len(w.input_ids) == 6
+    seen = {}
+
+    def visit(lang, parts):
+        seen["groups"] = [p + importance.Part() for p in parts]  # copies: collect adds the groups up in place
+        seen["a"], seen["b"] = importance.subset(parts, 0, 2), importance.subset(parts, 1, 2)
+        seen["one"] = importance.part_stats(lang, parts[3])  # a group of one window: |g| and g² derived
+
+    stats = importance.collect(t, w, importance.STATS, progress=False, groups=4, visit=visit)
+    a, b = seen["a"], seen["b"]
+    assert [p.windows for p in seen["groups"]] == [len(range(i, len(w.input_ids), 4)) for i in range(4)]
+    assert a.tokens + b.tokens == w.n_tokens
+    assert seen["groups"][3].windows == 1 and set(seen["one"].window_sq) == set(seen["one"].window_abs) == set(t.names)
+    for n in t.names:
+        assert torch.equal(seen["one"].window_sq[n], seen["groups"][3].grad[n] ** 2)
+        assert torch.equal(seen["one"].window_abs[n], seen["groups"][3].grad[n].abs())
+    for n in t.names:  # bit for bit: the full statistic is the sum of the two halves
+        assert torch.equal(stats.lang_abs[n], (a.grad[n] + b.grad[n]).abs())
+        assert torch.equal(stats.window_abs[n], a.item("window_abs", n) + b.item("window_abs", n))
+        assert torch.equal(stats.window_sq[n], a.item("window_sq", n) + b.item("window_sq", n))
+        assert torch.equal(stats.act_norm[n], (a.energy[n] + b.energy[n]).sqrt())
+    for act, count in stats.active["ru"].items():
+        assert torch.equal(count, a.active[act] + b.active[act])
+        assert stats.seen["ru"][act] == a.seen[act] + b.seen[act]
+    # each window is in exactly one group: the groups' gradients are the per-window sums of their windows
+    gs = per_window_gradients(model, w, t.names)
+    for i, part in enumerate(seen["groups"]):
+        mine = range(i, len(gs), 4)
+        for n in t.names:
+            ref = sum(gs[j][n] for j in mine)
+            torch.testing.assert_close(part.grad[n], ref, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(
+                part.item("window_sq", n), sum(gs[j][n] ** 2 for j in mine), rtol=1e-5, atol=1e-9
+            )
+    # and grouping changes the full statistics by rounding only
+    plain = importance.collect(t, w, importance.STATS, progress=False)
+    for n in t.names:
+        torch.testing.assert_close(plain.window_sq[n], stats.window_sq[n], rtol=1e-5, atol=1e-12)
+        scale = plain.lang_abs[n].abs().max().item()  # |Σ g| cancels: rounding is relative to the largest entry
+        torch.testing.assert_close(plain.lang_abs[n], stats.lang_abs[n], rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_top_set_and_its_jaccard_equal_select_and_split_half_jaccard(tiny):
+    from lingregion import uncertainty
+
+    model = tiny("llama")
+    t = target(model)
+    g = torch.Generator().manual_seed(0)
+    a = {n: torch.rand(model.get_parameter(n).shape, generator=g) for n in t.names}
+    b = {n: torch.rand(model.get_parameter(n).shape, generator=g) for n in t.names}
+    a[t.names[0]] = torch.zeros_like(a[t.names[0]])  # all tied: filled by lowest index, as select does
+    b[t.names[1]] = a[t.names[1]].round(decimals=1)  # many ties at the k-th value
+    layout = importance.Layout.of({n: tuple(v.shape) for n, v in a.items()}, 0.01)
+    assert 0 in layout.k and max(layout.k) > 5  # a norm of 32 entries has no Top 1%: left out of the mean
+    for scores in (a, b):
+        region = select(scores, 0.01, "top", "matrix")
+        flat = np.concatenate([region.indices(n).numpy() + o for n, o in zip(layout.names, layout.offsets)])
+        assert np.array_equal(importance.top_set(scores, layout), np.sort(flat))
+    ta, tb = importance.top_set(a, layout), importance.top_set(b, layout)
+    assert importance.mean_jaccard(ta, tb, layout) == pytest.approx(
+        uncertainty.split_half_jaccard(a, b, 0.01), abs=1e-15
+    )
+    assert importance.mean_jaccard(ta, ta, layout) == 1.0
+
+
+def synthetic_parts(model, names, g, groups=4):
+    """Groups of windows with random gradients and squared sums (two windows each, so nothing is derived)."""
+    parts = []
+    for _ in range(groups):
+        p = importance.Part(windows=2, tokens=20)
+        for n in names:
+            shape = model.get_parameter(n).shape
+            p.grad[n] = torch.randn(shape, generator=g)
+            p.window_sq[n] = torch.rand(shape, generator=g)
+        parts.append(p)
+    return parts
+
+
+def test_within_between_and_specificity_equal_a_direct_computation(tiny):
+    from lingregion import uncertainty
+    from lingregion.experiments import estimators as exp
+
+    model = tiny("llama")
+    t = target(model)
+    g = torch.Generator().manual_seed(1)
+    langs = {lang: synthetic_parts(model, t.names, g) for lang in ("ru", "uk", "zh")}
+    ratio = 0.05
+    split = exp.SplitHalf(t, ["taylor", "fisher", "magnitude", "lape"], ratio, seed=3)
+    assert split.names == ["taylor", "fisher", "magnitude"]  # lape has no per-language score
+    for lang, parts in langs.items():
+        split.visit(lang, parts)
+    res = split.result(resamples=500)
+    assert res["splits"] == 3  # 4 groups: three distinct ways to halve them, odd/even first
+    for s in res["split_groups"].values():
+        assert s[0] == [0, 2] and sorted(map(tuple, s)) == [(0, 1), (0, 2), (0, 3)]
+
+    delta = {n: (model.get_parameter(n).detach().float() - t.removed[n]) for n in t.names}
+
+    def scores(name, ps):  # the estimator written out, on the sum of the groups `ps` (added as subset adds them)
+        total = ps[0]
+        for p in ps[1:]:
+            total = total + p
+        if name == "taylor":
+            return {n: delta[n].abs() * total.grad[n].abs() for n in t.names}
+        return {n: delta[n].square() * total.window_sq[n] * 0.5 for n in t.names}
+
+    def halves(ps, a):
+        return [ps[i] for i in a], [ps[i] for i in range(4) if i not in a]
+
+    for name in ("taylor", "fisher"):
+        r = res["estimators"][name]
+        # at the budget: even windows (groups 0, 2) against odd (1, 3); at half of it: group 0 against 2
+        for label, (ga, gb) in {"budget": ([0, 2], [1, 3]), "half": ([0], [2])}.items():
+            for lang, ps in langs.items():
+                ref = uncertainty.split_half_jaccard(
+                    scores(name, [ps[i] for i in ga]), scores(name, [ps[i] for i in gb]), ratio
+                )
+                assert r["split_half_jaccard"][label]["by_language"][lang] == pytest.approx(ref, abs=1e-12)
+        assert "needs at least 8 windows" in r["split_half_jaccard"]["quarter"]["reason"]
+        # specificity: over pairs, mean within − mean of the four half-against-half Jaccards
+        per_split = []
+        for j in range(3):  # each language draws its own order of the three ways to halve 4 groups
+            a = res["split_groups"]["ru"][j]
+            h = {
+                lang: [scores(name, x) for x in halves(ps, res["split_groups"][lang][j])] for lang, ps in langs.items()
+            }
+            within = {lang: uncertainty.split_half_jaccard(*h[lang], ratio) for lang in langs}
+            diffs = {}
+            for x, y in [("ru", "uk"), ("ru", "zh"), ("uk", "zh")]:
+                cross = np.mean([uncertainty.split_half_jaccard(p, q, ratio) for p in h[x] for q in h[y]])
+                diffs[f"{x}-{y}"] = (within[x] + within[y]) / 2 - cross
+                if a == [0, 2]:
+                    assert r["between_language_jaccard"]["by_pair"][f"{x}-{y}"] == pytest.approx(cross, abs=1e-12)
+            per_split.append(np.mean(list(diffs.values())))
+            if a == [0, 2]:
+                assert r["specificity"]["value"] == pytest.approx(per_split[-1], abs=1e-12)
+                assert r["specificity"]["by_pair"] == pytest.approx(diffs, abs=1e-12)
+        assert r["specificity"]["by_split"] == pytest.approx(per_split, abs=1e-12)
+        lo, hi = r["specificity"]["ci95"]
+        assert min(per_split) - 1 <= lo <= hi <= max(per_split) + 1 and lo < hi
+    # the interval is seeded
+    assert (
+        split.result(resamples=500)["estimators"]["taylor"]["specificity"] == res["estimators"]["taylor"]["specificity"]
+    )
+
+    # magnitude reads no text: every half and every language picks the same entries
+    m = res["estimators"]["magnitude"]
+    assert m["split_half_jaccard"]["budget"]["mean"] == 1.0 and m["split_half_jaccard"]["half"]["mean"] == 1.0
+    assert m["between_language_jaccard"]["mean"] == 1.0
+    assert m["specificity"]["value"] == 0.0 and m["specificity"]["ci95"] == [0.0, 0.0]
+
+
+def test_recommendation_follows_its_rule():
+    from lingregion.experiments import estimators as exp
+
+    def entry(stab, ci, damage=1.0):
+        spec = {"value": sum(ci) / 2, "ci95": list(ci)}
+        return {
+            "split_half_jaccard": {"budget": {"mean": stab}},
+            "specificity": spec,
+            "damage_at_overlap_ratio": damage,
+        }
+
+    table = {
+        "taylor": entry(0.3, (0.01, 0.05)),
+        "fisher": entry(0.6, (0.02, 0.04)),
+        "taylor-window": entry(0.7, (-0.01, 0.05)),  # most stable, but its interval reaches 0
+        "magnitude": entry(1.0, (0.0, 0.0)),
+    }
+    rec = exp.recommend(table)
+    assert rec["estimator"] == "fisher" and rec["qualifying"] == ["taylor", "fisher"]
+    assert rec["verdicts"]["taylor-window"] == "inconclusive" and rec["verdicts"]["magnitude"] == "inconclusive"
+    table["fisher"] = entry(0.6, (-0.04, -0.02))
+    table["taylor"] = entry(0.3, (-0.01, 0.01))
+    rec = exp.recommend(table)
+    assert rec["estimator"] is None and rec["verdicts"]["fisher"] == "does not hold"
+    assert exp.recommendation_text({"recommendation": rec, "by_estimator": table}).startswith("No estimator qualifies")
+
+
+def test_stability_is_saved_per_estimator_and_read_back(tiny_folder, tmp_path, monkeypatch):
+    cfg = Config(
+        model=str(tiny_folder),
+        seq_len=16,
+        score_tokens=32,
+        score_langs=["ru", "es", "zh"],
+        est_estimators=["taylor", "fisher", "magnitude", "lape"],
+        est_tokens=64,
+        est_seq_len=8,
+        est_eval_tokens=16,
+        est_eval_langs=["ru"],
+        est_ratios=[0.1],
+        est_overlap_ratio=0.1,
+        est_outlier_dims=0,
+        experiments=["estimators"],
+    )
+    out = tmp_path / "run"
+    res = reproduce(cfg, out, progress=False)["estimators"]
+    saved = __import__("json").loads((out / "results" / "estimators-summary.json").read_text())
+    table = saved["by_estimator"]
+    assert set(table) == {"taylor", "fisher", "magnitude", "lape"}
+    for name in ("taylor", "fisher", "magnitude"):
+        e = table[name]
+        assert set(e["split_half_jaccard"]) == {"budget", "half", "quarter"}
+        assert e["split_half_jaccard"]["quarter"]["tokens_per_half"] > 0  # 8 windows per language: every level
+        lo, hi = e["specificity"]["ci95"]
+        assert (
+            lo <= hi
+            and e["damage"] == res["damage"][name]
+            and e["damage_at_overlap_ratio"] == res["damage"][name]["0.1"]
+        )
+    assert table["lape"]["specificity"] is None and "compares the languages" in table["lape"]["note"]
+    assert table["magnitude"]["specificity"]["value"] == 0.0
+    assert res["stability"]["splits"] == exp_splits() and res["recommendation"]["rule"]
+    assert (out / "figures" / "estimators-stability.png").read_bytes().startswith(b"\x89PNG")
+    report = (out / "report.md").read_text()
+    assert "Stable and language-specific?" in report and "Rule: An estimator qualifies" in report
+
+    # a rerun needs no pass: regions and split-half results are both read back
+    monkeypatch.setattr(importance, "iter_estimates", lambda *a, **k: pytest.fail("a pass ran again"))
+    again = reproduce(cfg, out, progress=False)["estimators"]
+    assert again["by_estimator"] == res["by_estimator"]
+
+
+def exp_splits():
+    from lingregion.experiments import estimators as exp
+
+    return exp.SPLITS
+
+
+def test_monolingual_regions_from_another_estimator_beside_the_papers(tiny_folder, tmp_path):
+    from lingregion.regions import Region, monolingual
+
+    base = dict(
+        model=str(tiny_folder),
+        seq_len=16,
+        score_tokens=32,
+        eval_tokens=32,
+        mono_eval_tokens=32,
+        score_langs=["ru", "es"],
+        eval_langs=["ru", "uk", "es"],
+        mono_langs=["ru", "uk", "es"],
+        mono_ratio=0.1,
+        experiments=["monolingual"],
+        gen_tokens=2,
+    )
+    out = tmp_path / "run"
+    cfg = Config(**base, mono_estimator="fisher")
+    res = reproduce(cfg, out, progress=False)["monolingual"]
+    # the regions are built from fisher scores of each language's own scoring windows
+    m = models.load(str(tiny_folder))
+    run = Run(out, cfg, m, progress=False)
+    t = importance.Target(m.module, run.names, run.removed)
+    tops = {
+        lang: select(importance.score("fisher", t, [run.windows(lang, "score")], progress=False), 0.1, "top")
+        for lang in cfg.mono_langs
+    }
+    for lang in cfg.mono_langs:
+        saved = Region.load(out / "regions" / f"monolingual-{lang}-0.1-fisher.safetensors")
+        assert saved.meta["estimator"] == "fisher"
+        assert (saved - monolingual(tops, lang)).count() == 0 and (monolingual(tops, lang) - saved).count() == 0
+    assert not (out / "regions" / "monolingual-ru-0.1.safetensors").exists()  # taylor's names stay taylor's
+    assert res["estimator"] == "fisher" and res["paper_estimator"]["estimator"] == "taylor"
+    assert "The same matrix with the paper's estimator (taylor) instead of fisher" in (out / "report.md").read_text()
+
+    # the paper's matrix shown beside it is the one a taylor run makes, from the same cached evaluations
+    paper = reproduce(Config(**base), out, progress=False)["monolingual"]
+    assert paper["ppl_ratio"] == res["paper_estimator"]["ppl_ratio"]
+    assert "estimator" not in paper and "paper_estimator" not in paper  # the taylor summary is as before
+    assert Region.load(out / "regions" / "monolingual-ru-0.1.safetensors").meta["estimator"] == "taylor"
+    names = {p.name for p in (out / "scores").glob("ru*.safetensors")}
+    assert {"ru.safetensors", "ru.fisher.safetensors", "ru-16.fisher.safetensors"} <= names
