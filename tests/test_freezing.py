@@ -1,12 +1,14 @@
+"""freezing: a region held bit-identical under any optimizer or HF Trainer, and the further pre-training loop
+(schedule, clipping, accumulation, checkpoints). The experiments built on it are tested in
+experiments/test_recovery.py and experiments/test_forgetting.py."""
+
 import math
 
 import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from lingregion import Config, corpus, freezing, models, reproduce
-from lingregion.experiments.registry import validate
-from lingregion.experiments.runfolder import Run
+from lingregion import corpus, freezing, models
 from lingregion.regions import select
 from lingregion.store import LingregionError
 
@@ -338,192 +340,6 @@ def test_bad_input_is_one_line_error(tiny, tokenizer):
         freezing.train(tiny("gemma3", dtype=torch.bfloat16), w, freezing.TrainConfig(steps=1), progress=False)
     with pytest.raises(LingregionError, match="lacks"):
         freezing.Frozen(tiny("llama"), random_region(model))
-
-
-# --- the recovery (Table 2) and forgetting experiments ------------------------------------------------------
-from lingregion import interventions  # noqa: E402
-from lingregion.experiments import forgetting, recovery  # noqa: E402
-from lingregion.regions import Region  # noqa: E402
-
-
-def small_config(tiny_folder, **kw):
-    return Config(
-        **{
-            "model": str(tiny_folder),
-            "seq_len": 16,
-            "score_tokens": 32,
-            "eval_tokens": 32,
-            "score_langs": ["ru", "es"],
-            "train_lang": "ru",
-            "train_other": "es",
-            "train_track": ["es", "zh"],
-            "train_ratio": 0.05,
-            "train_samples": [0, 2, 6],
-            "train_batch": 2,
-            "train_warmup": 1,
-            "train_lr": 1e-2,
-            "train_eval_tokens": 32,
-            "experiments": ["recovery", "forgetting"],
-            **kw,
-        }
-    )
-
-
-def test_recovery_and_forgetting_match_a_hand_replay_and_resume(tiny_folder, tmp_path, monkeypatch):
-    cfg = small_config(tiny_folder)
-    out = tmp_path / "run"
-    res = reproduce(cfg, out, progress=False)
-    rec, forg = res["recovery"], res["forgetting"]
-    assert rec["samples"] == [0, 2, 6] and rec["history"]["top-freeze"]["frozen_entries"] > 0
-
-    # Replay Top&Freeze and Core frozen by hand on a fresh model with the library pieces.
-    m = models.load(str(tiny_folder))
-    run = Run(out, cfg, m, progress=False)
-    top = Region.load(out / "regions" / "core-top-0.05.safetensors")
-    data = run.windows("ru", "score", 6 * 16)
-    evals = {lang: run.windows(lang, "eval", 32) for lang in ["ru", "es"]}
-    tcfg = recovery.train_config(cfg)
-    assert tcfg.steps == 3 and tcfg.eval_steps == [1, 3]
-    before = snapshot(m.module)
-    with interventions.applied(m.module, interventions.removal(top, run.removed)):
-        start = {k: freezing.evaluation.perplexity(m.module, w, progress=False)["ppl"] for k, w in evals.items()}
-        h = freezing.train(
-            m.module,
-            data,
-            tcfg,
-            models.scored_names(m.module),
-            frozen=top,
-            frozen_values=run.removed,
-            evals=evals,
-            progress=False,
-        )
-        assert_frozen_exact_and_rest_moved(m.module, before, top, expected=run.removed)
-    for lang in ["ru", "es"]:
-        assert rec["table"]["top-freeze"]["ppl"][lang] == [
-            start[lang],
-            h["evals"]["1"][lang]["ppl"],
-            h["evals"]["3"][lang]["ppl"],
-        ]
-    assert rec["history"]["top-freeze"]["loss"] == h["loss"]
-    m2 = models.load(str(tiny_folder))
-    h2 = freezing.train(
-        m2.module,
-        data,
-        tcfg,
-        models.scored_names(m2.module),
-        frozen=top,
-        evals={lang: run.windows(lang, "eval", 32) for lang in ["ru", "es", "zh"]},
-        progress=False,
-    )
-    assert forg["table"]["core"]["ppl"]["zh"][-1] == h2["evals"]["3"]["zh"]["ppl"]
-
-    # Random frozen region: same size per matrix as the core region.
-    rnd = Region.load(out / "regions" / "core-random-0.05.safetensors")
-    assert all(rnd.count(n) == top.count(n) for n in top.packed)
-
-    # The experiment leaves the model as it found it.
-    run2 = Run(tmp_path / "again", cfg, m2 := models.load(str(tiny_folder)), progress=False)
-    pristine = snapshot(m2.module)
-    forgetting.run(run2)
-    assert all(torch.equal(p, pristine[n]) for n, p in m2.module.named_parameters())
-
-    # A rerun trains nothing and gives the same results, also after a change that does not concern freezing.
-    monkeypatch.setattr(freezing, "train", lambda *a, **k: pytest.fail("retrained a finished setting"))
-    again = reproduce(small_config(tiny_folder, mono_ratio=0.2), out, progress=False)
-    assert again["recovery"]["table"] == rec["table"] and again["forgetting"]["table"] == forg["table"]
-    md = (out / "report.md").read_text()
-    assert "Table 2" in md and "Catastrophic forgetting" in md and "paper's second finding" in md
-    for f in ["recovery.png", "forgetting.png"]:
-        assert (out / "figures" / f).read_bytes().startswith(b"\x89PNG")
-
-
-def test_interrupted_experiment_resumes_from_its_training_checkpoint(tiny_folder, tmp_path, monkeypatch):
-    cfg = small_config(tiny_folder, train_checkpoint_every=1, train_samples=[0, 8], experiments=["forgetting"])
-    ref = reproduce(cfg, tmp_path / "straight", progress=False)["forgetting"]
-    real_step, calls = freezing._step, {"n": 0}
-
-    def dies(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 7:  # in the second setting, after its checkpoint at step 2
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(freezing, "_step", dies)
-    with pytest.raises(KeyboardInterrupt):
-        reproduce(cfg, tmp_path / "cut", progress=False)
-    monkeypatch.setattr(freezing, "_step", real_step)
-    assert (tmp_path / "cut" / "checkpoints" / "forgetting-core.safetensors").is_file()
-    res = reproduce(cfg, tmp_path / "cut", progress=False)["forgetting"]
-    assert res["table"] == ref["table"] and res["history"] == {
-        s: {**h, "seconds": res["history"][s]["seconds"]} for s, h in ref["history"].items()
-    }
-    assert not list((tmp_path / "cut" / "checkpoints").iterdir())  # removed once each setting is saved
-
-
-def _result(ppl, base):
-    return {
-        "languages": ["zh", "en"],
-        "samples": [0, 100],
-        "epochs": 1.0,
-        "base": {k: {"ppl": v} for k, v in base.items()},
-        "table": {s: {"ppl": v} for s, v in ppl.items()},
-    }
-
-
-def test_recovery_verdicts_follow_the_numbers():
-    base = {"zh": 10.0, "en": 10.0}
-    paper_like = {
-        "top-freeze": {"zh": [1e6, 100.0], "en": [1e6, 1e5]},
-        "bottom-freeze": {"zh": [12.0, 11.0], "en": [11.0, 11.5]},
-        "top-unfreeze": {"zh": [1e6, 20.0], "en": [1e6, 100.0]},
-    }
-    first, second = recovery.findings(_result(paper_like, base))
-    assert first.endswith("holds here.") and second.endswith("holds here.")
-    assert "20%" in second and "80%" in second  # ln(1e6/1e5)/ln(1e6/10) = 1/5; ln(1e6/100)/ln(1e6/10) = 4/5
-    unlike = dict(
-        paper_like,
-        **{
-            "top-unfreeze": {"zh": [1e6, 20.0], "en": [1e6, 5e4]},
-            "bottom-freeze": {"zh": [12.0, 13.0], "en": [11.0, 11.5]},
-        },
-    )
-    first, second = recovery.findings(_result(unlike, base))
-    assert "does not hold here (Bottom&Freeze did not improve)" in first and "does not hold" in second
-
-
-def test_forgetting_verdict_and_geometric_mean():
-    res = {
-        "languages": ["zh", "en", "ru"],
-        "samples": [0, 10],
-        "table": {
-            "none": {"ppl": {"zh": [30, 20], "en": [10, 20], "ru": [10, 40]}},
-            "core": {"ppl": {"zh": [30, 25], "en": [10, 11], "ru": [10, 11]}},
-            "random": {"ppl": {"zh": [30, 21], "en": [10, 20], "ru": [10, 20]}},
-        },
-    }
-    assert forgetting.forgetting(res, "none") == pytest.approx(math.sqrt(2 * 4))
-    assert forgetting.findings(res)[0].endswith("holds here.")
-    res["table"]["random"]["ppl"]["en"] = [10, 10]
-    res["table"]["random"]["ppl"]["ru"] = [10, 10]
-    assert forgetting.findings(res)[0].endswith("does not hold here.")
-    res["table"]["none"]["ppl"]["en"] = [10, 9]
-    res["table"]["none"]["ppl"]["ru"] = [10, 11]  # ×sqrt(0.99) < 1: nothing forgotten without freezing
-    assert "cannot be tested at this budget" in forgetting.findings(res)[0]
-
-
-def test_experiment_config_errors(tiny_folder):
-    for bad, words in [
-        ({"train_samples": [0, 4, 2]}, "increasing"),
-        ({"train_track": ["ru"]}, "cannot also be"),
-        ({"train_ratio": 1.5}, "outside"),
-        ({"train_precision": "fp8"}, "precision"),
-        ({"train_samples": [0, 1, 2], "train_batch": 4}, "same training step"),
-        ({"train_other": "xx"}, "unknown language"),
-        ({"train_track": []}, "at least one"),
-    ]:
-        with pytest.raises(LingregionError, match=words):
-            validate(small_config(tiny_folder, **bad))
-    validate(small_config(tiny_folder))
 
 
 @pytest.mark.integration
