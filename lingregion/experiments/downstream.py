@@ -229,7 +229,9 @@ def verdicts(result: dict) -> dict[str, dict]:
     - Bottom and Random: removing them lowers mean accuracy by less than DROP (interval above −DROP);
     - mono-L: removing L's monolingual region lowers L's accuracy more than the others' (interval of
       own − others below 0).
-    A result without intervals (made before they were recorded) is inconclusive, with the reason."""
+    A result without intervals (made before they were recorded), or whose interval has no width because no
+    item changed its answer, is inconclusive, with the reason. With few items a percentile bootstrap still
+    understates the uncertainty; the item count is shown beside every interval."""
     change, out = result.get("accuracy_change"), {}
     for s in result["settings"][1:]:
         if s.startswith("mono-"):
@@ -245,8 +247,16 @@ def verdicts(result: dict) -> dict[str, dict]:
             claim, key, threshold, direction = f"lowers mean accuracy by less than {DROP:.0%}", "mean", -DROP, "above"
         e = (change or {}).get(s, {}).get(key)
         out[s] = {"claim": claim, "verdict": verdict_of(e, threshold, direction), "entry": e}
+        if e and e["ci95"][0] == e["ci95"][1]:  # no item changed its answer: resampling items shows no spread,
+            # which is ignorance (a few items), not certainty; so no verdict
+            out[s] |= {
+                "verdict": uncertainty.INCONCLUSIVE,
+                "reason": "no item changed its answer, so the bootstrap over items has no spread to measure",
+            }
         if e is None:
-            out[s]["reason"] = "no accuracy intervals in this result; rerun to compute them"
+            out[s]["reason"] = (
+                "no interval for this claim (a result from before intervals were recorded, or no other language)"
+            )
     return out
 
 
