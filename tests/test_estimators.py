@@ -545,6 +545,7 @@ def test_within_between_and_specificity_equal_a_direct_computation(tiny):
         split.visit(lang, parts)
     res = split.result(resamples=500)
     assert res["splits"] == 3  # 4 groups: three distinct ways to halve them, odd/even first
+    assert res["fewest_windows_per_half"] == 4  # two groups of two windows
     for s in res["split_groups"].values():
         assert s[0] == [0, 2] and sorted(map(tuple, s)) == [(0, 1), (0, 2), (0, 3)]
 

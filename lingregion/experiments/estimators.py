@@ -48,6 +48,11 @@ STABILITY = "estimators-stability.json"  # the split-half Top sets' Jaccards, ke
 GROUPS = 8  # window groups kept per language: halves at the budget, half and a quarter of it, random splits
 LEVELS = ("budget", "half", "quarter")  # the budget's halves, then the halves of its even half, and so on
 SPLITS = 6  # half-splits of each language's window groups for the interval (odd/even first), when it has them
+ONE_WINDOW = (
+    "Some halves hold a single window: within one window Σ_w |δ·g_w| = |δ·Σ_w g_w| and (δ·g)² ranks entries as "
+    "|δ·g| does, so taylor, taylor-window and fisher pick the same Top sets there and their stability and "
+    "specificity coincide. Score at least 4 windows per language (est_tokens / est_seq_len) to tell them apart."
+)
 RECOMMEND_RULE = (
     "An estimator qualifies for locating language-specific regions at this budget when the whole 95% interval "
     "of its specificity lies above 0; among those, the report recommends the one with the highest split-half "
@@ -163,6 +168,7 @@ class SplitHalf:
         self.tokens: dict[str, dict[int, float]] = {}  # language → level → mean tokens of its two halves
         self.splits: dict[str, list[list[int]]] = {}  # language → its half-splits (the groups of half a)
         self.groups: dict[str, int] = {}
+        self.fewest = 1 << 62  # the fewest windows a half holds at the budget
         self.fixed = {
             n: importance.top_set(importance.get(n).fn(importance.Stats(), t), self.layout)
             for n in self.names
@@ -190,6 +196,7 @@ class SplitHalf:
             part = make()
             if key[0] != "split":
                 self.tokens[lang][key[0]] = self.tokens[lang].get(key[0], 0) + part.tokens / 2
+                self.fewest = min(self.fewest, part.windows) if key[0] == 0 else self.fewest
             if data:
                 stats = importance.part_stats(lang, part)
                 del part
@@ -257,6 +264,7 @@ class SplitHalf:
             "languages": langs,
             "groups": self.groups,
             "splits": n_splits,
+            "fewest_windows_per_half": self.fewest,
             "split_groups": {lang: s[:n_splits] for lang, s in self.splits.items()},
             "estimators": out,
             "method": {
@@ -899,5 +907,6 @@ def stability_section(result: dict) -> list:
             "Right and high is a stable, language-specific region.",
         ),
         *([blocks.bullets(skipped)] if skipped else []),
+        *([blocks.text(ONE_WINDOW)] if stab.get("fewest_windows_per_half") == 1 else []),
         blocks.text(recommendation_text(result) + " Rule: " + result["recommendation"]["rule"]),
     ]
