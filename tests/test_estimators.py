@@ -724,3 +724,11 @@ def test_monolingual_regions_from_another_estimator_beside_the_papers(tiny_folde
     assert Region.load(out / "regions" / "monolingual-ru-0.1.safetensors").meta["estimator"] == "taylor"
     names = {p.name for p in (out / "scores").glob("ru*.safetensors")}
     assert {"ru.safetensors", "ru.fisher.safetensors", "ru-16.fisher.safetensors"} <= names
+
+
+def test_ranks_share_ties_and_compare_damage_curves_in_order():
+    from lingregion.experiments import estimators as exp
+
+    assert exp.ranks({"a": 0.2, "b": 0.5, "c": 0.2, "d": None}) == {"a": 2, "b": 1, "c": 2, "d": None}
+    # damage at the cap for all at the smallest k: the next k decides
+    assert exp.ranks({"a": (9.5, 1.0), "b": (9.5, 2.0), "c": (9.5, 2.0)}) == {"a": 3, "b": 1, "c": 1}

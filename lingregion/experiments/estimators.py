@@ -274,9 +274,9 @@ class SplitHalf:
                 "0 and 4 mod 8. Each half is scored as if it were all the language had.",
                 "specificity": "mean over language pairs (L, L') of (J_L + J_L')/2 − mean of the four Jaccards "
                 "between a half of L and a half of L' (the same tokens per half as within)",
-                "ci95": f"percentile interval over {resamples} seeded resamples, each drawing one of the "
-                f"{n_splits} random half-splits of the window groups (odd/even first) and the languages with "
-                "replacement (pairs of a language with itself are left out)",
+                "ci95": f"percentile interval over {resamples} seeded resamples, each drawing one of "
+                f"{n_splits} half-split(s) of each language's window groups (odd/even, then random ones) and the "
+                "languages with replacement (pairs of a language with itself are left out)",
                 "seed": self.seed,
             },
         }
@@ -362,23 +362,23 @@ def recommend(table: dict) -> dict:
     return {"estimator": best, "qualifying": ok, "verdicts": verdicts, "rule": RECOMMEND_RULE}
 
 
-def ranks(values: dict[str, float | None]) -> dict[str, int | None]:
-    """1 = largest; None stays None."""
-    order = sorted((n for n, v in values.items() if v is not None), key=lambda n: -values[n])
-    return {n: (order.index(n) + 1 if n in order else None) for n in values}
+def ranks(values: dict) -> dict[str, int | None]:
+    """1 = largest (values are numbers, or tuples compared in order); ties share a rank; None stays None."""
+    known = [v for v in values.values() if v is not None]
+    return {n: (1 + sum(u > v for u in known) if v is not None else None) for n, v in values.items()}
 
 
 def stability_chart(result: dict) -> bytes:
     """Estimators as points: specificity (with its interval) on x, split-half Jaccard on y, damage as size."""
-    table, at = result["by_estimator"], result["overlap_ratio"]
+    table, at, k0 = result["by_estimator"], result["overlap_ratio"], result["ratios"][0]
     fig, ax = figures.subplots(figsize=(6.5, 4.5))
     shown = {n: e for n, e in table.items() if e["specificity"] and stability_of(e) is not None}
-    top = max([max(e["damage_at_overlap_ratio"], 0.0) for e in shown.values()] + [1e-12])
+    top = max([max(e["damage"][k0], 0.0) for e in shown.values()] + [1e-12])
     for n, e in shown.items():
         x, y, (lo, hi) = e["specificity"]["value"], stability_of(e), e["specificity"]["ci95"]
-        size = 30 + 400 * max(e["damage_at_overlap_ratio"], 0.0) / top
+        size = 30 + 400 * max(e["damage"][k0], 0.0) / top
         ax.errorbar([x], [y], xerr=[[x - lo], [hi - x]], fmt="none", ecolor="#999999", capsize=3, lw=1)
-        ax.scatter([x], [y], s=size, alpha=0.7, label=f"{n} (damage {blocks.fmt(e['damage_at_overlap_ratio'])})")
+        ax.scatter([x], [y], s=size, alpha=0.7, label=f"{n} (damage @{_pct(k0)} {blocks.fmt(e['damage'][k0])})")
         ax.annotate(n, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.axvline(0, color="#bbbbbb", ls=":")
     stab = result["stability"]
@@ -853,7 +853,8 @@ def stability_section(result: dict) -> list:
         return []
     table, at, stab = result["by_estimator"], result["overlap_ratio"], result["stability"]
     measured = {n: e for n, e in table.items() if e["specificity"]}
-    damage_rank = ranks({n: e["damage_at_overlap_ratio"] for n, e in table.items()})
+    k0 = result["ratios"][0]  # as in the findings: the smallest k decides, the next ones break ties
+    damage_rank = ranks({n: tuple(e["damage"][r] for r in result["ratios"]) for n, e in table.items()})
     stab_rank = ranks({n: stability_of(e) for n, e in measured.items()})
     spec_rank = ranks({n: e["specificity"]["value"] for n, e in measured.items()})
     verdicts = result["recommendation"]["verdicts"]
@@ -870,13 +871,13 @@ def stability_section(result: dict) -> list:
     rows = []
     for n, e in table.items():
         if n not in measured:
-            rows.append([n, f"{blocks.fmt(e['damage_at_overlap_ratio'])} (#{damage_rank[n]})", *["n/a"] * 6])
+            rows.append([n, f"{blocks.fmt(e['damage'][k0])} (#{damage_rank[n]})", *["n/a"] * 6])
             continue
         sp = e["specificity"]
         rows.append(
             [
                 n,
-                f"{blocks.fmt(e['damage_at_overlap_ratio'])} (#{damage_rank[n]})",
+                f"{blocks.fmt(e['damage'][k0])} (#{damage_rank[n]})",
                 *[level(e, lv) for lv in labels],
                 f"#{stab_rank[n]}",
                 f"{sp['value']:+.3f} [{sp['ci95'][0]:+.3f}, {sp['ci95'][1]:+.3f}] (#{spec_rank[n]})",
@@ -895,9 +896,10 @@ def stability_section(result: dict) -> list:
             f"languages' halves. Interval: {stab['method']['ci95']}."
         ),
         blocks.table(
-            ["estimator", f"damage @{_pct(at)}", *head, "stability rank", "specificity [95%]", "specificity > 0"],
+            ["estimator", f"damage @{_pct(k0)}", *head, "stability rank", "specificity [95%]", "specificity > 0"],
             rows,
-            caption="Damage (mean ln perplexity ratio of the estimator's core region at this k, rank 1 = most), "
+            caption="Damage (mean ln perplexity ratio of the estimator's core region at the smallest k, rank 1 = "
+            "most, ties broken at the next k, equal ranks for a tie throughout), "
             "stability (split-half Jaccard) and specificity side by side. Magnitude reads no text: its halves "
             "and its languages pick the same entries (stability 1, specificity 0).",
         ),
