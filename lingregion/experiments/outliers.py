@@ -29,6 +29,7 @@ from .structural import (
 NAME = "outliers"
 DOC = "Table 8 and an outlier scan: perturb single input-norm entries, remove single residual dimensions"
 KIND_LABELS = {"reset": "Reset", "x10": "Mul 10"}
+TITLE = "Single dimensions and single parameters (the paper's Table 8) and the outlier scan"
 PAPER_TABLE8_RATIO = 83224.078 / 5.865  # Reset L1-N2100 over base, LLaMA-2-13B, Chinese (the paper's Table 8)
 
 
@@ -47,7 +48,12 @@ def run(run: Run) -> dict:
     top few (and random controls) by perplexity, and remove the most massive residual dimensions whole."""
     cfg, model = run.cfg, run.model
     langs, budget = cfg.struct_langs, _budget(cfg)
-    norms = slices.input_norms(model)
+    try:
+        norms = slices.input_norms(model)
+    except slices.NotApplicable as e:  # a post-norm model: the run goes on, and the report says why not
+        result = {"experiment": "outliers", "langs": langs, "not_applicable": str(e), "verdicts": []}
+        run.save("outliers", result)
+        return result
     layers = list(range(min(cfg.outlier_layers, len(norms))))
     scan = slices.scan(
         model,
@@ -298,6 +304,8 @@ def outliers_table(result: dict) -> tuple[list[str], list[list[str]]]:
 def findings(result: dict) -> list[str]:
     """The worst single-parameter perturbation against random controls, and what removing a massive dimension does,
     each with its verdicts from paired 95% intervals."""
+    if "not_applicable" in result:
+        return [f"Outliers: not applicable to this model ({result['not_applicable']})."]
     langs, base, fmt, out = result["langs"], result["base"], blocks.fmt, []
     cands, ctrls = result["candidates"], result["controls"]
     by_claim: dict[str, dict[str, str]] = {}
@@ -365,6 +373,8 @@ def ratio_table(result: dict) -> tuple[list[str], list[list[str]]]:
 
 def section(result: dict) -> list:
     """Report blocks: Table 8's perturbations, the massive and core-densest dimensions, and their removal."""
+    if "not_applicable" in result:
+        return [blocks.heading(TITLE), blocks.text(f"Not applicable to this model: {result['not_applicable']}.")]
     fmt, langs, base = blocks.fmt, result["langs"], result["base"]
     cands = result["candidates"]
     layers = ", ".join(f"L{i + 1}" for i in result["layers"])
@@ -392,7 +402,7 @@ def section(result: dict) -> list:
         + (f" ({', '.join(c['label'] for c in in_top)})." if in_top else "."),
     ]
     return [
-        blocks.heading("Single dimensions and single parameters (the paper's Table 8) and the outlier scan"),
+        blocks.heading(TITLE),
         blocks.text(
             f"Scan: {result['scan_tokens']:,} tokens ({', '.join(langs)}, scoring split) pass through the model "
             f"once; for each input-norm entry of layers {layers} (1-based, as the paper's L1) the scan "

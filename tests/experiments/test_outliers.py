@@ -10,7 +10,7 @@ from lingregion import Config, corpus, evaluation, interventions, models, reprod
 from lingregion.experiments import outliers
 from lingregion.experiments.runfolder import Run
 
-from conftest import TEXT
+from conftest import TEXT, make_model
 
 
 def test_outliers_experiment_matches_direct_evaluation_with_intervals(tiny_folder, tmp_path):
@@ -130,3 +130,25 @@ def test_a_result_without_blocks_is_inconclusive_with_the_reason():
     assert "**inconclusive**" in outliers.findings(res)[1]
     del res["comparisons"]  # a summary from before intervals were recorded
     assert "**inconclusive**" in outliers.findings(res)[1]
+
+
+def test_a_post_norm_model_records_outliers_as_not_applicable(tokenizer, tmp_path):
+    folder = tmp_path / "tiny-olmo2"
+    make_model("olmo2").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    cfg = Config(
+        model=str(folder),
+        seq_len=16,
+        score_tokens=32,
+        eval_tokens=32,
+        score_langs=["ru"],
+        eval_langs=["ru"],
+        struct_langs=["ru"],
+        experiments=["outliers"],
+    )
+    out = tmp_path / "run"
+    o = reproduce(cfg, out, progress=False)["outliers"]
+    assert "post-norm" in o["not_applicable"]
+    saved = json.loads((out / "results" / "outliers-summary.json").read_text())
+    assert saved["not_applicable"] == o["not_applicable"] and saved["verdicts"] == []
+    assert "Not applicable to this model" in (out / "report.md").read_text()
