@@ -5,7 +5,7 @@ monolingual region and size-matched controls built from them."""
 import pytest
 import torch
 
-from lingregion import regions
+from lingregion import regions, store
 from lingregion.regions import Region, matching, monolingual, select
 from lingregion.store import LingregionError
 
@@ -86,6 +86,23 @@ def test_packing_round_trip_and_set_operations(tmp_path):
     union = sum(int((ma[n] | mb[n]).sum()) for n in shapes)
     assert a.jaccard(b) == pytest.approx(inter / union)
     assert a.count() == sum(int(m.sum()) for m in ma.values())
+
+
+def test_region_files_are_compressed_and_old_uncompressed_files_still_load(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(400, 500, generator=g) < 0.03  # a 3% region: far less than 1 bit of information per entry
+    region = Region.from_masks({"w": mask}, {"model": "m"})
+    region.save(tmp_path / "r.safetensors")
+    payload = (tmp_path / "r.safetensors").stat().st_size - 1024  # generous allowance for the header
+    assert payload * 8 / mask.numel() < 0.4  # bits per entry on disk; 1.0 uncompressed
+    assert torch.equal(Region.load(tmp_path / "r.safetensors").mask("w"), mask)
+    meta = {"model": "m", "shapes": {"w": [400, 500]}, "format": "lingregion-region-v1"}
+    store.write_tensors(tmp_path / "v1.safetensors", region.packed, meta)
+    assert torch.equal(Region.load(tmp_path / "v1.safetensors").mask("w"), mask)
+    meta["format"] = regions.FORMAT  # v2's name on uncompressed masks: refused, not misread
+    store.write_tensors(tmp_path / "bad.safetensors", region.packed, meta)
+    with pytest.raises(LingregionError, match="corrupt"):
+        Region.load(tmp_path / "bad.safetensors")
 
 
 def test_bad_inputs():
