@@ -24,6 +24,7 @@ NAME = "stability"
 DOC = "Split-half stability of regions at growing budgets; the budget a region needs; precision vs sampling"
 FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1)
 TARGET = 0.9
+SLOW = 4.0  # skip the other-precision pass where bf16 is this many times slower than fp32
 
 
 def validate(cfg) -> None:
@@ -106,11 +107,18 @@ def run(run: Run) -> dict:
         )
         entry = {"points": points, "fit": fit, f"tokens_for_jaccard_{TARGET}": fit["tokens"]}
         if cfg.stability_precision and lang == cfg.stability_langs[0]:
-            other, twin = _other_precision(run, _slice(w, 0, sizes[-1]))
-            entry["precision"] = {
-                "other_dtype": other,
-                "jaccard": {f"{r:g}": uncertainty.split_half_jaccard(full, twin, r) for r in cfg.ratios},
-            }
+            slowdown = models.bfloat16_slowdown(cfg.device) if cfg.dtype == "float32" else 1.0
+            if slowdown > SLOW:  # an emulated bf16 pass would take longer than the rest of the run
+                entry["precision"] = {
+                    "skipped": f"bfloat16 is {slowdown:.0f}× slower than float32 on this CPU (no AVX512-BF16 or "
+                    "AMX instructions); run the stability experiment on a CPU with them or a GPU to compare"
+                }
+            else:
+                other, twin = _other_precision(run, _slice(w, 0, sizes[-1]))
+                entry["precision"] = {
+                    "other_dtype": other,
+                    "jaccard": {f"{r:g}": uncertainty.split_half_jaccard(full, twin, r) for r in cfg.ratios},
+                }
         per_lang[lang] = entry
     result = {
         "experiment": NAME,
@@ -172,8 +180,10 @@ def findings(result: dict) -> list[str]:
             f"{target} needs about {_tokens(need)} tokens per sample ({e['fit'].get('reason') or 'logit fit'}), "
             f"against {result['score_tokens']:,} used: a region at this budget is **{verdict}**."
         )
-        if "precision" in e:
-            p = e["precision"]
+        p = e.get("precision")
+        if p and "skipped" in p:
+            out.append(f"{lang}: precision against sampling not measured: {p['skipped']}.")
+        elif p:
             out.append(
                 f"{lang} scored in {p['other_dtype']} on the same windows: Top {r} Jaccard {p['jaccard'][r]:.3f} "
                 f"against the run's precision, beside {last['split_half_jaccard'][r]:.3f} between two halves of "

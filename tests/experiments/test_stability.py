@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lingregion import Config, reproduce, scoring, uncertainty
+from lingregion import Config, models, reproduce, scoring, uncertainty
 from lingregion.experiments import stability
 from lingregion.experiments.runfolder import Run
 
@@ -61,7 +61,8 @@ def test_chunked_halves_equal_a_direct_split(loaded, tokenizer):
         assert torch.allclose(full[n] / w.n_tokens, direct[n], rtol=1e-4, atol=1e-7)
 
 
-def test_removal_intervals_random_draws_and_stability_end_to_end(tiny_folder, tmp_path):
+def test_removal_intervals_random_draws_and_stability_end_to_end(tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "bfloat16_slowdown", lambda device: 1.0)  # the precision pass runs on any CPU
     out = tmp_path / "run"
     res = reproduce(_config(tiny_folder), out, progress=False)
     removal = json.loads((out / "results" / "removal-summary.json").read_text())
@@ -71,22 +72,30 @@ def test_removal_intervals_random_draws_and_stability_end_to_end(tiny_folder, tm
             assert lo <= e["value"] <= hi, (s, lang)
             assert e["value"] == pytest.approx(removal["table"][s][lang]["ppl"] / removal["table"]["base"][lang]["ppl"])
     assert set(removal["random_draws"]["random@0.05"]) == {"0", "1"}
-    draws = (
-        removal["random_draws"]["random@0.05"]["ru"]
-        if False
-        else [d["ru"] for d in removal["random_draws"]["random@0.05"].values()]
-    )
+    draws = [d["ru"] for d in removal["random_draws"]["random@0.05"].values()]
     assert removal["table"]["random@0.05"]["ru"]["ppl"] == pytest.approx(math.exp(sum(map(math.log, draws)) / 2))
     assert removal["ci95_method"]["resamples"] == uncertainty.RESAMPLES
     st = json.loads((out / "results" / "stability-summary.json").read_text())
     assert set(st["split_half_jaccard"]) == {"ru"} and "tokens_for_jaccard_0.9" in st
     assert {"ru", "es", "core"} <= set(st["scored"])  # every scored language, and the core score
     assert 0 <= st["scored"]["ru"]["split_half_jaccard"]["0.05"] <= 1
-    assert "precision" in st["per_language"]["ru"]
+    precision = st["per_language"]["ru"]["precision"]
+    assert precision["other_dtype"] == "bfloat16" and 0 <= precision["jaccard"]["0.05"] <= 1
     md = (out / "report.md").read_text()
     assert "Stability: how much text a region needs" in md and " [" in md
     assert any(v in md for v in ("**holds**", "**does not hold**", "**inconclusive**"))
     assert res["stability"]["languages"] == ["ru"]
+
+
+def test_the_precision_pass_is_skipped_with_its_reason_where_bfloat16_is_emulated(tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "bfloat16_slowdown", lambda device: 145.0)
+    out = tmp_path / "run"
+    reproduce(_config(tiny_folder, experiments=["stability"]), out, progress=False)
+    st = json.loads((out / "results" / "stability-summary.json").read_text())
+    assert "145× slower" in st["per_language"]["ru"]["precision"]["skipped"]
+    assert "precision against sampling not measured" in (out / "report.md").read_text()
+    monkeypatch.undo()
+    assert models.bfloat16_slowdown("cuda") == 1.0 and models.bfloat16_slowdown("cpu") > 0
 
 
 def test_stability_needs_four_windows(tiny_folder):
