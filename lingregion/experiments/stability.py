@@ -24,6 +24,7 @@ NAME = "stability"
 DOC = "Split-half stability of regions at growing budgets; the budget a region needs; precision vs sampling"
 FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1)
 TARGET = 0.9
+FAR = 100  # a fitted budget this many times beyond the largest measured one is only a sign of scale
 SLOW = 4.0  # skip the other-precision pass where bf16 is this many times slower than fp32
 
 
@@ -158,8 +159,17 @@ def chart(result: dict) -> bytes:
     return figures.png(fig)
 
 
-def _tokens(x) -> str:
-    return "not reachable from these points" if x is None else f"{x:,.0f}"
+def _need(fit: dict, target: float) -> str:
+    x = fit["tokens"]
+    if x is None:
+        return f"the fit cannot tell what a Jaccard of {target} needs ({fit['reason']})"
+    far = fit["extrapolation"] > FAR
+    return f"a Jaccard of {target} needs " + (
+        f"{x:.1e} tokens per sample by the logit fit, {fit['extrapolation']:.0e}× the largest budget measured: "
+        "far out of reach"
+        if far
+        else f"about {x:,.0f} tokens per sample (logit fit)"
+    )
 
 
 def findings(result: dict) -> list[str]:
@@ -176,9 +186,9 @@ def findings(result: dict) -> list[str]:
         )
         out.append(
             f"{lang}: the Top {r} region of two disjoint samples of {last['tokens_per_half']:,} tokens overlaps "
-            f"with Jaccard {last['split_half_jaccard'][r]:.2f} (Spearman {last['spearman']:.2f}); a Jaccard of "
-            f"{target} needs about {_tokens(need)} tokens per sample ({e['fit'].get('reason') or 'logit fit'}), "
-            f"against {result['score_tokens']:,} used: a region at this budget is **{verdict}**."
+            f"with Jaccard {last['split_half_jaccard'][r]:.2f} (Spearman {last['spearman']:.2f}); "
+            f"{_need(e['fit'], target)}, against {result['score_tokens']:,} used: a region at this budget is "
+            f"**{verdict}**."
         )
         p = e.get("precision")
         if p and "skipped" in p:
