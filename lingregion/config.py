@@ -63,7 +63,7 @@ class Config:
         PAPER_EVAL_LANGS,
         "languages evaluated in the removal table",
         langs=True,
-        quick=["ar", "zh", "ja", "ru", "uk", "es", "pt", "en"],
+        quick=["ar", "zh", "ru", "uk", "es", "en"],
     )
     parallel: bool = opt(
         False,
@@ -76,7 +76,7 @@ class Config:
         "generated-prose, technical-manual; user text: user or its own); empty: all",
     )
     seq_len: int = opt(512, "tokens per window, BOS included", quick=256)
-    score_tokens: int = opt(4096, "scoring tokens per language", quick=1024)
+    score_tokens: int = opt(4096, "scoring tokens per language", quick=512)
     score_precision: str = opt(
         "compact",
         "how score files are kept: compact (every region the run makes stays exact; 0.74 bytes per scored "
@@ -151,7 +151,7 @@ class Config:
         "stability; costs one extra fp32 copy of the scored parameters while scoring",
     )
     stability_langs: list[str] = opt(["ru", "zh"], "languages scored at growing budgets", langs=True, quick=["ru"])
-    stability_tokens: int = opt(4096, "scoring tokens of the largest budget (1/8, 1/4, 1/2 and all of it)", quick=2048)
+    stability_tokens: int = opt(4096, "scoring tokens of the largest budget (1/8, 1/4, 1/2 and all of it)", quick=1024)
     stability_precision: bool = opt(
         True, "also score the first stability language in the other precision (an extra copy of the model)"
     )

@@ -161,14 +161,14 @@ class Run:
         from .. import uncertainty
 
         cfg = self.cfg
-        shares = sorted({*cfg.ratios, cfg.mono_ratio})
+        meta = {"model": self.info["fingerprint"]}
+        tops = {r: [select(h, r, "top", "matrix", meta=meta) for h in (a, b)] for r in {*cfg.ratios, cfg.mono_ratio}}
         stats = {
-            "split_half_jaccard": {f"{r:g}": uncertainty.split_half_jaccard(a, b, r) for r in shares},
+            "split_half_jaccard": {f"{r:g}": uncertainty.matrix_jaccard(*tops[r]) for r in sorted(tops)},
             "spearman": uncertainty.spearman(a, b, seed=cfg.seed),
             "tokens_per_half": [sum(len(ids) - 1 for ids in w.input_ids[k::2]) for k in (0, 1)],
         }
-        for k, half in (("a", a), ("b", b)):
-            region = select(half, cfg.mono_ratio, "top", "matrix", meta={"model": self.info["fingerprint"]})
+        for k, region in zip("ab", tops[cfg.mono_ratio]):
             region.save(self.out / "regions" / "halves" / f"{label}-{k}-top-{cfg.mono_ratio:g}.safetensors")
         self._stability[label] = stats
         return stats
