@@ -63,7 +63,7 @@ class Config:
         PAPER_EVAL_LANGS,
         "languages evaluated in the removal table",
         langs=True,
-        quick=["ar", "zh", "ru", "uk", "es", "en"],
+        quick=["ar", "zh", "ru", "uk", "en"],
     )
     parallel: bool = opt(
         False,
@@ -114,7 +114,7 @@ class Config:
         MONO_LANGS,
         "languages whose monolingual regions are found",
         langs=True,
-        quick=["ar", "zh", "ru", "uk", "es", "pt"],
+        quick=["ar", "zh", "ru", "uk"],
     )
     mono_ratio: float = opt(0.03, "Top share of each language's own score before the set difference")
     mono_eval_tokens: int = opt(1024, "evaluation tokens per language and setting of the interaction matrix", quick=256)
@@ -125,9 +125,9 @@ class Config:
         "recommends one); another also shows the paper's interaction matrix beside its own",
         choices=["taylor", "taylor-window", "fisher", "wanda"],
     )
-    gen_tokens: int = opt(16, "tokens generated per prompt with each region removed", quick=8)
+    gen_tokens: int = opt(16, "tokens generated per prompt with each region removed", quick=4)
     # --- structural and outliers --------------------------------------------------------------------
-    struct_dims: list[int] = opt([1, 3, 5, 10], "N_d: rows/columns removed per space", quick=[1, 10])
+    struct_dims: list[int] = opt([1, 3, 5, 10], "N_d: rows/columns removed per space", quick=[10])
     struct_families: list[str] = opt(
         ["feature", "feature+ffn", "head"], "dimension families removed", choices=["feature", "feature+ffn", "head"]
     )
@@ -178,7 +178,7 @@ class Config:
         ["en", "ru", "es"], "untrained languages tracked for forgetting", langs=True, quick=["en"]
     )
     train_ratio: float = opt(0.01, "Top / Bottom / Random share of the core score removed or frozen")
-    train_samples: list[int] = opt([0, 6, 12, 24], "sample counts at which perplexity is measured", quick=[0, 2, 4])
+    train_samples: list[int] = opt([0, 6, 12, 24], "sample counts at which perplexity is measured", quick=[0, 2])
     train_batch: int = opt(2, "windows per forward/backward pass", quick=1)
     train_accum: int = opt(1, "forward/backward passes per optimizer step (the paper: 256 samples per step)")
     train_lr: float = opt(5e-5, "peak learning rate (the paper's)")
@@ -192,7 +192,7 @@ class Config:
     train_checkpoint_every: int = opt(50, "training steps between checkpoints (0: none)")
     # --- downstream ---------------------------------------------------------------------------------
     down_langs: list[str] = opt(["ar", "zh", "ru", "en"], "languages of the built-in multiple-choice task")
-    down_items: int | None = opt(16, "items per language, of 50 (null: all)", quick=5)
+    down_items: int | None = opt(16, "items per language, of 50 (null: all)", quick=3)
     down_ratio: float = opt(0.01, "Top / Bottom / Random share of the core score removed")
     down_mono: bool = opt(True, "also remove the saved monolingual regions of down_langs", quick=False)
     down_batch: int = opt(16, "sequences (context + one candidate) per forward pass")
