@@ -26,8 +26,8 @@ def test_every_field_has_help_and_a_reproduce_flag():
 def test_help_shows_the_declared_default_and_quick_value():
     action = _reproduce_actions()["score_tokens"]
     assert action.option_strings == ["--score-tokens"]
-    assert "default: 4096" in action.help and "--quick: 512" in action.help
-    assert Config().score_tokens == 4096 and Config.quick().score_tokens == 512
+    assert "default: 2048" in action.help and "--quick: 512" in action.help
+    assert Config().score_tokens == 2048 and Config.quick().score_tokens == 512
 
 
 def test_quick_preset_comes_from_the_declarations():
