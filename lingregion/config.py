@@ -141,7 +141,7 @@ class Config:
     struct_eval_tokens: int = opt(512, "evaluation tokens per language and setting (at most eval_tokens)", quick=256)
     outlier_layers: int = opt(4, "input norms of the first N layers are scanned")
     outlier_scan_tokens: int = opt(512, "tokens per language of the scan's forward pass", quick=256)
-    outlier_confirm: int = opt(5, "scan candidates confirmed by perplexity", quick=3)
+    outlier_confirm: int = opt(5, "scan candidates confirmed by perplexity", quick=2)
     outlier_controls: int = opt(2, "random input-norm entries perturbed as controls", quick=1)
     outlier_dims: int = opt(2, "most massive residual dimensions removed whole (and as many random ones)", quick=1)
     # --- stability ------------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ class Config:
     est_tokens: int = opt(1024, "tokens per language of the one pass every estimator shares", quick=128)
     est_seq_len: int | None = opt(None, "window length of that pass (default: seq_len)", quick=64)
     est_eval_langs: list[str] = opt(
-        ["ru", "zh", "ja", "en"], "languages evaluated by the estimators experiment", langs=True, quick=["ru", "en"]
+        ["ru", "zh", "ja", "en"], "languages evaluated by the estimators experiment", langs=True, quick=["ru"]
     )
     est_eval_tokens: int = opt(256, "evaluation tokens per language and setting")
     est_control_lang: str = opt("en", "the specificity control's single language (none of the scored ones)", langs=True)
@@ -189,7 +189,9 @@ class Config:
     train_eval_tokens: int = opt(512, "evaluation tokens per language and evaluation point", quick=256)
     train_checkpoint_every: int = opt(50, "training steps between checkpoints (0: none)")
     # --- downstream ---------------------------------------------------------------------------------
-    down_langs: list[str] = opt(["ar", "zh", "ru", "en"], "languages of the built-in multiple-choice task")
+    down_langs: list[str] = opt(
+        ["ar", "zh", "ru", "en"], "languages of the built-in multiple-choice task", quick=["zh", "en"]
+    )
     down_items: int | None = opt(8, "items per language, of 50 (null: all)", quick=3)
     down_ratio: float = opt(0.01, "Top / Bottom / Random share of the core score removed")
     down_mono: bool = opt(True, "also remove the saved monolingual regions of down_langs", quick=False)
