@@ -187,8 +187,7 @@ def findings(result: dict) -> list[str]:
         out.append(
             f"{lang}: the Top {r} region of two disjoint samples of {last['tokens_per_half']:,} tokens overlaps "
             f"with Jaccard {last['split_half_jaccard'][r]:.2f} (Spearman {last['spearman']:.2f}); "
-            f"{_need(e['fit'], target)}, against {result['score_tokens']:,} used: a region at this budget is "
-            f"**{verdict}**."
+            f"{_need(e['fit'], target)}, against {result['score_tokens']:,} used: the region is **{verdict}**."
         )
         p = e.get("precision")
         if p and "skipped" in p:
