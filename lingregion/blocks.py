@@ -56,3 +56,20 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
     """A GitHub-flavoured Markdown table, with `|` and line breaks in the cells escaped."""
     lines = ["| " + " | ".join(map(_md_cell, head)) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows])
+
+
+def interval_cell(entry: dict, prefix: str = "×") -> str:
+    """A value and its interval, compactly: ×3.91 [2.8, 5.6]."""
+    lo, hi = entry["ci95"]
+    return f"{prefix}{_short(entry['value'])} [{_short(lo)}, {_short(hi)}]"
+
+
+def _short(x: float) -> str:
+    return f"{x:.3g}" if math.isfinite(x) else str(x)
+
+
+def cell(entry: dict, prefix: str = "×") -> str:
+    """A ratio and its interval (×3.91 [2.8, 5.6]), or the ratio alone marked as having none."""
+    if entry.get("ci95") is None:
+        return f"{prefix}{entry['value']:.3g} [no interval]"
+    return interval_cell(entry, prefix)

@@ -183,3 +183,87 @@ def fit_budget(tokens: list[int], jaccards: list[float], target: float = 0.9) ->
         return dict(out, reason="the split-half Jaccard does not grow with tokens at these budgets")
     needed = math.exp((math.log(target / (1 - target)) - intercept) / slope)
     return dict(out, tokens=needed, extrapolation=needed / t[ok].max())
+
+
+# --- intervals and verdicts of saved results, shared by the experiments whose findings are perplexity ratios ---
+NO_BLOCKS = (
+    "no per-block NLL in a cached result (made before intervals were kept); "
+    "delete that results file and rerun to get an interval"
+)
+
+
+def has_blocks(result: dict) -> bool:
+    """Whether a perplexity result carries the per-block NLL a bootstrap resamples."""
+    return bool(result.get("blocks", {}).get("nll"))
+
+
+def ratio_entry(num: dict, den: dict, seed: int = 0) -> dict:
+    """The perplexity ratio num / den of two results on the same text, with its paired block-bootstrap 95%
+    interval: {"value", "ci95": [lo, hi]}. Without blocks on either side (or blocks of different text) the
+    interval is None and "reason" says why, so that a verdict reads inconclusive instead of failing."""
+    if not (has_blocks(num) and has_blocks(den)):
+        return {"value": num["ppl"] / den["ppl"], "ci95": None, "reason": NO_BLOCKS}
+    try:
+        ci = paired_bootstrap(num, den, seed=seed)
+    except LingregionError as e:  # not the same text block for block: no paired interval
+        return {"value": num["ppl"] / den["ppl"], "ci95": None, "reason": str(e)}
+    return {"value": ratio(num, den), "ci95": list(ci)}
+
+
+def joint_log_ppl(results: dict[str, dict], seed: int = 0, n: int = RESAMPLES):
+    """Log perplexity of several results on the same text under the same n block resamples, so that any
+    statistic of them (a difference of differences, a share of damage undone) gets a paired interval.
+
+    Returns ({name: array of n log perplexities}, None), or (None, reason) when a result lacks blocks or
+    the results are not block for block the same text."""
+    if not all(has_blocks(r) for r in results.values()):
+        return None, NO_BLOCKS
+    first = next(iter(results.values()))["blocks"]["tokens"]
+    if any(r["blocks"]["tokens"] != first for r in results.values()):
+        return None, "the results are not evaluated on the same blocks of text"
+    tokens = np.asarray(first, dtype=np.float64)
+    nll = np.stack([np.asarray(r["blocks"]["nll"], dtype=np.float64) for r in results.values()])
+    counts = np.random.default_rng(seed).multinomial(len(tokens), np.full(len(tokens), 1 / len(tokens)), size=n)
+    logs = (counts @ nll.T) / (counts @ tokens)[:, None]  # (resamples, results)
+    return {name: logs[:, i] for i, name in enumerate(results)}, None
+
+
+def log_ppl(result: dict) -> float:
+    """ln perplexity = Σ NLL / Σ tokens of one result (its point estimate)."""
+    return result["nll"] / result["tokens"] if "nll" in result else math.log(result["ppl"])
+
+
+def percentile(values: np.ndarray) -> list[float]:
+    """The 95% percentile interval of bootstrap values, as [lo, hi]."""
+    lo, hi = np.quantile(values, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    return [float(lo), float(hi)]
+
+
+def verdict_of(entry: dict | None, threshold: float, direction: str) -> str:
+    """verdict of an entry's ci95; inconclusive when it has none (see its "reason")."""
+    if not entry or entry.get("ci95") is None:
+        return INCONCLUSIVE
+    return verdict(tuple(entry["ci95"]), threshold, direction)
+
+
+def all_of(verdicts: list[str]) -> str:
+    """A conjunction of claims: holds when every part holds, does not hold when any part does not, else
+    inconclusive (also when there is no part at all)."""
+    if verdicts and all(v == HOLDS for v in verdicts):
+        return HOLDS
+    return FAILS if FAILS in verdicts else INCONCLUSIVE
+
+
+def grouped(verdicts: dict[str, str]) -> str:
+    """{language: verdict} as "**holds** for ru, zh; **inconclusive** for en"."""
+    by: dict[str, list[str]] = {}
+    for lang, v in verdicts.items():
+        by.setdefault(v, []).append(lang)
+    return "; ".join(f"**{v}** for {', '.join(langs)}" for v, langs in sorted(by.items()))
+
+
+def without_blocks(result: dict, seed: int = 0) -> dict:
+    """A perplexity result for a summary: its blocks dropped, its perplexity and bits per byte intervals
+    ("ci95": {"ppl": [lo, hi], "bpb": [lo, hi]}, None without blocks) kept instead."""
+    ci = {k: list(v) for k, v in bootstrap_ppl(result, seed=seed).items()} if has_blocks(result) else None
+    return {k: v for k, v in result.items() if k != "blocks"} | {"ci95": ci}

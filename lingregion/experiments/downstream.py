@@ -16,7 +16,6 @@ from .. import blocks, figures, interventions, tasks, uncertainty
 from ..regions import Region
 from ..store import LingregionError, read_json, write_bytes, write_json
 from .runfolder import Run, digest, edits_digest
-from .structural import cell, percentile, ratio_entry, verdict_of
 
 NAME = "downstream"
 DOC = (
@@ -172,7 +171,7 @@ def _perplexity(run: Run, name: str, edits: list) -> dict:
         lang: {
             "ppl": removed[lang]["ppl"],
             "ratio": removed[lang]["ppl"] / base[lang]["ppl"],
-            "ci95": ratio_entry(removed[lang], base[lang], cfg.seed)["ci95"],  # paired: the same text
+            "ci95": uncertainty.ratio_entry(removed[lang], base[lang], cfg.seed)["ci95"],  # paired: the same text
             "tokens": removed[lang]["tokens"],
         }
         for lang in langs
@@ -189,7 +188,7 @@ def correct(items: list[dict], logliks: list[list[float]]) -> np.ndarray:
 def accuracy_intervals(correct: dict[str, dict[str, np.ndarray]], ids: dict[str, list], seed: int = 0) -> dict:
     """Accuracy change from base of every other setting, per language and as the mean over languages, and for a
     monolingual region mono-L the change in L minus the mean change in the others ("own_minus_others"), each
-    {"value", "ci95"} from a paired percentile bootstrap over items (ACC_METHOD); seeded.
+    {"value", "ci95"} from a paired uncertainty.percentile bootstrap over items (ACC_METHOD); seeded.
 
     correct: {setting: {lang: 0/1 per item}} with "base" among the settings; ids: each language's item ids,
     resampled with one draw for all languages when they are the same items."""
@@ -204,7 +203,7 @@ def accuracy_intervals(correct: dict[str, dict[str, np.ndarray]], ids: dict[str,
         draws[lang] = one
 
     def entry(value: float, boot: np.ndarray) -> dict:
-        return {"value": float(value), "ci95": percentile(boot)}
+        return {"value": float(value), "ci95": uncertainty.percentile(boot)}
 
     out = {}
     for s in correct:
@@ -230,7 +229,7 @@ def verdicts(result: dict) -> dict[str, dict]:
     - mono-L: removing L's monolingual region lowers L's accuracy more than the others' (interval of
       own − others below 0).
     A result without intervals (made before they were recorded), or whose interval has no width because no
-    item changed its answer, is inconclusive, with the reason. With few items a percentile bootstrap still
+    item changed its answer, is inconclusive, with the reason. With few items a uncertainty.percentile bootstrap still
     understates the uncertainty; the item count is shown beside every interval."""
     change, out = result.get("accuracy_change"), {}
     for s in result["settings"][1:]:
@@ -246,7 +245,7 @@ def verdicts(result: dict) -> dict[str, dict]:
         else:
             claim, key, threshold, direction = f"lowers mean accuracy by less than {DROP:.0%}", "mean", -DROP, "above"
         e = (change or {}).get(s, {}).get(key)
-        out[s] = {"claim": claim, "verdict": verdict_of(e, threshold, direction), "entry": e}
+        out[s] = {"claim": claim, "verdict": uncertainty.verdict_of(e, threshold, direction), "entry": e}
         if e and e["ci95"][0] == e["ci95"][1]:  # no item changed its answer: resampling items shows no spread,
             # which is ignorance (a few items), not certainty; so no verdict
             out[s] |= {
@@ -399,7 +398,7 @@ def section(result: dict) -> list:
         ]
 
     def ppl_cell(entry):
-        return cell({"value": entry["ratio"], "ci95": entry.get("ci95")})
+        return blocks.cell({"value": entry["ratio"], "ci95": entry.get("ci95")})
 
     both = [
         [lang] + [f"{acc[s][lang]['acc']:.0%} · {ppl_cell(result['perplexity'][s][lang])}" for s in settings]

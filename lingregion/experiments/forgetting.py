@@ -21,7 +21,6 @@ from .recovery import (
     validate,  # noqa: F401  (the same rules: the registry reads it here)
 )
 from .runfolder import Run
-from .structural import all_of, cell, joint_log_ppl, log_ppl, percentile, verdict_of
 
 NAME = "forgetting"
 DOC = "Forgetting: further pre-train one language with the core region frozen vs none vs random"
@@ -83,12 +82,13 @@ def _intervals(start: dict, ends: dict[str, dict], untrained: list[str], seed: i
     without blocks the intervals are None, with the reason."""
     draws, reason = {}, None
     for lang in untrained:
-        logs, why = joint_log_ppl({"start": start[lang]} | {s: ends[s][lang] for s in FORGETTING}, seed)
+        logs, why = uncertainty.joint_log_ppl({"start": start[lang]} | {s: ends[s][lang] for s in FORGETTING}, seed)
         if logs is None:
             reason = reason or f"{lang}: {why}"
         draws[lang] = logs
     point = {
-        s: float(np.mean([log_ppl(ends[s][lang]) - log_ppl(start[lang]) for lang in untrained])) for s in FORGETTING
+        s: float(np.mean([uncertainty.log_ppl(ends[s][lang]) - uncertainty.log_ppl(start[lang]) for lang in untrained]))
+        for s in FORGETTING
     }
     boot = None
     if reason is None:
@@ -97,7 +97,7 @@ def _intervals(start: dict, ends: dict[str, dict], untrained: list[str], seed: i
     def entry(log_value: float, log_draws) -> dict:
         if log_draws is None:
             return {"value": math.exp(log_value), "ci95": None, "reason": reason}
-        return {"value": math.exp(log_value), "ci95": [math.exp(v) for v in percentile(log_draws)]}
+        return {"value": math.exp(log_value), "ci95": [math.exp(v) for v in uncertainty.percentile(log_draws)]}
 
     out = {s: entry(point[s], boot and boot[s]) for s in FORGETTING}
     for other in ("none", "random"):
@@ -117,17 +117,17 @@ def verdicts(res: dict) -> dict:
         return {"verdict": uncertainty.INCONCLUSIVE, "reason": "this result has no intervals; rerun to compute them"}
     if iv["none"].get("ci95") is None:
         return {"verdict": uncertainty.INCONCLUSIVE, "reason": iv["none"].get("reason")}
-    parts = {k: verdict_of(iv[k], 1.0, "below") for k in ("core_vs_none", "core_vs_random")}
-    forgot = verdict_of(iv["none"], 1.0, "above")
+    parts = {k: uncertainty.verdict_of(iv[k], 1.0, "below") for k in ("core_vs_none", "core_vs_random")}
+    forgot = uncertainty.verdict_of(iv["none"], 1.0, "above")
     if forgot != uncertainty.HOLDS:
         return {
             "verdict": uncertainty.INCONCLUSIVE,
             "parts": parts,
             "reason": "with nothing frozen the untrained languages did not measurably get worse (95% interval "
-            f"{cell(iv['none'])} does not lie above 1), so there was no forgetting to reduce "
+            f"{blocks.cell(iv['none'])} does not lie above 1), so there was no forgetting to reduce "
             f"(the paper trains up to {PAPER_SAMPLES[-1]:,} samples)",
         }
-    return {"verdict": all_of(list(parts.values())), "parts": parts}
+    return {"verdict": uncertainty.all_of(list(parts.values())), "parts": parts}
 
 
 def findings(res: dict) -> list[str]:
@@ -135,11 +135,12 @@ def findings(res: dict) -> list[str]:
     as a verdict from 95% intervals (see `verdicts`)."""
     x, n = res["languages"][0], res["samples"][-1]
     iv = res.get("intervals", {})
-    f = {s: (cell(iv[s]) if s in iv else f"×{forgetting(res, s):.3f}") for s in FORGETTING}
+    f = {s: (blocks.cell(iv[s]) if s in iv else f"×{forgetting(res, s):.3f}") for s in FORGETTING}
     learned = {s: res["table"][s]["ppl"][x][-1] / res["table"][s]["ppl"][x][0] for s in FORGETTING}
     v = verdicts(res)
     compared = (
-        f" (forgetting core / none {cell(iv['core_vs_none'])}, core / random {cell(iv['core_vs_random'])})"
+        f" (forgetting core / none {blocks.cell(iv['core_vs_none'])}, "
+        f"core / random {blocks.cell(iv['core_vs_random'])})"
         if "core_vs_none" in iv
         else ""
     )
@@ -161,7 +162,7 @@ def section(res: dict) -> list:
     rows = [
         [FORGETTING[s], _change(t[s]["ppl"][x])]
         + [_change(t[s]["ppl"][lang]) for lang in others]
-        + [cell(res["intervals"][s]) if "intervals" in res else f"×{forgetting(res, s):.3f}"]
+        + [blocks.cell(res["intervals"][s]) if "intervals" in res else f"×{forgetting(res, s):.3f}"]
         for s in FORGETTING
     ]
     return [

@@ -12,18 +12,11 @@ from ..store import write_bytes
 from .runfolder import Run
 from .structural import (
     FACTOR,
-    NO_BLOCKS,
     RESULTS,
     _budget,
     _ratio,
     _top_region,
-    all_of,
-    cell,
-    grouped,
-    ratio_entry,
     validate,  # noqa: F401  (the same rules: the registry reads it here)
-    verdict_of,
-    without_blocks,
 )
 
 NAME = "outliers"
@@ -118,10 +111,12 @@ def run(run: Run) -> dict:
     densest = slices.ranking(core)[:10].tolist()
     comparisons = _comparisons(base, confirmed[: len(candidates)], confirmed[len(candidates) :], dims, langs, cfg.seed)
     for e in confirmed:  # the summary keeps intervals, not blocks
-        e["ppl"] = {k: {lang: without_blocks(r[lang], cfg.seed) for lang in langs} for k, r in e["ppl"].items()}
+        e["ppl"] = {
+            k: {lang: uncertainty.without_blocks(r[lang], cfg.seed) for lang in langs} for k, r in e["ppl"].items()
+        }
     for d in dims:
-        d["ppl"] = {lang: without_blocks(d["ppl"][lang], cfg.seed) for lang in langs}
-    base = {lang: without_blocks(base[lang], cfg.seed) for lang in langs}
+        d["ppl"] = {lang: uncertainty.without_blocks(d["ppl"][lang], cfg.seed) for lang in langs}
+    base = {lang: uncertainty.without_blocks(base[lang], cfg.seed) for lang in langs}
     result = {
         "experiment": "outliers",
         "langs": langs,
@@ -165,9 +160,11 @@ def _comparisons(base: dict, cands: list[dict], ctrls: list[dict], dims: list[di
       random control entry;
     - "massive": for each massive dimension, its removal's ratio to every random dimension's removal."""
     for e in cands + ctrls:
-        e["ratio"] = {k: {lang: ratio_entry(r[lang], base[lang], seed) for lang in langs} for k, r in e["ppl"].items()}
+        e["ratio"] = {
+            k: {lang: uncertainty.ratio_entry(r[lang], base[lang], seed) for lang in langs} for k, r in e["ppl"].items()
+        }
     for d in dims:
-        d["ratio"] = {lang: ratio_entry(d["ppl"][lang], base[lang], seed) for lang in langs}
+        d["ratio"] = {lang: uncertainty.ratio_entry(d["ppl"][lang], base[lang], seed) for lang in langs}
     out = {}
     if cands:
         worst = max(cands, key=lambda e: _worst(e, langs, base)[1])
@@ -178,7 +175,11 @@ def _comparisons(base: dict, cands: list[dict], ctrls: list[dict], dims: list[di
             "vs_base": worst["ratio"][kind],
             "vs_controls": {
                 lang: [
-                    {"control": c["label"], "kind": k, **ratio_entry(worst["ppl"][kind][lang], c["ppl"][k][lang], seed)}
+                    {
+                        "control": c["label"],
+                        "kind": k,
+                        **uncertainty.ratio_entry(worst["ppl"][kind][lang], c["ppl"][k][lang], seed),
+                    }
                     for c in ctrls
                     for k in slices.PERTURBATIONS
                 ]
@@ -188,7 +189,9 @@ def _comparisons(base: dict, cands: list[dict], ctrls: list[dict], dims: list[di
     controls = [d for d in dims if d["kind"] == "control"]
     out["massive"] = {
         str(d["dim"]): {
-            lang: [{"control": c["dim"], **ratio_entry(d["ppl"][lang], c["ppl"][lang], seed)} for c in controls]
+            lang: [
+                {"control": c["dim"], **uncertainty.ratio_entry(d["ppl"][lang], c["ppl"][lang], seed)} for c in controls
+            ]
             for lang in langs
         }
         for d in dims
@@ -214,7 +217,7 @@ def verdicts(result: dict) -> list[dict]:
 
     if comp is None:
         for lang in langs:
-            add("worst perturbation", lang, uncertainty.INCONCLUSIVE, NO_BLOCKS)
+            add("worst perturbation", lang, uncertainty.INCONCLUSIVE, uncertainty.NO_BLOCKS)
         return out
     if "worst" in comp:
         w = comp["worst"]
@@ -223,7 +226,7 @@ def verdicts(result: dict) -> list[dict]:
             add(
                 "worst perturbation",
                 lang,
-                verdict_of(e, FACTOR, "above"),
+                uncertainty.verdict_of(e, FACTOR, "above"),
                 e.get("reason"),
                 value=e["value"],
                 ci95=e["ci95"],
@@ -232,7 +235,7 @@ def verdicts(result: dict) -> list[dict]:
             add(
                 "worst vs controls",
                 lang,
-                all_of([verdict_of(c, FACTOR, "above") for c in vs]),
+                uncertainty.all_of([uncertainty.verdict_of(c, FACTOR, "above") for c in vs]),
                 None if vs else "no random controls (outlier_controls = 0)",
                 ci95=[c["ci95"] for c in vs],
             )
@@ -244,7 +247,7 @@ def verdicts(result: dict) -> list[dict]:
             add(
                 f"massive dimension {d['dim']}",
                 lang,
-                verdict_of(e, FACTOR, "above"),
+                uncertainty.verdict_of(e, FACTOR, "above"),
                 e.get("reason"),
                 value=e["value"],
                 ci95=e["ci95"],
@@ -252,7 +255,7 @@ def verdicts(result: dict) -> list[dict]:
             add(
                 f"massive dimension {d['dim']} vs controls",
                 lang,
-                all_of([verdict_of(c, FACTOR, "above") for c in vs]),
+                uncertainty.all_of([uncertainty.verdict_of(c, FACTOR, "above") for c in vs]),
                 None if vs else "no random dimensions to compare with",
                 ci95=[c["ci95"] for c in vs],
             )
@@ -311,7 +314,7 @@ def findings(result: dict) -> list[str]:
     by_claim: dict[str, dict[str, str]] = {}
     for v in verdicts(result):
         by_claim.setdefault(v["claim"], {})[v["lang"]] = v["verdict"]
-    missing = "" if result.get("comparisons") else f" ({NO_BLOCKS})"
+    missing = "" if result.get("comparisons") else f" ({uncertainty.NO_BLOCKS})"
     worst = max(cands, key=lambda e: _worst(e, langs, base)[1])
     kind, r = _worst(worst, langs, base)
     line = (
@@ -324,10 +327,10 @@ def findings(result: dict) -> list[str]:
     out.append(line + f" (the paper's L1-N2100 on LLaMA-2-13B: ×{fmt(PAPER_TABLE8_RATIO)}).")
     out.append(
         f"It raises perplexity more than ×{FACTOR:g} (95% paired interval of its ratio to Base above {FACTOR:g}): "
-        f"{grouped(by_claim['worst perturbation'])}{missing}"
+        f"{uncertainty.grouped(by_claim['worst perturbation'])}{missing}"
         + (
             f"; and more than ×{FACTOR:g} every perturbation of every random control: "
-            f"{grouped(by_claim['worst vs controls'])}."
+            f"{uncertainty.grouped(by_claim['worst vs controls'])}."
             if "worst vs controls" in by_claim and ctrls
             else "."
         )
@@ -342,9 +345,9 @@ def findings(result: dict) -> list[str]:
             f"it ranks #{d['core_rank']} of {result['hidden']} residual dimensions by core Top entries."
         )
         if claim in by_claim:
-            line += f" More than ×{FACTOR:g} Base: {grouped(by_claim[claim])}"
+            line += f" More than ×{FACTOR:g} Base: {uncertainty.grouped(by_claim[claim])}"
             if control:
-                vs = grouped(by_claim[claim + " vs controls"])
+                vs = uncertainty.grouped(by_claim[claim + " vs controls"])
                 line += f"; more than ×{FACTOR:g} each random dimension's removal: {vs}"
             line += " (95% paired intervals)."
         out.append(line)
@@ -364,10 +367,10 @@ def ratio_table(result: dict) -> tuple[list[str], list[list[str]]]:
     for k in slices.PERTURBATIONS:
         for i, e in enumerate(result["candidates"] + result["controls"]):
             chosen = f"candidate {i + 1}" if i < len(result["candidates"]) else "random control"
-            rows.append([KIND_LABELS[k], e["label"], chosen] + [cell(e["ratio"][k][lang]) for lang in langs])
+            rows.append([KIND_LABELS[k], e["label"], chosen] + [blocks.cell(e["ratio"][k][lang]) for lang in langs])
     for d in result["dimensions"]:
         chosen = "massive" if d["kind"] == "massive" else "random control"
-        rows.append(["Remove dim", f"D{d['dim']}", chosen] + [cell(d["ratio"][lang]) for lang in langs])
+        rows.append(["Remove dim", f"D{d['dim']}", chosen] + [blocks.cell(d["ratio"][lang]) for lang in langs])
     return head, rows
 
 

@@ -20,7 +20,6 @@ from .. import blocks, figures, freezing, interventions, models, uncertainty
 from ..regions import Region
 from ..store import LingregionError, read_json, write_bytes, write_json
 from .runfolder import Run, digest, edits_digest
-from .structural import all_of, cell, joint_log_ppl, log_ppl, percentile, ratio_entry, verdict_of
 
 NAME = "recovery"
 DOC = "Table 2: remove Top/Bottom core region, further pre-train one language frozen or not"
@@ -167,27 +166,27 @@ def _intervals(base: dict, start: dict, ends: dict[str, dict], langs: list[str],
     start: {side: results at step 0}; ends: {setting: results at the last sample count}."""
     x, other = langs
     side = {s: s.split("-")[0] for s in RECOVERY}
-    out = {"trained_recovers": {s: ratio_entry(ends[s][x], start[side[s]][x], seed) for s in RECOVERY}}
+    out = {"trained_recovers": {s: uncertainty.ratio_entry(ends[s][x], start[side[s]][x], seed) for s in RECOVERY}}
     parts = {"base": base[other], "start": start["top"][other]}
     parts |= {s: ends[s][other] for s in ("top-freeze", "top-unfreeze")}
-    point = {k: log_ppl(r) for k, r in parts.items()}
+    point = {k: uncertainty.log_ppl(r) for k, r in parts.items()}
     if point["start"] <= point["base"]:  # nothing to undo: a share of no damage means nothing
         reason = "the Top removal did not raise the untrained language's perplexity, so no damage to undo"
         logs = None
     else:
-        logs, reason = joint_log_ppl(parts, seed)
+        logs, reason = uncertainty.joint_log_ppl(parts, seed)
 
     def share(v, s):
         return (v["start"] - v[s]) / (v["start"] - v["base"])
 
     undone = {}
     for s in ("top-freeze", "top-unfreeze"):
-        undone[s] = {"value": share(point, s), "ci95": percentile(share(logs, s)) if logs else None}
+        undone[s] = {"value": share(point, s), "ci95": uncertainty.percentile(share(logs, s)) if logs else None}
     diff = share(point, "top-unfreeze") - share(point, "top-freeze")
     if logs:
         undone["unfreeze_minus_freeze"] = {
             "value": diff,
-            "ci95": percentile(share(logs, "top-unfreeze") - share(logs, "top-freeze")),
+            "ci95": uncertainty.percentile(share(logs, "top-unfreeze") - share(logs, "top-freeze")),
         }
     else:
         undone = {k: v | {"reason": reason} for k, v in undone.items()}
@@ -283,13 +282,13 @@ def verdicts(res: dict) -> dict[str, dict]:
     if iv is None:
         reason = "this result has no intervals (made before they were recorded); rerun to compute them"
         return {k: {"verdict": uncertainty.INCONCLUSIVE, "reason": reason} for k in ("trained", "untrained")}
-    parts = {s: verdict_of(e, RECOVERS, "below") for s, e in iv["trained_recovers"].items()}
+    parts = {s: uncertainty.verdict_of(e, RECOVERS, "below") for s, e in iv["trained_recovers"].items()}
     gap = iv["damage_undone"]["unfreeze_minus_freeze"]
     reasons = {e["reason"] for e in iv["trained_recovers"].values() if e.get("reason")}
     return {
-        "trained": {"verdict": all_of(list(parts.values())), "parts": parts}
+        "trained": {"verdict": uncertainty.all_of(list(parts.values())), "parts": parts}
         | ({"reason": "; ".join(sorted(reasons))} if reasons else {}),
-        "untrained": {"verdict": verdict_of(gap, MARGIN, "above"), "entry": gap}
+        "untrained": {"verdict": uncertainty.verdict_of(gap, MARGIN, "above"), "entry": gap}
         | ({"reason": gap["reason"]} if gap.get("reason") else {}),
     }
 
@@ -351,7 +350,7 @@ def findings(res: dict) -> list[str]:
 def _with_change(setting: str, iv: dict) -> str:
     """A setting's label with its end / start ratio and interval, when the result has them."""
     e = iv.get("trained_recovers", {}).get(setting)
-    return RECOVERY[setting] + (f" ({cell(e)})" if e else "")
+    return RECOVERY[setting] + (f" ({blocks.cell(e)})" if e else "")
 
 
 def _share(entry: dict) -> str:
@@ -409,7 +408,10 @@ def _interval_table(res: dict) -> dict:
         return blocks.text("")
     x, other = res["languages"]
     undone = iv["damage_undone"]
-    rows = [[RECOVERY[s], cell(iv["trained_recovers"][s]), _share(undone[s]) if s in undone else "—"] for s in RECOVERY]
+    rows = [
+        [RECOVERY[s], blocks.cell(iv["trained_recovers"][s]), _share(undone[s]) if s in undone else "—"]
+        for s in RECOVERY
+    ]
     rows.append(["Unfreeze − Freeze", "—", _share(undone["unfreeze_minus_freeze"])])
     return blocks.table(
         ["Setting", f"{x}: end / start perplexity", f"{other}: damage undone"],

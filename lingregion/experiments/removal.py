@@ -193,17 +193,9 @@ def ratio_table(result: dict) -> tuple[list[str], list[list[str]]]:
     """Perplexity ratio to Base per language and setting, with its 95% interval: ×3.91 [2.8, 5.6]."""
     settings = [s for s in result["settings"] if s != "base"]
     head = ["Language"] + [s.replace("@", " ") for s in settings]
-    return head, [[lang] + [interval_cell(result["ratio"][s][lang]) for s in settings] for lang in result["languages"]]
-
-
-def interval_cell(entry: dict, prefix: str = "×") -> str:
-    """A value and its interval, compactly: ×3.91 [2.8, 5.6]."""
-    lo, hi = entry["ci95"]
-    return f"{prefix}{_short(entry['value'])} [{_short(lo)}, {_short(hi)}]"
-
-
-def _short(x: float) -> str:
-    return f"{x:.3g}" if math.isfinite(x) else str(x)
+    return head, [
+        [lang] + [blocks.interval_cell(result["ratio"][s][lang]) for s in settings] for lang in result["languages"]
+    ]
 
 
 def section(result: dict) -> list:

@@ -6,12 +6,10 @@ from __future__ import annotations
 import math
 import weakref
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from .. import blocks, figures, slices, uncertainty
 from ..store import LingregionError, write_bytes
-from .removal import interval_cell
 from .runfolder import Run
 
 NAME = "structural"
@@ -21,95 +19,6 @@ DOC = "Tables 3-4: remove N_d whole rows/columns ranked by core Top entries (fea
 RESULTS = "structure.json"  # both experiments share it, so the base perplexity is measured once
 PICK_LABELS = {"top": "Top", "middle": "Middle", "bottom": "Bottom", "random": "Random"}
 FACTOR = 2.0  # Top "stands out" when its perplexity is at least twice the other pick's (as removal's Top vs Random)
-NO_BLOCKS = (
-    "no per-block NLL in a cached result (made before intervals were kept); "
-    "delete that results file and rerun to get an interval"
-)
-
-
-# --- intervals and verdicts, shared by the experiments whose findings are perplexity ratios on the same text ---
-def has_blocks(result: dict) -> bool:
-    """Whether a perplexity result carries the per-block NLL a bootstrap resamples."""
-    return bool(result.get("blocks", {}).get("nll"))
-
-
-def ratio_entry(num: dict, den: dict, seed: int = 0) -> dict:
-    """The perplexity ratio num / den of two results on the same text, with its paired block-bootstrap 95%
-    interval: {"value", "ci95": [lo, hi]}. Without blocks on either side (or blocks of different text) the
-    interval is None and "reason" says why, so that a verdict reads inconclusive instead of failing."""
-    if not (has_blocks(num) and has_blocks(den)):
-        return {"value": num["ppl"] / den["ppl"], "ci95": None, "reason": NO_BLOCKS}
-    try:
-        ci = uncertainty.paired_bootstrap(num, den, seed=seed)
-    except LingregionError as e:  # not the same text block for block: no paired interval
-        return {"value": num["ppl"] / den["ppl"], "ci95": None, "reason": str(e)}
-    return {"value": uncertainty.ratio(num, den), "ci95": list(ci)}
-
-
-def joint_log_ppl(results: dict[str, dict], seed: int = 0, n: int = uncertainty.RESAMPLES):
-    """Log perplexity of several results on the same text under the same n block resamples, so that any
-    statistic of them (a difference of differences, a share of damage undone) gets a paired interval.
-
-    Returns ({name: array of n log perplexities}, None), or (None, reason) when a result lacks blocks or
-    the results are not block for block the same text."""
-    if not all(has_blocks(r) for r in results.values()):
-        return None, NO_BLOCKS
-    first = next(iter(results.values()))["blocks"]["tokens"]
-    if any(r["blocks"]["tokens"] != first for r in results.values()):
-        return None, "the results are not evaluated on the same blocks of text"
-    tokens = np.asarray(first, dtype=np.float64)
-    nll = np.stack([np.asarray(r["blocks"]["nll"], dtype=np.float64) for r in results.values()])
-    counts = np.random.default_rng(seed).multinomial(len(tokens), np.full(len(tokens), 1 / len(tokens)), size=n)
-    logs = (counts @ nll.T) / (counts @ tokens)[:, None]  # (resamples, results)
-    return {name: logs[:, i] for i, name in enumerate(results)}, None
-
-
-def log_ppl(result: dict) -> float:
-    """ln perplexity = Σ NLL / Σ tokens of one result (its point estimate)."""
-    return result["nll"] / result["tokens"] if "nll" in result else math.log(result["ppl"])
-
-
-def percentile(values: np.ndarray) -> list[float]:
-    """The 95% percentile interval of bootstrap values, as [lo, hi]."""
-    lo, hi = np.quantile(values, [(1 - uncertainty.LEVEL) / 2, (1 + uncertainty.LEVEL) / 2])
-    return [float(lo), float(hi)]
-
-
-def verdict_of(entry: dict | None, threshold: float, direction: str) -> str:
-    """uncertainty.verdict of an entry's ci95; inconclusive when it has none (see its "reason")."""
-    if not entry or entry.get("ci95") is None:
-        return uncertainty.INCONCLUSIVE
-    return uncertainty.verdict(tuple(entry["ci95"]), threshold, direction)
-
-
-def all_of(verdicts: list[str]) -> str:
-    """A conjunction of claims: holds when every part holds, does not hold when any part does not, else
-    inconclusive (also when there is no part at all)."""
-    if verdicts and all(v == uncertainty.HOLDS for v in verdicts):
-        return uncertainty.HOLDS
-    return uncertainty.FAILS if uncertainty.FAILS in verdicts else uncertainty.INCONCLUSIVE
-
-
-def grouped(verdicts: dict[str, str]) -> str:
-    """{language: verdict} as "**holds** for ru, zh; **inconclusive** for en"."""
-    by: dict[str, list[str]] = {}
-    for lang, v in verdicts.items():
-        by.setdefault(v, []).append(lang)
-    return "; ".join(f"**{v}** for {', '.join(langs)}" for v, langs in sorted(by.items()))
-
-
-def without_blocks(result: dict, seed: int = 0) -> dict:
-    """A perplexity result for a summary: its blocks dropped, its perplexity and bits per byte intervals
-    ("ci95": {"ppl": [lo, hi], "bpb": [lo, hi]}, None without blocks) kept instead."""
-    ci = {k: list(v) for k, v in uncertainty.bootstrap_ppl(result, seed=seed).items()} if has_blocks(result) else None
-    return {k: v for k, v in result.items() if k != "blocks"} | {"ci95": ci}
-
-
-def cell(entry: dict, prefix: str = "×") -> str:
-    """A ratio and its interval (×3.91 [2.8, 5.6]), or the ratio alone marked as having none."""
-    if entry.get("ci95") is None:
-        return f"{prefix}{entry['value']:.3g} [no interval]"
-    return interval_cell(entry, prefix)
 
 
 def validate(cfg) -> None:
@@ -223,18 +132,19 @@ def _with_intervals(base: dict, families: dict, langs: list[str], seed: int) -> 
         cells = info["cells"]
         for key, c in cells.items():
             n, how = key.split("/")
-            c["ratio"] = {lang: ratio_entry(c["ppl"][lang], base[lang], seed) for lang in langs}
+            c["ratio"] = {lang: uncertainty.ratio_entry(c["ppl"][lang], base[lang], seed) for lang in langs}
             if how == "top":
                 c["vs"] = {
                     other: {
-                        lang: ratio_entry(c["ppl"][lang], cells[f"{n}/{other}"]["ppl"][lang], seed) for lang in langs
+                        lang: uncertainty.ratio_entry(c["ppl"][lang], cells[f"{n}/{other}"]["ppl"][lang], seed)
+                        for lang in langs
                     }
                     for other in slices.PICKS
                     if other != "top"
                 }
         for c in cells.values():  # after every comparison: they read the blocks
-            c["ppl"] = {lang: without_blocks(c["ppl"][lang], seed) for lang in langs}
-    return {lang: without_blocks(base[lang], seed) for lang in langs}
+            c["ppl"] = {lang: uncertainty.without_blocks(c["ppl"][lang], seed) for lang in langs}
+    return {lang: uncertainty.without_blocks(base[lang], seed) for lang in langs}
 
 
 def verdicts(result: dict) -> list[dict]:
@@ -254,10 +164,10 @@ def verdicts(result: dict) -> list[dict]:
                         "against": other,
                         "lang": lang,
                         "claim": f"ppl(Top) / ppl({PICK_LABELS[other]}) > {FACTOR:g}",
-                        "verdict": verdict_of(entry, FACTOR, "above"),
+                        "verdict": uncertainty.verdict_of(entry, FACTOR, "above"),
                         **({"value": entry["value"], "ci95": entry["ci95"]} if entry else {"ci95": None}),
                         **(
-                            {"reason": (entry or {}).get("reason") or NO_BLOCKS}
+                            {"reason": (entry or {}).get("reason") or uncertainty.NO_BLOCKS}
                             if not (entry or {}).get("ci95")
                             else {}
                         ),
@@ -276,7 +186,8 @@ def ratio_table(result: dict) -> tuple[list[str], list[list[str]]]:
             top = info["cells"][f"{n}/top"]
             for lang in result["langs"]:
                 rows.append(
-                    [family, str(n), lang, cell(top["ratio"][lang])] + [cell(top["vs"][h][lang]) for h in others]
+                    [family, str(n), lang, blocks.cell(top["ratio"][lang])]
+                    + [blocks.cell(top["vs"][h][lang]) for h in others]
                 )
     return head, rows
 
@@ -324,8 +235,10 @@ def findings(result: dict) -> list[str]:
         r = {how: _ratio(info["cells"][f"{n}/{how}"]["ppl"], base, langs) for how in slices.PICKS}
         others = max(r[h] for h in slices.PICKS if h != "top")
         where = "" if info["spaces"] == 1 else " of every layer" if result["mode"] == "common" else " of every matrix"
-        claims = "; ".join(f"vs {PICK_LABELS[h]}: {grouped(v)}" for h, v in by_family.get(family, {}).items())
-        missing = "" if "vs" in info["cells"][f"{n}/top"] else f" ({NO_BLOCKS})"
+        claims = "; ".join(
+            f"vs {PICK_LABELS[h]}: {uncertainty.grouped(v)}" for h, v in by_family.get(family, {}).items()
+        )
+        missing = "" if "vs" in info["cells"][f"{n}/top"] else f" ({uncertainty.NO_BLOCKS})"
         out.append(
             f"Removing the {n} {family} dimensions{where} densest in the core Top region multiplies perplexity "
             f"by {fmt(r['top'])} (geometric mean over {', '.join(langs)}); Middle, Bottom and Random by at most "
