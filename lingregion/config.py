@@ -162,7 +162,12 @@ class Config:
     est_ratios: list[float] = opt([1e-6, 1e-4, 1e-2], "region sizes of the damage curve", quick=[1e-6, 1e-2])
     est_overlap_ratio: float = opt(0.01, "the estimators' regions are compared (Jaccard) at this share")
     est_tokens: int = opt(1024, "tokens per language of the one pass every estimator shares", quick=128)
-    est_seq_len: int | None = opt(None, "window length of that pass (default: seq_len)", quick=64)
+    est_seq_len: int | None = opt(
+        128,
+        "window length of that pass (null: seq_len); short windows give each half several, so that the "
+        "estimators that differ in how they combine windows can be told apart, at the same tokens",
+        quick=64,
+    )
     est_eval_langs: list[str] = opt(
         ["ru", "zh", "ja", "en"], "languages evaluated by the estimators experiment", langs=True, quick=["ru"]
     )

@@ -381,7 +381,7 @@ def findings(res: dict) -> list[str]:
             f"{', '.join(lang for lang in res_ if lang not in unresolved) or 'none'}"
             + (f"; **not resolved at this budget** for {', '.join(unresolved)}" if unresolved else "")
             + (
-                f" (the stability fit asks for about {need:,.0f} tokens per language)."
+                f" (the stability fit asks for about {need:.1e} tokens per language)."
                 if need
                 else " (the stability section gives the budget a region needs)."
             )
