@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lingregion import Config, corpus, evaluation, freezing, models, reproduce, uncertainty
+from lingregion import Config, blocks, corpus, evaluation, freezing, models, reproduce, uncertainty
 from lingregion.experiments import forgetting, recovery
 from lingregion.experiments.runfolder import Run
 from lingregion.regions import Region
@@ -87,7 +87,7 @@ def test_forgetting_matches_a_hand_replay_with_intervals_and_resumes(tiny_folder
     again = reproduce(small_config(tiny_folder, mono_ratio=0.2), out, progress=False)["forgetting"]
     assert again["table"] == forg["table"] and again["intervals"] == forg["intervals"]
     md = (out / "report.md").read_text()
-    assert "Catastrophic forgetting" in md and forgetting.cell(forg["intervals"]["core"]) in md
+    assert "Catastrophic forgetting" in md and blocks.cell(forg["intervals"]["core"]) in md
     assert (out / "figures" / "forgetting.png").read_bytes().startswith(b"\x89PNG")
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lingregion import Config, corpus, evaluation, freezing, interventions, models, reproduce, uncertainty
+from lingregion import Config, blocks, corpus, evaluation, freezing, interventions, models, reproduce, uncertainty
 from lingregion.experiments import recovery
 from lingregion.experiments.registry import validate
 from lingregion.experiments.runfolder import Run
@@ -153,7 +153,7 @@ def test_verdicts_turn_inconclusive_when_the_text_is_cut(loaded):
     assert v["trained"]["verdict"] == "holds" and v["untrained"]["verdict"] == "holds"
     first, second = recovery.findings(res)
     assert "**holds**" in first and "**holds**" in second
-    assert recovery.cell(res["intervals"]["trained_recovers"]["top-freeze"]) in first
+    assert blocks.cell(res["intervals"]["trained_recovers"]["top-freeze"]) in first
     base, worse, mild = evaluations(loaded, 64)
     v = recovery.verdicts(result_of(base, worse, mild))
     assert v["trained"]["verdict"] == "inconclusive" and v["untrained"]["verdict"] == "inconclusive"

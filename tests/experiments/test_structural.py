@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from lingregion import Config, corpus, evaluation, interventions, models, reproduce, slices, uncertainty
+from lingregion import Config, blocks, corpus, evaluation, interventions, models, reproduce, slices, uncertainty
 from lingregion.experiments import structural
 from lingregion.experiments.runfolder import Run
 
@@ -77,7 +77,7 @@ def test_structural_experiment_matches_direct_evaluation_with_intervals(tiny_fol
     assert "Structural removal (the paper's Tables 3 and 4)" in md
     assert "| Model | Score tokens | N_d | Language | Base | Top | Middle | Bottom | Random |" in md
     assert "| Family | N_d | Language | Top / Base | Top / Middle | Top / Bottom | Top / Random |" in md
-    assert structural.interval_cell(cell["vs"]["random"]["zh"]) in md
+    assert blocks.interval_cell(cell["vs"]["random"]["zh"]) in md
     assert "95% paired bootstrap interval" in md and uncertainty.RULE in md
     assert (out / "figures" / "structural.png").read_bytes().startswith(b"\x89PNG")
 
