@@ -302,7 +302,7 @@ def bench_bfloat16(s: cases.Setup, args) -> dict:
     Where bf16 has no instructions on this CPU (models.bfloat16_slowdown), the full-size comparison would take
     hours: both dtypes are then timed on one short window, and the region comparison is left out."""
     slowdown = models.bfloat16_slowdown(args.device)
-    emulated = slowdown > 4
+    emulated = slowdown > models.EMULATED_BF16
     if emulated:
         s = cases.setup(64, 1, 1, args.device, "float32", args.model)
         bf = cases.setup(64, 1, 1, args.device, "bfloat16", args.model)

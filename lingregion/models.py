@@ -30,6 +30,7 @@ ROUTER_NOTE = (
     "MoE routers are scored and selected like any matrix (their Taylor score sees the gating weights, not "
     "top-k re-routing); the structural families remove only their column at a residual dimension"
 )
+EMULATED_BF16 = 4.0  # a bf16 slowdown above this means the CPU emulates bf16 (native bf16 is faster than fp32)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -172,7 +173,7 @@ def load(
 
     if dtype not in DTYPES:
         raise LingregionError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    if dtype == "bfloat16" and device == "cpu" and (slow := bfloat16_slowdown()) > 4:
+    if dtype == "bfloat16" and device == "cpu" and (slow := bfloat16_slowdown()) > EMULATED_BF16:
         warnings.warn(
             f"bfloat16 runs {slow:.0f}× slower than float32 on this CPU (no AVX512-BF16 or AMX); "
             "--dtype float32 is faster here",

@@ -346,7 +346,9 @@ def test_bad_input_is_one_line_error(tiny, tokenizer):
 def test_real_model_top_freeze_in_bf16_keeps_the_region_removed():
     """The default Gemma 3 270M: two bf16-autocast steps on Chinese with a magnitude Top 1% held at its removed
     value (its (1 + w) norms at −1); the frozen entries stay exact while the loss falls and the rest moves."""
-    if (slow := models.bfloat16_slowdown()) > 4:  # hours instead of seconds; the tiny-model bf16 tests still run
+    if (
+        slow := models.bfloat16_slowdown()
+    ) > models.EMULATED_BF16:  # hours instead of seconds; the tiny-model bf16 tests still run
         pytest.skip(f"bfloat16 is emulated on this CPU ({slow:.0f}× slower than float32)")
     m = models.load()
     names = models.scored_names(m.module)

@@ -25,7 +25,6 @@ DOC = "Split-half stability of regions at growing budgets; the budget a region n
 FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1)
 TARGET = 0.9
 FAR = 100  # a fitted budget this many times beyond the largest measured one is only a sign of scale
-SLOW = 4.0  # skip the other-precision pass where bf16 is this many times slower than fp32
 
 
 def validate(cfg) -> None:
@@ -109,7 +108,7 @@ def run(run: Run) -> dict:
         entry = {"points": points, "fit": fit, f"tokens_for_jaccard_{TARGET}": fit["tokens"]}
         if cfg.stability_precision and lang == cfg.stability_langs[0]:
             slowdown = models.bfloat16_slowdown(cfg.device) if cfg.dtype == "float32" else 1.0
-            if slowdown > SLOW:  # an emulated bf16 pass would take longer than the rest of the run
+            if slowdown > models.EMULATED_BF16:  # an emulated bf16 pass would take longer than the rest of the run
                 entry["precision"] = {
                     "skipped": f"bfloat16 is {slowdown:.0f}× slower than float32 on this CPU (no AVX512-BF16 or "
                     "AMX instructions); run the stability experiment on a CPU with them or a GPU to compare"
