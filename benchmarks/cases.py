@@ -47,16 +47,18 @@ def setup(
 
 def _windows(tokenizer, split: str, seq_len: int, n: int) -> corpus.Windows:
     """n full-length windows of Spanish text, then of further languages where Spanish runs out."""
-    ids, n_bytes, langs = [], [], []
+    ids, n_bytes, token_bytes, langs = [], [], [], []
     for lang in ("es", "en", "pt", "it", "ru", "uk", "ar", "zh", "ja", "ko", "vi"):
         w = corpus.load_windows(tokenizer, lang, split, seq_len, seq_len * (n - len(ids)))
         full = [i for i, x in enumerate(w.input_ids) if len(x) == seq_len]
         ids += [w.input_ids[i] for i in full]
         n_bytes += [w.n_bytes[i] for i in full]
+        token_bytes += [w.token_bytes[i] for i in full]
         langs.append(lang)
         if len(ids) >= n:
             break
-    return corpus.Windows("+".join(langs), split, ids[:n], n_bytes[:n], {"seq_len": seq_len, "bos": True})
+    meta = {"seq_len": seq_len, "bos": True}
+    return corpus.Windows("+".join(langs), split, ids[:n], n_bytes[:n], meta, token_bytes[:n])
 
 
 # --- scoring -------------------------------------------------------------------------------------------
