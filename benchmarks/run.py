@@ -41,6 +41,8 @@ PRESETS = {  # seq_len, scoring windows, evaluation windows (one batch of 4), re
     # a GPU does a few windows in milliseconds, where launch overheads would decide every ratio
     "gpu": {"seq_len": 512, "score_windows": 16, "eval_windows": 64, "reps": 3},
 }
+# the bf16 comparison where bf16 is emulated (hours at full size), unless --seq-len / --*-windows say otherwise
+EMULATED_BF16_SIZES = {"seq_len": 64, "score_windows": 1, "eval_windows": 1}
 MB = 2**20
 
 
@@ -300,12 +302,13 @@ def bench_bfloat16(s: cases.Setup, args) -> dict:
     bf16's regions (per-matrix Top / Bottom 1% and 3%) and perplexity are from fp32's on the same data.
 
     Where bf16 has no instructions on this CPU (models.bfloat16_slowdown), the full-size comparison would take
-    hours: both dtypes are then timed, scored and evaluated on one 64-token window."""
+    hours: both dtypes are then timed, scored and evaluated on EMULATED_BF16_SIZES, or on the sizes given."""
     slowdown = models.bfloat16_slowdown(args.device)
     emulated = slowdown > models.EMULATED_BF16
     if emulated:
-        s = cases.setup(64, 1, 1, args.device, "float32", args.model)
-        bf = cases.setup(64, 1, 1, args.device, "bfloat16", args.model)
+        size = {k: getattr(args, k) if k in args.given else v for k, v in EMULATED_BF16_SIZES.items()}
+        s = cases.setup(*size.values(), args.device, "float32", args.model)
+        bf = cases.setup(*size.values(), args.device, "bfloat16", args.model)
     else:
         bf = cases.setup(args.seq_len, args.score_windows, args.eval_windows, args.device, "bfloat16", args.model)
     both = {"float32": s, "bfloat16": bf}
@@ -330,7 +333,11 @@ def bench_bfloat16(s: cases.Setup, args) -> dict:
         "matmul_slowdown": slowdown,
         "regions": cases.region_agreement(scores["float32"], scores["bfloat16"]),
         **(
-            {"note": f"bf16 emulated on this CPU ({slowdown:.0f}× slower matrix products): one 64-token window"}
+            {
+                "note": f"bf16 emulated on this CPU ({slowdown:.0f}× slower matrix products): "
+                f"{size['score_windows']} scoring and {size['eval_windows']} evaluation window(s) of "
+                f"{size['seq_len']} tokens"
+            }
             if emulated
             else {}
         ),
@@ -792,6 +799,7 @@ def main(argv=None) -> None:
         p.add_argument("--" + key.replace("_", "-"), type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     preset = "quick" if args.quick else "gpu" if args.device.startswith("cuda") else "default"
+    args.given = {k for k in PRESETS[preset] if getattr(args, k) is not None}
     for key, value in PRESETS[preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
