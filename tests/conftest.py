@@ -14,6 +14,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from lingregion import Config
 from lingregion import models as lr_models
 
 TEXT = [
@@ -157,6 +158,27 @@ def make_model(family: str, seed: int = 0, dtype=torch.float32):
             if p.dim() == 1:
                 p.normal_(0.0, 0.5)
     return model.to(dtype).eval()
+
+
+def tiny_config(folder, **kw) -> Config:
+    """A run of the tiny model saved at `folder`: 16-token windows, 32 tokens per budget, ru and es scored;
+    `kw` sets the rest (the experiments, their languages and sizes)."""
+    base = {"model": str(folder), "seq_len": 16, "score_tokens": 32, "eval_tokens": 32, "score_langs": ["ru", "es"]}
+    return Config(**{**base, **kw})
+
+
+# further pre-training of the tiny model: three sample counts, a few steps each
+TINY_TRAINING = {
+    "train_lang": "ru",
+    "train_other": "es",
+    "train_track": ["es", "zh"],
+    "train_ratio": 0.05,
+    "train_samples": [0, 2, 6],
+    "train_batch": 2,
+    "train_warmup": 1,
+    "train_lr": 1e-2,
+    "train_eval_tokens": 32,
+}
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from lingregion.experiments.runfolder import Run
 from lingregion.regions import select
 from lingregion.store import LingregionError
 
-from conftest import TEXT
+from conftest import TEXT, tiny_config
 
 
 def windows(tokenizer, texts, lang, seq_len=12):
@@ -686,12 +686,7 @@ def test_monolingual_regions_from_another_estimator_beside_the_papers(tiny_folde
     from lingregion.regions import Region, monolingual
 
     base = dict(
-        model=str(tiny_folder),
-        seq_len=16,
-        score_tokens=32,
-        eval_tokens=32,
         mono_eval_tokens=32,
-        score_langs=["ru", "es"],
         eval_langs=["ru", "uk", "es"],
         mono_langs=["ru", "uk", "es"],
         mono_ratio=0.1,
@@ -699,7 +694,7 @@ def test_monolingual_regions_from_another_estimator_beside_the_papers(tiny_folde
         gen_tokens=2,
     )
     out = tmp_path / "run"
-    cfg = Config(**base, mono_estimator="fisher")
+    cfg = tiny_config(tiny_folder, **base, mono_estimator="fisher")
     res = reproduce(cfg, out, progress=False)["monolingual"]
     # the regions are built from fisher scores of each language's own scoring windows
     m = models.load(str(tiny_folder))
@@ -718,7 +713,7 @@ def test_monolingual_regions_from_another_estimator_beside_the_papers(tiny_folde
     assert "The same matrix with the paper's estimator (taylor) instead of fisher" in (out / "report.md").read_text()
 
     # the paper's matrix shown beside it is the one a taylor run makes, from the same cached evaluations
-    paper = reproduce(Config(**base), out, progress=False)["monolingual"]
+    paper = reproduce(tiny_config(tiny_folder, **base), out, progress=False)["monolingual"]
     assert paper["ppl_ratio"] == res["paper_estimator"]["ppl_ratio"]
     assert "estimator" not in paper and "paper_estimator" not in paper  # the taylor summary is as before
     assert Region.load(out / "regions" / "monolingual-ru-0.1.safetensors").meta["estimator"] == "taylor"

@@ -8,35 +8,16 @@ import math
 import pytest
 import torch
 
-from lingregion import Config, blocks, corpus, evaluation, freezing, models, reproduce, uncertainty
+from lingregion import blocks, corpus, evaluation, freezing, models, reproduce, uncertainty
 from lingregion.experiments import forgetting, recovery
 from lingregion.experiments.runfolder import Run
 from lingregion.regions import Region
 
-from conftest import TEXT
+from conftest import TEXT, TINY_TRAINING, tiny_config
 
 
 def small_config(tiny_folder, **kw):
-    return Config(
-        **{
-            "model": str(tiny_folder),
-            "seq_len": 16,
-            "score_tokens": 32,
-            "eval_tokens": 32,
-            "score_langs": ["ru", "es"],
-            "train_lang": "ru",
-            "train_other": "es",
-            "train_track": ["es", "zh"],
-            "train_ratio": 0.05,
-            "train_samples": [0, 2, 6],
-            "train_batch": 2,
-            "train_warmup": 1,
-            "train_lr": 1e-2,
-            "train_eval_tokens": 32,
-            "experiments": ["forgetting"],
-            **kw,
-        }
-    )
+    return tiny_config(tiny_folder, **{**TINY_TRAINING, "experiments": ["forgetting"], **kw})
 
 
 def test_forgetting_matches_a_hand_replay_with_intervals_and_resumes(tiny_folder, tmp_path, monkeypatch):

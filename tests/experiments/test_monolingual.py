@@ -5,19 +5,17 @@ import json
 
 import pytest
 
-from lingregion import Config, evaluation, interventions, models, reproduce
+from lingregion import evaluation, interventions, models, reproduce
 from lingregion.experiments.runfolder import Run
 from lingregion.regions import Region
 
+from conftest import tiny_config
+
 
 def test_interaction_matrix_uses_the_core_evaluation(tiny_folder, tmp_path, tokenizer):
-    cfg = Config(
-        model=str(tiny_folder),
-        seq_len=16,
-        score_tokens=32,
-        eval_tokens=32,
+    cfg = tiny_config(
+        tiny_folder,
         mono_eval_tokens=32,
-        score_langs=["ru", "es"],
         eval_langs=["ru", "uk", "es"],
         mono_langs=["ru", "uk", "es"],
         mono_ratio=0.1,

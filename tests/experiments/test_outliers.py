@@ -10,16 +10,12 @@ from lingregion import Config, corpus, evaluation, interventions, models, reprod
 from lingregion.experiments import outliers
 from lingregion.experiments.runfolder import Run
 
-from conftest import TEXT, make_model
+from conftest import TEXT, make_model, tiny_config
 
 
 def test_outliers_experiment_matches_direct_evaluation_with_intervals(tiny_folder, tmp_path):
-    cfg = Config(
-        model=str(tiny_folder),
-        seq_len=16,
-        score_tokens=32,
-        eval_tokens=32,
-        score_langs=["ru", "es"],
+    cfg = tiny_config(
+        tiny_folder,
         eval_langs=["ru"],
         struct_langs=["ru", "zh"],
         outlier_layers=2,

@@ -7,37 +7,18 @@ import json
 import pytest
 import torch
 
-from lingregion import Config, blocks, corpus, evaluation, freezing, interventions, models, reproduce, uncertainty
+from lingregion import blocks, corpus, evaluation, freezing, interventions, models, reproduce, uncertainty
 from lingregion.experiments import recovery
 from lingregion.experiments.registry import validate
 from lingregion.experiments.runfolder import Run
 from lingregion.regions import Region
 from lingregion.store import LingregionError
 
-from conftest import TEXT
+from conftest import TEXT, TINY_TRAINING, tiny_config
 
 
 def small_config(tiny_folder, **kw):
-    return Config(
-        **{
-            "model": str(tiny_folder),
-            "seq_len": 16,
-            "score_tokens": 32,
-            "eval_tokens": 32,
-            "score_langs": ["ru", "es"],
-            "train_lang": "ru",
-            "train_other": "es",
-            "train_track": ["es", "zh"],
-            "train_ratio": 0.05,
-            "train_samples": [0, 2, 6],
-            "train_batch": 2,
-            "train_warmup": 1,
-            "train_lr": 1e-2,
-            "train_eval_tokens": 32,
-            "experiments": ["recovery"],
-            **kw,
-        }
-    )
+    return tiny_config(tiny_folder, **{**TINY_TRAINING, "experiments": ["recovery"], **kw})
 
 
 def test_recovery_matches_a_hand_replay_with_intervals_and_resumes(tiny_folder, tmp_path, monkeypatch):

@@ -6,29 +6,25 @@ import math
 import pytest
 import torch
 
-from lingregion import Config, models, reproduce, scoring, uncertainty
+from lingregion import models, reproduce, scoring, uncertainty
 from lingregion.experiments import stability
 from lingregion.experiments.runfolder import Run
 
+from conftest import tiny_config
+
 
 def _config(tiny_folder, **kw):
-    return Config(
-        **{
-            "model": str(tiny_folder),
-            "seq_len": 16,
-            "score_tokens": 64,
-            "eval_tokens": 32,
-            "score_langs": ["ru", "es"],
-            "eval_langs": ["ru", "es"],
-            "ratios": [0.05],
-            "random_seeds": 2,
-            "batch_size": 2,
-            "stability_langs": ["ru"],
-            "stability_tokens": 128,
-            "experiments": ["removal", "stability"],
-            **kw,
-        }
-    )
+    base = {
+        "score_tokens": 64,
+        "eval_langs": ["ru", "es"],
+        "ratios": [0.05],
+        "random_seeds": 2,
+        "batch_size": 2,
+        "stability_langs": ["ru"],
+        "stability_tokens": 128,
+        "experiments": ["removal", "stability"],
+    }
+    return tiny_config(tiny_folder, **{**base, **kw})
 
 
 def test_budgets_are_even_prefixes():

@@ -6,28 +6,16 @@ import json
 import pytest
 import torch
 
-from lingregion import Config, blocks, corpus, evaluation, interventions, models, reproduce, slices, uncertainty
+from lingregion import blocks, corpus, evaluation, interventions, models, reproduce, slices, uncertainty
 from lingregion.experiments import structural
 from lingregion.experiments.runfolder import Run
 
-from conftest import TEXT
+from conftest import TEXT, tiny_config
 
 
 def config(tiny_folder, **kw):
-    return Config(
-        **{
-            "model": str(tiny_folder),
-            "seq_len": 16,
-            "score_tokens": 32,
-            "eval_tokens": 32,
-            "score_langs": ["ru", "es"],
-            "eval_langs": ["ru"],
-            "struct_langs": ["ru", "zh"],
-            "struct_dims": [1, 4],
-            "experiments": ["structural"],
-            **kw,
-        }
-    )
+    base = {"eval_langs": ["ru"], "struct_langs": ["ru", "zh"], "struct_dims": [1, 4], "experiments": ["structural"]}
+    return tiny_config(tiny_folder, **{**base, **kw})
 
 
 def test_structural_experiment_matches_direct_evaluation_with_intervals(tiny_folder, tmp_path):
