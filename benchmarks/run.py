@@ -700,7 +700,7 @@ def markdown_extra(r: dict) -> str:
         ]
         out += [
             f"| Jaccard of per-matrix {k} (bf16 scores vs fp32 scores) | | | {v['jaccard']:.4f} |"
-            for k, v in (b["regions"] or {}).items()
+            for k, v in b["regions"].items()
         ]
         if b.get("note"):
             out += ["", f"*{b['note']}.*"]
