@@ -7,13 +7,12 @@ bits per byte, generation) → experiments (one module per paper experiment) →
 The verbs below are the notebook API; `lingregion.<module>` holds the machinery behind each.
 """
 
-__version__ = "0.1.0"
-
 from .api import applied, core, generate, monolingual, perplexity, plot, removed, score, windows
 from .config import Config
 from .models import Model, load
 from .pipeline import reproduce
 from .regions import Region
+from .version import __version__
 
 __all__ = [
     "Config",

@@ -13,9 +13,9 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from . import __version__
 from .config import Config, field_types
 from .store import LingregionError
+from .version import __version__
 
 DEFAULT_OUT = "lingregion-run"
 MODEL_FIELDS = ["model", "dtype", "device", "trust_remote_code"]
@@ -142,8 +142,8 @@ def _load(cfg: Config):
 
 
 def _removal_table(table: dict, langs: list[str]) -> str:
-    from .blocks import markdown_table
     from .experiments import removal
+    from .markup import markdown_table
 
     return markdown_table(*removal.table({"settings": list(table), "languages": langs, "table": table}))
 
@@ -151,8 +151,8 @@ def _removal_table(table: dict, langs: list[str]) -> str:
 # --- commands ---------------------------------------------------------------------------------------------
 def cmd_reproduce(args) -> None:
     """Every selected experiment, the results and the report."""
-    from .blocks import markdown_table
     from .experiments import removal
+    from .markup import markdown_table
     from .pipeline import reproduce
 
     results = reproduce(config(args, quick=args.quick), Path(args.out))
@@ -163,7 +163,7 @@ def cmd_reproduce(args) -> None:
 
 def cmd_score(args) -> None:
     """Per-language importance files, as a run folder keeps them."""
-    from .experiments.runfolder import Run, check_out
+    from .run import Run, check_out
 
     langs = _named_langs(args)
     cfg = config(args, score_langs=langs, eval_langs=[], experiments=[])
@@ -255,7 +255,7 @@ def cmd_locate(args) -> None:
         print(
             "lingregion: note: this region may differ slightly from the one fp32 scores give: "
             + "; ".join(inexact)
-            + " (score with --score-precision float32 for exact sums and shares)",
+            + " (score with --score-storage float32 for exact sums and shares)",
             file=sys.stderr,
         )
     if args.kind == "monolingual":
@@ -280,7 +280,7 @@ def cmd_locate(args) -> None:
 
 def cmd_evaluate(args) -> None:
     """Perplexity (and lm-eval tasks) with a region removed, or on the unmodified model."""
-    from . import api, blocks
+    from . import api, markup
     from .regions import Region
 
     cfg, langs, texts = _eval_config(args)
@@ -309,9 +309,9 @@ def cmd_evaluate(args) -> None:
         print(_removal_table({setting: rows}, langs))
     if lm:
         print(
-            blocks.markdown_table(
+            markup.markdown_table(
                 ["Task", "Metric", setting],
-                [[t, k, blocks.fmt(v)] for t, r in lm.items() for k, v in r.items() if isinstance(v, float)],
+                [[t, k, markup.fmt(v)] for t, r in lm.items() for k, v in r.items() if isinstance(v, float)],
             )
         )
 
@@ -445,7 +445,7 @@ def _stability_parser(sub) -> None:
     add_config_flags(
         st,
         MODEL_FIELDS
-        + ["seq_len", "stability_tokens", "stability_precision", "ratios", "seed", "include", "exclude", "texts"],
+        + ["seq_len", "stability_tokens", "stability_other_dtype", "ratios", "seed", "include", "exclude", "texts"],
     )
     st.set_defaults(func=cmd_stability)
 

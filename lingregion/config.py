@@ -77,7 +77,7 @@ class Config:
     )
     seq_len: int = opt(512, "tokens per window, BOS included", quick=256)
     score_tokens: int = opt(2048, "scoring tokens per language", quick=512)
-    score_precision: str = opt(
+    score_storage: str = opt(
         "compact",
         "how score files are kept: compact (every region the run makes stays exact; 0.74 bytes per scored "
         "parameter when the largest region share is 0.03), bfloat16 (2 bytes) or float32 (4 bytes, as computed)",
@@ -152,7 +152,7 @@ class Config:
     )
     stability_langs: list[str] = opt(["ru", "zh"], "languages scored at growing budgets", langs=True, quick=["ru"])
     stability_tokens: int = opt(4096, "scoring tokens of the largest budget (1/8, 1/4, 1/2 and all of it)", quick=1024)
-    stability_precision: bool = opt(
+    stability_other_dtype: bool = opt(
         True, "also score the first stability language in the other precision (an extra copy of the model)"
     )
     # --- estimators ---------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ class Config:
     train_accum: int = opt(1, "forward/backward passes per optimizer step (the paper: 256 samples per step)")
     train_lr: float = opt(5e-5, "peak learning rate (the paper's)")
     train_warmup: int = opt(2, "linear warm-up steps (the paper: 100)", quick=1)
-    train_precision: str = opt(
+    train_dtype: str = opt(
         "float32",
         "training precision: fp32, or bf16 autocast over fp32 master weights",
         choices=["float32", "bfloat16"],

@@ -32,7 +32,7 @@ from .store import LingregionError
 LOGIT_CHUNK = 256  # positions per output-layer call with gradients: 256 × 262K fp32 logits ≈ 270 MB
 # Positions × vocabulary entries per output-layer call without gradients. 2048 × 2048 fp32 logits (16 MB)
 # stay in a CPU's cache while their log-sum-exp is taken; a GPU wants fewer, larger calls.
-BLOCKS = {"cpu": (2048, 2048), "cuda": (8192, 8192)}
+TILES = {"cpu": (2048, 2048), "cuda": (8192, 8192)}
 NLL_BLOCK = 64  # predicted tokens per resampling unit of the bootstrap: --quick's one window still gives several
 
 
@@ -83,9 +83,9 @@ def output_head(model):
     return lambda hidden: _logits(head, cap, hidden)
 
 
-def blocks(device_type: str) -> tuple[int, int]:
+def tiles(device_type: str) -> tuple[int, int]:
     """Positions × vocabulary entries per output-layer call without gradients on this kind of device."""
-    return BLOCKS.get(device_type, BLOCKS["cuda"])
+    return TILES.get(device_type, TILES["cuda"])
 
 
 def hidden_and_targets(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,13 +99,13 @@ def token_nll(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     ever forming the logits of every position over the whole vocabulary.
 
     The output layer runs on a block of positions × a slice of the vocabulary at a time, and a running
-    log-sum-exp carries each position's normaliser from slice to slice. The blocks are small enough
+    log-sum-exp carries each position's normaliser from slice to slice. The tiles are small enough
     for a CPU to keep them in cache between the product and the reductions over them, so this is faster
     than one full-vocabulary product (BENCHMARKS.md), and the weight is read once per block of positions.
     """
     head, cap = output_layer(model)
     weight, bias = head.weight, head.bias
-    rows, cols = blocks(weight.device.type)
+    rows, cols = tiles(weight.device.type)
     hidden, targets = hidden.to(weight.device), targets.to(weight.device)
     out = torch.empty(len(targets), dtype=torch.float32, device=weight.device)
     buffer = torch.empty(min(rows, len(targets)) * min(cols, len(weight)), dtype=weight.dtype, device=weight.device)

@@ -39,7 +39,7 @@ from .corpus import Windows
 from .regions import Region
 from .store import LingregionError, read_tensors, sha256_bytes, write_tensors
 
-PRECISIONS = ("float32", "bfloat16")
+TRAIN_DTYPES = ("float32", "bfloat16")
 CHECKPOINT_FORMAT = "lingregion-training-checkpoint-v1"
 
 
@@ -259,7 +259,7 @@ class TrainConfig:
     batch_size: int = 1  # windows per forward/backward
     accumulation: int = 1  # forward/backward passes per step
     clip: float = 1.0  # max global gradient norm; 0 turns clipping off
-    precision: str = "float32"  # or "bfloat16": autocast compute, fp32 master weights and optimizer state
+    dtype: str = "float32"  # or "bfloat16": autocast compute, fp32 master weights and optimizer state
     seed: int = 0
     eval_steps: list[int] = field(default_factory=list)  # after these steps (0 = before training)
     eval_batch_size: int = 4
@@ -271,15 +271,15 @@ class TrainConfig:
         return self.batch_size * self.accumulation
 
     def validate(self) -> None:
-        """Refuse a run that cannot be trained: sizes or rates out of range, unknown precision, steps past the end."""
+        """Refuse a run that cannot be trained: sizes or rates out of range, unknown dtype, steps past the end."""
         if self.steps < 1 or self.batch_size < 1 or self.accumulation < 1 or self.eval_batch_size < 1:
             raise LingregionError("training steps, batch size and accumulation must be ≥ 1")
         if not (self.lr > 0 and self.weight_decay >= 0 and self.clip >= 0 and self.warmup >= 0):
             raise LingregionError("training needs lr > 0, weight decay ≥ 0, clip ≥ 0 and warm-up ≥ 0")
         if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
             raise LingregionError(f"betas {self.betas} must be two numbers in [0, 1), e.g. 0.9,0.95")
-        if self.precision not in PRECISIONS:
-            raise LingregionError(f"unknown training precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+        if self.dtype not in TRAIN_DTYPES:
+            raise LingregionError(f"unknown training dtype {self.dtype!r}; use one of {', '.join(TRAIN_DTYPES)}")
         bad = [s for s in self.eval_steps if not 0 <= s <= self.steps]
         if bad:
             raise LingregionError(f"evaluation step {bad[0]} is outside 0..{self.steps}; choose steps within the run")
@@ -336,22 +336,22 @@ class Stream:
 
 
 # --- one step -------------------------------------------------------------------------------------------
-def _autocast(precision: str, device: torch.device):
-    if precision == "bfloat16":
+def _autocast(dtype: str, device: torch.device):
+    if dtype == "bfloat16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
-def backward(model, logits_fn, ids: torch.Tensor, tokens: int, precision: str) -> float:
+def backward(model, logits_fn, ids: torch.Tensor, tokens: int, dtype: str) -> float:
     """Backpropagate Σ NLL(ids) / tokens and return Σ NLL. The output layer runs LOGIT_CHUNK positions
     at a time into a detached copy of the hidden states (a 262K vocabulary makes full logits the largest
     tensor), then the transformer's backward runs once from the gathered hidden-state gradient."""
-    with _autocast(precision, ids.device):
+    with _autocast(dtype, ids.device):
         hidden, targets = evaluation.hidden_and_targets(model, ids)
     leaf = hidden.detach().requires_grad_(True)
     total = 0.0
     for i in range(0, len(targets), evaluation.LOGIT_CHUNK):
-        with _autocast(precision, ids.device):
+        with _autocast(dtype, ids.device):
             logits = logits_fn(leaf[i : i + evaluation.LOGIT_CHUNK])
         nll = F.cross_entropy(logits.float(), targets[i : i + evaluation.LOGIT_CHUNK], reduction="sum")
         (nll / tokens).backward()
@@ -371,7 +371,7 @@ def _step(
 ) -> tuple[float, float, float]:
     """One weight update from several micro-batches; returns (mean token loss, gradient norm, lr used)."""
     tokens = sum(ids[:, 1:].numel() for ids in micro)
-    nll = sum(backward(model, logits_fn, ids, tokens, cfg.precision) for ids in micro)
+    nll = sum(backward(model, logits_fn, ids, tokens, cfg.dtype) for ids in micro)
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf)
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
@@ -485,7 +485,7 @@ def train(
     if low:
         raise LingregionError(
             f"{low[0]} is {params[low[0]].dtype}: training keeps fp32 master weights; load the "
-            "model in float32 and use precision bfloat16 for bf16 compute"
+            "model in float32 and use dtype bfloat16 for bf16 compute"
         )
     stream = Stream(data, cfg.seed)
     if len(stream) < cfg.batch_size:

@@ -4,7 +4,7 @@ Scoring holds the weights, one fp32 accumulator per scored parameter, the activa
 for one batch, one scored parameter's transient gradient, and one output-layer chunk of fp32 logits
 (whose buffer becomes their gradient; three buffers with soft-capping, plus the head's own output in
 the model's dtype when that is not fp32). Evaluation holds the weights, one layer's intermediates and
-one output-layer block (evaluation.BLOCKS: positions × vocabulary entries, in the model's dtype, plus
+one output-layer block (evaluation.TILES: positions × vocabulary entries, in the model's dtype, plus
 its fp32 copy when that is not fp32).
 
 Parameter counts come from the model built on the "meta" device (no memory). Activations are measured,
@@ -19,7 +19,7 @@ import copy
 
 import torch
 
-from .evaluation import LOGIT_CHUNK, blocks
+from .evaluation import LOGIT_CHUNK, tiles
 from .models import DTYPES, scored_names
 
 GB = 1e9
@@ -109,7 +109,7 @@ def estimate(config, seq_len: int, batch_size: int, dtype: str = "bfloat16", dev
     out["scoring_peak"] = sum(
         out[key] for key in ("weights", "accumulators", "activations", "output_chunk", "transient_gradient")
     )
-    rows, cols = blocks(device.split(":")[0])
+    rows, cols = tiles(device.split(":")[0])
     block = min(rows, batch_size * (seq_len - 1)) * min(cols, config.vocab_size)
     out["evaluation_block"] = block * (size + (4 if size != 4 else 0))
     out["evaluation_peak"] = out["weights"] + out["evaluation_block"] + per_layer

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .architectures import layer_prefix, routers
 from .store import LingregionError, read_json, sha256_file, write_json
 
 DEFAULT_MODEL = "builtin:gemma-3-270m"
-# Mixture-of-experts routers (slices.MAPPINGS role "router") are scored, selected, removed and trained like
+# Mixture-of-experts routers (architectures.MAPPINGS role "router") are scored, selected, removed and trained like
 # any matrix of a layer: zeroing a router entry changes the model's output as any removal does, and further
 # pre-training trains routers. Set False to leave them out of the default scored (and trained) parameters.
 ROUTER_SCORED = True
@@ -219,15 +220,6 @@ def load(
     return Model(model, tokenizer, info, names, removed_values(model, names))
 
 
-def layer_prefix(model: nn.Module) -> str:
-    """Name of the ModuleList holding the transformer blocks (model.layers, transformer.h, ...)."""
-    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return name + "."
-    raise LingregionError(f"{type(model).__name__}: cannot find its list of {n} transformer layers")
-
-
 def scored_names(model: nn.Module, include: str | None = None, exclude: str | None = None) -> list[str]:
     """Parameters that scoring and regions cover: by default every parameter inside a transformer layer
     (attention, MLP, the layers' norms), leaving out embeddings, the final norm and the LM head."""
@@ -243,18 +235,6 @@ def scored_names(model: nn.Module, include: str | None = None, exclude: str | No
     if not names:
         raise LingregionError(f"no parameter matches include={include!r} exclude={exclude!r}; loosen the patterns")
     return names
-
-
-def routers(model: nn.Module) -> list[str]:
-    """Names of the mixture-of-experts router parameters inside the layers (none for a dense model)."""
-    from .slices import role_of  # slices builds on this module
-
-    prefix = layer_prefix(model)
-    return [
-        n
-        for n, _ in model.named_parameters()
-        if n.startswith(prefix) and role_of(n[len(prefix) :].partition(".")[2].removesuffix(".weight")) == "router"
-    ]
 
 
 def fingerprint(model: nn.Module) -> str:

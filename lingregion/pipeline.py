@@ -9,7 +9,7 @@ from pathlib import Path
 from . import models, report
 from .config import Config
 from .experiments.registry import EXPERIMENTS, validate
-from .experiments.runfolder import Run, check_out
+from .run import Run, check_out
 from .store import write_json, write_text
 
 
@@ -26,7 +26,7 @@ def reproduce(cfg: Config | None = None, out: Path | str = "lingregion-run", pro
     results, seconds = {}, {}
     for name in [n for n in EXPERIMENTS if n in cfg.experiments]:
         t0 = time.time()
-        results[name] = EXPERIMENTS[name].run(run)
+        results[name] = EXPERIMENTS[name].measure(run)
         seconds[name] = round(time.time() - t0, 1)
     write_json(
         run.out / "run.json",

@@ -12,8 +12,8 @@ import html
 import re
 from pathlib import Path
 
-from .blocks import bullets, heading, markdown_table
 from .experiments.registry import EXPERIMENTS
+from .markup import bullets, heading, markdown_table
 from .store import LingregionError, read_json, write_text
 
 

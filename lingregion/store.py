@@ -17,6 +17,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .version import __version__
+
 
 class LingregionError(Exception):
     """A problem the user can fix; the CLI prints it as one line and exits with code 2."""
@@ -116,8 +118,6 @@ def sha256_file(path: Path) -> str:
 def environment() -> dict:
     """Versions of lingregion, torch, transformers and Python, and the platform: part of every provenance record."""
     import transformers
-
-    from . import __version__
 
     return {
         "lingregion": __version__,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, AutoModelForCausalLM, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from lingregion import api, corpus, evaluation, export, freezing, interventions, models, scoring, slices
+from lingregion import api, architectures, corpus, evaluation, export, freezing, interventions, models, scoring, slices
 from lingregion.store import LingregionError
 
 from conftest import CONFIGS, TEXT, make_model
@@ -103,7 +103,7 @@ def test_whole_pipeline(arch, tokenizer, tmp_path):
     for n in m.names:
         want = ((params[n].detach() - m.removed[n]) * grads[n]).abs()
         torch.testing.assert_close(scores[n], want, rtol=1e-3, atol=1e-4 * float(want.max()) + 1e-12)
-    routers = models.routers(model)
+    routers = architectures.routers(model)
     assert bool(routers) == (arch in MOE)
     assert set(routers) <= set(m.names)  # models.ROUTER_SCORED: routers are scored like any matrix
     if arch in MOE:
@@ -146,7 +146,7 @@ def test_whole_pipeline(arch, tokenizer, tmp_path):
 
     # outlier scan: residual peaks and perturbation changes by hand
     if arch in POST_NORM:
-        with pytest.raises(slices.NotApplicable, match="post-norm"):
+        with pytest.raises(architectures.NotApplicable, match="post-norm"):
             slices.scan(model, [w], [0, 1], batch_size=4, progress=False)
         result = slices.scan(model, [w], [], batch_size=4, progress=False)  # massive activations still apply
     else:
@@ -158,7 +158,7 @@ def test_whole_pipeline(arch, tokenizer, tmp_path):
         assert torch.equal(result.peak[layer], x.abs().amax(0))
         if arch in POST_NORM:
             continue
-        norm = slices.input_norms(model)[layer]
+        norm = architectures.input_norms(model)[layer]
         module = model.get_submodule(norm.rpartition(".")[0])
         if isinstance(module, torch.nn.LayerNorm):
             xhat = F.layer_norm(x, (HIDDEN,), eps=module.eps)
@@ -256,9 +256,9 @@ def differ_at(d, shape=(1, 7, HIDDEN), seed=0):
 def test_structural_families_cut_what_they_name(arch, tokenizer):
     model = make_model(arch)
     before = state(model)
-    n, kv, hd = slices.heads(model)
+    n, kv, hd = architectures.heads(model)
     ids = windows(tokenizer).input_ids[0][None, :12]
-    found = slices.blocks(model)
+    found = architectures.parts(model)
     by_role = {}
     for b in found:
         by_role.setdefault((b.layer, b.role), []).append(b)
@@ -338,44 +338,44 @@ def test_unknown_architecture_says_what_is_missing_and_how_to_register_it(monkey
     msg = str(e.value)
     assert "\n" not in msg
     assert msg.startswith("cannot find the attention output projection of layer 0 in FooForCausalLM")
-    assert "self_attn.wo" in msg and "lingregion.slices.register(SUFFIX, 'o')" in msg
+    assert "self_attn.wo" in msg and "lingregion.architectures.register(SUFFIX, 'o')" in msg
     with pytest.raises(LingregionError, match=r"input \(pre-attention\) norm of layer 0 in FooForCausalLM") as e:
-        slices.input_norms(model)
+        architectures.input_norms(model)
     assert "pre_attn_norm" in str(e.value) and "register(SUFFIX, 'input_norm')" in str(e.value)
 
-    monkeypatch.setattr(slices, "MAPPINGS", dict(slices.MAPPINGS))  # registrations end with the test
-    slices.register("self_attn.wo", "o")
-    slices.register("pre_attn_norm", "input_norm")
-    assert slices.input_norms(model) == [f"model.layers.{i}.pre_attn_norm.weight" for i in range(2)]
+    monkeypatch.setattr(architectures, "MAPPINGS", dict(architectures.MAPPINGS))  # registrations end with the test
+    architectures.register("self_attn.wo", "o")
+    architectures.register("pre_attn_norm", "input_norm")
+    assert architectures.input_norms(model) == [f"model.layers.{i}.pre_attn_norm.weight" for i in range(2)]
     edits = slices.dimension_removal(model, [7])
     wo = {e.name: e.index for e in edits}["model.layers.1.self_attn.wo.weight"]
     assert torch.equal(wo, torch.arange(7 * HIDDEN, 8 * HIDDEN))  # row 7 of o: what attention writes into 7
 
     with pytest.raises(LingregionError, match="unknown role"):
-        slices.register("mlp.w9", "feed")
+        architectures.register("mlp.w9", "feed")
     with pytest.raises(LingregionError, match="suffix"):
-        slices.register("self_attn.wo.weight", "o")
+        architectures.register("self_attn.wo.weight", "o")
 
 
 def test_an_unmapped_extra_matrix_is_named(monkeypatch):
     model = make_model("llama")
     model.model.layers[1].mlp.w_extra = torch.nn.Linear(HIDDEN, HIDDEN, bias=False)
     with pytest.raises(LingregionError, match=r"layer 1 has a matrix 'mlp.w_extra' that no mapping places") as e:
-        slices.blocks(model)
+        architectures.parts(model)
     assert "\n" not in str(e.value)
-    monkeypatch.setattr(slices, "MAPPINGS", dict(slices.MAPPINGS))
-    slices.register("mlp.w_extra", "other")  # leave it out of the structural families
-    assert "model.layers.1.mlp.w_extra.weight" not in {b.name for b in slices.blocks(model)}
+    monkeypatch.setattr(architectures, "MAPPINGS", dict(architectures.MAPPINGS))
+    architectures.register("mlp.w_extra", "other")  # leave it out of the structural families
+    assert "model.layers.1.mlp.w_extra.weight" not in {b.name for b in architectures.parts(model)}
 
 
 def test_router_choice_is_visible_and_switchable(monkeypatch, tokenizer):
     model = make_model("mixtral")
-    routers = models.routers(model)
+    routers = architectures.routers(model)
     assert routers == [f"model.layers.{i}.mlp.gate.weight" for i in range(2)]
     assert set(routers) <= set(models.scored_names(model))
     monkeypatch.setattr(models, "ROUTER_SCORED", False)
     assert not set(routers) & set(models.scored_names(model))
-    assert "router" in models.ROUTER_NOTE and models.routers(make_model("llama")) == []
+    assert "router" in models.ROUTER_NOTE and architectures.routers(make_model("llama")) == []
 
 
 def test_router_note_reaches_the_provenance(tmp_path, tokenizer):

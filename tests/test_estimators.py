@@ -6,8 +6,8 @@ import torch
 
 from lingregion import Config, corpus, importance, models, reproduce, scoring
 from lingregion.experiments.registry import validate
-from lingregion.experiments.runfolder import Run
 from lingregion.regions import select
+from lingregion.run import Run
 from lingregion.store import LingregionError
 
 from conftest import TEXT, tiny_config

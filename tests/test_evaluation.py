@@ -44,7 +44,7 @@ def test_blocked_token_nll_equals_full_log_softmax(tiny, monkeypatch, case):
             head.weight.copy_(model.lm_head.weight)
             head.bias.normal_(0.0, 2.0)
         model.lm_head = head
-    monkeypatch.setitem(evaluation.BLOCKS, "cpu", (5, 7))
+    monkeypatch.setitem(evaluation.TILES, "cpu", (5, 7))
     ids = torch.randint(3, VOCAB, (2, 13), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         hidden, targets = evaluation.hidden_and_targets(model, ids)

@@ -74,7 +74,7 @@ def test_frozen_region_is_bit_identical_in_the_training_loop(tiny, tokenizer, pr
     model = tiny("gemma3")
     region = random_region(model)
     before = snapshot(model)
-    cfg = freezing.TrainConfig(steps=25, batch_size=2, accumulation=2, precision=precision, **STRONG)
+    cfg = freezing.TrainConfig(steps=25, batch_size=2, accumulation=2, dtype=precision, **STRONG)
     hist = freezing.train(model, data(tokenizer), cfg, frozen=region, progress=False)
     assert_frozen_exact_and_rest_moved(model, before, region)
     assert hist["frozen_entries"] == region.count()
@@ -327,7 +327,7 @@ def test_bad_input_is_one_line_error(tiny, tokenizer):
     w = data(tokenizer)
     for cfg, words in [
         (freezing.TrainConfig(steps=0), "≥ 1"),
-        (freezing.TrainConfig(steps=2, precision="float16"), "precision"),
+        (freezing.TrainConfig(steps=2, dtype="float16"), "dtype"),
         (freezing.TrainConfig(steps=2, eval_steps=[3]), "outside"),
         (freezing.TrainConfig(steps=2, betas=(0.9, 1.5)), "betas"),
         (freezing.TrainConfig(steps=2, batch_size=10_000), "fewer than the batch size"),
@@ -358,7 +358,7 @@ def test_real_model_top_freeze_in_bf16_keeps_the_region_removed():
     top = select({n: params[n].detach().abs() for n in layer}, 0.01, "top")
     before = {n: params[n].detach().clone() for n in layer}
     data = corpus.load_windows(m.tokenizer, "zh", "score", 64, 4 * 64)
-    cfg = freezing.TrainConfig(steps=3, lr=1e-4, warmup=0, batch_size=2, precision="bfloat16")
+    cfg = freezing.TrainConfig(steps=3, lr=1e-4, warmup=0, batch_size=2, dtype="bfloat16")
     h = freezing.train(m.module, data, cfg, names, frozen=top, frozen_values=removed, progress=False)
     assert h["trainable_parameters"] < 0.4 * sum(p.numel() for p in m.module.parameters())  # embedding left out
     assert h["loss"][-1] < h["loss"][0]

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lingregion import blocks, report
+from lingregion import markup, report
 from lingregion.figures import png
 
 VOID = {"meta", "img", "br", "hr", "link", "input"}
@@ -52,12 +52,12 @@ def test_blocks_render_to_both_documents(tmp_path):
     (tmp_path / "figures").mkdir()
     (tmp_path / "figures" / "a.png").write_bytes(png(fig))
     parts = [
-        blocks.heading("Title <x>", 1),
-        blocks.text("uses `code` and **bold** & more"),
-        blocks.bullets(["one", "two | three"]),
-        blocks.table(["lang", "ppl"], [["ru", "1.5"], ["a|b", "2"]], caption="what to look for"),
-        blocks.figure("figures/a.png", "a line"),
-        blocks.figure("figures/missing.png", "never drawn"),
+        markup.heading("Title <x>", 1),
+        markup.text("uses `code` and **bold** & more"),
+        markup.bullets(["one", "two | three"]),
+        markup.table(["lang", "ppl"], [["ru", "1.5"], ["a|b", "2"]], caption="what to look for"),
+        markup.figure("figures/a.png", "a line"),
+        markup.figure("figures/missing.png", "never drawn"),
     ]
     md = report.to_markdown(parts, tmp_path)
     assert md.startswith("# Title <x>\n")
@@ -72,7 +72,7 @@ def test_blocks_render_to_both_documents(tmp_path):
 
 def test_table_rows_must_match_head():
     with pytest.raises(ValueError, match="2 cells"):
-        blocks.table(["a", "b"], [["1"]])
+        markup.table(["a", "b"], [["1"]])
 
 
 def test_report_needs_saved_results(tmp_path):

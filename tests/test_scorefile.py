@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lingregion import Config, models, scorefile
-from lingregion.experiments.runfolder import Run
 from lingregion.regions import matching, monolingual, select
+from lingregion.run import Run
 from lingregion.store import LingregionError, read_tensors, write_tensors
 
 from conftest import TEXT
@@ -154,7 +154,7 @@ def test_run_keeps_compact_language_files_and_an_exact_core(tiny_folder, tmp_pat
         assert m_["precision"] == "compact" and m_["exact_share"] == 0.05, name
 
     # the fp32 scores, computed again, give the same regions as the compact files
-    again = Run(tmp_path / "fp32", replace(cfg, score_precision="float32"), m, progress=False)
+    again = Run(tmp_path / "fp32", replace(cfg, score_storage="float32"), m, progress=False)
     exact = {lang: again.scores(lang) for lang in ("ru", "es")}
     exact_core = again.core_scores()
     for side in ("top", "bottom"):

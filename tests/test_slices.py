@@ -5,7 +5,7 @@ are tested in experiments/test_structural.py and experiments/test_outliers.py.""
 import pytest
 import torch
 
-from lingregion import corpus, interventions, slices
+from lingregion import architectures, corpus, interventions, slices
 from lingregion.regions import Region
 from lingregion.store import LingregionError
 
@@ -190,14 +190,14 @@ def test_dimension_removal_is_feature_ffn_at_a_common_index(tiny):
 
 
 def norm_output(model, layer, x):
-    return model.get_submodule(slices.input_norms(model)[layer].rpartition(".")[0])(x)
+    return model.get_submodule(architectures.input_norms(model)[layer].rpartition(".")[0])(x)
 
 
 @pytest.mark.parametrize("arch,init", [("llama", 1.0), ("gemma3", 0.0), ("gpt2", 1.0)])
 def test_perturbation_acts_on_the_effective_scale(tiny, arch, init):
     model = tiny(arch)
     before = state(model)
-    name = slices.input_norms(model)[1]
+    name = architectures.input_norms(model)[1]
     w = before[name]
     x = torch.randn(5, HIDDEN)
     bias = dict(model.named_parameters()).get(name.replace("weight", "bias"))
@@ -228,7 +228,7 @@ def test_scan_finds_a_planted_massive_dimension(tiny, tokenizer, arch):
     model = tiny(arch)
     planted = 13
     emb = model.get_input_embeddings().weight
-    norm = model.get_parameter(slices.input_norms(model)[0])
+    norm = model.get_parameter(architectures.input_norms(model)[0])
     with torch.no_grad():  # one embedding column 200× larger: a massive activation at every token, which
         emb[:, planted] *= 200  # the first norm passes on at half scale (effective scale 0.5), so both
         norm[planted] = -0.5 if arch == "gemma3" else 0.5  # perturbations change what attention reads
@@ -255,7 +255,7 @@ def test_scan_scores_equal_hand_computation(tiny, tokenizer, arch):
         x = torch.cat([h[layer][0] for h in xs])  # residual stream entering the layer, all tokens
         peaks[layer] = x.abs().amax(0)
         xhat = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        wt = model.get_parameter(slices.input_norms(model)[layer]).detach()
+        wt = model.get_parameter(architectures.input_norms(model)[layer]).detach()
         s = 1 + wt if arch == "gemma3" else wt
         y = xhat * s
         for kind, new in (("reset", torch.ones_like(s)), ("x10", 10 * s)):

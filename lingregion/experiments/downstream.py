@@ -12,16 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import blocks, figures, interventions, tasks, uncertainty
+from .. import figures, interventions, markup, tasks, uncertainty
 from ..regions import Region
+from ..run import Run, digest, edits_digest
 from ..store import LingregionError, read_json, write_bytes, write_json
-from .runfolder import Run, digest, edits_digest
 
 NAME = "downstream"
-DOC = (
-    "multiple-choice accuracy (built-in parallel task, lm-eval) with core and monolingual regions "
-    "removed, beside perplexity"
-)
 
 RESULTS = "downstream.json"
 DROP = 0.05  # accuracy points (as a share): a change smaller than this is not called a drop
@@ -77,7 +73,7 @@ class _Cache:
         return self.data["entries"][name]
 
 
-def run(run: Run) -> dict:
+def measure(run: Run) -> dict:
     """Multiple-choice accuracy (and perplexity) of each setting in each language."""
     cfg, m = run.cfg, run.lm
     langs = cfg.down_langs
@@ -355,7 +351,7 @@ def findings(result: dict) -> list[str]:
         out.append(
             f"Removing {_label(s)} changes mean multiple-choice accuracy over {n} languages from {base:.0%} "
             f"to {_mean(result, s):.0%}" + (f" ({_points(e)}, 95% interval)" if e else "") + f" (chance "
-            f"{chance:.0%}), while perplexity is multiplied by {blocks.fmt(min(ppl))}–{blocks.fmt(max(ppl))}"
+            f"{chance:.0%}), while perplexity is multiplied by {markup.fmt(min(ppl))}–{markup.fmt(max(ppl))}"
             + ("" if s.startswith("mono-") else f": removing it {v[s]['claim']} **{v[s]['verdict']}**")
             + (f" ({v[s]['reason']})" if "reason" in v[s] else "")
             + "."
@@ -385,8 +381,8 @@ def section(result: dict) -> list:
     """Report blocks: accuracy ± standard error per language and setting, beside the perplexity ratio."""
     if "skipped" in result:
         return [
-            blocks.heading("Downstream: multiple-choice accuracy with a region removed"),
-            blocks.text(f"Not run: {result['skipped']}."),
+            markup.heading("Downstream: multiple-choice accuracy with a region removed"),
+            markup.text(f"Not run: {result['skipped']}."),
         ]
     settings, langs, acc = result["settings"], result["languages"], result["accuracy"]
     head = ["Language"] + [_label(s) for s in settings]
@@ -398,7 +394,7 @@ def section(result: dict) -> list:
         ]
 
     def ppl_cell(entry):
-        return blocks.cell({"value": entry["ratio"], "ci95": entry.get("ci95")})
+        return markup.cell({"value": entry["ratio"], "ci95": entry.get("ci95")})
 
     both = [
         [lang] + [f"{acc[s][lang]['acc']:.0%} · {ppl_cell(result['perplexity'][s][lang])}" for s in settings]
@@ -406,8 +402,8 @@ def section(result: dict) -> list:
     ]
     n = result["items"][langs[0]]
     out = [
-        blocks.heading("Downstream: multiple-choice accuracy with a region removed"),
-        blocks.text(
+        markup.heading("Downstream: multiple-choice accuracy with a region removed"),
+        markup.text(
             f"Built-in task `{result['task']}` (v{result['task_version']}): the first ~60% of a paragraph of "
             f"the Universal Declaration of Human Rights and four endings, one true, the others from other "
             f"articles; the same {n} items in every language. Scoring: {result['scoring']}. Regions: the core "
@@ -419,7 +415,7 @@ def section(result: dict) -> list:
             )
             + "."
         ),
-        blocks.table(
+        markup.table(
             head,
             both,
             caption="Accuracy · perplexity relative to Base with its 95% interval (paired block bootstrap). "
@@ -427,12 +423,12 @@ def section(result: dict) -> list:
             f"({_chance(result):.0%}) as perplexity explodes; Bottom and Random should stay near Base.",
         ),
         _change_table(result),
-        blocks.figure(
+        markup.figure(
             "figures/downstream.png",
             "Accuracy per language and setting with standard errors; the dashed "
             "line is chance. Look for the Top bars at the line and the others level with Base.",
         ),
-        blocks.table(
+        markup.table(
             head,
             cells("acc_norm"),
             caption="Accuracy per character of the candidate (acc_norm) ± "
@@ -445,9 +441,9 @@ def section(result: dict) -> list:
             for metric in ("acc", "acc_norm", "acc_not_first", "first_chosen"):
                 vals = [result["lmeval"][s].get(task, {}).get(metric) for s in settings]
                 if any(isinstance(v, (int, float)) for v in vals):
-                    rows.append([task, metric] + [blocks.fmt(v) if isinstance(v, (int, float)) else "—" for v in vals])
+                    rows.append([task, metric] + [markup.fmt(v) if isinstance(v, (int, float)) else "—" for v in vals])
         out.append(
-            blocks.table(
+            markup.table(
                 ["Task", "Metric"] + [_label(s) for s in settings],
                 rows,
                 caption="lm-eval tasks run in process on the same model object. acc_not_first: "
@@ -462,11 +458,11 @@ def _change_table(result: dict) -> dict:
     """Accuracy change from Base per language and setting, and its mean, with 95% intervals (text when none)."""
     change = result.get("accuracy_change")
     if not change:
-        return blocks.text("")
+        return markup.text("")
     settings = result["settings"][1:]
     rows = [[lang] + [_points(change[s][lang]) for s in settings] for lang in result["languages"]]
     rows.append(["mean"] + [_points(change[s]["mean"]) for s in settings])
-    return blocks.table(
+    return markup.table(
         ["Language"] + [_label(s) for s in settings],
         rows,
         caption="Accuracy change from Base with its 95% interval (paired bootstrap over items, seeded; the same "

@@ -32,14 +32,13 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .. import blocks, figures, importance, interventions, slices, uncertainty
+from .. import figures, importance, interventions, markup, slices, uncertainty
 from ..corpus import Windows, load_windows
 from ..regions import Region, select
+from ..run import Run, digest
 from ..store import LingregionError, read_json, write_bytes, write_json
-from .runfolder import Run, digest
 
 NAME = "estimators"
-DOC = "Compare importance estimators; specificity of the core region"
 
 RESULTS = "estimators.json"
 CORE = "taylor"  # the paper's estimator: its region is the core region the controls are compared with
@@ -378,7 +377,7 @@ def stability_chart(result: dict) -> bytes:
         x, y, (lo, hi) = e["specificity"]["value"], stability_of(e), e["specificity"]["ci95"]
         size = 30 + 400 * max(e["damage"][k0], 0.0) / top
         ax.errorbar([x], [y], xerr=[[x - lo], [hi - x]], fmt="none", ecolor="#999999", capsize=3, lw=1)
-        ax.scatter([x], [y], s=size, alpha=0.7, label=f"{n} (damage @{_pct(k0)} {blocks.fmt(e['damage'][k0])})")
+        ax.scatter([x], [y], s=size, alpha=0.7, label=f"{n} (damage @{_pct(k0)} {markup.fmt(e['damage'][k0])})")
         ax.annotate(n, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.axvline(0, color="#bbbbbb", ls=":")
     stab = result["stability"]
@@ -418,7 +417,7 @@ def recommendation_text(result: dict) -> str:
     )
 
 
-def run(run: Run) -> dict:
+def measure(run: Run) -> dict:
     """Damage per estimator and ratio against Random, the estimators' overlap, and the specificity controls."""
     cfg, langs = run.cfg, run.cfg.est_eval_langs
     t = importance.Target(run.model, run.names, run.removed)
@@ -734,9 +733,9 @@ def findings(result: dict) -> list[str]:
     who = " and ".join(tied) + (" tie" if len(tied) > 1 else "")
     text = (
         f"Removing the Top {_pct(r0)} of each importance estimator's scores, {who} "
-        f"{'do' if len(tied) > 1 else 'does'} the most damage (mean ln perplexity ratio {blocks.fmt(d[tied[0]][r0])}"
+        f"{'do' if len(tied) > 1 else 'does'} the most damage (mean ln perplexity ratio {markup.fmt(d[tied[0]][r0])}"
         + (", every language past a uniform guess" if tied[0] in full[r0] else "")
-        + f"; then {', '.join(f'{n} {blocks.fmt(d[n][r0])}' for n in rest)}; Random {blocks.fmt(d['random'][r0])})"
+        + f"; then {', '.join(f'{n} {markup.fmt(d[n][r0])}' for n in rest)}; Random {markup.fmt(d['random'][r0])})"
         + (f", with ties broken at {_pct(ratios[k])}." if k else ".")
     )
     out = [text, result["answer"].split(". ")[0].rstrip(".") + "."]
@@ -747,23 +746,23 @@ def findings(result: dict) -> list[str]:
 
 def section(result: dict) -> list:
     """Report blocks: the damage curves, the estimators' overlap, and the specificity of the core region."""
-    fmt, ratios, curves = blocks.fmt, result["ratios"], result["damage"]
+    fmt, ratios, curves = markup.fmt, result["ratios"], result["damage"]
     names = [n for n in curves if n != "random"]
     spec, r0 = result["specificity"], answer_ratio(result) or ratios[0]
     labels = list(spec[r0])
     settings = [spec[r0][label]["setting"] for label in labels]
     over = result["overlap_ratio"]
     return [
-        blocks.heading("Importance estimators and the specificity of the core region"),
-        blocks.text(
+        markup.heading("Importance estimators and the specificity of the core region"),
+        markup.text(
             f"Each estimator scores {', '.join(result['score_languages'])} ({result['tokens_per_language']:,} "
             f"tokens each in windows of {result['score_seq_len']}, one pass for all); its Top k% is set to the "
             f"removed value and the damage is the mean ln(perplexity ratio) over "
             f"{', '.join(result['eval_languages'])} ({result['eval_tokens_per_language']:,} tokens each). "
             "Selection scope: " + ", ".join(f"{n} {s}" for n, s in result["scopes"].items()) + "."
         ),
-        blocks.bullets([f"**{n}**: {d}" for n, d in result["definitions"].items()]),
-        blocks.table(
+        markup.bullets([f"**{n}**: {d}" for n, d in result["definitions"].items()]),
+        markup.table(
             ["estimator", *map(_pct, ratios)],
             [[n, *[fmt(curves[n][r]) for r in ratios]] for n in curves],
             caption="Damage (mean ln perplexity ratio) per share removed: the best estimator does the most "
@@ -771,21 +770,21 @@ def section(result: dict) -> list:
             f"model does worse than a uniform guess over its {result['vocab']:,} tokens (mean cap "
             f"{fmt(mean(result['cap'].values()))}): beyond it a model is destroyed either way.",
         ),
-        blocks.figure(
+        markup.figure(
             "figures/estimators-damage.png",
             "Damage against the share removed (log x): the higher a line "
             "starts on the left, the better the estimator finds what matters.",
         ),
-        blocks.table(
+        markup.table(
             ["", *names],
             [[a, *[f"{result['jaccard'][a][b]:.3f}" for b in names]] for a in names],
             caption=f"Jaccard overlap of the Top {_pct(over)} regions (chance "
             f"{result['chance_jaccard']:.4f}): which estimators find the same parameters?",
         ),
-        blocks.figure("figures/estimators-jaccard.png", "The overlap as a heat map."),
+        markup.figure("figures/estimators-jaccard.png", "The overlap as a heat map."),
         *stability_section(result),
-        blocks.heading("Is the core region specific to language?", 3),
-        blocks.table(
+        markup.heading("Is the core region specific to language?", 3),
+        markup.table(
             ["k", "region", "entries", "Jaccard with core", "share in core", "damage", "of core's damage"],
             [
                 [
@@ -804,7 +803,7 @@ def section(result: dict) -> list:
             "and columns, of fixed size): a control that overlaps it and does as much damage above "
             "Random means the core region is not about the six languages.",
         ),
-        blocks.table(
+        markup.table(
             ["language", *labels],
             [
                 [lang, *[fmt(result["damage_by_language"][s][lang]) for s in settings]]
@@ -813,7 +812,7 @@ def section(result: dict) -> list:
             caption=f"ln perplexity ratio per evaluation language at {_pct(r0)}: does a control hurt some "
             "languages (e.g. its own) more than the core region does?",
         ),
-        blocks.text(result["answer"]),
+        markup.text(result["answer"]),
     ]
 
 
@@ -871,13 +870,13 @@ def stability_section(result: dict) -> list:
     rows = []
     for n, e in table.items():
         if n not in measured:
-            rows.append([n, f"{blocks.fmt(e['damage'][k0])} (#{damage_rank[n]})", *["n/a"] * 6])
+            rows.append([n, f"{markup.fmt(e['damage'][k0])} (#{damage_rank[n]})", *["n/a"] * 6])
             continue
         sp = e["specificity"]
         rows.append(
             [
                 n,
-                f"{blocks.fmt(e['damage'][k0])} (#{damage_rank[n]})",
+                f"{markup.fmt(e['damage'][k0])} (#{damage_rank[n]})",
                 *[level(e, lv) for lv in labels],
                 f"#{stab_rank[n]}",
                 f"{sp['value']:+.3f} [{sp['ci95'][0]:+.3f}, {sp['ci95'][1]:+.3f}] (#{spec_rank[n]})",
@@ -886,8 +885,8 @@ def stability_section(result: dict) -> list:
         )
     skipped = [f"{n}: {e['note']}" for n, e in table.items() if n not in measured]
     return [
-        blocks.heading("Stable and language-specific? Each estimator's per-language regions", 3),
-        blocks.text(
+        markup.heading("Stable and language-specific? Each estimator's per-language regions", 3),
+        markup.text(
             f"Each estimator's per-matrix Top {_pct(at)} of one language's score, from two halves of that "
             f"language's scoring windows (kept apart in the same pass, no extra forward or backward pass). "
             f"Stability: the split-half Jaccard, mean over matrices and over {', '.join(stab['languages'])}, at the "
@@ -895,7 +894,7 @@ def stability_section(result: dict) -> list:
             "language pairs of the within-language split-half Jaccard minus the Jaccard between the two "
             f"languages' halves. Interval: {stab['method']['ci95']}."
         ),
-        blocks.table(
+        markup.table(
             ["estimator", f"damage @{_pct(k0)}", *head, "stability rank", "specificity [95%]", "specificity > 0"],
             rows,
             caption="Damage (mean ln perplexity ratio of the estimator's core region at the smallest k, rank 1 = "
@@ -903,12 +902,12 @@ def stability_section(result: dict) -> list:
             "stability (split-half Jaccard) and specificity side by side. Magnitude reads no text: its halves "
             "and its languages pick the same entries (stability 1, specificity 0).",
         ),
-        blocks.figure(
+        markup.figure(
             "figures/estimators-stability.png",
             "Estimators as points: specificity (x, with its 95% interval), stability (y), damage (marker size). "
             "Right and high is a stable, language-specific region.",
         ),
-        *([blocks.bullets(skipped)] if skipped else []),
-        *([blocks.text(ONE_WINDOW)] if stab.get("fewest_windows_per_half") == 1 else []),
-        blocks.text(recommendation_text(result) + " Rule: " + result["recommendation"]["rule"]),
+        *([markup.bullets(skipped)] if skipped else []),
+        *([markup.text(ONE_WINDOW)] if stab.get("fewest_windows_per_half") == 1 else []),
+        markup.text(recommendation_text(result) + " Rule: " + result["recommendation"]["rule"]),
     ]

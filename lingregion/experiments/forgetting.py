@@ -1,6 +1,6 @@
 """Catastrophic forgetting: further pre-train one language from the unmodified model with the core region
 frozen, a random region of the same size frozen, or nothing frozen, and track the untrained languages.
-The training machinery is shared with the recovery experiment (`lingregion.experiments.recovery`)."""
+The training machinery is shared with the recovery experiment (`lingregion.experiments.training`)."""
 
 from __future__ import annotations
 
@@ -8,26 +8,17 @@ import math
 
 import numpy as np
 
-from .. import blocks, uncertainty
+from .. import markup, uncertainty
+from ..run import Run
 from ..store import write_bytes
-from .recovery import (
-    PAPER_SAMPLES,
-    _change,
-    _curve_figure,
-    _training_record,
-    curves,
-    final,
-    trained,
-    validate,  # noqa: F401  (the same rules: the registry reads it here)
-)
-from .runfolder import Run
+from .training import PAPER_SAMPLES, change, curve_figure, curves, final, trained, training_record, validate_training
 
 NAME = "forgetting"
-DOC = "Forgetting: further pre-train one language with the core region frozen vs none vs random"
 FORGETTING = {"none": "No freezing", "core": "Core frozen", "random": "Random frozen"}
+validate = validate_training  # the same rules for both training experiments
 
 
-def run(run: Run) -> dict:
+def measure(run: Run) -> dict:
     """Train on train_lang from the unmodified model with nothing frozen, the core region (Top
     train_ratio) frozen, or a random region of exactly the same size per matrix frozen; track the
     untrained languages' perplexity."""
@@ -59,11 +50,11 @@ def run(run: Run) -> dict:
         "ci95_method": uncertainty.method_record(seed=cfg.seed)
         | {"languages": "each untrained language's blocks resampled on their own, the same draw for every setting"},
         "verdict_rule": uncertainty.RULE,
-        **_training_record(run, histories),
+        **training_record(run, histories),
         **run.eval_record(langs, cfg.train_eval_tokens),
         "figures": ["figures/forgetting.png"],
     }
-    write_bytes(run.out / "figures" / "forgetting.png", _curve_figure(result, FORGETTING))
+    write_bytes(run.out / "figures" / "forgetting.png", curve_figure(result, FORGETTING))
     run.save("forgetting", result)
     return result
 
@@ -124,7 +115,7 @@ def verdicts(res: dict) -> dict:
             "verdict": uncertainty.INCONCLUSIVE,
             "parts": parts,
             "reason": "with nothing frozen the untrained languages did not measurably get worse (95% interval "
-            f"{blocks.cell(iv['none'])} does not lie above 1), so there was no forgetting to reduce "
+            f"{markup.cell(iv['none'])} does not lie above 1), so there was no forgetting to reduce "
             f"(the paper trains up to {PAPER_SAMPLES[-1]:,} samples)",
         }
     return {"verdict": uncertainty.all_of(list(parts.values())), "parts": parts}
@@ -135,12 +126,12 @@ def findings(res: dict) -> list[str]:
     as a verdict from 95% intervals (see `verdicts`)."""
     x, n = res["languages"][0], res["samples"][-1]
     iv = res.get("intervals", {})
-    f = {s: (blocks.cell(iv[s]) if s in iv else f"×{forgetting(res, s):.3f}") for s in FORGETTING}
+    f = {s: (markup.cell(iv[s]) if s in iv else f"×{forgetting(res, s):.3f}") for s in FORGETTING}
     learned = {s: res["table"][s]["ppl"][x][-1] / res["table"][s]["ppl"][x][0] for s in FORGETTING}
     v = verdicts(res)
     compared = (
-        f" (forgetting core / none {blocks.cell(iv['core_vs_none'])}, "
-        f"core / random {blocks.cell(iv['core_vs_random'])})"
+        f" (forgetting core / none {markup.cell(iv['core_vs_none'])}, "
+        f"core / random {markup.cell(iv['core_vs_random'])})"
         if "core_vs_none" in iv
         else ""
     )
@@ -160,30 +151,30 @@ def section(res: dict) -> list:
     t = res["table"]
     head = ["Setting", f"{x} (trained)"] + others + ["forgetting (geo. mean)"]
     rows = [
-        [FORGETTING[s], _change(t[s]["ppl"][x])]
-        + [_change(t[s]["ppl"][lang]) for lang in others]
-        + [blocks.cell(res["intervals"][s]) if "intervals" in res else f"×{forgetting(res, s):.3f}"]
+        [FORGETTING[s], change(t[s]["ppl"][x])]
+        + [change(t[s]["ppl"][lang]) for lang in others]
+        + [markup.cell(res["intervals"][s]) if "intervals" in res else f"×{forgetting(res, s):.3f}"]
         for s in FORGETTING
     ]
     return [
-        blocks.heading(f"Catastrophic forgetting: train on {x} with the core region frozen"),
-        blocks.text(
+        markup.heading(f"Catastrophic forgetting: train on {x} with the core region frozen"),
+        markup.text(
             f"Training from the unmodified model as in the Table 2 section ({res['samples'][-1]:,} samples); the "
             f"core region (Top {res['ratio']:g}, {res['region_entries']['core']:,} entries) or a random region "
             "of exactly the same size per matrix is held bit-identical; perplexity of the untrained languages "
             f"({', '.join(others)}) is tracked."
         ),
-        blocks.table(
+        markup.table(
             head,
             rows,
             caption="Perplexity before → after training, and its ratio; forgetting with its 95% interval "
             "(block bootstrap, the same draw for every setting). Paper: the untrained "
             "languages' perplexity grows least with the core region frozen. " + uncertainty.RULE,
         ),
-        blocks.figure(
+        markup.figure(
             "figures/forgetting.png",
             "Perplexity (log scale) against training samples for each language; "
             "look for the Core frozen line of the untrained languages staying lowest.",
         ),
-        blocks.bullets(findings(res)),
+        markup.bullets(findings(res)),
     ]

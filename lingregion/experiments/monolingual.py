@@ -7,13 +7,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import blocks, evaluation, figures, importance, interventions, scoring, uncertainty
+from .. import evaluation, figures, interventions, markup, scoring, uncertainty
 from ..regions import Region, matching, monolingual, select
-from ..store import LingregionError, read_json, read_tensors, write_bytes, write_tensors
-from .runfolder import Run, digest
+from ..run import Run
+from ..store import LingregionError, read_json, write_bytes
 
 NAME = "monolingual"
-DOC = "Table 5: monolingual regions, interaction matrix, generations"
 
 RELATED = {
     "ru": ["uk"],
@@ -40,7 +39,7 @@ def _tops(
     scores in memory at a time."""
     tops, total = {}, {}
     for lang in tqdm(langs, desc="language Top sets", disable=not run.progress):
-        s = _scores(run, lang, budget, estimator)
+        s = run.scores(lang, budget, estimator)
         tops[lang] = select(
             s,
             run.cfg.mono_ratio,
@@ -59,37 +58,6 @@ def _tops(
 def _tag(estimator: str) -> str:
     """Suffix of region files and evaluation settings made with another estimator than the paper's."""
     return "" if estimator == "taylor" else f"-{estimator}"
-
-
-def _scores(run: Run, lang: str, budget: int | None, estimator: str) -> dict[str, torch.Tensor]:
-    """One language's scores by `estimator`: the paper's taylor from run.scores (its files unchanged),
-    another from one pass over the same scoring windows, kept in scores/LANG[-BUDGET].ESTIMATOR.safetensors."""
-    if estimator == "taylor":
-        return run.scores(lang, budget)
-    budget = None if budget == run.cfg.score_tokens else budget
-    w = run.windows(lang, "score", budget)
-    made_of = {
-        "fingerprint": run.info["fingerprint"],
-        "windows": w.meta,
-        "names": digest(run.names),
-        "dtype": run.cfg.dtype,
-        "estimator": estimator,
-    }
-    path = run.out / "scores" / (f"{lang}-{budget}" if budget else lang)
-    path = path.with_name(f"{path.name}.{estimator}.safetensors")
-    if path.is_file():
-        tensors, meta = read_tensors(path)
-        if meta.get("made_of") == made_of:
-            return {n: tensors[n] for n in run.names}
-    s = importance.score(estimator, importance.Target(run.model, run.names, run.removed), [w], run.progress)
-    write_tensors(
-        path,
-        s,
-        run.provenance(
-            made_of=made_of, format="lingregion-scores-v1", lang=lang, estimator=estimator, score_dtype="float32"
-        ),
-    )
-    return s
 
 
 def _paper_matrix(run: Run, langs: list[str], evals: list[str], budget: int, base: dict) -> dict:
@@ -124,14 +92,14 @@ def _comparison_blocks(res: dict) -> list:
     mine, theirs = own_most(res["ppl_ratio"], langs), own_most(paper["ppl_ratio"], langs)
     n = len([lang for lang in langs if lang in evals])
     return [
-        blocks.heading(f"The same matrix with the paper's estimator (taylor) instead of {est}", 3),
-        blocks.table(
+        markup.heading(f"The same matrix with the paper's estimator (taylor) instead of {est}", 3),
+        markup.table(
             ["removed ↓ / eval →", *evals],
             [[r, *[f"{paper['ppl_ratio'][r][c]:.3f}" for c in evals]] for r in langs],
             caption=f"Perplexity ratio with the monolingual regions from taylor scores (Top {res['ratio']:g} sets "
             "of the same scoring windows).",
         ),
-        blocks.text(
+        markup.text(
             f"A language's own column is the largest of its row for {len(mine)} of {n} languages with {est} "
             f"({', '.join(mine) or 'none'}) and for {len(theirs)} of {n} with taylor ({', '.join(theirs) or 'none'}). "
             "Region sizes (entries), "
@@ -141,7 +109,7 @@ def _comparison_blocks(res: dict) -> list:
     ]
 
 
-def run(run: Run) -> dict:
+def measure(run: Run) -> dict:
     """Table 5 and beyond: each language's monolingual region S_L* = S_L − ∪ S_L', the languages ×
     languages interaction matrix of its removal, a same-size Bottom control, generation cases, and
     where the regions sit (overlaps, layers, matrix types)."""
@@ -173,7 +141,7 @@ def run(run: Run) -> dict:
     for label, b in (("full", None), ("quarter", small)):
         f_tops = tops if b is None else _tops(run, langs, b, est)[0]
         f_mono = monos[focus] if b is None else monolingual(f_tops, focus)
-        bottom = matching(_scores(run, focus, b, est), f_mono, "bottom", {"label": f"bottom-like-mono-{focus}"})
+        bottom = matching(run.scores(focus, b, est), f_mono, "bottom", {"label": f"bottom-like-mono-{focus}"})
         table5[label] = {
             "score_tokens": cfg.score_tokens if b is None else b,
             "entries": f_mono.count(),
@@ -408,7 +376,7 @@ def _resolution_blocks(res: dict) -> list:
     if not rows:
         return []
     return [
-        blocks.table(
+        markup.table(
             ["Language", "own split-half J", "closest other (half vs half)", "difference [95%]", "resolved"],
             rows,
             caption=f"Is each language's Top {res['ratio']:g} set more than sampling noise? Its two halves must "
@@ -425,13 +393,13 @@ def _ppl_of(results: dict):
 
 def section(res: dict) -> list:
     """Report blocks: region sizes, the interaction matrix, related languages, Table 5, generations, overlap."""
-    fmt, langs, evals = blocks.fmt, res["languages"], res["eval_languages"]
+    fmt, langs, evals = markup.fmt, res["languages"], res["eval_languages"]
     out = [
-        blocks.heading("Monolingual regions (the paper's Table 5, and beyond)"),
-        blocks.text(
+        markup.heading("Monolingual regions (the paper's Table 5, and beyond)"),
+        markup.text(
             f"S_L* = S_L − ∪ S_L', S_L the per-matrix Top {res['ratio']:g} of L's own score, over {', '.join(langs)}."
         ),
-        blocks.table(
+        markup.table(
             ["", *langs],
             [
                 ["entries", *[f"{res['sizes'][c]['entries']:,}" for c in langs]],
@@ -440,18 +408,18 @@ def section(res: dict) -> list:
             caption="Size of each monolingual region: a small fraction of the Top set survives the set difference.",
         ),
         *_resolution_blocks(res),
-        blocks.heading("Interaction matrix: perplexity ratio (removed / base)", 3),
-        blocks.table(
+        markup.heading("Interaction matrix: perplexity ratio (removed / base)", 3),
+        markup.table(
             ["removed ↓ / eval →", *evals],
             [[r, *[_cell(res, r, c) for c in evals]] for r in langs],
             caption="Rows: whose region is removed; columns: evaluation language. A language's own column "
             "should stand out.",
         ),
-        blocks.figure(
+        markup.figure(
             "figures/interaction.png", "The same matrix as a heat map (log colour scale): look for the diagonal."
         ),
         *_comparison_blocks(res),
-        blocks.heading("Related languages", 3),
+        markup.heading("Related languages", 3),
     ]
     lines = []
     for lang, rel in res["related"].items():
@@ -460,8 +428,8 @@ def section(res: dict) -> list:
         own = f"own ×{rel['own']:.3f}, " if rel["own"] is not None else ""
         lines.append(f"remove {lang}: {own}related {kin}; median of the others ×{rel['others_median']:.3f} → {verdict}")
     out += [
-        blocks.text("Does removing L's region hurt a related language more than the others?"),
-        blocks.bullets(lines),
+        markup.text("Does removing L's region hurt a related language more than the others?"),
+        markup.bullets(lines),
     ]
     focus, t5 = res["focus"], res["table5"]
     cols = {"Base": lambda e: res["base"][e]["ppl"]}
@@ -469,8 +437,8 @@ def section(res: dict) -> list:
         for side in ("Top", "Bottom"):
             cols[f"{side} ({t5[b]['score_tokens']} tok)"] = _ppl_of(t5[b][side.lower()])
     out += [
-        blocks.heading(f"Table 5 layout: the {focus} monolingual region (Top) against Bottom of the same size", 3),
-        blocks.table(
+        markup.heading(f"Table 5 layout: the {focus} monolingual region (Top) against Bottom of the same size", 3),
+        markup.table(
             ["Language", *cols],
             [[e, *[fmt(f(e)) for f in cols.values()]] for e in evals],
             caption=f"Perplexity with {focus}'s region removed, at two scoring budgets: {focus} should rise "
@@ -479,34 +447,34 @@ def section(res: dict) -> list:
     ]
     gens = res["generations"]
     out += [
-        blocks.heading("Generation cases (greedy)", 3),
-        blocks.table(
+        markup.heading("Generation cases (greedy)", 3),
+        markup.table(
             ["setting", *res["prompts"]],
             [[g, *[gens[g][c].replace("\n", " ").strip() or "∅" for c in res["prompts"]]] for g in gens],
             caption="Continuations of the paper's prompt: which language's output breaks when each region is removed?",
         ),
-        blocks.heading("Overlap and location", 3),
-        blocks.table(
+        markup.heading("Overlap and location", 3),
+        markup.table(
             ["", *langs],
             [[a, *[f"{res['jaccard'][a][b]:.3f}" for b in langs]] for a in langs],
             caption=f"Jaccard overlap of the languages' Top {res['ratio']:g} sets: related languages should "
             "overlap more.",
         ),
-        blocks.figure("figures/jaccard.png", "The overlap as a heat map."),
+        markup.figure("figures/jaccard.png", "The overlap as a heat map."),
     ]
     dist = res["distribution"]
     kinds = list(next(iter(dist.values()))["by_kind"])
     out += [
-        blocks.table(
+        markup.table(
             ["region", *kinds],
             [[r, *[f"{dist[r]['by_kind'][c]:.1%}" for c in kinds]] for r in dist],
             caption="Share of each region by matrix type: where the core and the monolingual regions live.",
         ),
-        blocks.figure(
+        markup.figure(
             "figures/distribution.png",
             "Share of the core region and the first four monolingual regions per layer and per matrix type.",
         ),
-        blocks.figure(
+        markup.figure(
             "figures/distribution-layers.png",
             "Every region's share per layer: do the monolingual regions sit in the same layers as the core region?",
         ),

@@ -7,23 +7,16 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .. import blocks, figures, slices, uncertainty
+from .. import architectures, figures, markup, slices, uncertainty
+from ..run import Run
 from ..store import write_bytes
-from .runfolder import Run
-from .structural import (
-    FACTOR,
-    RESULTS,
-    _budget,
-    _ratio,
-    _top_region,
-    validate,  # noqa: F401  (the same rules: the registry reads it here)
-)
+from .ranking import FACTOR, RESULTS, eval_budget, geometric_ratio, validate_structure
 
 NAME = "outliers"
-DOC = "Table 8 and an outlier scan: perturb single input-norm entries, remove single residual dimensions"
 KIND_LABELS = {"reset": "Reset", "x10": "Mul 10"}
 TITLE = "Single dimensions and single parameters (the paper's Table 8) and the outlier scan"
 PAPER_TABLE8_RATIO = 83224.078 / 5.865  # Reset L1-N2100 over base, LLaMA-2-13B, Chinese (the paper's Table 8)
+validate = validate_structure  # the same rules as the structural experiment
 
 
 def _controls(scan: slices.Scan, candidates: list[tuple[int, int]], k: int, seed: int) -> list[tuple[int, int]]:
@@ -36,14 +29,14 @@ def _controls(scan: slices.Scan, candidates: list[tuple[int, int]], k: int, seed
     return [p for p in pairs if p not in candidates][:k]
 
 
-def run(run: Run) -> dict:
+def measure(run: Run) -> dict:
     """Scan for the input-norm entries whose perturbation would most change what attention reads, confirm the
     top few (and random controls) by perplexity, and remove the most massive residual dimensions whole."""
     cfg, model = run.cfg, run.model
-    langs, budget = cfg.struct_langs, _budget(cfg)
+    langs, budget = cfg.struct_langs, eval_budget(cfg)
     try:
-        norms = slices.input_norms(model)
-    except slices.NotApplicable as e:  # a post-norm model: the run goes on, and the report says why not
+        norms = architectures.input_norms(model)
+    except architectures.NotApplicable as e:  # a post-norm model: the run goes on, and the report says why not
         result = {"experiment": "outliers", "langs": langs, "not_applicable": str(e), "verdicts": []}
         run.save("outliers", result)
         return result
@@ -55,7 +48,7 @@ def run(run: Run) -> dict:
         cfg.batch_size,
         run.progress,
     )
-    region = _top_region(run)
+    region = run.core_region("top", run.cfg.struct_ratio)
     core = slices.ranked(model, region, "feature+ffn", "common").counts["residual"]
     core_rank = {int(d): r + 1 for r, d in enumerate(slices.ranking(core))}
     base = run.evaluate(RESULTS, "base", [], langs, budget)
@@ -281,12 +274,12 @@ def outlier_chart(result: dict) -> bytes:
 
 def _worst(entry: dict, langs: list[str], base: dict) -> tuple[str, float]:
     """The perturbation (reset or x10) with the larger perplexity ratio, and that ratio."""
-    return max(((k, _ratio(entry["ppl"][k], base, langs)) for k in slices.PERTURBATIONS), key=lambda x: x[1])
+    return max(((k, geometric_ratio(entry["ppl"][k], base, langs)) for k in slices.PERTURBATIONS), key=lambda x: x[1])
 
 
 def outliers_table(result: dict) -> tuple[list[str], list[list[str]]]:
     """Table 8's layout (perturbation, parameter, perplexity), one perplexity column per language."""
-    langs, base, fmt = result["langs"], result["base"], blocks.fmt
+    langs, base, fmt = result["langs"], result["base"], markup.fmt
     head = ["Perturbation", "Parameter", "Chosen as", "Scan score"] + [f"PPL {lang}" for lang in langs]
     rows = [["-", "-", "", ""] + [fmt(base[lang]["ppl"]) for lang in langs]]
     for k in slices.PERTURBATIONS:
@@ -309,7 +302,7 @@ def findings(result: dict) -> list[str]:
     each with its verdicts from paired 95% intervals."""
     if "not_applicable" in result:
         return [f"Outliers: not applicable to this model ({result['not_applicable']})."]
-    langs, base, fmt, out = result["langs"], result["base"], blocks.fmt, []
+    langs, base, fmt, out = result["langs"], result["base"], markup.fmt, []
     cands, ctrls = result["candidates"], result["controls"]
     by_claim: dict[str, dict[str, str]] = {}
     for v in verdicts(result):
@@ -341,7 +334,8 @@ def findings(result: dict) -> list[str]:
         claim = f"massive dimension {d['dim']}"
         line = (
             f"Removing residual dimension {d['dim']} (massive activation, {fmt(d['massive'])}× the median "
-            f"dimension's peak) from every matrix multiplies perplexity by ×{fmt(_ratio(d['ppl'], base, langs))}; "
+            f"dimension's peak) from every matrix multiplies perplexity by "
+            f"×{fmt(geometric_ratio(d['ppl'], base, langs))}; "
             f"it ranks #{d['core_rank']} of {result['hidden']} residual dimensions by core Top entries."
         )
         if claim in by_claim:
@@ -354,7 +348,7 @@ def findings(result: dict) -> list[str]:
     if control:
         out.append(
             "Removing a random residual dimension instead: "
-            f"×{fmt(max(_ratio(d['ppl'], base, langs) for d in control))} at most."
+            f"×{fmt(max(geometric_ratio(d['ppl'], base, langs) for d in control))} at most."
         )
     return out
 
@@ -367,18 +361,18 @@ def ratio_table(result: dict) -> tuple[list[str], list[list[str]]]:
     for k in slices.PERTURBATIONS:
         for i, e in enumerate(result["candidates"] + result["controls"]):
             chosen = f"candidate {i + 1}" if i < len(result["candidates"]) else "random control"
-            rows.append([KIND_LABELS[k], e["label"], chosen] + [blocks.cell(e["ratio"][k][lang]) for lang in langs])
+            rows.append([KIND_LABELS[k], e["label"], chosen] + [markup.cell(e["ratio"][k][lang]) for lang in langs])
     for d in result["dimensions"]:
         chosen = "massive" if d["kind"] == "massive" else "random control"
-        rows.append(["Remove dim", f"D{d['dim']}", chosen] + [blocks.cell(d["ratio"][lang]) for lang in langs])
+        rows.append(["Remove dim", f"D{d['dim']}", chosen] + [markup.cell(d["ratio"][lang]) for lang in langs])
     return head, rows
 
 
 def section(result: dict) -> list:
     """Report blocks: Table 8's perturbations, the massive and core-densest dimensions, and their removal."""
     if "not_applicable" in result:
-        return [blocks.heading(TITLE), blocks.text(f"Not applicable to this model: {result['not_applicable']}.")]
-    fmt, langs, base = blocks.fmt, result["langs"], result["base"]
+        return [markup.heading(TITLE), markup.text(f"Not applicable to this model: {result['not_applicable']}.")]
+    fmt, langs, base = markup.fmt, result["langs"], result["base"]
     cands = result["candidates"]
     layers = ", ".join(f"L{i + 1}" for i in result["layers"])
     in_top = [c for c in cands if c["in_core_top"]]
@@ -405,8 +399,8 @@ def section(result: dict) -> list:
         + (f" ({', '.join(c['label'] for c in in_top)})." if in_top else "."),
     ]
     return [
-        blocks.heading(TITLE),
-        blocks.text(
+        markup.heading(TITLE),
+        markup.text(
             f"Scan: {result['scan_tokens']:,} tokens ({', '.join(langs)}, scoring split) pass through the model "
             f"once; for each input-norm entry of layers {layers} (1-based, as the paper's L1) the scan "
             f"computes max over tokens of |x̂_d · (s′_d − s_d)| / ‖y‖: how much Reset (effective scale to "
@@ -417,21 +411,21 @@ def section(result: dict) -> list:
             f"matrix (feature+ffn family, common index). Perplexity on {result['protocol']['seq_len']}-token "
             "windows, token-weighted."
         ),
-        blocks.table(
+        markup.table(
             *outliers_table(result),
             caption="Table 8's layout. A real outlier dimension shows perplexity far "
             "above the base row; the random controls should stay near it.",
         ),
-        blocks.table(
+        markup.table(
             *ratio_table(result),
             caption="Perplexity ratio to Base with its 95% interval (paired block bootstrap: Base and the setting "
             f"resample the same blocks of text). A finding holds where the interval lies above {FACTOR:g}. "
             + uncertainty.RULE,
         )
         if result.get("comparisons")
-        else blocks.text(""),
-        blocks.bullets(bullets),
-        blocks.figure(
+        else markup.text(""),
+        markup.bullets(bullets),
+        markup.figure(
             "figures/outliers.png",
             "Top: each residual dimension's peak activation over the median "
             "dimension's (log). Bottom: core Top entries per residual dimension. Dashed: the three most "

@@ -1,159 +1,22 @@
-"""Further pre-training with regions removed or frozen: the paper's Table 2 (recovery after removal) and
-its catastrophic-forgetting result (freezing the core region while training on one language).
-
-Only the transformer-layer parameters are trained (the embedding and the LM head tied to it, 170M of
-Gemma 3 270M's 268M parameters, stay fixed), which keeps a CPU step affordable; the paper trained
-everything. Each setting starts from the unmodified model and leaves it unmodified: the trained
-parameters are copied before and written back after, whatever happens in between. Finished settings
-are cached in results/, and a setting interrupted mid-training resumes from checkpoints/ (every
-`train_checkpoint_every` steps), so rerunning the same command continues.
-"""
+"""The paper's Table 2: remove the Top (or Bottom) core region, then further pre-train one language with the
+removed region frozen at its removed value, or free to train, and see what recovers. The training itself
+is shared with the forgetting experiment (`lingregion.experiments.training`)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 
-import torch
-
-from .. import blocks, figures, freezing, interventions, models, uncertainty
-from ..regions import Region
-from ..store import LingregionError, read_json, write_bytes, write_json
-from .runfolder import Run, digest, edits_digest
+from .. import interventions, markup, uncertainty
+from ..run import Run
+from ..store import write_bytes
+from .training import PAPER_SAMPLES, curve_figure, curves, final, trained, training_record, validate_training
 
 NAME = "recovery"
-DOC = "Table 2: remove Top/Bottom core region, further pre-train one language frozen or not"
 
 RECOVERY = {"top-freeze": "Top&Freeze", "bottom-freeze": "Bottom&Freeze", "top-unfreeze": "Top&Unfreeze"}
-PAPER_SAMPLES = [0, 2000, 5000, 10000, 20000, 50000, 200000]
 MARGIN = 0.10  # share of log-perplexity damage: smaller differences are not called a finding
 RECOVERS = 1.0  # the trained language recovers when its perplexity after training / before lies below this
-
-
-# --- configuration ----------------------------------------------------------------------------------------
-def validate(cfg) -> None:
-    """Refuse sample counts that are not increasing or share a step, a bad ratio, or a trained tracked language."""
-    samples = cfg.train_samples
-    if not samples or min(samples) < 0 or max(samples) < 1 or sorted(set(samples)) != list(samples):
-        raise LingregionError(
-            f"train_samples {samples} must be increasing sample counts ≥ 0 with one ≥ 1, e.g. 0,2000,5000,10000"
-        )
-    if not 0 < cfg.train_ratio < 1:
-        raise LingregionError(f"train_ratio {cfg.train_ratio} is outside (0, 1); pass a fraction such as 0.01")
-    if cfg.train_lang == cfg.train_other or cfg.train_lang in cfg.train_track:
-        raise LingregionError(
-            f"the training language {cfg.train_lang} cannot also be an untrained language; "
-            "choose other train_other / train_track languages (config keys)"
-        )
-    if not cfg.train_track:
-        raise LingregionError("train_track needs at least one untrained language to measure forgetting")
-    if cfg.train_eval_tokens < 1:
-        raise LingregionError("train_eval_tokens must be ≥ 1")
-    train_config(cfg).validate()
-    if len(set(eval_steps(cfg))) != len(cfg.train_samples):
-        raise LingregionError(
-            f"train_samples {samples} fall on the same training step at "
-            f"{cfg.train_batch * cfg.train_accum} samples per step; space them further apart"
-        )
-
-
-def eval_steps(cfg) -> list[int]:
-    """The training step after which each requested sample count is reached (rounded up)."""
-    per_step = cfg.train_batch * cfg.train_accum
-    return [math.ceil(s / per_step) for s in cfg.train_samples]
-
-
-def train_config(cfg) -> freezing.TrainConfig:
-    """The training run the config asks for, evaluated after each requested sample count."""
-    steps = eval_steps(cfg)
-    return freezing.TrainConfig(
-        steps=max(steps),
-        lr=cfg.train_lr,
-        warmup=cfg.train_warmup,
-        batch_size=cfg.train_batch,
-        accumulation=cfg.train_accum,
-        precision=cfg.train_precision,
-        seed=cfg.seed,
-        eval_steps=[s for s in steps if s > 0],
-        eval_batch_size=cfg.batch_size,
-        checkpoint_every=cfg.train_checkpoint_every,
-    )
-
-
-# --- one training setting -----------------------------------------------------------------------------------
-def trained(
-    run: Run, name: str, setting: str, edits: list[interventions.Edit], frozen: Region | None, values, langs: list[str]
-) -> dict:
-    """Train on cfg.train_lang from the model with `edits` applied and `frozen` held (at `values`), and
-    return the history with the perplexity of `langs` at each evaluation step. Cached in
-    results/NAME-train.json; the model is restored exactly afterwards."""
-    cfg, model = run.cfg, run.model
-    trainable = models.scored_names(model)
-    data = run.windows(cfg.train_lang, "score", max(cfg.train_samples) * cfg.seq_len)
-    evals = {lang: run.windows(lang, "eval", cfg.train_eval_tokens) for lang in langs}
-    # Keyed on what the result depends on, so that unrelated config changes keep finished settings.
-    key = digest(
-        {
-            "fingerprint": run.info["fingerprint"],
-            "train": asdict(train_config(cfg)),
-            "data": data.meta,
-            "evals": {lang: w.meta for lang, w in evals.items()},
-            "trainable": digest(trainable),
-            "edits": edits_digest(edits),
-            "frozen": edits_digest(_hold(frozen, values)),
-        }
-    )
-    path = run.out / "results" / f"{name}-train.json"
-    cache = read_json(path) if path.is_file() else {}
-    if cache.get(setting, {}).get("key") == key:
-        return cache[setting]["history"]
-    params = dict(model.named_parameters())
-    saved = {n: params[n].detach().clone() for n in dict.fromkeys(trainable + run.names)}
-    checkpoint = run.out / "checkpoints" / f"{name}-{setting}.safetensors"
-    try:
-        interventions.apply(model, edits)  # undone below by writing back every parameter it can touch
-        history = freezing.train(
-            model,
-            data,
-            train_config(cfg),
-            trainable,
-            frozen=frozen,
-            frozen_values=values,
-            evals=evals,
-            checkpoint=checkpoint,
-            progress=run.progress,
-            desc=f"{name} {setting}",
-        )
-    finally:
-        with torch.no_grad():
-            for n, t in saved.items():
-                params[n].copy_(t)
-    cache[setting] = {"key": key, "history": history}
-    write_json(path, cache)
-    checkpoint.unlink(missing_ok=True)  # the result is kept; the 12-bytes-per-parameter state is not
-    return history
-
-
-def _hold(frozen: Region | None, values) -> list[interventions.Edit]:
-    """The frozen region as edits (value None: held at whatever it is), for the cache key."""
-    if frozen is None:
-        return []
-    return [interventions.Edit(n, frozen.indices(n), None if values is None else values[n]) for n in frozen.packed]
-
-
-def curves(run: Run, name: str, setting: str, start: dict, history: dict, langs: list[str], metric: str) -> dict:
-    """{lang: [metric at each requested sample count]}: the step-0 evaluation, then the history's."""
-    steps = eval_steps(run.cfg)
-    return {
-        lang: [start[lang][metric] if s == 0 else history["evals"][str(s)][lang][metric] for s in steps]
-        for lang in langs
-    }
-
-
-def final(run: Run, start: dict, history: dict) -> dict:
-    """Each language's perplexity result (with its blocks, if the history kept them) at the last sample count."""
-    last = eval_steps(run.cfg)[-1]
-    return start if last == 0 else history["evals"][str(last)]
+validate = validate_training  # the same rules for both training experiments
 
 
 def _intervals(base: dict, start: dict, ends: dict[str, dict], langs: list[str], seed: int) -> dict:
@@ -195,32 +58,8 @@ def _intervals(base: dict, start: dict, ends: dict[str, dict], langs: list[str],
     return out
 
 
-def _training_record(run: Run, histories: dict[str, dict]) -> dict:
-    cfg, first = run.cfg, next(iter(histories.values()))
-    return {
-        "train_lang": cfg.train_lang,
-        "samples": [s * first["samples_per_step"] for s in eval_steps(cfg)],
-        "requested_samples": cfg.train_samples,
-        "hyperparameters": {
-            **asdict(train_config(cfg)),
-            "optimizer": "AdamW, no weight decay on 1-D parameters",
-            "schedule": "linear warm-up, then half cosine",
-            "trained": "transformer-layer parameters",
-        },
-        "trainable_parameters": first["trainable_parameters"],
-        "seq_len": cfg.seq_len,
-        "tokens_per_step": first["tokens_per_step"],
-        "train_windows": run.windows(cfg.train_lang, "score", max(cfg.train_samples) * cfg.seq_len).meta,
-        "epochs": first["epochs"],
-        "history": {
-            s: {k: h[k] for k in ("loss", "grad_norm", "lr", "seconds", "frozen_entries", "frozen_bytes")}
-            for s, h in histories.items()
-        },
-    }
-
-
 # --- Table 2: recovery after removal ------------------------------------------------------------------------
-def run(run: Run) -> dict:
+def measure(run: Run) -> dict:
     """Remove the Top (or Bottom) train_ratio of the core score, then train on train_lang with the removed
     region frozen at its removed value, or (Top&Unfreeze) free to train."""
     cfg = run.cfg
@@ -256,11 +95,11 @@ def run(run: Run) -> dict:
         ),
         "ci95_method": uncertainty.method_record(seed=cfg.seed),
         "verdict_rule": uncertainty.RULE,
-        **_training_record(run, histories),
+        **training_record(run, histories),
         **run.eval_record(langs, cfg.train_eval_tokens),
         "figures": ["figures/recovery.png"],
     }
-    write_bytes(run.out / "figures" / "recovery.png", _curve_figure(result, RECOVERY))
+    write_bytes(run.out / "figures" / "recovery.png", curve_figure(result, RECOVERY))
     run.save("recovery", result)
     return result
 
@@ -297,7 +136,7 @@ def findings(res: dict) -> list[str]:
     """The paper's two findings tested: the trained language recovers; the other only with the region unfrozen.
     Each verdict is read off 95% intervals (see `verdicts`)."""
     x, other = res["languages"]
-    fmt, t, base = blocks.fmt, res["table"], res["base"]
+    fmt, t, base = markup.fmt, res["table"], res["base"]
     n = res["samples"][-1]
     ppl = {s: {lang: t[s]["ppl"][lang] for lang in (x, other)} for s in RECOVERY}
     v = verdicts(res)
@@ -350,7 +189,7 @@ def findings(res: dict) -> list[str]:
 def _with_change(setting: str, iv: dict) -> str:
     """A setting's label with its end / start ratio and interval, when the result has them."""
     e = iv.get("trained_recovers", {}).get(setting)
-    return RECOVERY[setting] + (f" ({blocks.cell(e)})" if e else "")
+    return RECOVERY[setting] + (f" ({markup.cell(e)})" if e else "")
 
 
 def _share(entry: dict) -> str:
@@ -367,36 +206,36 @@ def section(res: dict) -> list:
     t, samples = res["table"], res["samples"]
     head = ["Samples"] + [f"{RECOVERY[s]} {lang}" for s in RECOVERY for lang in (x, other)]
     rows = [
-        ["Base (nothing removed)"] + [blocks.fmt(res["base"][lang]["ppl"]) for _ in RECOVERY for lang in (x, other)]
+        ["Base (nothing removed)"] + [markup.fmt(res["base"][lang]["ppl"]) for _ in RECOVERY for lang in (x, other)]
     ]
     rows += [
-        [f"{n:,}"] + [blocks.fmt(t[s]["ppl"][lang][i]) for s in RECOVERY for lang in (x, other)]
+        [f"{n:,}"] + [markup.fmt(t[s]["ppl"][lang][i]) for s in RECOVERY for lang in (x, other)]
         for i, n in enumerate(samples)
     ]
     h = res["hyperparameters"]
     return [
-        blocks.heading(f"Further pre-training after removal (the paper's Table 2): train on {x}"),
-        blocks.text(
+        markup.heading(f"Further pre-training after removal (the paper's Table 2): train on {x}"),
+        markup.text(
             f"Top / Bottom {res['ratio']:g} of the core score removed ({res['region_entries']['top']:,} entries), "
             f"then {h['steps']} AdamW steps of {h['batch_size'] * h['accumulation']} × {res['seq_len']}-token "
             f"windows of {x} (lr {h['lr']:g}, betas {tuple(h['betas'])}, weight decay {h['weight_decay']:g}, "
-            f"{h['warmup']} warm-up steps, cosine, clip {h['clip']:g}, {h['precision']}); only the "
+            f"{h['warmup']} warm-up steps, cosine, clip {h['clip']:g}, {h['dtype']}); only the "
             f"{res['trainable_parameters']:,} transformer-layer parameters are trained. Frozen regions are "
             f"held bit-identical at their removed value. The paper trains up to {PAPER_SAMPLES[-1]:,} samples."
         ),
-        blocks.table(
+        markup.table(
             head,
             rows,
             caption=f"Perplexity by training samples. Paper: {x} recovers in every column; "
             f"{other} recovers only under Top&Unfreeze.",
         ),
         _interval_table(res),
-        blocks.figure(
+        markup.figure(
             "figures/recovery.png",
             f"Perplexity (log scale) against training samples, {x} and {other}; "
             "dashed: the unmodified model. Look for the Top&Freeze line of the untrained language staying high.",
         ),
-        blocks.bullets(findings(res)),
+        markup.bullets(findings(res)),
     ]
 
 
@@ -405,42 +244,18 @@ def _interval_table(res: dict) -> dict:
     of the untrained language's damage undone under Top&Freeze and Top&Unfreeze (text when there are none)."""
     iv = res.get("intervals")
     if not iv:
-        return blocks.text("")
+        return markup.text("")
     x, other = res["languages"]
     undone = iv["damage_undone"]
     rows = [
-        [RECOVERY[s], blocks.cell(iv["trained_recovers"][s]), _share(undone[s]) if s in undone else "—"]
+        [RECOVERY[s], markup.cell(iv["trained_recovers"][s]), _share(undone[s]) if s in undone else "—"]
         for s in RECOVERY
     ]
     rows.append(["Unfreeze − Freeze", "—", _share(undone["unfreeze_minus_freeze"])])
-    return blocks.table(
+    return markup.table(
         ["Setting", f"{x}: end / start perplexity", f"{other}: damage undone"],
         rows,
         caption=f"With 95% intervals (paired block bootstrap on the same text). {x} recovers where its interval "
         f"lies below {RECOVERS:g}; {other} recovers only unfrozen where the difference lies above {MARGIN:.0%}. "
         + uncertainty.RULE,
     )
-
-
-def _change(values: list[float]) -> str:
-    return f"{blocks.fmt(values[0])} → {blocks.fmt(values[-1])} (×{values[-1] / values[0]:.3f})"
-
-
-# --- figure ---------------------------------------------------------------------------------------------
-def _curve_figure(res: dict, labels: dict[str, str]) -> bytes:
-    """One panel per language: perplexity against training samples, one line per setting."""
-    langs, samples = res["languages"], res["samples"]
-    fig, axes = figures.subplots(1, len(langs), figsize=(4.2 * len(langs), 3.6), squeeze=False)
-    for ax, lang in zip(axes[0], langs):
-        for setting, label in labels.items():
-            ax.plot(samples, res["table"][setting]["ppl"][lang], marker="o", label=label)
-        ax.axhline(res["base"][lang]["ppl"], color="grey", linestyle="--", linewidth=1, label="unmodified")
-        ax.set_xscale("symlog", linthresh=max(1, min(s for s in samples if s > 0)))
-        ax.set_yscale("log")
-        ax.set_title(lang + (" (trained)" if lang == res["train_lang"] else ""))
-        ax.set_xlabel("training samples")
-        ax.set_ylabel("perplexity")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    return figures.png(fig)

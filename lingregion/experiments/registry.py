@@ -1,8 +1,10 @@
 """The registered experiments, in the order `reproduce` runs them.
 
-Each experiment module defines `NAME`, `DOC`, `run(Run) → result`, `section(result) → report blocks` and,
+Each experiment is a module that follows one protocol (`Experiment`): `NAME`, `measure(Run) → result`
+(computes the result through the run folder and saves it), `section(result) → report parts` and,
 optionally, `findings(result) → sentences` and `validate(Config)`. The registry is the only place that
-imports them all, so that neither the modules nor the report import each other.
+imports them all: experiments never import each other (what two of them share lives in a named helper
+module of this package, `training` or `ranking`), and the report reads them through `EXPERIMENTS`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from ..config import EXPERIMENT_NAMES, Config
+from ..run import Run
 from ..store import LingregionError
 from . import (
     downstream,
@@ -25,35 +28,36 @@ from . import (
     structural,
 )
 
+REQUIRED = ("NAME", "measure", "section")
+OPTIONAL = ("findings", "validate")
+
 
 @dataclass(frozen=True)
 class Experiment:
-    """One experiment: `run` computes and saves a result, `section` turns a saved result into report blocks,
-    `findings` into headline sentences, and `validate` rejects a config it cannot run."""
+    """One experiment: `measure` computes and saves a result, `section` turns a saved result into report
+    parts, `findings` into headline sentences, and `validate` rejects a config it cannot run."""
 
     name: str
-    run: Callable
+    measure: Callable[[Run], dict]
     section: Callable[[dict], list]
-    doc: str
     findings: Callable[[dict], list[str]] | None = None
     validate: Callable[[Config], None] | None = None
 
     @classmethod
     def of(cls, module: ModuleType) -> Experiment:
-        """The experiment a module defines."""
-        return cls(
-            module.NAME,
-            module.run,
-            module.section,
-            module.DOC,
-            getattr(module, "findings", None),
-            getattr(module, "validate", None),
-        )
+        """The experiment a module defines, checked against the protocol: a module that lacks a required
+        name or defines one that is not callable is a programming error, named here."""
+        missing = [a for a in REQUIRED if not hasattr(module, a)]
+        uncallable = [a for a in REQUIRED[1:] + OPTIONAL if hasattr(module, a) and not callable(getattr(module, a))]
+        if missing or uncallable:
+            raise TypeError(f"{module.__name__} is not an experiment: missing {missing}, not callable {uncallable}")
+        return cls(module.NAME, module.measure, module.section, *(getattr(module, a, None) for a in OPTIONAL))
 
 
 _MODULES = (removal, stability, monolingual, structural, outliers, recovery, forgetting, downstream, estimators)
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in map(Experiment.of, _MODULES)}
-assert list(EXPERIMENTS) == EXPERIMENT_NAMES, "config.EXPERIMENT_NAMES lists the registered experiments in order"
+if list(EXPERIMENTS) != EXPERIMENT_NAMES:
+    raise TypeError(f"config.EXPERIMENT_NAMES {EXPERIMENT_NAMES} must list the registered {list(EXPERIMENTS)} in order")
 
 
 def validate(cfg: Config) -> None:

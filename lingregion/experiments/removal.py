@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import math
 
-from .. import blocks, evaluation, figures, interventions, uncertainty
+from .. import evaluation, figures, interventions, markup, uncertainty
+from ..run import Run
 from ..store import write_bytes
-from .runfolder import Run
 
 NAME = "removal"
-DOC = "Table 1: remove Top/Bottom/Random k% of the core region"
 
 
-def run(run: Run) -> dict:
+def measure(run: Run) -> dict:
     """Perplexity of every evaluation language with the Top / Bottom / Random k% of the core score
     removed, against the unmodified model, and what the removed entries were before removal."""
     cfg, langs = run.cfg, run.cfg.eval_langs
@@ -146,7 +145,7 @@ def table(result: dict, metric: str = "ppl") -> tuple[list[str], list[list[str]]
     """(head, rows) of one metric per language and setting, Base first: the paper's Table 1 layout."""
     settings, t = result["settings"], result["table"]
     head = ["Language"] + [s.replace("@", " ") if s != "base" else "Base" for s in settings]
-    return head, [[lang] + [blocks.fmt(t[s][lang][metric]) for s in settings] for lang in result["languages"]]
+    return head, [[lang] + [markup.fmt(t[s][lang][metric]) for s in settings] for lang in result["languages"]]
 
 
 def _ratios(result: dict, setting: str) -> list[float]:
@@ -156,7 +155,7 @@ def _ratios(result: dict, setting: str) -> list[float]:
 
 def findings(result: dict) -> list[str]:
     """Headline sentences computed from the numbers, each finding with its verdict."""
-    fmt, out = blocks.fmt, []
+    fmt, out = markup.fmt, []
     for setting in result["settings"]:
         if setting == "base":
             continue
@@ -194,7 +193,7 @@ def ratio_table(result: dict) -> tuple[list[str], list[list[str]]]:
     settings = [s for s in result["settings"] if s != "base"]
     head = ["Language"] + [s.replace("@", " ") for s in settings]
     return head, [
-        [lang] + [blocks.interval_cell(result["ratio"][s][lang]) for s in settings] for lang in result["languages"]
+        [lang] + [markup.interval_cell(result["ratio"][s][lang]) for s in settings] for lang in result["languages"]
     ]
 
 
@@ -214,39 +213,39 @@ def section(result: dict) -> list:
     ]
     scope = result.get("scope", "matrix")
     return [
-        blocks.heading(f"Removal (the paper's Table 1): core region of {langs}"),
-        blocks.text(
+        markup.heading(f"Removal (the paper's Table 1): core region of {langs}"),
+        markup.text(
             f"Per-{scope} Top / Bottom / Random (seed {result.get('seed', 0)}) k% of the summed importance, over "
             f"{result['scored_parameters']:,} transformer-layer parameters, set to their removed value."
         ),
-        blocks.table(
+        markup.table(
             *table(result, "ppl"),
             caption="Perplexity. Top should wipe out every language; Bottom and Random should stay near Base.",
         ),
-        blocks.table(
+        markup.table(
             *ratio_table(result),
             caption="Perplexity ratio to Base with its 95% interval (paired block bootstrap: Base and the setting "
             "resample the same blocks of text). Random is the geometric mean of "
             f"{max((len(d) for d in result.get('random_draws', {}).values()), default=1)} seeded draws.",
         )
         if "ratio" in result
-        else blocks.text(""),
-        blocks.text(uncertainty.RULE),
-        blocks.figure(
+        else markup.text(""),
+        markup.text(uncertainty.RULE),
+        markup.figure(
             "figures/removal.png",
             "Perplexity and bits per byte per language and setting (log scale): "
             "the Top bars tower over Base, Bottom and Random.",
         ),
-        blocks.table(
+        markup.table(
             *table(result, "bpb"),
             caption="Bits per byte: comparable across languages and tokenizers, unlike per-token perplexity.",
         ),
-        blocks.bullets(notes),
-        blocks.figure(
+        markup.bullets(notes),
+        markup.figure(
             "figures/core-grid.png",
             "Where the largest Top region sits: share of region members in each "
             "3×3 neighbourhood, layers × matrix types (rows are outputs, columns inputs). Look for whole "
             "rows, columns and heads rather than a uniform spread.",
         ),
-        blocks.figure("figures/core-q_proj.png", "The first layer's q_proj at full detail, head boundaries marked."),
+        markup.figure("figures/core-q_proj.png", "The first layer's q_proj at full detail, head boundaries marked."),
     ]

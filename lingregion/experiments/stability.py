@@ -15,13 +15,12 @@ import copy
 import dataclasses
 import math
 
-from .. import blocks, figures, models, scoring, uncertainty
+from .. import figures, markup, models, scoring, uncertainty
 from ..corpus import Windows
+from ..run import Run
 from ..store import LingregionError, write_bytes
-from .runfolder import Run
 
 NAME = "stability"
-DOC = "Split-half stability of regions at growing budgets; the budget a region needs; precision vs sampling"
 FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1)
 TARGET = 0.9
 FAR = 100  # a fitted budget this many times beyond the largest measured one is only a sign of scale
@@ -80,7 +79,7 @@ def _other_precision(run: Run, w: Windows) -> tuple[str, dict]:
         del twin
 
 
-def run(run: Run) -> dict:
+def measure(run: Run) -> dict:
     """Split-half Jaccard and Spearman at growing budgets per language, the fitted budget for Jaccard 0.9,
     the precision comparison, and the split-half stability of every language the run scored."""
     cfg = run.cfg
@@ -106,7 +105,7 @@ def run(run: Run) -> dict:
             TARGET,
         )
         entry = {"points": points, "fit": fit, f"tokens_for_jaccard_{TARGET}": fit["tokens"]}
-        if cfg.stability_precision and lang == cfg.stability_langs[0]:
+        if cfg.stability_other_dtype and lang == cfg.stability_langs[0]:
             slowdown = models.bfloat16_slowdown(cfg.device) if cfg.dtype == "float32" else 1.0
             if slowdown > models.EMULATED_BF16:  # an emulated bf16 pass would take longer than the rest of the run
                 entry["precision"] = {
@@ -218,25 +217,25 @@ def section(result: dict) -> list:
     head = ["Language", "Tokens per half", *[f"Jaccard Top {x:g}" for x in result["ratios"]], "Spearman"]
     scored = result.get("scored") or {}
     out = [
-        blocks.heading("Stability: how much text a region needs"),
-        blocks.text(
+        markup.heading("Stability: how much text a region needs"),
+        markup.text(
             "Each language's windows are split into two interleaved halves (even and odd windows) and both are "
             "scored in the same pass; the Jaccard overlap of the halves' per-matrix Top sets is the overlap of two "
             "independent samples of that many tokens. "
             f"The fit logit(J) = a + b·ln(tokens) gives the budget at which J would reach {result['target']}."
         ),
-        blocks.table(head, rows, caption="Split-half overlap at growing budgets (prefixes of the same windows)."),
-        blocks.figure(
+        markup.table(head, rows, caption="Split-half overlap at growing budgets (prefixes of the same windows)."),
+        markup.figure(
             "figures/stability.png",
             f"Split-half Jaccard of the Top {r} region against tokens per sample (log scale), dotted: the fit; "
             "the dashed line is the target, the dash-dotted one the scoring budget the run used.",
         ),
-        blocks.bullets(findings(result)),
+        markup.bullets(findings(result)),
     ]
     if scored:
         langs = [lang for lang in scored if lang != "core"] + (["core"] if "core" in scored else [])
         out.append(
-            blocks.table(
+            markup.table(
                 ["Scores", *[f"Jaccard Top {x:g}" for x in result["ratios"]], "Spearman"],
                 [
                     [

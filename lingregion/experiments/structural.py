@@ -3,77 +3,26 @@ The definitions (families, common index) are in `lingregion.slices`."""
 
 from __future__ import annotations
 
-import math
-import weakref
-
 from tqdm.auto import tqdm
 
-from .. import blocks, figures, slices, uncertainty
-from ..store import LingregionError, write_bytes
-from .runfolder import Run
+from .. import figures, markup, slices, uncertainty
+from ..run import Run
+from ..store import write_bytes
+from .ranking import FACTOR, RESULTS, eval_budget, geometric_ratio, validate_structure
 
 NAME = "structural"
-DOC = "Tables 3-4: remove N_d whole rows/columns ranked by core Top entries (feature, feature+ffn, head)"
+validate = validate_structure  # the same rules as the outliers experiment
 
 
-RESULTS = "structure.json"  # both experiments share it, so the base perplexity is measured once
 PICK_LABELS = {"top": "Top", "middle": "Middle", "bottom": "Bottom", "random": "Random"}
-FACTOR = 2.0  # Top "stands out" when its perplexity is at least twice the other pick's (as removal's Top vs Random)
 
 
-def validate(cfg) -> None:
-    """Refuse unknown families or modes, dimension counts below 1, a bad ratio, and empty language lists."""
-    bad = [f for f in cfg.struct_families if f not in slices.FAMILIES]
-    if bad:
-        raise LingregionError(f"unknown structural family {bad[0]!r}; use some of {', '.join(slices.FAMILIES)}")
-    if cfg.struct_mode not in slices.MODES:
-        raise LingregionError(f"unknown struct_mode {cfg.struct_mode!r}; use one of {', '.join(slices.MODES)}")
-    if not cfg.struct_dims or any(not isinstance(n, int) or n < 1 for n in cfg.struct_dims):
-        raise LingregionError(f"struct_dims {cfg.struct_dims} must be whole numbers ≥ 1, such as 1,3,5,10")
-    if not 0 < cfg.struct_ratio < 1:
-        raise LingregionError(f"struct_ratio {cfg.struct_ratio} is outside (0, 1); pass a fraction such as 0.03")
-    if not cfg.struct_langs:
-        raise LingregionError("struct_langs is empty; name at least one language to evaluate")
-    if (
-        min(cfg.struct_eval_tokens, cfg.outlier_scan_tokens, cfg.outlier_layers, cfg.outlier_confirm, cfg.outlier_dims)
-        < 1
-        or cfg.outlier_controls < 0
-    ):
-        raise LingregionError(
-            "struct_eval_tokens, outlier_scan_tokens, outlier_layers, outlier_confirm and "
-            "outlier_dims must be ≥ 1, outlier_controls ≥ 0"
-        )
-
-
-def _budget(cfg) -> int:
-    """Evaluation tokens per language and setting: struct_eval_tokens, never more than eval_tokens."""
-    return min(cfg.struct_eval_tokens, cfg.eval_tokens)
-
-
-_REGIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _top_region(run: Run):
-    """The core Top region that ranks rows/columns, selected once per run: both experiments use it, and
-    summing the languages' scores and selecting cost more than a few evaluations on a CPU."""
-    cached = _REGIONS.setdefault(run, {})
-    if run.cfg.struct_ratio not in cached:
-        cached[run.cfg.struct_ratio] = run.region(run.core_scores(), "top", run.cfg.struct_ratio)
-    return cached[run.cfg.struct_ratio]
-
-
-def _ratio(r: dict, base: dict, langs: list[str]) -> float:
-    """Geometric mean over languages of perplexity / base perplexity."""
-    logs = [math.log(r[lang]["ppl"]) - math.log(base[lang]["ppl"]) for lang in langs]
-    return math.exp(sum(logs) / len(logs))
-
-
-def run(run: Run) -> dict:
+def measure(run: Run) -> dict:
     """Remove N_d rows/columns of each family, picked Top / Middle / Bottom / Random by how many entries
     of the core Top region they hold, and measure perplexity."""
     cfg, model = run.cfg, run.model
-    langs, budget = cfg.struct_langs, _budget(cfg)
-    region = _top_region(run)
+    langs, budget = cfg.struct_langs, eval_budget(cfg)
+    region = run.core_region("top", run.cfg.struct_ratio)
     base = run.evaluate(RESULTS, "base", [], langs, budget)
     families = {}
     for family in cfg.struct_families:
@@ -186,8 +135,8 @@ def ratio_table(result: dict) -> tuple[list[str], list[list[str]]]:
             top = info["cells"][f"{n}/top"]
             for lang in result["langs"]:
                 rows.append(
-                    [family, str(n), lang, blocks.cell(top["ratio"][lang])]
-                    + [blocks.cell(top["vs"][h][lang]) for h in others]
+                    [family, str(n), lang, markup.cell(top["ratio"][lang])]
+                    + [markup.cell(top["vs"][h][lang]) for h in others]
                 )
     return head, rows
 
@@ -199,7 +148,10 @@ def structural_chart(result: dict) -> bytes:
     colours = {"top": "#d62728", "middle": "#2ca02c", "bottom": "#1f77b4", "random": "#ff7f0e"}
     for ax, (family, info) in zip(axes[0], fams.items()):
         for how in slices.PICKS:
-            ys = [_ratio(info["cells"][f"{n}/{how}"]["ppl"], result["base"], result["langs"]) for n in result["dims"]]
+            ys = [
+                geometric_ratio(info["cells"][f"{n}/{how}"]["ppl"], result["base"], result["langs"])
+                for n in result["dims"]
+            ]
             ax.plot(result["dims"], ys, marker="o", label=PICK_LABELS[how], color=colours[how])
         ax.set_yscale("log")
         ax.set_xlabel("N_d (dimensions removed)")
@@ -215,8 +167,8 @@ def structural_table(result: dict, family: str) -> tuple[list[str], list[list[st
     cells, base = result["families"][family]["cells"], result["base"]
     head = ["Model", "Score tokens", "N_d", "Language", "Base"] + [PICK_LABELS[h] for h in slices.PICKS]
     rows = [
-        [result["model_name"], f"{result['score_tokens']:,}", str(n), lang, blocks.fmt(base[lang]["ppl"])]
-        + [blocks.fmt(cells[f"{n}/{how}"]["ppl"][lang]["ppl"]) for how in slices.PICKS]
+        [result["model_name"], f"{result['score_tokens']:,}", str(n), lang, markup.fmt(base[lang]["ppl"])]
+        + [markup.fmt(cells[f"{n}/{how}"]["ppl"][lang]["ppl"]) for how in slices.PICKS]
         for n in result["dims"]
         for lang in result["langs"]
     ]
@@ -227,12 +179,12 @@ def findings(result: dict) -> list[str]:
     """Per family: the damage of removing the N_d densest dimensions against the other picks at the largest N_d,
     and whether Top stands out from each other pick, as verdicts from paired 95% intervals."""
     n, out = max(result["dims"]), []
-    fmt, langs, base = blocks.fmt, result["langs"], result["base"]
+    fmt, langs, base = markup.fmt, result["langs"], result["base"]
     by_family: dict[str, dict[str, dict[str, str]]] = {}
     for v in verdicts(result):
         by_family.setdefault(v["family"], {}).setdefault(v["against"], {})[v["lang"]] = v["verdict"]
     for family, info in result["families"].items():
-        r = {how: _ratio(info["cells"][f"{n}/{how}"]["ppl"], base, langs) for how in slices.PICKS}
+        r = {how: geometric_ratio(info["cells"][f"{n}/{how}"]["ppl"], base, langs) for how in slices.PICKS}
         others = max(r[h] for h in slices.PICKS if h != "top")
         where = "" if info["spaces"] == 1 else " of every layer" if result["mode"] == "common" else " of every matrix"
         claims = "; ".join(
@@ -256,8 +208,8 @@ def section(result: dict) -> list:
         else "each matrix ranks and picks its own rows/columns"
     )
     out = [
-        blocks.heading("Structural removal (the paper's Tables 3 and 4)"),
-        blocks.text(
+        markup.heading("Structural removal (the paper's Tables 3 and 4)"),
+        markup.text(
             f"Whole rows or columns are set to 0, in the Hugging Face layout [out_features, in_features] "
             f"(GPT-2's Conv1D transposed to it). They are ranked by how many entries of the core Top "
             f"{result['ratio']:g} region ({result['region']['entries']:,} of {result['region']['of']:,} "
@@ -266,7 +218,7 @@ def section(result: dict) -> list:
             f"(seed {result['seed']}). Mode: {mode}. Biases and norm weights are left alone. Perplexity on "
             f"{result['protocol']['seq_len']}-token windows, token-weighted."
         ),
-        blocks.bullets(
+        markup.bullets(
             [
                 f"**{family}**: {info['label']}; {info['spaces']} index space(s) of {info['space_size']} indices"
                 for family, info in result["families"].items()
@@ -288,7 +240,7 @@ def section(result: dict) -> list:
             + ", ".join(f"{PICK_LABELS[h]} {cells[f'{n_hi}/{h}']['top_share']:.1%}" for h in slices.PICKS)
             + f" ({cells[f'{n_hi}/top']['removed']:,} weights removed per setting)."
         )
-    out.append(blocks.bullets(notes))
+    out.append(markup.bullets(notes))
     captions = {
         "feature": "Residual dimensions, attention only (Table 3, without FFN). Top should stand out "
         "from Middle, Bottom and Random.",
@@ -297,10 +249,10 @@ def section(result: dict) -> list:
         "head": "Head dimensions (Table 4): compare Top with the residual families above.",
     }
     for family in result["families"]:
-        out.append(blocks.table(*structural_table(result, family), caption=f"{family}: {captions[family]}"))
+        out.append(markup.table(*structural_table(result, family), caption=f"{family}: {captions[family]}"))
     if all("vs" in info["cells"][f"{n_hi}/top"] for info in result["families"].values()):
         out.append(
-            blocks.table(
+            markup.table(
                 *ratio_table(result),
                 caption="Top's perplexity ratio to Base and to each other pick at the same N_d, with its 95% "
                 "interval (paired block bootstrap: both settings resample the same blocks of text). "
@@ -308,7 +260,7 @@ def section(result: dict) -> list:
             )
         )
     out.append(
-        blocks.figure(
+        markup.figure(
             "figures/structural.png",
             "Perplexity relative to base (geometric mean over languages, "
             "log scale) against N_d: look for the Top line rising far above the others.",

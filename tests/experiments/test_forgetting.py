@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from lingregion import blocks, corpus, evaluation, freezing, models, reproduce, uncertainty
+from lingregion import corpus, evaluation, freezing, markup, models, reproduce, uncertainty
 from lingregion.experiments import forgetting, recovery
-from lingregion.experiments.runfolder import Run
 from lingregion.regions import Region
+from lingregion.run import Run
 
 from conftest import TEXT, TINY_TRAINING, tiny_config
 
@@ -60,7 +60,7 @@ def test_forgetting_matches_a_hand_replay_with_intervals_and_resumes(tiny_folder
     # The experiment leaves the model as it found it.
     run2 = Run(tmp_path / "again", cfg, m2 := models.load(str(tiny_folder)), progress=False)
     pristine = {n: p.detach().clone() for n, p in m2.module.named_parameters()}
-    forgetting.run(run2)
+    forgetting.measure(run2)
     assert all(torch.equal(p, pristine[n]) for n, p in m2.module.named_parameters())
 
     # A rerun trains nothing and gives the same results, also after a change that does not concern freezing.
@@ -68,7 +68,7 @@ def test_forgetting_matches_a_hand_replay_with_intervals_and_resumes(tiny_folder
     again = reproduce(small_config(tiny_folder, mono_ratio=0.2), out, progress=False)["forgetting"]
     assert again["table"] == forg["table"] and again["intervals"] == forg["intervals"]
     md = (out / "report.md").read_text()
-    assert "Catastrophic forgetting" in md and blocks.cell(forg["intervals"]["core"]) in md
+    assert "Catastrophic forgetting" in md and markup.cell(forg["intervals"]["core"]) in md
     assert (out / "figures" / "forgetting.png").read_bytes().startswith(b"\x89PNG")
 
 

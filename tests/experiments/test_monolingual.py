@@ -6,8 +6,8 @@ import json
 import pytest
 
 from lingregion import evaluation, interventions, models, reproduce
-from lingregion.experiments.runfolder import Run
 from lingregion.regions import Region
+from lingregion.run import Run
 
 from conftest import tiny_config
 

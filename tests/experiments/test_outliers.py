@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from lingregion import Config, corpus, evaluation, interventions, models, reproduce, slices, uncertainty
+from lingregion import Config, architectures, corpus, evaluation, interventions, models, reproduce, slices, uncertainty
 from lingregion.experiments import outliers
-from lingregion.experiments.runfolder import Run
+from lingregion.run import Run
 
 from conftest import TEXT, make_model, tiny_config
 
@@ -37,7 +37,7 @@ def test_outliers_experiment_matches_direct_evaluation_with_intervals(tiny_folde
     scan = slices.scan(m.module, [run.windows(lang, "score", 32) for lang in ["ru", "zh"]], [0, 1], 4, False)
     assert [(c["layer"], c["dim"]) for c in o["candidates"]] == scan.top(2)
     first = o["candidates"][0]
-    norm = slices.input_norms(m.module)[first["layer"]]
+    norm = architectures.input_norms(m.module)[first["layer"]]
     w = m.module.get_parameter(norm).detach()[first["dim"]].item()
     by_hand = [interventions.Edit(norm, torch.tensor([first["dim"]]), 10 * (1 + w) - 1)]  # Gemma: (1 + w) × 10
     perturbed, base = result(by_hand, "ru"), result([], "ru")

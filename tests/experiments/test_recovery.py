@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from lingregion import blocks, corpus, evaluation, freezing, interventions, models, reproduce, uncertainty
+from lingregion import corpus, evaluation, freezing, interventions, markup, models, reproduce, uncertainty
 from lingregion.experiments import recovery
 from lingregion.experiments.registry import validate
-from lingregion.experiments.runfolder import Run
 from lingregion.regions import Region
+from lingregion.run import Run
 from lingregion.store import LingregionError
 
 from conftest import TEXT, TINY_TRAINING, tiny_config
@@ -134,7 +134,7 @@ def test_verdicts_turn_inconclusive_when_the_text_is_cut(loaded):
     assert v["trained"]["verdict"] == "holds" and v["untrained"]["verdict"] == "holds"
     first, second = recovery.findings(res)
     assert "**holds**" in first and "**holds**" in second
-    assert blocks.cell(res["intervals"]["trained_recovers"]["top-freeze"]) in first
+    assert markup.cell(res["intervals"]["trained_recovers"]["top-freeze"]) in first
     base, worse, mild = evaluations(loaded, 64)
     v = recovery.verdicts(result_of(base, worse, mild))
     assert v["trained"]["verdict"] == "inconclusive" and v["untrained"]["verdict"] == "inconclusive"
@@ -159,7 +159,7 @@ def test_experiment_config_errors(tiny_folder):
         ({"train_samples": [0, 4, 2]}, "increasing"),
         ({"train_track": ["ru"]}, "cannot also be"),
         ({"train_ratio": 1.5}, "outside"),
-        ({"train_precision": "fp8"}, "precision"),
+        ({"train_dtype": "fp8"}, "train_dtype"),
         ({"train_samples": [0, 1, 2], "train_batch": 4}, "same training step"),
         ({"train_other": "xx"}, "unknown language"),
         ({"train_track": []}, "at least one"),

@@ -8,7 +8,7 @@ import torch
 
 from lingregion import models, reproduce, scoring, uncertainty
 from lingregion.experiments import stability
-from lingregion.experiments.runfolder import Run
+from lingregion.run import Run
 
 from conftest import tiny_config
 
@@ -124,7 +124,7 @@ def test_stability_command_for_one_language(tiny_folder, tmp_path, capsys):
         "16",
         "--stability-tokens",
         "64",
-        "--no-stability-precision",
+        "--no-stability-other-dtype",
         "--ratios",
         "0.05",
         "--out",

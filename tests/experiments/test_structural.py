@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from lingregion import blocks, corpus, evaluation, interventions, models, reproduce, slices, uncertainty
+from lingregion import corpus, evaluation, interventions, markup, models, reproduce, slices, uncertainty
 from lingregion.experiments import structural
-from lingregion.experiments.runfolder import Run
+from lingregion.run import Run
 
 from conftest import TEXT, tiny_config
 
@@ -65,7 +65,7 @@ def test_structural_experiment_matches_direct_evaluation_with_intervals(tiny_fol
     assert "Structural removal (the paper's Tables 3 and 4)" in md
     assert "| Model | Score tokens | N_d | Language | Base | Top | Middle | Bottom | Random |" in md
     assert "| Family | N_d | Language | Top / Base | Top / Middle | Top / Bottom | Top / Random |" in md
-    assert blocks.interval_cell(cell["vs"]["random"]["zh"]) in md
+    assert markup.interval_cell(cell["vs"]["random"]["zh"]) in md
     assert "95% paired bootstrap interval" in md and uncertainty.RULE in md
     assert (out / "figures" / "structural.png").read_bytes().startswith(b"\x89PNG")
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import corpus, evaluation, interventions, models, scoring
-from ..config import Config
-from ..regions import Region, select
-from ..store import (
+from . import corpus, evaluation, importance, interventions, models, scorefile, scoring, uncertainty
+from .config import Config
+from .regions import Region, select
+from .store import (
     LingregionError,
     environment,
     read_json,
@@ -26,6 +26,8 @@ from ..store import (
     write_json,
     write_tensors,
 )
+
+ESTIMATOR_RECORDS = {"taylor": "taylor: |(θ − θ_removed) ⊙ Σ_windows ∂(mean token NLL)/∂θ|, fp32 accumulation"}
 
 
 def digest(obj) -> str:
@@ -90,14 +92,16 @@ class Run:
         write_json(self.out / "results" / f"{name}-summary.json", self.provenance(**result))
 
     # --- scores -------------------------------------------------------------------------------------
-    def scores(self, lang: str, budget: int | None = None, exact: bool = False) -> dict[str, torch.Tensor]:
-        """The paper's importance for one language, computed once and kept in scores/LANG.safetensors
-        (scores/LANG-BUDGET.safetensors for a budget other than the configured one) at the configured
-        `score_precision` (see `scorefile`). Read back from a compact file, every per-matrix Top / Bottom
-        selection up to the run's largest region share is that of the fp32 scores; `exact=True` asks for
-        the fp32 values themselves, and scores the language again if its file is not float32."""
-        from .. import scorefile
-
+    def scores(
+        self, lang: str, budget: int | None = None, estimator: str = "taylor", exact: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """One language's importance by `estimator`, computed once and kept in scores/LANG.safetensors
+        (LANG-BUDGET for a budget other than the configured one; .ESTIMATOR before the suffix for an estimator
+        other than the paper's taylor) at the configured `score_storage` (see `scorefile`). Read back from a
+        compact file, every per-matrix Top / Bottom selection up to the run's largest region share is that of
+        the fp32 scores; `exact=True` asks for the fp32 values themselves, and scores the language again if
+        its file is not float32. Taylor scores keep split halves (`split_halves`); other estimators come from
+        one `importance` pass over the same windows."""
         budget = None if budget == self.cfg.score_tokens else budget
         w = self.windows(lang, "score", budget)
         made_of = {
@@ -105,39 +109,48 @@ class Run:
             "windows": w.meta,
             "names": digest(self.names),
             "dtype": self.cfg.dtype,
-            "estimator": "taylor",
+            "estimator": estimator,
         }
         cfg = self.cfg
         share = max([*cfg.ratios, cfg.mono_ratio, cfg.struct_ratio, cfg.train_ratio, cfg.down_ratio])
-        precision = cfg.score_precision if share < 0.5 else "float32"  # tails of half a matrix: keep it all
-        path = self.out / "scores" / (f"{lang}-{budget}.safetensors" if budget else f"{lang}.safetensors")
+        storage = cfg.score_storage if share < 0.5 else "float32"  # tails of half a matrix: keep it all
+        stem = f"{lang}-{budget}" if budget else lang
+        path = (
+            self.out
+            / "scores"
+            / (f"{stem}.safetensors" if estimator == "taylor" else f"{stem}.{estimator}.safetensors")
+        )
+        label = lang if budget is None else f"{lang}-{budget}"
         if path.is_file():
             tensors, meta = scorefile.load(path)
             good = scorefile.exact_share(meta) >= (1.0 if exact else share) or (
-                not exact and precision == meta.get("precision") == "bfloat16"  # inexact by the user's choice
+                not exact and storage == meta.get("precision") == "bfloat16"  # inexact by the user's choice
             )
             if meta.get("made_of") == made_of and good:
                 if meta.get("stability"):
-                    self._stability[lang if budget is None else f"{lang}-{budget}"] = meta["stability"]
+                    self._stability[label] = meta["stability"]
                 return {n: tensors[n] for n in self.names}  # parameter order: ties and edits follow it
         t0 = time.time()
-        s = scoring.score(
-            self.model,
-            w,
-            self.names,
-            self.removed,
-            progress=self.progress,
-            checkpoint=path.with_name(f".{path.stem}.partial.safetensors"),
-            every=self.cfg.scale_checkpoint_every,
-            halves=cfg.split_halves,
-        )
         stability = None
-        if cfg.split_halves:
-            stability = self._split_half(lang if budget is None else f"{lang}-{budget}", w, s.a, s.b)
-            if budget is None and lang in cfg.score_langs:  # the core score's halves are these halves' sums
-                for total, half in zip(self._core_halves, (s.a, s.b)):
-                    scoring.accumulate(total, half)
-            s = s.full
+        if estimator != "taylor":
+            s = importance.score(estimator, importance.Target(self.model, self.names, self.removed), [w], self.progress)
+        else:
+            s = scoring.score(
+                self.model,
+                w,
+                self.names,
+                self.removed,
+                progress=self.progress,
+                checkpoint=path.with_name(f".{path.stem}.partial.safetensors"),
+                every=self.cfg.scale_checkpoint_every,
+                halves=cfg.split_halves,
+            )
+            if cfg.split_halves:
+                stability = self._split_half(label, w, s.a, s.b)
+                if budget is None and lang in cfg.score_langs:  # the core score's halves are these halves' sums
+                    for total, half in zip(self._core_halves, (s.a, s.b)):
+                        scoring.accumulate(total, half)
+                s = s.full
         scorefile.save(
             path,
             s,
@@ -145,11 +158,11 @@ class Run:
                 made_of=made_of,
                 lang=lang,
                 model_fingerprint=self.info["fingerprint"],
-                estimator="taylor: |(θ − θ_removed) ⊙ Σ_windows ∂(mean token NLL)/∂θ|, fp32 accumulation",
+                estimator=ESTIMATOR_RECORDS.get(estimator, estimator),
                 seconds=round(time.time() - t0, 1),
                 stability=stability,
             ),
-            precision,
+            storage,
             min(share, 0.49),
         )
         return s  # the fp32 scores as computed, whatever the file keeps
@@ -158,8 +171,6 @@ class Run:
         """Split-half stability of one score: the Jaccard of the halves' per-matrix Top sets at every share
         the run selects, and their Spearman correlation; the halves' Top mono_ratio sets are kept as regions
         (regions/halves/LABEL-{a,b}-top-RATIO) so that languages can be compared half against half later."""
-        from .. import uncertainty
-
         cfg = self.cfg
         meta = {"model": self.info["fingerprint"]}
         tops = {r: [select(h, r, "top", "matrix", meta=meta) for h in (a, b)] for r in {*cfg.ratios, cfg.mono_ratio}}
@@ -181,8 +192,6 @@ class Run:
     def stability_of_scores(self) -> dict:
         """Split-half stability of every score this run has made or read, and of the core score when every
         scored language's halves were computed in this process."""
-        from .. import uncertainty
-
         out = dict(self._stability)
         a, b = self._core_halves
         if a and all(lang in self._stability for lang in self.cfg.score_langs) and len(a) == len(self.names):
@@ -199,8 +208,6 @@ class Run:
         written from the fp32 sum, so core regions stay exact however compact the per-language files are;
         while the sum is being built it is kept in fp32 after each language
         (scores/.core.partial.safetensors), so that an interrupted run resumes it."""
-        from .. import scorefile
-
         if self._core is not None:
             return self._core
         cfg, langs = self.cfg, list(self.cfg.score_langs)
@@ -214,11 +221,11 @@ class Run:
         }
         share = max([*cfg.ratios, cfg.struct_ratio, cfg.train_ratio, cfg.down_ratio])
         # a global selection may take more than `share` of one matrix: only float32 keeps it exact
-        precision = cfg.score_precision if cfg.scope == "matrix" and share < 0.5 else "float32"
+        storage = cfg.score_storage if cfg.scope == "matrix" and share < 0.5 else "float32"
         path, partial = self.out / "scores" / "core.safetensors", self.out / "scores" / ".core.partial.safetensors"
         if path.is_file():
             tensors, meta = scorefile.load(path)
-            good = scorefile.exact_share(meta) >= share or precision == meta.get("precision") == "bfloat16"
+            good = scorefile.exact_share(meta) >= share or storage == meta.get("precision") == "bfloat16"
             if meta.get("made_of") == made_of and good:
                 self._core = {n: tensors[n] for n in self.names}
                 return self._core
@@ -246,12 +253,17 @@ class Run:
                 estimator="Σ over languages of taylor importance, summed in fp32 in the order of 'languages'",
                 seconds=round(time.time() - t0, 1),
             ),
-            precision,
+            storage,
             min(share, 0.49),
         )
         partial.unlink(missing_ok=True)
         self._core = total
         return self._core
+
+    def core_region(self, side: str, ratio: float, draw: int = 0) -> Region:
+        """The Top / Bottom / Random `ratio` of the core score (see `region`), selected once per run: most
+        experiments start from one, and summing and selecting cost more than a few evaluations on a CPU."""
+        return self.region(self.core_scores(), side, ratio, "core", draw)
 
     def region(
         self, scores: dict[str, torch.Tensor], side: str, ratio: float, label: str = "core", draw: int = 0
