@@ -7,10 +7,9 @@ bits per byte, generation) → experiments (one module per paper experiment) →
 The verbs below are the notebook API; `lingregion.<module>` holds the machinery behind each.
 """
 
-from .api import applied, core, generate, monolingual, perplexity, plot, removed, score, windows
+from .api import applied, core, generate, locate, monolingual, perplexity, plot, removed, score, windows
 from .config import Config
 from .models import Model, load
-from .pipeline import reproduce
 from .regions import Region
 from .version import __version__
 
@@ -23,6 +22,7 @@ __all__ = [
     "core",
     "generate",
     "load",
+    "locate",
     "monolingual",
     "perplexity",
     "plot",
@@ -31,3 +31,13 @@ __all__ = [
     "score",
     "windows",
 ]
+
+
+def __getattr__(name: str):
+    # `reproduce` imports every experiment: only when it is asked for, so that `lingregion score` and the
+    # other single-step commands load none of them
+    if name == "reproduce":
+        from .pipeline import reproduce
+
+        return reproduce
+    raise AttributeError(f"module 'lingregion' has no attribute {name!r}")

@@ -10,25 +10,35 @@ with lr.removed(m, top):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from . import corpus, evaluation, figures, interventions, regions, scoring
+from . import corpus, evaluation, figures, interventions, regions, scorefile, scoring
+from .config import Config
 from .models import Model
-from .store import write_bytes
+from .store import LingregionError, write_bytes
 
 Scores = dict[str, torch.Tensor]
 
 
 def windows(
-    m: Model, lang: str, split: str = "score", tokens: int = 4096, seq_len: int = 512, text: str | None = None
+    m: Model,
+    lang: str,
+    split: str = "score",
+    tokens: int | None = None,
+    seq_len: int | None = None,
+    text: str | None = None,
 ) -> corpus.Windows:
     """`tokens` window positions of one language's text (`split` "score" or "eval"; built-in corpus, or your
-    own file or hf:DATASET with `text`), cut into windows of `seq_len` that start with BOS."""
-    return corpus.load_windows(m.tokenizer, lang, split, seq_len, tokens, text)
+    own file or hf:DATASET with `text`), cut into windows of `seq_len` that start with BOS. The defaults are
+    a run's: Config's score_tokens or eval_tokens, and seq_len."""
+    if tokens is None:
+        tokens = Config.score_tokens if split == "score" else Config.eval_tokens
+    return corpus.load_windows(m.tokenizer, lang, split, seq_len or Config.seq_len, tokens, text)
 
 
 def score(m: Model, w: corpus.Windows, progress: bool = True) -> Scores:
@@ -48,17 +58,82 @@ def _summed(scores: Scores | Mapping[str, Scores]) -> Scores:
 
 
 def core(
-    scores: Scores | Mapping[str, Scores], ratio: float = 0.01, side: str = "top", scope: str = "matrix", seed: int = 0
+    scores: Scores | Mapping[str, Scores],
+    ratio: float = 0.01,
+    side: str = "top",
+    scope: str = Config.scope,
+    seed: int = Config.seed,
 ) -> regions.Region:
     """The core region: the Top / Bottom / Random `ratio` of each matrix (or of everything, scope "global") of
     the summed scores; pass one score dict, or one per language."""
     return regions.select(_summed(scores), ratio, side, scope, seed, {"label": "core", "estimator": "taylor"})
 
 
-def monolingual(scores: Mapping[str, Scores], lang: str, ratio: float = 0.03) -> regions.Region:
+def monolingual(scores: Mapping[str, Scores], lang: str, ratio: float = Config.mono_ratio) -> regions.Region:
     """L's monolingual region S_L − ∪ S_L', S the per-matrix Top `ratio` of each language's own score."""
     tops = {code: regions.select(s, ratio, "top", meta={"estimator": "taylor"}) for code, s in scores.items()}
     return regions.monolingual(tops, lang)
+
+
+def locate(
+    files: Sequence[str | Path] = (),
+    run: str | Path | None = None,
+    languages: Sequence[str] = (),
+    ratio: float = 0.01,
+    side: str = "top",
+    scope: str = "matrix",
+    seed: int = 0,
+    monolingual: str | None = None,
+) -> regions.Region:
+    """A region from score files on disk: the core region (Top / Bottom / Random `ratio` of the summed scores)
+    or, with `monolingual=L`, L's monolingual region among the given languages. Give the files, or a run
+    folder and the `languages` whose scores/LANG.safetensors to read; from a run folder the core comes from
+    its stored fp32 core sum when that covers exactly these languages. Warns (scorefile.Inexact) when compact
+    files make the region differ slightly from the one fp32 scores give."""
+    paths = [Path(run) / "scores" / f"{lang}.safetensors" for lang in languages] if run else [Path(f) for f in files]
+    if not paths:
+        raise LingregionError("give score files with --scores FILE ... or a run folder with --run DIR --langs ar,es")
+    core = Path(run) / "scores" / "core.safetensors" if run and monolingual is None else None
+    if core and core.is_file() and sorted(scorefile.load_meta(core).get("languages") or []) == sorted(languages):
+        paths = [core]  # the fp32 sum as the run made it, rather than a sum of compact files
+    total, tops, fingerprint, langs, inexact = {}, {}, None, [], []
+    for f in paths:
+        tensors, meta = scorefile.load(f)
+        if fingerprint and meta["model_fingerprint"] != fingerprint:
+            raise LingregionError(
+                f"{f}: scores come from another model ({meta['model_fingerprint']} ≠ "
+                f"{fingerprint}); score every language with the same model"
+            )
+        fingerprint = meta["model_fingerprint"]
+        langs += meta.get("languages") or [meta["lang"]]
+        share = scorefile.exact_share(meta)
+        summed = monolingual is None and len(paths) > 1
+        if side != "random" and (ratio > share or scope == "global" or (summed and share < 1)):
+            inexact.append(f"{f.name} ({meta.get('precision', 'float32')}, exact up to {share:g} of each matrix)")
+        if monolingual is not None:
+            tops[meta["lang"]] = regions.select(
+                tensors, ratio, "top", meta={"model": fingerprint, "estimator": "taylor"}
+            )
+        else:
+            scoring.accumulate(total, tensors)
+    if inexact:
+        # compact files keep exact values only in each matrix's tails; a sum, a larger share or a global
+        # selection also reads the 4-bit body, so the region can differ slightly from the fp32 one
+        warnings.warn(
+            "this region may differ slightly from the one fp32 scores give: "
+            + "; ".join(inexact)
+            + " (score with --score-storage float32 for exact sums and shares)",
+            scorefile.Inexact,
+            stacklevel=2,
+        )
+    if monolingual is not None:
+        if side != "top" or scope != "matrix":
+            raise LingregionError("a monolingual region uses per-matrix Top sets; drop --side/--scope")
+        if monolingual not in langs:
+            raise LingregionError(f"--monolingual {monolingual} is not among the scored languages {','.join(langs)}")
+        return regions.monolingual(tops, monolingual)
+    meta = {"model": fingerprint, "languages": langs, "estimator": "taylor", "label": "core"}
+    return regions.select(total, ratio, side, scope, seed, meta)
 
 
 @contextmanager
@@ -75,7 +150,7 @@ def applied(m: Model, edits: list[interventions.Edit]) -> Iterator[Model]:
         yield m
 
 
-def perplexity(m: Model, w: corpus.Windows, batch_size: int = 4, progress: bool = True) -> dict:
+def perplexity(m: Model, w: corpus.Windows, batch_size: int = Config.batch_size, progress: bool = True) -> dict:
     """Token-weighted perplexity and bits per byte of the windows: {'ppl', 'bpb', 'nll', 'tokens', 'bytes'}."""
     return evaluation.perplexity(m.module, w, batch_size, progress)
 

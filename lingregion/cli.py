@@ -10,6 +10,7 @@ import argparse
 import sys
 import types
 import typing
+import warnings
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -142,22 +143,20 @@ def _load(cfg: Config):
 
 
 def _removal_table(table: dict, langs: list[str]) -> str:
-    from .experiments import removal
-    from .markup import markdown_table
+    from .markup import markdown_table, perplexity_table
 
-    return markdown_table(*removal.table({"settings": list(table), "languages": langs, "table": table}))
+    return markdown_table(*perplexity_table(table, langs))
 
 
 # --- commands ---------------------------------------------------------------------------------------------
 def cmd_reproduce(args) -> None:
     """Every selected experiment, the results and the report."""
-    from .experiments import removal
-    from .markup import markdown_table
     from .pipeline import reproduce
 
     results = reproduce(config(args, quick=args.quick), Path(args.out))
     if "removal" in results:
-        print(markdown_table(*removal.table(results["removal"])))
+        r = results["removal"]
+        print(_removal_table({s: r["table"][s] for s in r["settings"]}, r["languages"]))
     print(f"\nreport: {Path(args.out) / 'report.html'} (and report.md)")
 
 
@@ -216,66 +215,20 @@ def cmd_stability(args) -> None:
 
 
 def cmd_locate(args) -> None:
-    """A core or monolingual region from score files; with --run, the core comes from the run's stored
-    core sum when it covers exactly the given languages (exact at any share its file keeps exact)."""
-    from . import scorefile, scoring
-    from .regions import monolingual, select
+    """A core or monolingual region from score files (`api.locate`)."""
+    from . import api, scorefile
 
-    files = (
-        [Path(args.run) / "scores" / f"{lang}.safetensors" for lang in args.langs]
-        if args.run
-        else [Path(f) for f in args.scores]
-    )
-    if not files:
-        raise LingregionError("give score files with --scores FILE ... or a run folder with --run DIR --langs ar,es")
-    core = Path(args.run) / "scores" / "core.safetensors" if args.run and args.kind == "core" else None
-    if core and core.is_file() and sorted(scorefile.load_meta(core).get("languages") or []) == sorted(args.langs):
-        files = [core]  # the fp32 sum as the run made it, rather than a sum of compact files
-    total, tops, fingerprint, langs, inexact = {}, {}, None, [], []
-    for f in files:
-        tensors, meta = scorefile.load(f)
-        if fingerprint and meta["model_fingerprint"] != fingerprint:
-            raise LingregionError(
-                f"{f}: scores come from another model ({meta['model_fingerprint']} ≠ "
-                f"{fingerprint}); score every language with the same model"
-            )
-        fingerprint = meta["model_fingerprint"]
-        langs += meta.get("languages") or [meta["lang"]]
-        share = scorefile.exact_share(meta)
-        summed = args.kind == "core" and len(files) > 1
-        if args.side != "random" and (args.ratio > share or args.scope == "global" or (summed and share < 1)):
-            inexact.append(f"{f.name} ({meta.get('precision', 'float32')}, exact up to {share:g} of each matrix)")
-        if args.kind == "monolingual":
-            tops[meta["lang"]] = select(tensors, args.ratio, "top", meta={"model": fingerprint, "estimator": "taylor"})
-        else:
-            scoring.accumulate(total, tensors)
-    if inexact:
-        # compact files keep exact values only in each matrix's tails; a sum, a larger share or a global
-        # selection also reads the 4-bit body, so the region can differ slightly from the fp32 one
-        print(
-            "lingregion: note: this region may differ slightly from the one fp32 scores give: "
-            + "; ".join(inexact)
-            + " (score with --score-storage float32 for exact sums and shares)",
-            file=sys.stderr,
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", scorefile.Inexact)
+        region = api.locate(
+            args.scores, args.run, args.langs, args.ratio, args.side, args.scope, args.seed, args.monolingual
         )
-    if args.kind == "monolingual":
-        if args.side != "top" or args.scope != "matrix":
-            raise LingregionError("--kind monolingual uses per-matrix Top sets; drop --side/--scope")
-        if args.lang not in langs:
-            raise LingregionError(f"--lang {args.lang} is not among the scored languages {','.join(langs)}")
-        region = monolingual(tops, args.lang)
-    else:
-        region = select(
-            total,
-            args.ratio,
-            args.side,
-            args.scope,
-            args.seed,
-            {"model": fingerprint, "languages": langs, "estimator": "taylor", "label": "core"},
-        )
+    for w in caught:
+        print(f"lingregion: note: {w.message}", file=sys.stderr)
     region.save(Path(args.out))
-    kind = f"monolingual {args.lang}" if args.kind == "monolingual" else f"{args.side} {args.ratio:g}, {args.scope}"
-    print(f"{args.out}: {region.count():,} of {region.total():,} entries ({kind}, languages {','.join(langs)})")
+    langs = ",".join(region.meta.get("languages") or args.langs)
+    kind = f"monolingual {args.monolingual}" if args.monolingual else f"{args.side} {args.ratio:g}, {args.scope}"
+    print(f"{args.out}: {region.count():,} of {region.total():,} entries ({kind}, languages {langs})")
 
 
 def cmd_evaluate(args) -> None:
@@ -454,17 +407,15 @@ def _locate_parser(sub) -> None:
     loc = sub.add_parser(
         "locate",
         help="select a region from score files",
-        description="core: sum the given languages' scores and keep the Top/Bottom/Random ratio. "
-        "monolingual: S_L* = S_L − ∪ S_L', the per-matrix Top ratio of L's own score "
+        description="The core region: sum the given languages' scores and keep the Top/Bottom/Random ratio. "
+        "--monolingual L: S_L* = S_L − ∪ S_L', the per-matrix Top ratio of L's own score "
         "minus every other given language's.",
     )
     loc.add_argument(
-        "--kind",
-        default="core",
-        choices=["core", "monolingual"],
-        help="core: one region from the summed scores (default); monolingual: one language's own",
+        "--monolingual",
+        metavar="L",
+        help="L's monolingual region among the given languages (default: the core region)",
     )
-    loc.add_argument("--lang", help="with --kind monolingual: the language L")
     loc.add_argument("--scores", nargs="*", default=[], help="score files (.safetensors from 'lingregion score')")
     loc.add_argument("--run", help="a run folder; use with --langs")
     loc.add_argument("--langs", type=_items, default=[], help="languages of --run to sum, e.g. ar,es,ru,zh,ko,vi")

@@ -31,7 +31,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -565,66 +564,3 @@ def estimate(
 def score(name: str, t: Target, windows: Iterable[Windows], progress: bool = True) -> dict[str, torch.Tensor]:
     """One estimator's core score."""
     return estimate(t, windows, [name], progress)[name]
-
-
-# --- Top sets of many subsets, compared matrix by matrix ------------------------------------------------
-@dataclass(frozen=True)
-class Layout:
-    """Where each scored matrix's entries sit in one flat index space, and how many its Top k% takes
-    (round(ratio · n), as regions.select takes per matrix)."""
-
-    names: tuple[str, ...]
-    offsets: tuple[int, ...]  # flat index of each matrix's first entry
-    k: tuple[int, ...]
-
-    @classmethod
-    def of(cls, shapes: dict[str, tuple[int, ...]], ratio: float) -> Layout:
-        """The layout of parameters with these shapes (in this order) at Top `ratio` per matrix."""
-        sizes = [int(np.prod(s)) for s in shapes.values()]
-        return cls(
-            tuple(shapes), tuple(int(o) for o in np.cumsum([0, *sizes[:-1]])), tuple(round(ratio * n) for n in sizes)
-        )
-
-
-def top_set(scores: dict[str, torch.Tensor], layout: Layout) -> np.ndarray:
-    """The per-matrix Top set of `scores` as sorted flat indices (int64): the same entries as
-    regions.select(scores, ratio, "top") takes, ties at the k-th value filled by lowest index, but about
-    ten times faster, because only the entries above a sampled bracket of the k-th value are partitioned."""
-    out = []
-    for name, offset, k in zip(layout.names, layout.offsets, layout.k):
-        if k:
-            out.append(_top_indices(scores[name].detach().reshape(-1).float().cpu().numpy(), k) + offset)
-    return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
-
-
-def _top_indices(v: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest entries of v, ties at the k-th value by lowest index."""
-    n = len(v)
-    s = v[:: max(1, n // 4096)]
-    # A sample quantile a few standard deviations below the k-th value: every Top entry lies above it
-    # (checked: if fewer than k entries do, take them all).
-    m = len(s)
-    j = int(m * (1 - k / n) - 4 * np.sqrt(m * k / n) - 2)
-    cand = np.flatnonzero(v >= np.partition(s, j)[j]) if j > 0 else np.arange(n)
-    if len(cand) < k:
-        cand = np.arange(n)
-    w = v[cand]
-    kth = np.partition(w, len(w) - k)[len(w) - k]
-    above = cand[w > kth]
-    return np.concatenate([above, cand[w == kth][: k - len(above)]]).astype(np.int64)
-
-
-def matrix_jaccards(a: np.ndarray, b: np.ndarray, layout: Layout) -> np.ndarray:
-    """Jaccard of two per-matrix Top sets (from `top_set`), one value per matrix with k > 0: both take k
-    entries, so |A ∪ B| = 2k − |A ∩ B|."""
-    pos = np.minimum(np.searchsorted(b, a), max(len(b) - 1, 0))
-    hit = np.concatenate([[0], np.cumsum(b[pos] == a if len(b) else np.zeros(len(a), bool))])
-    k = np.array([x for x in layout.k if x])
-    ends = np.cumsum(k)
-    inter = hit[ends] - hit[ends - k]
-    return inter / (2 * k - inter)
-
-
-def mean_jaccard(a: np.ndarray, b: np.ndarray, layout: Layout) -> float:
-    """The mean over matrices of their Top sets' Jaccard (each matrix counts once, whatever its size)."""
-    return float(matrix_jaccards(a, b, layout).mean())

@@ -48,6 +48,13 @@ def figure(path: str, caption: str) -> dict:
     return {"kind": "figure", "path": path, "caption": caption}
 
 
+def perplexity_table(table: dict, languages: list[str], metric: str = "ppl") -> tuple[list[str], list[list[str]]]:
+    """(head, rows) of one metric per language and setting ({setting: {lang: result}}), Base first: the
+    paper's Table 1 layout, used by the removal experiment and the evaluate and perturb commands."""
+    head = ["Language"] + [s.replace("@", " ") if s != "base" else "Base" for s in table]
+    return head, [[lang] + [fmt(table[s][lang][metric]) for s in table] for lang in languages]
+
+
 def _md_cell(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 

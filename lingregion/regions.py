@@ -99,6 +99,17 @@ class Region:
         union = (self | other).count()
         return (self & other).count() / union if union else 1.0
 
+    def matrix_jaccards(self, other: Region) -> np.ndarray:
+        """|A ∩ B| / |A ∪ B| of each matrix, in parameter order, matrices where both are empty left out."""
+        both, either = self & other, self | other
+        return np.array([both.count(n) / either.count(n) for n in self.packed if either.count(n)])
+
+    def matrix_jaccard(self, other: Region) -> float:
+        """The mean over matrices of `matrix_jaccards` (each matrix counts once, whatever its size); nan when
+        every matrix is empty in both."""
+        overlaps = self.matrix_jaccards(other)
+        return float(np.mean(overlaps)) if len(overlaps) else math.nan
+
     def save(self, path: Path) -> None:
         """Write the masks, shapes and meta to a safetensors file (atomically). Each packed mask is stored
         zlib-compressed: a k% region has far less than 1 bit of information per entry (a 3% mask compresses
@@ -357,3 +368,61 @@ def matching(
     for n in like.packed:
         masks.update(_select_group(scores, [n], like.count(n), largest=side == "top"))
     return Region.from_masks(masks, dict(meta or {}, side=side, matches=like.meta.get("label")))
+
+
+# --- Top sets of many subsets, compared matrix by matrix ------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """Where each scored matrix's entries sit in one flat index space, and how many its Top k% takes
+    (round(ratio · n), as `select` takes per matrix)."""
+
+    names: tuple[str, ...]
+    offsets: tuple[int, ...]  # flat index of each matrix's first entry
+    k: tuple[int, ...]
+
+    @classmethod
+    def of(cls, shapes: dict[str, tuple[int, ...]], ratio: float) -> Layout:
+        """The layout of parameters with these shapes (in this order) at Top `ratio` per matrix."""
+        sizes = [int(np.prod(s)) for s in shapes.values()]
+        return cls(
+            tuple(shapes), tuple(int(o) for o in np.cumsum([0, *sizes[:-1]])), tuple(round(ratio * n) for n in sizes)
+        )
+
+
+def top_set(scores: dict[str, torch.Tensor], layout: Layout) -> np.ndarray:
+    """The per-matrix Top set of `scores` as sorted flat indices (int64): the same entries as
+    select(scores, ratio, "top") takes, ties at the k-th value filled by lowest index, but about
+    ten times faster, because only the entries above a sampled bracket of the k-th value are partitioned."""
+    out = []
+    for name, offset, k in zip(layout.names, layout.offsets, layout.k):
+        if k:
+            out.append(_top_indices(scores[name].detach().reshape(-1).float().cpu().numpy(), k) + offset)
+    return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
+
+
+def _top_indices(v: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest entries of v, ties at the k-th value by lowest index."""
+    n = len(v)
+    s = v[:: max(1, n // 4096)]
+    # A sample quantile a few standard deviations below the k-th value: every Top entry lies above it
+    # (checked: if fewer than k entries do, take them all).
+    m = len(s)
+    j = int(m * (1 - k / n) - 4 * np.sqrt(m * k / n) - 2)
+    cand = np.flatnonzero(v >= np.partition(s, j)[j]) if j > 0 else np.arange(n)
+    if len(cand) < k:
+        cand = np.arange(n)
+    w = v[cand]
+    kth = np.partition(w, len(w) - k)[len(w) - k]
+    above = cand[w > kth]
+    return np.concatenate([above, cand[w == kth][: k - len(above)]]).astype(np.int64)
+
+
+def top_set_jaccards(a: np.ndarray, b: np.ndarray, layout: Layout) -> np.ndarray:
+    """Jaccard of two per-matrix Top sets (from `top_set`), one value per matrix with k > 0: both take k
+    entries, so |A ∪ B| = 2k − |A ∩ B|."""
+    pos = np.minimum(np.searchsorted(b, a), max(len(b) - 1, 0))
+    hit = np.concatenate([[0], np.cumsum(b[pos] == a if len(b) else np.zeros(len(a), bool))])
+    k = np.array([x for x in layout.k if x])
+    ends = np.cumsum(k)
+    inter = hit[ends] - hit[ends - k]
+    return inter / (2 * k - inter)

@@ -175,7 +175,7 @@ class Run:
         meta = {"model": self.info["fingerprint"]}
         tops = {r: [select(h, r, "top", "matrix", meta=meta) for h in (a, b)] for r in {*cfg.ratios, cfg.mono_ratio}}
         stats = {
-            "split_half_jaccard": {f"{r:g}": uncertainty.matrix_jaccard(*tops[r]) for r in sorted(tops)},
+            "split_half_jaccard": {f"{r:g}": tops[r][0].matrix_jaccard(tops[r][1]) for r in sorted(tops)},
             "spearman": uncertainty.spearman(a, b, seed=cfg.seed),
             "tokens_per_half": [sum(len(ids) - 1 for ids in w.input_ids[k::2]) for k in (0, 1)],
         }

@@ -44,6 +44,10 @@ _EXACT_CODE = (1 << BODY_BITS) - 1  # the code of a tail entry; body codes are 0
 _LEVELS = _EXACT_CODE
 
 
+class Inexact(UserWarning):
+    """A region selected from compact score files may differ slightly from the one fp32 scores give."""
+
+
 def is_score_file(meta: dict) -> bool:
     """Whether a file's metadata says it holds scores (this format or an earlier one)."""
     return meta.get("format") in (FORMAT, *OLD_FORMATS)

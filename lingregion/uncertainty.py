@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from .regions import Region, select
+from .regions import select
 from .store import LingregionError
 
 RESAMPLES = 2000
@@ -123,14 +123,8 @@ def split_half_jaccard(half_a: Mapping[str, torch.Tensor], half_b: Mapping[str, 
 
     Matrices whose Top set is empty (round(ratio · entries) = 0) are left out: they would count as a
     perfect overlap of nothing."""
-    return matrix_jaccard(*(select(h, ratio, "top", "matrix") for h in (half_a, half_b)))
-
-
-def matrix_jaccard(a: Region, b: Region) -> float:
-    """Mean over matrices of the Jaccard overlap of two regions, matrices where both are empty left out."""
-    both, either = a & b, a | b
-    overlaps = [both.count(n) / either.count(n) for n in a.packed if either.count(n)]
-    return float(np.mean(overlaps)) if overlaps else math.nan
+    a, b = (select(h, ratio, "top", "matrix") for h in (half_a, half_b))
+    return a.matrix_jaccard(b)
 
 
 def spearman(

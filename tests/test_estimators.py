@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lingregion import Config, corpus, importance, models, reproduce, scoring
+from lingregion import Config, corpus, importance, models, regions, reproduce, scoring
 from lingregion.experiments.registry import validate
 from lingregion.regions import select
 from lingregion.run import Run
@@ -504,17 +504,17 @@ def test_top_set_and_its_jaccard_equal_select_and_split_half_jaccard(tiny):
     b = {n: torch.rand(model.get_parameter(n).shape, generator=g) for n in t.names}
     a[t.names[0]] = torch.zeros_like(a[t.names[0]])  # all tied: filled by lowest index, as select does
     b[t.names[1]] = a[t.names[1]].round(decimals=1)  # many ties at the k-th value
-    layout = importance.Layout.of({n: tuple(v.shape) for n, v in a.items()}, 0.01)
+    layout = regions.Layout.of({n: tuple(v.shape) for n, v in a.items()}, 0.01)
     assert 0 in layout.k and max(layout.k) > 5  # a norm of 32 entries has no Top 1%: left out of the mean
     for scores in (a, b):
         region = select(scores, 0.01, "top", "matrix")
         flat = np.concatenate([region.indices(n).numpy() + o for n, o in zip(layout.names, layout.offsets)])
-        assert np.array_equal(importance.top_set(scores, layout), np.sort(flat))
-    ta, tb = importance.top_set(a, layout), importance.top_set(b, layout)
-    assert importance.mean_jaccard(ta, tb, layout) == pytest.approx(
+        assert np.array_equal(regions.top_set(scores, layout), np.sort(flat))
+    ta, tb = regions.top_set(a, layout), regions.top_set(b, layout)
+    assert regions.top_set_jaccards(ta, tb, layout).mean() == pytest.approx(
         uncertainty.split_half_jaccard(a, b, 0.01), abs=1e-15
     )
-    assert importance.mean_jaccard(ta, ta, layout) == 1.0
+    assert regions.top_set_jaccards(ta, ta, layout).mean() == 1.0
 
 
 def synthetic_parts(model, names, g, groups=4):

@@ -32,7 +32,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .. import figures, importance, interventions, markup, slices, uncertainty
+from .. import figures, importance, interventions, markup, regions, slices, uncertainty
 from ..corpus import Windows, load_windows
 from ..regions import Region, select
 from ..run import Run, digest
@@ -162,14 +162,14 @@ class SplitHalf:
         self.t, self.seed, self.ratio = t, seed, ratio
         self.names = [n for n in names if importance.per_language(n)]
         shapes = {n: tuple(t.model.get_parameter(n).shape) for n in t.names}
-        self.layout = importance.Layout.of(shapes, ratio)
+        self.layout = regions.Layout.of(shapes, ratio)
         self.sets: dict[tuple, np.ndarray] = {}
         self.tokens: dict[str, dict[int, float]] = {}  # language → level → mean tokens of its two halves
         self.splits: dict[str, list[list[int]]] = {}  # language → its half-splits (the groups of half a)
         self.groups: dict[str, int] = {}
         self.fewest = 1 << 62  # the fewest windows a half holds at the budget
         self.fixed = {
-            n: importance.top_set(importance.get(n).fn(importance.Stats(), t), self.layout)
+            n: regions.top_set(importance.get(n).fn(importance.Stats(), t), self.layout)
             for n in self.names
             if not importance.get(n).needs
         }
@@ -201,7 +201,7 @@ class SplitHalf:
                 del part
                 for name in data:
                     scores = importance.get(name).fn(stats, self.t)
-                    self.sets[(name, lang, key)] = importance.top_set(scores, self.layout)
+                    self.sets[(name, lang, key)] = regions.top_set(scores, self.layout)
                     del scores
                 del stats
 
@@ -218,7 +218,7 @@ class SplitHalf:
             raise LingregionError("specificity compares languages: score at least two languages")
         n_splits = min(len(s) for s in self.splits.values())
         levels = [lv for lv in range(len(LEVELS)) if all(lv in self.tokens[lang] for lang in langs)]
-        j = lambda a, b: importance.mean_jaccard(a, b, self.layout)  # noqa: E731
+        j = lambda a, b: float(regions.top_set_jaccards(a, b, self.layout).mean())  # noqa: E731
         out = {}
         for name in self.names:
             stability = {}

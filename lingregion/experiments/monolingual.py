@@ -277,11 +277,6 @@ def related_verdict(related: list[float], others: list[list[float]]) -> str:
     return uncertainty.FAILS if related[1] < lowers[len(lowers) // 2] else uncertainty.INCONCLUSIVE
 
 
-def _per_matrix_jaccard(x: Region, y: Region) -> np.ndarray:
-    both, either = x & y, x | y
-    return np.array([both.count(n) / either.count(n) for n in x.packed if either.count(n)])
-
-
 def resolution(run: Run, langs: list[str]) -> dict:
     """Is each monolingual region more than sampling noise? L's own split-half overlap J(S_L^a, S_L^b) against
     its overlap with every other language at the same budget, J(S_L^a, S_L'^a), matrix by matrix: resolved
@@ -291,8 +286,8 @@ def resolution(run: Run, langs: list[str]) -> dict:
         return {}  # scored without split halves (split_halves off, or scores from an earlier run)
     rng, out = np.random.default_rng(run.cfg.seed), {}
     for lang in langs:
-        within = _per_matrix_jaccard(*halves[lang])
-        between = {o: _per_matrix_jaccard(halves[lang][0], halves[o][0]) for o in langs if o != lang}
+        within = halves[lang][0].matrix_jaccards(halves[lang][1])
+        between = {o: halves[lang][0].matrix_jaccards(halves[o][0]) for o in langs if o != lang}
         closest = max(between, key=lambda o: between[o].mean())
         diff = within - between[closest]
         means = diff[rng.integers(0, len(diff), (uncertainty.RESAMPLES, len(diff)))].mean(1)

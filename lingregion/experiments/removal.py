@@ -141,13 +141,6 @@ def geometric_mean(results: list[dict]) -> dict:
     return out
 
 
-def table(result: dict, metric: str = "ppl") -> tuple[list[str], list[list[str]]]:
-    """(head, rows) of one metric per language and setting, Base first: the paper's Table 1 layout."""
-    settings, t = result["settings"], result["table"]
-    head = ["Language"] + [s.replace("@", " ") if s != "base" else "Base" for s in settings]
-    return head, [[lang] + [markup.fmt(t[s][lang][metric]) for s in settings] for lang in result["languages"]]
-
-
 def _ratios(result: dict, setting: str) -> list[float]:
     t = result["table"]
     return [t[setting][lang]["ppl"] / t["base"][lang]["ppl"] for lang in result["languages"]]
@@ -219,7 +212,7 @@ def section(result: dict) -> list:
             f"{result['scored_parameters']:,} transformer-layer parameters, set to their removed value."
         ),
         markup.table(
-            *table(result, "ppl"),
+            *markup.perplexity_table({s: result["table"][s] for s in result["settings"]}, result["languages"], "ppl"),
             caption="Perplexity. Top should wipe out every language; Bottom and Random should stay near Base.",
         ),
         markup.table(
@@ -237,7 +230,7 @@ def section(result: dict) -> list:
             "the Top bars tower over Base, Bottom and Random.",
         ),
         markup.table(
-            *table(result, "bpb"),
+            *markup.perplexity_table({s: result["table"][s] for s in result["settings"]}, result["languages"], "bpb"),
             caption="Bits per byte: comparable across languages and tokenizers, unlike per-token perplexity.",
         ),
         markup.bullets(notes),
