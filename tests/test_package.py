@@ -1,4 +1,4 @@
-"""The package's shape: the public API, unique file names, and module-level imports without a cycle."""
+"""The package's shape: the public API, unique file names, and imports that follow the data flow without a cycle."""
 
 import ast
 import re
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import lingregion as lr
+from lingregion.experiments.registry import EXPERIMENTS
 
 PACKAGE = Path(lr.__file__).parent
 README = PACKAGE.parent / "README.md"
@@ -44,12 +45,14 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path) -> set[str]:
-    """Package modules a file imports when it is imported (top-level statements, not function bodies)."""
+def _imports(path: Path, everywhere: bool = True) -> set[str]:
+    """Package modules a file imports: in every statement, function bodies included (`everywhere`), or only
+    in its top-level statements (what runs when it is imported)."""
     here = _module_name(path)
     package = here if path.name == "__init__.py" else here.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
     found = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in ast.walk(tree) if everywhere else tree.body:
         if isinstance(node, ast.ImportFrom):
             base = package
             for _ in range(node.level - 1):
@@ -63,11 +66,16 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
-def test_module_imports_have_no_cycle():
+def _graph(everywhere: bool) -> dict[str, set[str]]:
     files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
-    graph = {m: {i for i in _imports(p) if i in files and i != m} for m, p in files.items()}
+    graph = {m: {i for i in _imports(p, everywhere) if i in files and i != m} for m, p in files.items()}
     # a package's __init__ runs before its submodules, so an edge to a parent package is not a cycle
-    graph = {m: {i for i in deps if not m.startswith(i + ".")} for m, deps in graph.items()}
+    return {m: {i for i in deps if not m.startswith(i + ".")} for m, deps in graph.items()}
+
+
+@pytest.mark.parametrize("everywhere", [False, True], ids=["module level", "function bodies too"])
+def test_imports_have_no_cycle(everywhere):
+    graph = _graph(everywhere)
     state: dict[str, int] = {}
 
     def visit(m: str, path: list[str]) -> None:
@@ -86,6 +94,44 @@ def test_module_imports_have_no_cycle():
     for m in graph:
         if m not in state:
             visit(m, [m])
+
+
+# The data flow, bottom to top: a module imports (anywhere, function bodies included) only modules of its own
+# layer or below. A new module is placed here, so that where it sits in the flow is a decision.
+LAYERS = [
+    ["version", "store", "markup"],
+    ["corpus_sources", "corpus", "distributed", "checkpoint", "architectures", "regions"],
+    ["models", "config"],
+    ["evaluation", "interventions", "scoring", "scorefile", "figures", "uncertainty", "memory"],
+    ["importance", "slices", "freezing", "tasks", "export"],
+    ["run", "api"],
+    ["experiments", "experiments.training", "experiments.ranking"],
+    [f"experiments.{name}" for name in EXPERIMENTS],
+    ["experiments.registry", "report", "pipeline"],
+    ["", "cli"],
+]
+
+
+def test_imports_never_run_back_up_the_layers():
+    layer = {("lingregion." + m).rstrip("."): i for i, names in enumerate(LAYERS) for m in names}
+    graph = _graph(everywhere=True)
+    assert sorted(graph) == sorted(layer), "place every module of the package in LAYERS"
+    upward = [f"{m} → {dep}" for m, deps in graph.items() for dep in deps if layer[dep] > layer[m]]
+    assert not upward, f"imports that run back up the layers: {upward}"
+    # experiments never import each other; what two share lives in a helper module of their layer below
+    experiments = {f"lingregion.experiments.{name}" for name in EXPERIMENTS}
+    assert not [f"{m} → {dep}" for m in experiments for dep in graph[m] if dep in experiments]
+
+
+def test_the_score_command_loads_no_experiment(tiny_folder, tmp_path):
+    code = (
+        "import sys; from lingregion.cli import main; "
+        f"rc = main(['score', '--model', {str(tiny_folder)!r}, '--lang', 'ru', '--seq-len', '16', "
+        f"'--score-tokens', '32', '--out', {str(tmp_path / 'run')!r}]); "
+        "print(rc, sorted(m for m in sys.modules if m.startswith('lingregion.experiments')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.stdout.strip().splitlines()[-1] == "0 []", done.stderr[-2000:]
 
 
 def test_every_public_function_has_a_docstring():

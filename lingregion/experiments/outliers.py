@@ -37,7 +37,7 @@ def measure(run: Run) -> dict:
     try:
         norms = architectures.input_norms(model)
     except architectures.NotApplicable as e:  # a post-norm model: the run goes on, and the report says why not
-        result = {"experiment": "outliers", "langs": langs, "not_applicable": str(e), "verdicts": []}
+        result = {"experiment": "outliers", "languages": langs, "not_applicable": str(e), "verdicts": []}
         run.save("outliers", result)
         return result
     layers = list(range(min(cfg.outlier_layers, len(norms))))
@@ -112,7 +112,7 @@ def measure(run: Run) -> dict:
     base = {lang: uncertainty.without_blocks(base[lang], cfg.seed) for lang in langs}
     result = {
         "experiment": "outliers",
-        "langs": langs,
+        "languages": langs,
         "layers": layers,
         "scan_tokens": scan.tokens,
         "hidden": hidden,
@@ -201,7 +201,7 @@ def verdicts(result: dict) -> list[dict]:
     - "massive dimension D": removing it raises perplexity more than FACTOR× Base;
     - "massive dimension D vs controls": and more than FACTOR× removing each random dimension.
     A result without intervals (or without controls to compare with) is inconclusive, with the reason."""
-    comp, langs, out = result.get("comparisons"), result["langs"], []
+    comp, langs, out = result.get("comparisons"), result["languages"], []
 
     def add(claim, lang, verdict, reason=None, **numbers):
         out.append(
@@ -279,7 +279,7 @@ def _worst(entry: dict, langs: list[str], base: dict) -> tuple[str, float]:
 
 def outliers_table(result: dict) -> tuple[list[str], list[list[str]]]:
     """Table 8's layout (perturbation, parameter, perplexity), one perplexity column per language."""
-    langs, base, fmt = result["langs"], result["base"], markup.fmt
+    langs, base, fmt = result["languages"], result["base"], markup.fmt
     head = ["Perturbation", "Parameter", "Chosen as", "Scan score"] + [f"PPL {lang}" for lang in langs]
     rows = [["-", "-", "", ""] + [fmt(base[lang]["ppl"]) for lang in langs]]
     for k in slices.PERTURBATIONS:
@@ -302,7 +302,7 @@ def findings(result: dict) -> list[str]:
     each with its verdicts from paired 95% intervals."""
     if "not_applicable" in result:
         return [f"Outliers: not applicable to this model ({result['not_applicable']})."]
-    langs, base, fmt, out = result["langs"], result["base"], markup.fmt, []
+    langs, base, fmt, out = result["languages"], result["base"], markup.fmt, []
     cands, ctrls = result["candidates"], result["controls"]
     by_claim: dict[str, dict[str, str]] = {}
     for v in verdicts(result):
@@ -355,7 +355,7 @@ def findings(result: dict) -> list[str]:
 
 def ratio_table(result: dict) -> tuple[list[str], list[list[str]]]:
     """Perplexity ratio to Base with its 95% interval, per perturbation or removed dimension and language."""
-    langs = result["langs"]
+    langs = result["languages"]
     head = ["Perturbation", "Parameter", "Chosen as"] + [f"ratio {lang}" for lang in langs]
     rows = []
     for k in slices.PERTURBATIONS:
@@ -372,7 +372,7 @@ def section(result: dict) -> list:
     """Report blocks: Table 8's perturbations, the massive and core-densest dimensions, and their removal."""
     if "not_applicable" in result:
         return [markup.heading(TITLE), markup.text(f"Not applicable to this model: {result['not_applicable']}.")]
-    fmt, langs, base = markup.fmt, result["langs"], result["base"]
+    fmt, langs, base = markup.fmt, result["languages"], result["base"]
     cands = result["candidates"]
     layers = ", ".join(f"L{i + 1}" for i in result["layers"])
     in_top = [c for c in cands if c["in_core_top"]]

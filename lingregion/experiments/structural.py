@@ -58,7 +58,7 @@ def measure(run: Run) -> dict:
         "ratio": cfg.struct_ratio,
         "dims": cfg.struct_dims,
         "seed": cfg.seed,
-        "langs": langs,
+        "languages": langs,
         "base": base,
         "families": families,
         "region": {"entries": region.count(), "of": region.total()},
@@ -104,7 +104,7 @@ def verdicts(result: dict) -> list[dict]:
     for family, info in result["families"].items():
         vs = info["cells"][f"{n}/top"].get("vs", {})
         for other in (h for h in slices.PICKS if h != "top"):
-            for lang in result["langs"]:
+            for lang in result["languages"]:
                 entry = vs.get(other, {}).get(lang)
                 out.append(
                     {
@@ -133,7 +133,7 @@ def ratio_table(result: dict) -> tuple[list[str], list[list[str]]]:
     for family, info in result["families"].items():
         for n in result["dims"]:
             top = info["cells"][f"{n}/top"]
-            for lang in result["langs"]:
+            for lang in result["languages"]:
                 rows.append(
                     [family, str(n), lang, markup.cell(top["ratio"][lang])]
                     + [markup.cell(top["vs"][h][lang]) for h in others]
@@ -149,7 +149,7 @@ def structural_chart(result: dict) -> bytes:
     for ax, (family, info) in zip(axes[0], fams.items()):
         for how in slices.PICKS:
             ys = [
-                geometric_ratio(info["cells"][f"{n}/{how}"]["ppl"], result["base"], result["langs"])
+                geometric_ratio(info["cells"][f"{n}/{how}"]["ppl"], result["base"], result["languages"])
                 for n in result["dims"]
             ]
             ax.plot(result["dims"], ys, marker="o", label=PICK_LABELS[how], color=colours[how])
@@ -170,7 +170,7 @@ def structural_table(result: dict, family: str) -> tuple[list[str], list[list[st
         [result["model_name"], f"{result['score_tokens']:,}", str(n), lang, markup.fmt(base[lang]["ppl"])]
         + [markup.fmt(cells[f"{n}/{how}"]["ppl"][lang]["ppl"]) for how in slices.PICKS]
         for n in result["dims"]
-        for lang in result["langs"]
+        for lang in result["languages"]
     ]
     return head, rows
 
@@ -179,7 +179,7 @@ def findings(result: dict) -> list[str]:
     """Per family: the damage of removing the N_d densest dimensions against the other picks at the largest N_d,
     and whether Top stands out from each other pick, as verdicts from paired 95% intervals."""
     n, out = max(result["dims"]), []
-    fmt, langs, base = markup.fmt, result["langs"], result["base"]
+    fmt, langs, base = markup.fmt, result["languages"], result["base"]
     by_family: dict[str, dict[str, dict[str, str]]] = {}
     for v in verdicts(result):
         by_family.setdefault(v["family"], {}).setdefault(v["against"], {})[v["lang"]] = v["verdict"]

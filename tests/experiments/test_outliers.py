@@ -96,7 +96,7 @@ def result_of(base, bad, fine):
     ]
     comparisons = outliers._comparisons({"xx": base}, cands, ctrls, dims, langs, seed=0)
     return {
-        "langs": langs,
+        "languages": langs,
         "base": {"xx": base},
         "candidates": cands,
         "controls": ctrls,

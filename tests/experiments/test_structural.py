@@ -85,7 +85,7 @@ def result_of(base, top, other):
     cells = {"1/top": {"ppl": {"xx": top}}} | {f"1/{h}": {"ppl": {"xx": other}} for h in ("middle", "bottom", "random")}
     families = {"feature": {"cells": cells, "spaces": 1}}
     base = structural._with_intervals({"xx": base}, families, ["xx"], seed=0)
-    return {"dims": [1], "langs": ["xx"], "families": families, "base": base, "mode": "common"}
+    return {"dims": [1], "languages": ["xx"], "families": families, "base": base, "mode": "common"}
 
 
 def test_top_verdict_turns_inconclusive_when_the_text_is_cut(loaded, monkeypatch):
