@@ -6,7 +6,6 @@ import pytest
 
 from lingregion.cli import config, parser
 from lingregion.config import Config
-from lingregion.experiments.registry import EXPERIMENTS
 from lingregion.store import LingregionError
 
 
@@ -67,10 +66,6 @@ def test_flags_override_the_file_which_overrides_the_preset(tmp_path):
     cfg = config(args, quick=True)
     assert (cfg.seq_len, cfg.score_tokens, cfg.ratios, cfg.eval_tokens) == (32, 999, [0.2], 256)
     assert cfg.struct_dims == [2, 4] and cfg.down_items is None and cfg.down_mono is False
-
-
-def test_experiment_names_are_the_registry():
-    assert Config().experiments == list(EXPERIMENTS)
 
 
 def test_a_list_flag_with_a_bad_value_is_refused():

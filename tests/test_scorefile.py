@@ -1,17 +1,12 @@
 """Score files: round trips, sizes, and regions from compact files equal to those from fp32 scores, ties
-included; earlier fp32 files still read; the run folder keeps compact language files and an exact core."""
-
-from dataclasses import replace
+included; earlier fp32 files still read."""
 
 import pytest
 import torch
 
-from lingregion import Config, models, scorefile
+from lingregion import scorefile
 from lingregion.regions import matching, monolingual, select
-from lingregion.run import Run
 from lingregion.store import LingregionError, read_tensors, write_tensors
-
-from conftest import TEXT
 
 
 def scores(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -133,52 +128,3 @@ def test_v1_files_and_malformed_files(tmp_path):
         scorefile.load(tmp_path / "bad.safetensors")
     with pytest.raises(LingregionError, match="unknown score precision"):
         scorefile.save(tmp_path / "x.safetensors", s, {}, "int8")
-
-
-def test_run_keeps_compact_language_files_and_an_exact_core(tiny_folder, tmp_path):
-    texts = {}
-    for i, lang in enumerate(["ru", "es"]):  # the run's own text files: the test needs no built-in corpus
-        texts[lang] = str(tmp_path / f"{lang}.txt")
-        (tmp_path / f"{lang}.txt").write_text("\n\n".join(TEXT[i:] + TEXT[:i]) * 5, encoding="utf-8")
-    cfg = Config(
-        model=str(tiny_folder), seq_len=16, score_tokens=32, score_langs=["ru", "es"], ratios=[0.05], texts=texts
-    )
-    m = models.load(str(tiny_folder))
-    out = tmp_path / "run"
-    run = Run(out, cfg, m, progress=False)
-    core = run.core_scores()  # fresh: the fp32 sum
-    fresh = {lang: run.scores(lang) for lang in ("ru", "es")}  # read back from compact files
-    assert not (out / "scores" / ".core.partial.safetensors").exists()
-    for name in ("ru", "es", "core"):
-        m_ = scorefile.load_meta(out / "scores" / f"{name}.safetensors")
-        assert m_["precision"] == "compact" and m_["exact_share"] == 0.05, name
-
-    # the fp32 scores, computed again, give the same regions as the compact files
-    again = Run(tmp_path / "fp32", replace(cfg, score_storage="float32"), m, progress=False)
-    exact = {lang: again.scores(lang) for lang in ("ru", "es")}
-    exact_core = again.core_scores()
-    for side in ("top", "bottom"):
-        assert same(select(exact_core, 0.05, side), select(core, 0.05, side))
-        for lang in exact:
-            assert same(select(exact[lang], 0.05, side), select(fresh[lang], 0.05, side))
-    assert all(torch.equal(exact_core[n], core[n]) for n in core)  # the core was summed from fp32 scores
-
-    # a new Run reads the core file back; its regions are the fp32 ones
-    reread = Run(out, cfg, m, progress=False).core_scores()
-    for side in ("top", "bottom"):
-        assert same(select(exact_core, 0.05, side), select(reread, 0.05, side))
-
-    # an interrupted core (the sum of ru kept, es not yet added) resumes from the fp32 partial sum
-    (out / "scores" / "core.safetensors").unlink()
-    write_tensors(
-        out / "scores" / ".core.partial.safetensors",
-        exact["ru"],
-        {"made_of": read_made_of(again), "done": ["ru"], "format": "lingregion-core-partial"},
-    )
-    resumed = Run(out, cfg, m, progress=False).core_scores()  # es is rescored for its fp32 values
-    assert all(torch.equal(exact_core[n], resumed[n]) for n in core)
-    assert not (out / "scores" / ".core.partial.safetensors").exists()
-
-
-def read_made_of(run: Run) -> dict:
-    return scorefile.load_meta(run.out / "scores" / "core.safetensors")["made_of"]

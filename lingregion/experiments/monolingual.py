@@ -114,30 +114,87 @@ def measure(run: Run) -> dict:
     languages interaction matrix of its removal, a same-size Bottom control, generation cases, and
     where the regions sit (overlaps, layers, matrix types)."""
     cfg, langs, evals = run.cfg, run.cfg.mono_langs, run.cfg.eval_langs
-    budget, small = cfg.mono_eval_tokens, max(cfg.score_tokens // 4, cfg.seq_len)
+    budget = cfg.mono_eval_tokens
     est, tag = cfg.mono_estimator, _tag(cfg.mono_estimator)  # the paper's taylor keeps its names (no tag)
+    tops, core, monos = _regions(run, langs, est, tag)
+    base, removed, ratio, ratio_ci = _interaction(run, monos, evals, budget, tag)
+    table5 = _table5(run, tops, monos, est, tag)
+    generations = _generations(run, monos)
+    related = _related(ratio, ratio_ci, langs, evals)
+    distributions = {
+        "core": figures.region_distribution(core),
+        **{f"mono-{lang}": figures.region_distribution(monos[lang]) for lang in langs},
+    }
+    result = {
+        "experiment": "monolingual",
+        "languages": langs,
+        "eval_languages": evals,
+        "ratio": cfg.mono_ratio,
+        "focus": cfg.mono_focus,
+        "sizes": _sizes(tops, monos),
+        "base": base,
+        "removed": removed,
+        "ppl_ratio": ratio,
+        "ppl_ratio_ci95": ratio_ci,
+        "ci95_method": uncertainty.method_record(seed=cfg.seed),
+        "resolution": resolution(run, langs),
+        "tokens_for_jaccard_0.9": _needed_budget(run),
+        "table5": table5,
+        **({"estimator": est, "paper_estimator": _paper_matrix(run, langs, evals, budget, base)} if tag else {}),
+        "related": related,
+        "jaccard": {a: {b: tops[a].jaccard(tops[b]) for b in langs} for a in langs},
+        "distribution": distributions,
+        "generations": generations,
+        "prompts": PROMPTS,
+        "protocol": evaluation.protocol(run.windows(evals[0], "eval", budget), cfg.dtype),
+        "eval_windows": {e: run.windows(e, "eval", budget).meta for e in evals},
+        "score_windows": {lang: run.windows(lang, "score").meta for lang in langs},
+    }
+    _write_figures(run, result)
+    run.save("monolingual", result)
+    return result
+
+
+def _regions(run: Run, langs: list[str], est: str, tag: str) -> tuple[dict[str, Region], Region, dict[str, Region]]:
+    """Each language's Top set, the core region (Top of the summed score) and the monolingual regions
+    S_L* = S_L − ∪ S_L', the latter saved under regions/."""
+    cfg = run.cfg
     tops, core_scores = _tops(run, langs, None, est)
     core = select(core_scores, cfg.mono_ratio, "top", meta={"label": "core", "languages": langs})
     del core_scores
     monos = {lang: monolingual(tops, lang) for lang in langs}
     for lang, region in monos.items():
         region.save(run.out / "regions" / f"monolingual-{lang}-{cfg.mono_ratio:g}{tag}.safetensors")
+    return tops, core, monos
 
+
+def _interaction(
+    run: Run, monos: dict[str, Region], evals: list[str], budget: int, tag: str
+) -> tuple[dict, dict, dict, dict]:
+    """The interaction matrix: Base, each monolingual region removed in turn evaluated on every evaluation
+    language, the perplexity ratio to Base and its paired 95% interval."""
+    seed = run.cfg.seed
     base = run.evaluate("monolingual.json", "base", [], evals, budget)
     removed = {
         lang: run.evaluate(
             "monolingual.json", f"mono-{lang}{tag}", interventions.removal(monos[lang], run.removed), evals, budget
         )
-        for lang in langs
+        for lang in monos
     }
-    ratio = {lang: {e: removed[lang][e]["ppl"] / base[e]["ppl"] for e in evals} for lang in langs}
+    ratio = {lang: {e: removed[lang][e]["ppl"] / base[e]["ppl"] for e in evals} for lang in monos}
     ratio_ci = {
-        lang: {e: list(uncertainty.paired_bootstrap(removed[lang][e], base[e], seed=cfg.seed)) for e in evals}
-        for lang in langs
+        lang: {e: list(uncertainty.paired_bootstrap(removed[lang][e], base[e], seed=seed)) for e in evals}
+        for lang in monos
     }
+    return base, removed, ratio, ratio_ci
 
-    # Table 5 layout for the focus language at two scoring budgets; Bottom of the same size is the control.
-    focus, table5 = cfg.mono_focus, {}
+
+def _table5(run: Run, tops: dict[str, Region], monos: dict[str, Region], est: str, tag: str) -> dict:
+    """Table 5's layout for the focus language at two scoring budgets (the full one and a quarter of it):
+    its monolingual region removed (Top) against Bottom of the same size, the control."""
+    cfg = run.cfg
+    langs, evals, budget, focus = cfg.mono_langs, cfg.eval_langs, cfg.mono_eval_tokens, cfg.mono_focus
+    small, table5 = max(cfg.score_tokens // 4, cfg.seq_len), {}
     for label, b in (("full", None), ("quarter", small)):
         f_tops = tops if b is None else _tops(run, langs, b, est)[0]
         f_mono = monos[focus] if b is None else monolingual(f_tops, focus)
@@ -160,12 +217,22 @@ def measure(run: Run) -> dict:
                 budget,
             ),
         }
+    return table5
 
-    generations = {"base": evaluation.generate(run.model, run.tokenizer, PROMPTS, cfg.gen_tokens)}
-    for lang in langs:
-        with interventions.applied(run.model, interventions.removal(monos[lang], run.removed)):
-            generations[f"mono-{lang}"] = evaluation.generate(run.model, run.tokenizer, PROMPTS, cfg.gen_tokens)
 
+def _generations(run: Run, monos: dict[str, Region]) -> dict[str, dict[str, str]]:
+    """Greedy continuations of PROMPTS by the model as it is and with each monolingual region removed."""
+    gen_tokens = run.cfg.gen_tokens
+    generations = {"base": evaluation.generate(run.model, run.tokenizer, PROMPTS, gen_tokens)}
+    for lang, region in monos.items():
+        with interventions.applied(run.model, interventions.removal(region, run.removed)):
+            generations[f"mono-{lang}"] = evaluation.generate(run.model, run.tokenizer, PROMPTS, gen_tokens)
+    return generations
+
+
+def _related(ratio: dict, ratio_ci: dict, langs: list[str], evals: list[str]) -> dict:
+    """For each language with related languages (RELATED) among the evaluated ones: what removing its region
+    does to them, to itself and to the median other language, and the verdict from the intervals."""
     related = {}
     for lang in langs:
         kin = [r for r in RELATED.get(lang, []) if r in evals]
@@ -178,42 +245,26 @@ def measure(run: Run) -> dict:
                 "own": ratio[lang].get(lang),
                 "verdict": {r: related_verdict(ratio_ci[lang][r], [ratio_ci[lang][e] for e in others]) for r in kin},
             }
-    distributions = {
-        "core": figures.region_distribution(core),
-        **{f"mono-{lang}": figures.region_distribution(monos[lang]) for lang in langs},
+    return related
+
+
+def _sizes(tops: dict[str, Region], monos: dict[str, Region]) -> dict[str, dict]:
+    """Each monolingual region's entries, its language's Top set's, and its share of the scored parameters."""
+    return {
+        lang: {
+            "entries": monos[lang].count(),
+            "top_entries": tops[lang].count(),
+            "share": monos[lang].count() / monos[lang].total(),
+        }
+        for lang in monos
     }
-    result = {
-        "experiment": "monolingual",
-        "languages": langs,
-        "eval_languages": evals,
-        "ratio": cfg.mono_ratio,
-        "focus": focus,
-        "sizes": {
-            lang: {
-                "entries": monos[lang].count(),
-                "top_entries": tops[lang].count(),
-                "share": monos[lang].count() / monos[lang].total(),
-            }
-            for lang in langs
-        },
-        "base": base,
-        "removed": removed,
-        "ppl_ratio": ratio,
-        "ppl_ratio_ci95": ratio_ci,
-        "ci95_method": uncertainty.method_record(seed=cfg.seed),
-        "resolution": resolution(run, langs),
-        "tokens_for_jaccard_0.9": _needed_budget(run),
-        "table5": table5,
-        **({"estimator": est, "paper_estimator": _paper_matrix(run, langs, evals, budget, base)} if tag else {}),
-        "related": related,
-        "jaccard": {a: {b: tops[a].jaccard(tops[b]) for b in langs} for a in langs},
-        "distribution": distributions,
-        "generations": generations,
-        "prompts": PROMPTS,
-        "protocol": evaluation.protocol(run.windows(evals[0], "eval", budget), cfg.dtype),
-        "eval_windows": {e: run.windows(e, "eval", budget).meta for e in evals},
-        "score_windows": {lang: run.windows(lang, "score").meta for lang in langs},
-    }
+
+
+def _write_figures(run: Run, result: dict) -> None:
+    """figures/: the interaction matrix and the Top sets' overlap as heat maps, and where the regions sit
+    (per layer and matrix type)."""
+    langs, evals = result["languages"], result["eval_languages"]
+    ratio, distributions = result["ppl_ratio"], result["distribution"]
     figs = run.out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     write_bytes(
@@ -235,7 +286,7 @@ def measure(run: Run) -> dict:
             langs,
             langs,
             [[result["jaccard"][a][b] for b in langs] for a in langs],
-            f"Jaccard overlap of Top {cfg.mono_ratio:g} sets",
+            f"Jaccard overlap of Top {run.cfg.mono_ratio:g} sets",
             "Jaccard",
             "language",
             "language",
@@ -263,8 +314,6 @@ def measure(run: Run) -> dict:
             "layer",
         ),
     )
-    run.save("monolingual", result)
-    return result
 
 
 def related_verdict(related: list[float], others: list[list[float]]) -> str:
@@ -388,9 +437,23 @@ def _ppl_of(results: dict):
 
 def section(res: dict) -> list:
     """Report blocks: region sizes, the interaction matrix, related languages, Table 5, generations, overlap."""
-    fmt, langs, evals = markup.fmt, res["languages"], res["eval_languages"]
-    out = [
+    return [
         markup.heading("Monolingual regions (the paper's Table 5, and beyond)"),
+        *_size_blocks(res),
+        *_resolution_blocks(res),
+        *_interaction_blocks(res),
+        *_comparison_blocks(res),
+        *_related_blocks(res),
+        *_table5_blocks(res),
+        *_generation_blocks(res),
+        *_overlap_blocks(res),
+    ]
+
+
+def _size_blocks(res: dict) -> list:
+    """What a monolingual region is, and how large each one came out."""
+    langs = res["languages"]
+    return [
         markup.text(
             f"S_L* = S_L − ∪ S_L', S_L the per-matrix Top {res['ratio']:g} of L's own score, over {', '.join(langs)}."
         ),
@@ -402,7 +465,13 @@ def section(res: dict) -> list:
             ],
             caption="Size of each monolingual region: a small fraction of the Top set survives the set difference.",
         ),
-        *_resolution_blocks(res),
+    ]
+
+
+def _interaction_blocks(res: dict) -> list:
+    """The interaction matrix with its intervals, and as a heat map."""
+    langs, evals = res["languages"], res["eval_languages"]
+    return [
         markup.heading("Interaction matrix: perplexity ratio (removed / base)", 3),
         markup.table(
             ["removed ↓ / eval →", *evals],
@@ -413,25 +482,32 @@ def section(res: dict) -> list:
         markup.figure(
             "figures/interaction.png", "The same matrix as a heat map (log colour scale): look for the diagonal."
         ),
-        *_comparison_blocks(res),
-        markup.heading("Related languages", 3),
     ]
+
+
+def _related_blocks(res: dict) -> list:
+    """Per language, what removing its region does to its related languages against the median other one."""
     lines = []
     for lang, rel in res["related"].items():
         kin = ", ".join(f"{k} ×{v:.3f}" for k, v in rel["related"].items())
         verdict = "yes" if all(v > rel["others_median"] for v in rel["related"].values()) else "no"
         own = f"own ×{rel['own']:.3f}, " if rel["own"] is not None else ""
         lines.append(f"remove {lang}: {own}related {kin}; median of the others ×{rel['others_median']:.3f} → {verdict}")
-    out += [
+    return [
+        markup.heading("Related languages", 3),
         markup.text("Does removing L's region hurt a related language more than the others?"),
         markup.bullets(lines),
     ]
-    focus, t5 = res["focus"], res["table5"]
+
+
+def _table5_blocks(res: dict) -> list:
+    """Table 5's layout: perplexity with the focus language's region (Top) or Bottom removed, at two budgets."""
+    fmt, evals, focus, t5 = markup.fmt, res["eval_languages"], res["focus"], res["table5"]
     cols = {"Base": lambda e: res["base"][e]["ppl"]}
     for b in t5:
         for side in ("Top", "Bottom"):
             cols[f"{side} ({t5[b]['score_tokens']} tok)"] = _ppl_of(t5[b][side.lower()])
-    out += [
+    return [
         markup.heading(f"Table 5 layout: the {focus} monolingual region (Top) against Bottom of the same size", 3),
         markup.table(
             ["Language", *cols],
@@ -440,14 +516,26 @@ def section(res: dict) -> list:
             "far more than the others under Top, and nothing should move under Bottom.",
         ),
     ]
+
+
+def _generation_blocks(res: dict) -> list:
+    """The greedy continuations of each prompt, with and without each region."""
     gens = res["generations"]
-    out += [
+    return [
         markup.heading("Generation cases (greedy)", 3),
         markup.table(
             ["setting", *res["prompts"]],
             [[g, *[gens[g][c].replace("\n", " ").strip() or "∅" for c in res["prompts"]]] for g in gens],
             caption="Continuations of the paper's prompt: which language's output breaks when each region is removed?",
         ),
+    ]
+
+
+def _overlap_blocks(res: dict) -> list:
+    """The Top sets' overlap, and where the core and monolingual regions sit by matrix type and layer."""
+    langs, dist = res["languages"], res["distribution"]
+    kinds = list(next(iter(dist.values()))["by_kind"])
+    return [
         markup.heading("Overlap and location", 3),
         markup.table(
             ["", *langs],
@@ -456,10 +544,6 @@ def section(res: dict) -> list:
             "overlap more.",
         ),
         markup.figure("figures/jaccard.png", "The overlap as a heat map."),
-    ]
-    dist = res["distribution"]
-    kinds = list(next(iter(dist.values()))["by_kind"])
-    out += [
         markup.table(
             ["region", *kinds],
             [[r, *[f"{dist[r]['by_kind'][c]:.1%}" for c in kinds]] for r in dist],
@@ -474,4 +558,3 @@ def section(res: dict) -> list:
             "Every region's share per layer: do the monolingual regions sit in the same layers as the core region?",
         ),
     ]
-    return out

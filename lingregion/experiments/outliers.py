@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import architectures, figures, markup, slices, uncertainty
+from ..regions import Region
 from ..run import Run
 from ..store import write_bytes
 from .ranking import FACTOR, RESULTS, eval_budget, geometric_ratio, validate_structure
@@ -41,86 +42,29 @@ def measure(run: Run) -> dict:
         run.save("outliers", result)
         return result
     layers = list(range(min(cfg.outlier_layers, len(norms))))
-    scan = slices.scan(
-        model,
-        [run.windows(lang, "score", cfg.outlier_scan_tokens) for lang in langs],
-        layers,
-        cfg.batch_size,
-        run.progress,
-    )
-    region = run.core_region("top", run.cfg.struct_ratio)
-    core = slices.ranked(model, region, "feature+ffn", "common").counts["residual"]
-    core_rank = {int(d): r + 1 for r, d in enumerate(slices.ranking(core))}
+    scan = _scan(run, layers)
+    region, core, core_rank = _core_dimensions(run)
     base = run.evaluate(RESULTS, "base", [], langs, budget)
-    massive = scan.massive()
-    score = scan.score()
-    hidden = massive.shape[0]
-
-    def entry(layer: int, dim: int) -> dict:
-        j, name = layers.index(layer), norms[layer]
-        return {
-            "layer": layer,
-            "dim": dim,
-            "label": slices.label(layer, dim),
-            "score": float(score[j, dim]),
-            **{f"{k}_change": float(scan.change[k][j, dim]) for k in slices.PERTURBATIONS},
-            "weight": float(model.get_parameter(name).detach()[dim]),
-            "offset_norm": slices.is_offset(model, name),
-            "in_core_top": bool(slices.in_region(region, name, torch.tensor([dim]))[0])
-            if name in region.shapes
-            else None,
-            "massive": float(massive[dim]),
-            "core_rank": core_rank[dim],
-            "ppl": {
-                k: run.evaluate(
-                    RESULTS, f"{k}/{slices.label(layer, dim)}", slices.perturbation(model, layer, dim, k), langs, budget
-                )
-                for k in slices.PERTURBATIONS
-            },
-        }
-
+    massive, score = scan.massive(), scan.score()
     candidates = scan.top(cfg.outlier_confirm)
     controls = _controls(scan, candidates, cfg.outlier_controls, cfg.seed)
-    pairs = tqdm(candidates + controls, desc="perturbations", disable=not run.progress)
-    confirmed = [entry(layer, dim) for layer, dim in pairs]
-
-    big = slices.ranking(massive)[: cfg.outlier_dims].tolist()
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    others = [int(d) for d in torch.randperm(hidden, generator=g) if int(d) not in big][: cfg.outlier_dims]
-    dims = [
-        {
-            "dim": d,
-            "kind": kind,
-            "massive": float(massive[d]),
-            "massive_layer": int(scan.peak[:, d].argmax()),
-            "core_rank": core_rank[d],
-            "core_count": int(core[d]),
-            "ppl": run.evaluate(RESULTS, f"dimension/{d}", slices.dimension_removal(model, [d]), langs, budget),
-        }
-        for kind, ds in (("massive", big), ("control", others))
-        for d in ds
-    ]
-
+    confirmed = _confirm(run, scan, norms, region, core_rank, massive, score, candidates + controls)
+    cands, ctrls = confirmed[: len(candidates)], confirmed[len(candidates) :]
+    dims = _dimensions(run, scan, massive, core, core_rank)
     densest = slices.ranking(core)[:10].tolist()
-    comparisons = _comparisons(base, confirmed[: len(candidates)], confirmed[len(candidates) :], dims, langs, cfg.seed)
-    for e in confirmed:  # the summary keeps intervals, not blocks
-        e["ppl"] = {
-            k: {lang: uncertainty.without_blocks(r[lang], cfg.seed) for lang in langs} for k, r in e["ppl"].items()
-        }
-    for d in dims:
-        d["ppl"] = {lang: uncertainty.without_blocks(d["ppl"][lang], cfg.seed) for lang in langs}
-    base = {lang: uncertainty.without_blocks(base[lang], cfg.seed) for lang in langs}
+    comparisons = _comparisons(base, cands, ctrls, dims, langs, cfg.seed)
+    base = _without_blocks(base, confirmed, dims, langs, cfg.seed)
     result = {
         "experiment": "outliers",
         "languages": langs,
         "layers": layers,
         "scan_tokens": scan.tokens,
-        "hidden": hidden,
+        "hidden": massive.shape[0],
         "ratio": cfg.struct_ratio,
         "seed": cfg.seed,
         "base": base,
-        "candidates": confirmed[: len(candidates)],
-        "controls": confirmed[len(candidates) :],
+        "candidates": cands,
+        "controls": ctrls,
         "dimensions": dims,
         "score_median": float(score.median()),
         "score_max": float(score.max()),
@@ -142,6 +86,107 @@ def measure(run: Run) -> dict:
     write_bytes(run.out / "figures" / "outliers.png", outlier_chart(result))
     run.save("outliers", result)
     return result
+
+
+def _scan(run: Run, layers: list[int]) -> slices.Scan:
+    """One pass over the struct languages' scoring windows: the input-norm entries' perturbation scores of
+    `layers` and every layer's residual-stream peaks."""
+    cfg = run.cfg
+    return slices.scan(
+        run.model,
+        [run.windows(lang, "score", cfg.outlier_scan_tokens) for lang in cfg.struct_langs],
+        layers,
+        cfg.batch_size,
+        run.progress,
+    )
+
+
+def _core_dimensions(run: Run) -> tuple[Region, torch.Tensor, dict[int, int]]:
+    """The core Top region, its entries per residual dimension (feature+ffn rows and columns, common index)
+    and each dimension's rank by that count (1 = densest)."""
+    region = run.core_region("top", run.cfg.struct_ratio)
+    core = slices.ranked(run.model, region, "feature+ffn", "common").counts["residual"]
+    core_rank = {int(d): r + 1 for r, d in enumerate(slices.ranking(core))}
+    return region, core, core_rank
+
+
+def _confirm(
+    run: Run,
+    scan: slices.Scan,
+    norms: list[str],
+    region: Region,
+    core_rank: dict[int, int],
+    massive: torch.Tensor,
+    score: torch.Tensor,
+    pairs: list[tuple[int, int]],
+) -> list[dict]:
+    """Each (layer, dim) input-norm entry with its scan numbers, weight, place in the core region and massive
+    activation, and the perplexity with it Reset and multiplied by 10."""
+    model, langs, budget = run.model, run.cfg.struct_langs, eval_budget(run.cfg)
+    out = []
+    for layer, dim in tqdm(pairs, desc="perturbations", disable=not run.progress):
+        j, name = scan.layers.index(layer), norms[layer]
+        out.append(
+            {
+                "layer": layer,
+                "dim": dim,
+                "label": slices.label(layer, dim),
+                "score": float(score[j, dim]),
+                **{f"{k}_change": float(scan.change[k][j, dim]) for k in slices.PERTURBATIONS},
+                "weight": float(model.get_parameter(name).detach()[dim]),
+                "offset_norm": slices.is_offset(model, name),
+                "in_core_top": bool(slices.in_region(region, name, torch.tensor([dim]))[0])
+                if name in region.shapes
+                else None,
+                "massive": float(massive[dim]),
+                "core_rank": core_rank[dim],
+                "ppl": {
+                    k: run.evaluate(
+                        RESULTS,
+                        f"{k}/{slices.label(layer, dim)}",
+                        slices.perturbation(model, layer, dim, k),
+                        langs,
+                        budget,
+                    )
+                    for k in slices.PERTURBATIONS
+                },
+            }
+        )
+    return out
+
+
+def _dimensions(
+    run: Run, scan: slices.Scan, massive: torch.Tensor, core: torch.Tensor, core_rank: dict[int, int]
+) -> list[dict]:
+    """The most massive residual dimensions and as many seeded random ones, each removed from every matrix:
+    its massive activation, the layer of its peak, its core Top entries and the perplexity without it."""
+    cfg, model, langs, budget = run.cfg, run.model, run.cfg.struct_langs, eval_budget(run.cfg)
+    big = slices.ranking(massive)[: cfg.outlier_dims].tolist()
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    others = [int(d) for d in torch.randperm(massive.shape[0], generator=g) if int(d) not in big][: cfg.outlier_dims]
+    return [
+        {
+            "dim": d,
+            "kind": kind,
+            "massive": float(massive[d]),
+            "massive_layer": int(scan.peak[:, d].argmax()),
+            "core_rank": core_rank[d],
+            "core_count": int(core[d]),
+            "ppl": run.evaluate(RESULTS, f"dimension/{d}", slices.dimension_removal(model, [d]), langs, budget),
+        }
+        for kind, ds in (("massive", big), ("control", others))
+        for d in ds
+    ]
+
+
+def _without_blocks(base: dict, confirmed: list[dict], dims: list[dict], langs: list[str], seed: int) -> dict:
+    """The summary keeps intervals, not blocks: drops the per-block numbers from the confirmed entries' and the
+    removed dimensions' evaluations (in place) and returns Base without them."""
+    for e in confirmed:
+        e["ppl"] = {k: {lang: uncertainty.without_blocks(r[lang], seed) for lang in langs} for k, r in e["ppl"].items()}
+    for d in dims:
+        d["ppl"] = {lang: uncertainty.without_blocks(d["ppl"][lang], seed) for lang in langs}
+    return {lang: uncertainty.without_blocks(base[lang], seed) for lang in langs}
 
 
 def _comparisons(base: dict, cands: list[dict], ctrls: list[dict], dims: list[dict], langs: list[str], seed: int):
@@ -372,32 +417,8 @@ def section(result: dict) -> list:
     """Report blocks: Table 8's perturbations, the massive and core-densest dimensions, and their removal."""
     if "not_applicable" in result:
         return [markup.heading(TITLE), markup.text(f"Not applicable to this model: {result['not_applicable']}.")]
-    fmt, langs, base = markup.fmt, result["languages"], result["base"]
-    cands = result["candidates"]
+    langs, cands = result["languages"], result["candidates"]
     layers = ", ".join(f"L{i + 1}" for i in result["layers"])
-    in_top = [c for c in cands if c["in_core_top"]]
-    densest = result["densest"][:5]
-    massive_top = result["massive_top"][:5]
-    coincide = [m["dim"] for m in massive_top if m["dim"] in densest]
-    bullets = [
-        "Massive activations (peak |x| of the residual stream over all layers, in units of the median dimension's "
-        "peak): "
-        + "; ".join(f"dim {m['dim']} {fmt(m['massive'])}× (core rank #{m['core_rank']})" for m in massive_top)
-        + ".",
-        "Densest residual dimensions of the core Top region (feature+ffn rows/columns): "
-        f"{', '.join(map(str, densest))}; "
-        + (
-            f"dims {', '.join(map(str, coincide))} are also among the five most massive."
-            if coincide
-            else "none of them is among the five most massive dimensions."
-        ),
-        f"Scan scores (largest relative change of what attention reads): median {fmt(result['score_median'])}, "
-        f"maximum {fmt(result['score_max'])}; candidates confirmed: "
-        + ", ".join(f"{c['label']} (score {fmt(c['score'])}, worst ×{fmt(_worst(c, langs, base)[1])})" for c in cands)
-        + ".",
-        f"{len(in_top)} of {len(cands)} candidate input-norm entries are in the core Top region"
-        + (f" ({', '.join(c['label'] for c in in_top)})." if in_top else "."),
-    ]
     return [
         markup.heading(TITLE),
         markup.text(
@@ -424,11 +445,39 @@ def section(result: dict) -> list:
         )
         if result.get("comparisons")
         else markup.text(""),
-        markup.bullets(bullets),
+        markup.bullets(_scan_bullets(result)),
         markup.figure(
             "figures/outliers.png",
             "Top: each residual dimension's peak activation over the median "
             "dimension's (log). Bottom: core Top entries per residual dimension. Dashed: the three most "
             "massive dimensions; see whether they line up with tall bars.",
         ),
+    ]
+
+
+def _scan_bullets(result: dict) -> list[str]:
+    """The massive and core-densest dimensions, whether they coincide, the scan scores and the candidates."""
+    fmt, langs, base, cands = markup.fmt, result["languages"], result["base"], result["candidates"]
+    in_top = [c for c in cands if c["in_core_top"]]
+    densest = result["densest"][:5]
+    massive_top = result["massive_top"][:5]
+    coincide = [m["dim"] for m in massive_top if m["dim"] in densest]
+    return [
+        "Massive activations (peak |x| of the residual stream over all layers, in units of the median dimension's "
+        "peak): "
+        + "; ".join(f"dim {m['dim']} {fmt(m['massive'])}× (core rank #{m['core_rank']})" for m in massive_top)
+        + ".",
+        "Densest residual dimensions of the core Top region (feature+ffn rows/columns): "
+        f"{', '.join(map(str, densest))}; "
+        + (
+            f"dims {', '.join(map(str, coincide))} are also among the five most massive."
+            if coincide
+            else "none of them is among the five most massive dimensions."
+        ),
+        f"Scan scores (largest relative change of what attention reads): median {fmt(result['score_median'])}, "
+        f"maximum {fmt(result['score_max'])}; candidates confirmed: "
+        + ", ".join(f"{c['label']} (score {fmt(c['score'])}, worst ×{fmt(_worst(c, langs, base)[1])})" for c in cands)
+        + ".",
+        f"{len(in_top)} of {len(cands)} candidate input-norm entries are in the core Top region"
+        + (f" ({', '.join(c['label'] for c in in_top)})." if in_top else "."),
     ]

@@ -9,10 +9,8 @@ import torch
 
 from lingregion import corpus, evaluation, freezing, interventions, markup, models, reproduce, uncertainty
 from lingregion.experiments import recovery
-from lingregion.experiments.registry import validate
 from lingregion.regions import Region
 from lingregion.run import Run
-from lingregion.store import LingregionError
 
 from conftest import TEXT, TINY_TRAINING, tiny_config
 
@@ -152,18 +150,3 @@ def test_a_result_without_blocks_is_inconclusive_with_the_reason():
     assert "**inconclusive**" in first and "per-block NLL" in second
     del res["intervals"]  # a summary from before intervals were recorded
     assert all("**inconclusive**" in line for line in recovery.findings(res))
-
-
-def test_experiment_config_errors(tiny_folder):
-    for bad, words in [
-        ({"train_samples": [0, 4, 2]}, "increasing"),
-        ({"train_track": ["ru"]}, "cannot also be"),
-        ({"train_ratio": 1.5}, "outside"),
-        ({"train_dtype": "fp8"}, "train_dtype"),
-        ({"train_samples": [0, 1, 2], "train_batch": 4}, "same training step"),
-        ({"train_other": "xx"}, "unknown language"),
-        ({"train_track": []}, "at least one"),
-    ]:
-        with pytest.raises(LingregionError, match=words):
-            validate(small_config(tiny_folder, **bad))
-    validate(small_config(tiny_folder))

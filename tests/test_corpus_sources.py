@@ -1,0 +1,130 @@
+"""The built-in corpus's sources: the build is byte-identical on rerun, every text has a free licence, splits
+are disjoint by alignment id, and English fallback paragraphs of translated manuals are dropped."""
+
+import gzip
+import json
+
+import pytest
+
+from lingregion import corpus
+
+
+def _build_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "build_corpus.py"
+    spec = importlib.util.spec_from_file_location("build_corpus", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _synthetic_sources():
+    old = {"en": [("dataset-build", f"Old English paragraph {i}.") for i in range(7)]}
+    new = {
+        "en": [("bible", f"bible:GEN.{c}#{v}", f"English verse {c}:{v}.") for c in range(1, 9) for v in range(1, 4)],
+        "ru": [("bible", f"bible:GEN.{c}#{v}", f"Русский стих {c}:{v}.") for c in range(1, 9) for v in range(1, 4)],
+    }
+    new["en"].append(("bible", "bible:GEN.9#1", "Old English paragraph 3."))  # repeats a format-1 text: dropped
+    texts = {f"bible:{lang}": {"licence": "public-domain", "title": "t", "stated_in": "here"} for lang in new}
+    return old, new, texts
+
+
+def test_build_is_byte_identical_on_rerun(tmp_path):
+    build = _build_script()
+    old, new, texts = _synthetic_sources()
+    for run in ("a", "b"):
+        build.build(old, new, texts, str(tmp_path / run / "out"), str(tmp_path / run / "full"))
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert any(p.name == "manifest.json" for p in files) and any(p.name == "en.jsonl.gz" for p in files)
+    for p in files:
+        assert (tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes(), p
+    with gzip.open(tmp_path / "a" / "out" / "en.jsonl.gz", "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["text"] for r in rows].count("Old English paragraph 3.") == 1
+    assert all(r["genre"] == "scripture" and r["id"].startswith("bible:") for r in rows if "id" in r)
+
+
+def test_unknown_or_missing_licence_fails_the_build(tmp_path):
+    build = _build_script()
+    old, new, texts = _synthetic_sources()
+    bad = {**texts, "bible:ru": {**texts["bible:ru"], "licence": "all-rights-reserved"}}
+    with pytest.raises(build.cs.SourceError, match="not one established as free"):
+        build.build(old, new, bad, str(tmp_path / "out"), str(tmp_path / "full"))
+    with pytest.raises(build.SourceError, match="no licence entry"):
+        build.build(old, new, {"bible:en": texts["bible:en"]}, str(tmp_path / "out"), str(tmp_path / "full"))
+
+
+def test_every_text_in_the_manifest_has_a_free_licence():
+    from lingregion import corpus_sources
+
+    m = corpus.manifest()
+    for lang, info in m["languages"].items():
+        for source in info["sources"]:
+            entry = m["texts"][f"{source}:{lang}"]
+            assert entry["licence"] in corpus_sources.FREE_LICENCES and entry["stated_in"], (source, lang)
+    corpus_sources.check_licences(m["texts"])
+
+
+def test_splits_are_disjoint_by_alignment_id_across_languages():
+    ids = {"score": set(), "eval": set()}
+    for lang in corpus.builtin_languages():
+        for r in corpus._builtin_records(lang):
+            if r["id"]:
+                ids[r["split"]].add(r["id"])
+    assert ids["score"] and ids["eval"]
+    assert not ids["score"] & ids["eval"]
+    assert any(i.startswith("bible:") for i in ids["eval"]) and any(i.startswith("udhr:") for i in ids["eval"])
+
+
+def test_english_fallback_paragraphs_are_dropped():
+    from lingregion import corpus_sources
+
+    page = (
+        '<h1 id="hd_id1">Find Bar</h1><p id="par_id2" class="paragraph">Use <span class="switchinline">'
+        "<span hidden>Mac text</span><span>the Find</span></span> toolbar.<br>Twice.</p>"
+        '<p id="par_id3">Traducido.</p><p id="par_id2">embedded again</p><p>no id</p>'
+    )
+    parser = corpus_sources.HelpParagraphs()
+    parser.feed(page)
+    assert parser.out == [
+        ("hd_id1", "Find Bar"),
+        ("par_id2", "Use the Find toolbar. Twice."),
+        ("par_id3", "Traducido."),
+        ("par_id2", "embedded again"),
+    ]
+    english = {"text/a": [("hd_id1", "Find Bar"), ("par_id2", "Use the toolbar."), ("par_id3", "Translated.")]}
+    docs = corpus_sources.help_docs({"text/a": parser.out}, english)
+    assert docs == [("lohelp:text/a#par_id2", "Use the Find toolbar. Twice."), ("lohelp:text/a#par_id3", "Traducido.")]
+    assert len(corpus_sources.help_docs(english, None)) == 3  # English itself keeps everything
+
+
+def test_manual_paragraphs_align_by_section_and_drop_english_fallbacks():
+    from lingregion import corpus_sources
+
+    def page(paras, second):
+        head = '<h2 class="title"><a id="sect.apt"></a>APT</h2>'
+        tail = f'<h3><a name="{second}"></a>X</h3><div class="para">{paras[-1]}</div>'
+        body = "".join(f'<div class="para">{p}</div>' for p in paras[:-1])
+        return head + body + '<div class="note"><p>box title</p></div>' + tail
+
+    def parse(html):
+        parser = corpus_sources.ManualParagraphs("div", "para")
+        parser.feed(html)
+        return parser.out
+
+    long_en = "See the section on pinning for how APT chooses a version when several sources offer one."
+    english = {"apt": parse(page(["Intro.", "Second.", long_en, "Last."], "idm100"))}
+    assert english["apt"][0] == ("sect.apt", "Intro.") and english["apt"][-1] == ("sect.apt~1", "Last.")
+    translated = {  # the generated id differs (idm205) but names the same section; one untranslated
+        # paragraph is the English text, one keeps it with a translated cross-reference
+        "apt": parse(
+            page(["導入。", "Second.", long_en.replace("the section on pinning", "第 6.2 節"), "最後。"], "idm205")
+        )
+    }
+    docs = corpus_sources.manual_docs("handbook", translated, english)
+    assert docs == [("handbook:apt#sect.apt.0", "導入。"), ("handbook:apt#sect.apt~1.0", "最後。")]
+    shorter = {"apt": parse(page(["導入。", "最後。"], "idm9"))}  # sect.apt has 1 paragraph, English 3: unalignable
+    assert corpus_sources.manual_docs("handbook", shorter, english) == [("handbook:apt#sect.apt~1.0", "最後。")]
+    assert not corpus_sources.keeps_english("gnome-desktop (Gnome 桌面)", "gnome-desktop (Gnome desktop)")
