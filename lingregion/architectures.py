@@ -2,16 +2,17 @@
 
 A transformer's layers sit in one ModuleList (`layer_prefix`); inside a layer, the path of a parameter says
 which *role* it plays (q, k, v, o, gate, up, down, fused ones, a router, the input norm) through MAPPINGS,
-which `register` extends for an architecture lingregion does not know. `parts` splits every weight matrix
-into its roles' parts in the Hugging Face layout ([out_features, in_features]: a row is an output unit, a
-column an input feature), hiding how each is stored: GPT-2's Conv1D holds the transpose, [in, out]; fused
-matrices hold several roles along `out`, side by side (GPT-2 c_attn and Phi-3 qkv_proj: all q rows, then k,
-then v; Phi-3 gate_up_proj and MoE experts: gate, then up) or interleaved per head (GPT-NeoX/Pythia and
-BLOOM query_key_value: head h's q, k and v rows together); mixture-of-experts experts are one
-[experts, out, in] parameter, and each expert's matrix is a part of its own. A layer that lacks a role, or
-holds a matrix no mapping places, gets a one-line error naming it and the `register` call to make.
+which `register` extends for an architecture lingregion does not know. `role_matrices` splits every weight
+matrix into one `RoleMatrix` per role, in the Hugging Face layout ([out_features, in_features]: a row is an
+output unit, a column an input feature), hiding how each is stored: GPT-2's Conv1D holds the transpose,
+[in, out]; fused matrices hold several roles along `out`, side by side (GPT-2 c_attn and Phi-3 qkv_proj: all
+q rows, then k, then v; Phi-3 gate_up_proj and MoE experts: gate, then up) or interleaved per head
+(GPT-NeoX/Pythia and BLOOM query_key_value: head h's q, k and v rows together); mixture-of-experts experts
+are one [experts, out, in] parameter, and each expert's matrix is a role matrix of its own. A layer that
+lacks a role, or holds a matrix no mapping places, gets a one-line error naming it and the `register` call
+to make.
 
-What is done with these parts (structural removal, norm perturbations, the outlier scan) is in `slices`;
+What is done with these matrices (structural removal, norm perturbations, the outlier scan) is in `slices`;
 loading a model and choosing what to score is in `models`.
 """
 
@@ -143,12 +144,12 @@ def routers(model: nn.Module) -> list[str]:
     ]
 
 
-# --- each matrix split into its roles' parts ---------------------------------------------------------------
+# --- each stored matrix split into one matrix per role ----------------------------------------------------
 @dataclass(frozen=True)
-class Part:
-    """One role's part of a stored matrix, seen as a [rows, cols] matrix in HF layout ([out, in]).
+class RoleMatrix:
+    """The rows of a stored matrix that one role owns, seen as a [rows, cols] matrix in HF layout ([out, in]).
 
-    Row r of the part is row offset + (r // chunk) · period + r % chunk of the stored matrix: a contiguous
+    Row r of this matrix is row offset + (r // chunk) · period + r % chunk of the stored matrix: a contiguous
     part (q|k|v, gate|up) has chunk = rows; a per-head interleaved one (GPT-NeoX, BLOOM) chunk = head_dim and
     period = 3 · head_dim. `expert` ≥ 0 picks one matrix of a stack [experts, out, in] (MoE), whose entries
     start at flat index `base` of the parameter."""
@@ -167,18 +168,18 @@ class Part:
     base: int = 0
 
     def stored_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """The rows of the (HF-layout) stored matrix that rows `rows` of the part are."""
+        """The rows of the (HF-layout) stored matrix that rows `rows` of this matrix are."""
         if not self.chunk:
             return self.offset + rows
         return self.offset + torch.div(rows, self.chunk, rounding_mode="floor") * self.period + rows % self.chunk
 
     def flat(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """Flat indices into the stored parameter of every (row, col) pair of the part (HF layout)."""
+        """Flat indices into the stored parameter of every (row, col) pair of this matrix (HF layout)."""
         r, c = torch.meshgrid(self.stored_rows(rows), cols, indexing="ij")
         return self.base + (c * self.width + r if self.conv1d else r * self.width + c).reshape(-1)
 
     def hf(self, t: torch.Tensor) -> torch.Tensor:
-        """The part of a tensor shaped like the parameter, as a [rows, cols] tensor in HF layout."""
+        """This matrix's share of a tensor shaped like the parameter, as a [rows, cols] tensor in HF layout."""
         m = t[self.expert] if self.expert >= 0 else t
         m = m.T if self.conv1d else m
         if not self.chunk:
@@ -197,8 +198,8 @@ def heads(model) -> tuple[int, int, int]:
     return n, kv, hd
 
 
-def _parts(role: str, name: str, out_f: int, n: int, kv: int, hd: int) -> list[tuple[str, int, int, int, int]]:
-    """(role, offset, rows, chunk, period) of each part of a matrix with `out_f` output rows."""
+def _split(role: str, name: str, out_f: int, n: int, kv: int, hd: int) -> list[tuple[str, int, int, int, int]]:
+    """(role, offset, rows, chunk, period) of each role's rows in a matrix with `out_f` output rows."""
     if role == "qkv":
         sizes = {"q": n * hd, "k": kv * hd, "v": kv * hd}
         if sum(sizes.values()) != out_f:
@@ -222,8 +223,8 @@ def _parts(role: str, name: str, out_f: int, n: int, kv: int, hd: int) -> list[t
     return [(role, 0, out_f, 0, 0)]
 
 
-def parts(model) -> list[Part]:
-    """Every weight matrix of every layer split into its roles' parts; experts of a stack one by one.
+def role_matrices(model) -> list[RoleMatrix]:
+    """Every weight matrix of every layer split into one matrix per role; experts of a stack one by one.
 
     Raises a one-line error naming a matrix no mapping places (register it with `register`)."""
     from transformers.pytorch_utils import Conv1D
@@ -246,9 +247,9 @@ def parts(model) -> list[Part]:
         out_f, in_f = (p.shape[-1], p.shape[-2]) if conv1d else (p.shape[-2], p.shape[-1])
         per_expert = p.shape[-2] * p.shape[-1]
         for expert in range(p.shape[0]) if p.dim() == 3 else [-1]:
-            for part_role, offset, rows, chunk, period in _parts(role, name, out_f, n, kv, hd):
-                part = Part(name, part_role, layer, conv1d, offset, rows, in_f, p.shape[-1], chunk, period, expert)
-                out.append(replace(part, base=max(expert, 0) * per_expert))
+            for own_role, offset, rows, chunk, period in _split(role, name, out_f, n, kv, hd):
+                m = RoleMatrix(name, own_role, layer, conv1d, offset, rows, in_f, p.shape[-1], chunk, period, expert)
+                out.append(replace(m, base=max(expert, 0) * per_expert))
     if unknown:  # a role that no matrix plays says more than the name of a matrix that plays none
         require(model, out, ("q", "k", "v", "o", "up", "down"))
         layer, path = unknown[0]
@@ -259,7 +260,7 @@ def parts(model) -> list[Part]:
     return out
 
 
-def require(model, found: list[Part], roles) -> None:
+def require(model, found: list[RoleMatrix], roles) -> None:
     """A one-line error naming the first role of `roles` (OPTIONAL ones aside) missing from some layer,
     and how to register the matrix that plays it."""
     n_layers = len(model.get_submodule(layer_prefix(model)[:-1]))

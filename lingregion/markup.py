@@ -1,6 +1,6 @@
-"""The parts of a report: headings, text, bullets, tables and figures, as plain dicts.
+"""The elements of a report: headings, text, bullets, tables and figures, as plain dicts.
 
-Experiments describe their part of the report with these; `report` renders the same parts as Markdown
+Experiments describe their part of the report with these; `report` renders the same elements as Markdown
 and as HTML, so the two never disagree.
 """
 

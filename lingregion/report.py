@@ -1,8 +1,8 @@
 """Saved results → one report, as Markdown (with PNG files beside it) and as a self-contained HTML file,
 without recomputing anything.
 
-Experiments describe their part of the report as a list of parts (heading, text, bullets, table,
-figure); the two renderers below turn the same parts into both documents, so they never disagree.
+Experiments describe their part of the report as a list of elements (heading, text, bullets, table,
+figure); the two renderers below turn the same elements into both documents, so they never disagree.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from .store import LingregionError, read_json, write_text
 
 
 # --- Markdown ---------------------------------------------------------------------------------------
-def to_markdown(parts: list[dict], run_dir: Path) -> str:
-    """The parts as Markdown; figures are linked by their path, and left out if the PNG is missing."""
+def to_markdown(elements: list[dict], run_dir: Path) -> str:
+    """The elements as Markdown; figures are linked by their path, and left out if the PNG is missing."""
     out = []
-    for b in parts:
+    for b in elements:
         if b["kind"] == "heading":
             out.append("#" * b["level"] + " " + b["text"])
         elif b["kind"] == "text":
@@ -56,10 +56,10 @@ def _inline(s: str) -> str:
     return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", s)
 
 
-def to_html(parts: list[dict], run_dir: Path, title: str) -> str:
-    """The parts as one self-contained HTML page, figures embedded, so that it opens offline on its own."""
+def to_html(elements: list[dict], run_dir: Path, title: str) -> str:
+    """The elements as one self-contained HTML page, figures embedded, so that it opens offline on its own."""
     out = []
-    for b in parts:
+    for b in elements:
         if b["kind"] == "heading":
             out.append(f"<h{b['level']}>{_inline(b['text'])}</h{b['level']}>")
         elif b["kind"] == "text":
@@ -129,7 +129,7 @@ def header(results: dict[str, dict], run: dict) -> list[dict]:
 
 
 def build(run_dir: Path) -> list[dict]:
-    """Every part of the report of a run folder, from its saved results."""
+    """Every element of the report of a run folder, from its saved results."""
     run_dir = Path(run_dir)
     results = {
         name: read_json(run_dir / "results" / f"{name}-summary.json")
@@ -142,19 +142,19 @@ def build(run_dir: Path) -> list[dict]:
         )
     run = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
     found = [s for name, r in results.items() if EXPERIMENTS[name].findings for s in EXPERIMENTS[name].findings(r)]
-    parts = header(results, run)
+    elements = header(results, run)
     if found:
-        parts += [heading("Findings"), bullets(found)]
+        elements += [heading("Findings"), bullets(found)]
     for name, result in results.items():
-        parts += EXPERIMENTS[name].section(result)
-    return parts
+        elements += EXPERIMENTS[name].section(result)
+    return elements
 
 
 def write(run_dir: Path) -> str:
     """(Re)build report.md and report.html in a run folder from its saved results; returns the Markdown."""
     run_dir = Path(run_dir)
-    parts = build(run_dir)
-    md = to_markdown(parts, run_dir)
+    elements = build(run_dir)
+    md = to_markdown(elements, run_dir)
     write_text(run_dir / "report.md", md)
-    write_text(run_dir / "report.html", to_html(parts, run_dir, f"lingregion report: {run_dir.name}"))
+    write_text(run_dir / "report.html", to_html(elements, run_dir, f"lingregion report: {run_dir.name}"))
     return md

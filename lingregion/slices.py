@@ -3,7 +3,7 @@
 
 Layout. Everything is said in the Hugging Face layout of a linear layer, weight [out_features,
 in_features]: a *row* is one output unit, a *column* one input feature. Which matrix plays which role,
-and how a stored matrix splits into its roles' parts (`architectures.Part`), is in `architectures`. MoE
+and how a stored matrix splits into one matrix per role (`architectures.RoleMatrix`), is in `architectures`. MoE
 routers are scored like any matrix (models.ROUTER_SCORED), and in feature+ffn their column at d is removed
 with the MLP's, since the MoE block reads d through them too.
 
@@ -46,7 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import interventions, models
-from .architectures import Part, heads, input_norms, layer_prefix, parts, require
+from .architectures import RoleMatrix, heads, input_norms, layer_prefix, require, role_matrices
 from .corpus import Windows
 from .evaluation import batches
 from .interventions import Edit
@@ -79,28 +79,28 @@ PERTURBATIONS = ("reset", "x10")
 
 @dataclass(frozen=True, eq=False)
 class Slice:
-    """The rows or columns of one part that a family removes, and how the indices of the space they are
-    ranked in (the residual stream, a layer's heads, or the part itself) map onto them."""
+    """The rows or columns of one role matrix that a family removes, and how the indices of the space they are
+    ranked in (the residual stream, a layer's heads, or the matrix itself) map onto them."""
 
-    part: Part
+    matrix: RoleMatrix
     axis: str  # "row" or "col"
     space: str
-    to_own: torch.Tensor  # to_own[i] = the row/column of this part that index i of the space means
+    to_own: torch.Tensor  # to_own[i] = the row/column of this matrix that index i of the space means
 
     def counts(self, mask: torch.Tensor) -> torch.Tensor:
-        """Selected entries in each of this part's rows (or columns), for a mask shaped like the parameter."""
-        return self.part.hf(mask).sum(dim=1 if self.axis == "row" else 0, dtype=torch.int64)
+        """Selected entries in each of this matrix's rows (or columns), for a mask shaped like the parameter."""
+        return self.matrix.hf(mask).sum(dim=1 if self.axis == "row" else 0, dtype=torch.int64)
 
     def flat(self, space_index: torch.Tensor) -> torch.Tensor:
         """Flat indices into the stored parameter of the rows (columns) meant by some indices of the space."""
         own = self.to_own[space_index].unique()
         if self.axis == "row":
-            return self.part.flat(own, torch.arange(self.part.cols))
-        return self.part.flat(torch.arange(self.part.rows), own)
+            return self.matrix.flat(own, torch.arange(self.matrix.cols))
+        return self.matrix.flat(torch.arange(self.matrix.rows), own)
 
 
 def slices(model, family: str, mode: str = "common") -> list[Slice]:
-    """The Slices of every part that `family` removes, with the index space each is ranked in under `mode`."""
+    """The Slices of every role matrix that `family` removes, with the index space each is ranked in under `mode`."""
     if family not in FAMILIES:
         raise LingregionError(f"unknown family {family!r}; use one of {', '.join(FAMILIES)}")
     if mode not in MODES:
@@ -108,7 +108,7 @@ def slices(model, family: str, mode: str = "common") -> list[Slice]:
     n, kv, hd = heads(model)
     hidden = model.config.hidden_size
     out = []
-    found = parts(model)
+    found = role_matrices(model)
     require(model, found, [role for role, _ in FAMILIES[family]])
     for b in found:
         for role, axis in FAMILIES[family]:
@@ -147,14 +147,14 @@ def counts(region: Region, group: list[Slice]) -> torch.Tensor:
     masks: dict[str, torch.Tensor] = {}
     total = torch.zeros(len(group[0].to_own), dtype=torch.int64)
     for s in group:
-        if s.part.name not in region.shapes:
+        if s.matrix.name not in region.shapes:
             raise LingregionError(
-                f"the region does not cover {s.part.name}; locate it with the attention and "
+                f"the region does not cover {s.matrix.name}; locate it with the attention and "
                 "MLP matrices scored (drop --include/--exclude)"
             )
-        if s.part.name not in masks:
-            masks[s.part.name] = region.mask(s.part.name)
-        total += s.counts(masks[s.part.name])[s.to_own]
+        if s.matrix.name not in masks:
+            masks[s.matrix.name] = region.mask(s.matrix.name)
+        total += s.counts(masks[s.matrix.name])[s.to_own]
     return total
 
 
@@ -184,7 +184,7 @@ def edits_for(group_map: dict[str, list[Slice]], chosen: dict[str, torch.Tensor]
     parts: dict[str, list[torch.Tensor]] = {}
     for space, index in chosen.items():
         for s in group_map[space]:
-            parts.setdefault(s.part.name, []).append(s.flat(index))
+            parts.setdefault(s.matrix.name, []).append(s.flat(index))
     return [Edit(name, torch.cat(p).unique(), 0.0) for name, p in parts.items()]
 
 

@@ -258,7 +258,7 @@ def test_structural_families_cut_what_they_name(arch, tokenizer):
     before = state(model)
     n, kv, hd = architectures.heads(model)
     ids = windows(tokenizer).input_ids[0][None, :12]
-    found = architectures.parts(model)
+    found = architectures.role_matrices(model)
     by_role = {}
     for b in found:
         by_role.setdefault((b.layer, b.role), []).append(b)
@@ -361,11 +361,11 @@ def test_an_unmapped_extra_matrix_is_named(monkeypatch):
     model = make_model("llama")
     model.model.layers[1].mlp.w_extra = torch.nn.Linear(HIDDEN, HIDDEN, bias=False)
     with pytest.raises(LingregionError, match=r"layer 1 has a matrix 'mlp.w_extra' that no mapping places") as e:
-        architectures.parts(model)
+        architectures.role_matrices(model)
     assert "\n" not in str(e.value)
     monkeypatch.setattr(architectures, "MAPPINGS", dict(architectures.MAPPINGS))
     architectures.register("mlp.w_extra", "other")  # leave it out of the structural families
-    assert "model.layers.1.mlp.w_extra.weight" not in {b.name for b in architectures.parts(model)}
+    assert "model.layers.1.mlp.w_extra.weight" not in {b.name for b in architectures.role_matrices(model)}
 
 
 def test_router_choice_is_visible_and_switchable(monkeypatch, tokenizer):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lingregion import corpus, evaluation, freezing, markup, models, reproduce, uncertainty
-from lingregion.experiments import forgetting, recovery
+from lingregion.experiments import forgetting, training
 from lingregion.regions import Region
 from lingregion.run import Run
 
@@ -34,7 +34,7 @@ def test_forgetting_matches_a_hand_replay_with_intervals_and_resumes(tiny_folder
     h = freezing.train(
         m.module,
         run.windows("ru", "score", 6 * 16),
-        recovery.train_config(cfg),
+        training.train_config(cfg),
         models.scored_names(m.module),
         frozen=top,
         evals=evals,

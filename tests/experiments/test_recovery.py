@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lingregion import corpus, evaluation, freezing, interventions, markup, models, reproduce, uncertainty
-from lingregion.experiments import recovery
+from lingregion.experiments import recovery, training
 from lingregion.regions import Region
 from lingregion.run import Run
 
@@ -31,7 +31,7 @@ def test_recovery_matches_a_hand_replay_with_intervals_and_resumes(tiny_folder, 
     top = Region.load(out / "regions" / "core-top-0.05.safetensors")
     data = run.windows("ru", "score", 6 * 16)
     evals = {lang: run.windows(lang, "eval", 32) for lang in ["ru", "es"]}
-    tcfg = recovery.train_config(cfg)
+    tcfg = training.train_config(cfg)
     assert tcfg.steps == 3 and tcfg.eval_steps == [1, 3]
     before = {n: p.detach().clone() for n, p in m.module.named_parameters()}
     base = {k: evaluation.perplexity(m.module, w, progress=False) for k, w in evals.items()}
