@@ -475,6 +475,40 @@ def train(
     cfg.validate()
     names = names if names is not None else models.scored_names(model)
     params = dict(model.named_parameters())
+    _check_trainable(params, names)
+    stream = _stream(data, cfg)
+    evals = dict(evals or {})
+    signature = _signature(model, data, cfg, names, frozen, frozen_values) if checkpoint else ""
+    flags = _only_trainable(params, names)
+    trainable = [params[n] for n in names]
+    optimizer = optimizer_for({n: params[n] for n in names}, cfg)
+    scheduler = scheduler_for(optimizer, cfg)
+    history = _start(checkpoint, model, optimizer, scheduler, signature, cfg.seed)
+    attached = freeze(model, optimizer, frozen, frozen_values) if frozen is not None else None
+    logits_fn = evaluation.output_head(model)
+    device = model.get_input_embeddings().weight.device
+    bar = tqdm(total=cfg.steps, initial=history["step"], desc=desc, unit="step", disable=not progress, leave=False)
+    try:
+        if 0 in cfg.eval_steps and "0" not in history["evals"]:
+            history["evals"]["0"] = _evaluate(model, evals, cfg, progress)
+        while history["step"] < cfg.steps:
+            t0 = time.time()
+            loss = _next_step(model, logits_fn, stream, device, trainable, optimizer, scheduler, cfg, history)
+            if history["step"] in cfg.eval_steps:
+                history["evals"][str(history["step"])] = _evaluate(model, evals, cfg, progress)
+            history["seconds"] += time.time() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if checkpoint and cfg.checkpoint_every and history["step"] % cfg.checkpoint_every == 0:
+                save_checkpoint(checkpoint, model, names, optimizer, scheduler, history, signature)
+    finally:
+        bar.close()
+        _restore(model, params, flags, attached)
+    return _summary(history, stream, cfg, trainable, attached)
+
+
+def _check_trainable(params: dict[str, torch.nn.Parameter], names: list[str]) -> None:
+    """Refuse an empty list, a name that is not a parameter of this model, and a parameter not in fp32."""
     unknown = [n for n in names if n not in params]
     if unknown or not names:
         raise LingregionError(
@@ -487,59 +521,80 @@ def train(
             f"{low[0]} is {params[low[0]].dtype}: training keeps fp32 master weights; load the "
             "model in float32 and use dtype bfloat16 for bf16 compute"
         )
+
+
+def _stream(data: Windows, cfg: TrainConfig) -> Stream:
+    """The training windows in their seeded order; refused when they do not fill one batch."""
     stream = Stream(data, cfg.seed)
     if len(stream) < cfg.batch_size:
         raise LingregionError(
             f"{data.lang}: {len(stream)} full training windows, fewer than the batch size "
             f"{cfg.batch_size}; pass more text or a smaller batch"
         )
-    evals = dict(evals or {})
-    signature = _signature(model, data, cfg, names, frozen, frozen_values) if checkpoint else ""
+    return stream
+
+
+def _only_trainable(params: dict[str, torch.nn.Parameter], names: list[str]) -> dict[str, bool]:
+    """Let only `names` get gradients; returns each parameter's requires_grad as it was, for `_restore`."""
     flags = {n: p.requires_grad for n, p in params.items()}
     for n, p in params.items():
         p.requires_grad_(n in names)
-    trainable = [params[n] for n in names]
-    optimizer = optimizer_for({n: params[n] for n in names}, cfg)
-    scheduler = scheduler_for(optimizer, cfg)
+    return flags
+
+
+def _start(checkpoint: Path | None, model, optimizer, scheduler, signature: str, seed: int) -> dict:
+    """The history to continue from: the checkpoint's when it belongs to this run (model, optimizer,
+    scheduler and RNG restored with it), otherwise an empty one, with the RNG seeded."""
     history = load_checkpoint(checkpoint, model, optimizer, scheduler, signature) if checkpoint else None
     if history is None:
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(seed)
         history = {"step": 0, "position": 0, "loss": [], "grad_norm": [], "lr": [], "evals": {}, "seconds": 0.0}
-    attached = freeze(model, optimizer, frozen, frozen_values) if frozen is not None else None
-    logits_fn = evaluation.output_head(model)
-    device = model.get_input_embeddings().weight.device
-    bar = tqdm(total=cfg.steps, initial=history["step"], desc=desc, unit="step", disable=not progress, leave=False)
-    try:
-        if 0 in cfg.eval_steps and "0" not in history["evals"]:
-            history["evals"]["0"] = _evaluate(model, evals, cfg, progress)
-        while history["step"] < cfg.steps:
-            t0 = time.time()
-            model.train()
-            micro = [
-                stream.take(history["position"] + j * cfg.batch_size, cfg.batch_size).to(device)
-                for j in range(cfg.accumulation)
-            ]
-            loss, norm, lr = _step(model, logits_fn, micro, trainable, optimizer, scheduler, cfg)
-            history["step"] += 1
-            history["position"] += cfg.samples_per_step
-            history["loss"].append(loss)
-            history["grad_norm"].append(norm)
-            history["lr"].append(lr)
-            if history["step"] in cfg.eval_steps:
-                history["evals"][str(history["step"])] = _evaluate(model, evals, cfg, progress)
-            history["seconds"] += time.time() - t0
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
-            if checkpoint and cfg.checkpoint_every and history["step"] % cfg.checkpoint_every == 0:
-                save_checkpoint(checkpoint, model, names, optimizer, scheduler, history, signature)
-    finally:
-        bar.close()
-        if attached:
-            attached.remove()
-        for n, p in params.items():
-            p.requires_grad_(flags[n])
-            p.grad = None
-        model.eval()
+    return history
+
+
+def _next_step(
+    model,
+    logits_fn,
+    stream: Stream,
+    device: torch.device,
+    trainable: list[torch.nn.Parameter],
+    optimizer,
+    scheduler,
+    cfg: TrainConfig,
+    history: dict,
+) -> float:
+    """One weight update from the stream's next cfg.accumulation micro-batches, recorded in `history` (step,
+    data position, loss, gradient norm, lr); returns its loss."""
+    model.train()
+    micro = [
+        stream.take(history["position"] + j * cfg.batch_size, cfg.batch_size).to(device)
+        for j in range(cfg.accumulation)
+    ]
+    loss, norm, lr = _step(model, logits_fn, micro, trainable, optimizer, scheduler, cfg)
+    history["step"] += 1
+    history["position"] += cfg.samples_per_step
+    history["loss"].append(loss)
+    history["grad_norm"].append(norm)
+    history["lr"].append(lr)
+    return loss
+
+
+def _restore(model, params: dict[str, torch.nn.Parameter], flags: dict[str, bool], attached: Attached | None) -> None:
+    """Leave the model as training found it, whatever stopped the loop: the freeze detached, requires_grad as
+    it was, no gradients held, eval mode."""
+    if attached:
+        attached.remove()
+    for n, p in params.items():
+        p.requires_grad_(flags[n])
+        p.grad = None
+    model.eval()
+
+
+def _summary(
+    history: dict, stream: Stream, cfg: TrainConfig, trainable: list[torch.nn.Parameter], attached: Attached | None
+) -> dict:
+    """The history with what the run covered: windows, epochs, samples and tokens per step, the trainable
+    parameters and the frozen entries."""
     return dict(
         history,
         windows=len(stream),

@@ -14,7 +14,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from lingregion import Config
+from lingregion import Config, corpus, importance
 from lingregion import models as lr_models
 
 TEXT = [
@@ -233,3 +233,14 @@ def long_model(family="gemma3"):
     cfg.max_position_embeddings = cfg.n_positions = 2048
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def lang_windows(tokenizer, texts, lang, seq_len=12):
+    """Scoring windows of `texts` as language `lang`, without a budget: every text in short windows."""
+    return corpus.make_windows(tokenizer, texts, seq_len, 10_000, lang, "score", "test")
+
+
+def importance_target(model, include=None):
+    """What the importance estimators score on `model`: its scored parameters and their removed values."""
+    names = lr_models.scored_names(model, include)
+    return importance.Target(model, names, lr_models.removed_values(model, names))

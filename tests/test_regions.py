@@ -2,12 +2,15 @@
 sort, ties by parameter order then flat index), packing and set operations, region files, and the
 monolingual region and size-matched controls built from them."""
 
+import numpy as np
 import pytest
 import torch
 
-from lingregion import regions, store
+from lingregion import regions, store, uncertainty
 from lingregion.regions import Region, matching, monolingual, select
 from lingregion.store import LingregionError
+
+from conftest import importance_target
 
 
 def scores(seed=0):
@@ -260,3 +263,25 @@ def test_matching_control_has_the_same_size_per_matrix():
         assert bottom.count(n) == like.count(n)
         chosen = scores[n][bottom.mask(n)]
         assert chosen.max() <= scores[n][~bottom.mask(n)].min()
+
+
+def test_top_set_and_its_jaccard_equal_select_and_split_half_jaccard(tiny):
+
+    model = tiny("llama")
+    t = importance_target(model)
+    g = torch.Generator().manual_seed(0)
+    a = {n: torch.rand(model.get_parameter(n).shape, generator=g) for n in t.names}
+    b = {n: torch.rand(model.get_parameter(n).shape, generator=g) for n in t.names}
+    a[t.names[0]] = torch.zeros_like(a[t.names[0]])  # all tied: filled by lowest index, as select does
+    b[t.names[1]] = a[t.names[1]].round(decimals=1)  # many ties at the k-th value
+    layout = regions.Layout.of({n: tuple(v.shape) for n, v in a.items()}, 0.01)
+    assert 0 in layout.k and max(layout.k) > 5  # a norm of 32 entries has no Top 1%: left out of the mean
+    for scores in (a, b):
+        region = select(scores, 0.01, "top", "matrix")
+        flat = np.concatenate([region.indices(n).numpy() + o for n, o in zip(layout.names, layout.offsets)])
+        assert np.array_equal(regions.top_set(scores, layout), np.sort(flat))
+    ta, tb = regions.top_set(a, layout), regions.top_set(b, layout)
+    assert regions.top_set_jaccards(ta, tb, layout).mean() == pytest.approx(
+        uncertainty.split_half_jaccard(a, b, 0.01), abs=1e-15
+    )
+    assert regions.top_set_jaccards(ta, ta, layout).mean() == 1.0
