@@ -81,8 +81,8 @@ def locate(
     languages: Sequence[str] = (),
     ratio: float = 0.01,
     side: str = "top",
-    scope: str = "matrix",
-    seed: int = 0,
+    scope: str = Config.scope,
+    seed: int = Config.seed,
     monolingual: str | None = None,
 ) -> regions.Region:
     """A region from score files on disk: the core region (Top / Bottom / Random `ratio` of the summed scores)
@@ -97,6 +97,7 @@ def locate(
     if core and core.is_file() and sorted(scorefile.load_meta(core).get("languages") or []) == sorted(languages):
         paths = [core]  # the fp32 sum as the run made it, rather than a sum of compact files
     total, tops, fingerprint, langs, inexact = {}, {}, None, [], []
+    summed = monolingual is None and len(paths) > 1
     for f in paths:
         tensors, meta = scorefile.load(f)
         if fingerprint and meta["model_fingerprint"] != fingerprint:
@@ -107,7 +108,6 @@ def locate(
         fingerprint = meta["model_fingerprint"]
         langs += meta.get("languages") or [meta["lang"]]
         share = scorefile.exact_share(meta)
-        summed = monolingual is None and len(paths) > 1
         if side != "random" and (ratio > share or scope == "global" or (summed and share < 1)):
             inexact.append(f"{f.name} ({meta.get('precision', 'float32')}, exact up to {share:g} of each matrix)")
         if monolingual is not None:

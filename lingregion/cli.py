@@ -142,10 +142,10 @@ def _load(cfg: Config):
     return models.load(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code, cfg.include, cfg.exclude)
 
 
-def _removal_table(table: dict, langs: list[str]) -> str:
+def _removal_table(table: dict, langs: list[str], settings: list[str] | None = None) -> str:
     from .markup import markdown_table, perplexity_table
 
-    return markdown_table(*perplexity_table(table, langs))
+    return markdown_table(*perplexity_table(table, langs, "ppl", settings))
 
 
 # --- commands ---------------------------------------------------------------------------------------------
@@ -156,7 +156,7 @@ def cmd_reproduce(args) -> None:
     results = reproduce(config(args, quick=args.quick), Path(args.out))
     if "removal" in results:
         r = results["removal"]
-        print(_removal_table({s: r["table"][s] for s in r["settings"]}, r["languages"]))
+        print(_removal_table(r["table"], r["languages"], r["settings"]))
     print(f"\nreport: {Path(args.out) / 'report.html'} (and report.md)")
 
 

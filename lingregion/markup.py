@@ -48,11 +48,15 @@ def figure(path: str, caption: str) -> dict:
     return {"kind": "figure", "path": path, "caption": caption}
 
 
-def perplexity_table(table: dict, languages: list[str], metric: str = "ppl") -> tuple[list[str], list[list[str]]]:
-    """(head, rows) of one metric per language and setting ({setting: {lang: result}}), Base first: the
-    paper's Table 1 layout, used by the removal experiment and the evaluate and perturb commands."""
-    head = ["Language"] + [s.replace("@", " ") if s != "base" else "Base" for s in table]
-    return head, [[lang] + [fmt(table[s][lang][metric]) for s in table] for lang in languages]
+def perplexity_table(
+    table: dict, languages: list[str], metric: str = "ppl", settings: list[str] | None = None
+) -> tuple[list[str], list[list[str]]]:
+    """(head, rows) of one metric per language and setting ({setting: {lang: result}}), in the order of
+    `settings` (default: the table's), Base first: the paper's Table 1 layout, used by the removal experiment
+    and the evaluate and perturb commands. A saved summary's keys come back sorted, hence `settings`."""
+    settings = list(table) if settings is None else settings
+    head = ["Language"] + [s.replace("@", " ") if s != "base" else "Base" for s in settings]
+    return head, [[lang] + [fmt(table[s][lang][metric]) for s in settings] for lang in languages]
 
 
 def _md_cell(s: str) -> str:

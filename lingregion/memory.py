@@ -4,7 +4,7 @@ Scoring holds the weights, one fp32 accumulator per scored parameter, the activa
 for one batch, one scored parameter's transient gradient, and one output-layer chunk of fp32 logits
 (whose buffer becomes their gradient; three buffers with soft-capping, plus the head's own output in
 the model's dtype when that is not fp32). Evaluation holds the weights, one layer's intermediates and
-one output-layer block (evaluation.TILES: positions × vocabulary entries, in the model's dtype, plus
+one output-layer tile (evaluation.TILES: positions × vocabulary entries, in the model's dtype, plus
 its fp32 copy when that is not fp32).
 
 Parameter counts come from the model built on the "meta" device (no memory). Activations are measured,
@@ -77,7 +77,7 @@ def _saved_bytes(config, layers: int, k: int, seq_len: int, batch_size: int, dty
 
 def estimate(config, seq_len: int, batch_size: int, dtype: str = "bfloat16", device: str = "cuda") -> dict:
     """Bytes needed to score (the peak of one backward pass) and to evaluate a model of this config
-    on a device of this type ("cuda" or "cpu": they differ in evaluation's output-layer block)."""
+    on a device of this type ("cuda" or "cpu": they differ in evaluation's output-layer tile)."""
     from transformers import AutoModelForCausalLM
 
     torch_dtype = DTYPES[dtype]

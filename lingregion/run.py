@@ -114,13 +114,9 @@ class Run:
         cfg = self.cfg
         share = max([*cfg.ratios, cfg.mono_ratio, cfg.struct_ratio, cfg.train_ratio, cfg.down_ratio])
         storage = cfg.score_storage if share < 0.5 else "float32"  # tails of half a matrix: keep it all
-        stem = f"{lang}-{budget}" if budget else lang
-        path = (
-            self.out
-            / "scores"
-            / (f"{stem}.safetensors" if estimator == "taylor" else f"{stem}.{estimator}.safetensors")
-        )
-        label = lang if budget is None else f"{lang}-{budget}"
+        label = f"{lang}-{budget}" if budget else lang
+        path = self.out / "scores" / (label if estimator == "taylor" else f"{label}.{estimator}")
+        path = path.with_name(path.name + ".safetensors")
         if path.is_file():
             tensors, meta = scorefile.load(path)
             good = scorefile.exact_share(meta) >= (1.0 if exact else share) or (

@@ -28,3 +28,5 @@ def test_perplexity_table_puts_base_first_in_the_papers_layout():
     head, rows = markup.perplexity_table(table, ["zh", "ru"])
     assert head == ["Language", "Base", "top 0.01"]
     assert rows == [["zh", "20.000", "30.500"], ["ru", "10.000", "1e+06"]]
+    head, rows = markup.perplexity_table(table, ["ru"], "ppl", ["top@0.01", "base"])  # a summary's sorted keys
+    assert head == ["Language", "top 0.01", "Base"] and rows == [["ru", "1e+06", "10.000"]]

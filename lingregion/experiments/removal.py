@@ -212,7 +212,7 @@ def section(result: dict) -> list:
             f"{result['scored_parameters']:,} transformer-layer parameters, set to their removed value."
         ),
         markup.table(
-            *markup.perplexity_table({s: result["table"][s] for s in result["settings"]}, result["languages"], "ppl"),
+            *markup.perplexity_table(result["table"], result["languages"], "ppl", result["settings"]),
             caption="Perplexity. Top should wipe out every language; Bottom and Random should stay near Base.",
         ),
         markup.table(
@@ -230,7 +230,7 @@ def section(result: dict) -> list:
             "the Top bars tower over Base, Bottom and Random.",
         ),
         markup.table(
-            *markup.perplexity_table({s: result["table"][s] for s in result["settings"]}, result["languages"], "bpb"),
+            *markup.perplexity_table(result["table"], result["languages"], "bpb", result["settings"]),
             caption="Bits per byte: comparable across languages and tokenizers, unlike per-token perplexity.",
         ),
         markup.bullets(notes),
