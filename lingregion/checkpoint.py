@@ -6,7 +6,8 @@ sums are restored exactly and continue over the same batches in the same order, 
 for bit that of an uninterrupted run (on CPU, in fp32; GPU kernels need not be deterministic).
 
 A checkpoint is used only by the very job that wrote it: the model, the parameters, the token windows,
-the batch size and the number of processes are part of its key. Anything else is ignored and replaced.
+the batch size and the number of processes are part of its key. Anything else is ignored and replaced; a file
+that cannot be read is moved aside with a warning (`store.read_cached`), as every cached file of a run is.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from . import distributed
 from .corpus import Windows
-from .store import LingregionError, read_tensors, write_tensors
+from .store import LingregionError, read_cached, read_tensors, write_tensors
 
 CHECKPOINT_EVERY = 4  # windows; one save writes one fp32 copy of the sums (0.4 GB for the default model)
 
@@ -48,12 +49,10 @@ class Checkpoint:
 
     def load(self) -> tuple[dict[str, torch.Tensor], int] | None:
         """(sums, batches covered) if this job saved a checkpoint, else None."""
-        if not self.path.is_file():
+        loaded = read_cached(self.path, read_tensors)
+        if loaded is None:
             return None
-        try:
-            tensors, meta = read_tensors(self.path)
-        except LingregionError:  # a file from elsewhere; writes are atomic, so never one of ours half-written
-            return None
+        tensors, meta = loaded
         if meta.get("key") != self.key:
             return None
         self.saved_at = meta["windows"]

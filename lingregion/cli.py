@@ -15,7 +15,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from .config import Config, field_types
-from .store import LingregionError
+from .store import LingregionError, LingregionWarning
 from .version import __version__
 
 DEFAULT_OUT = "lingregion-run"
@@ -109,9 +109,12 @@ def add_config_flags(p: argparse.ArgumentParser, names: list[str] | None = None,
 
 def _langs_and_texts(args) -> tuple[list[str], dict[str, str]]:
     """--lang ru or --lang ru=PATH: the languages named, and the user text for those given a path."""
+    from .corpus import check_code
+
     langs, texts = [], {}
     for item in getattr(args, "lang", None) or []:
         lang, sep, path = item.partition("=")
+        check_code(lang)  # it names files: refused before it can point outside --out
         langs.append(lang)
         if sep:
             texts[lang] = path
@@ -138,7 +141,9 @@ def _named_langs(args) -> list[str]:
 
 def _load(cfg: Config):
     from . import models
+    from .config import check_device
 
+    check_device(cfg.device, present=True)
     return models.load(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code, cfg.include, cfg.exclude)
 
 
@@ -163,16 +168,18 @@ def cmd_reproduce(args) -> None:
 def cmd_score(args) -> None:
     """Per-language importance files, as a run folder keeps them."""
     from .run import Run, check_out
+    from .store import locked
 
     langs = _named_langs(args)
-    cfg = config(args, score_langs=langs, eval_langs=[], experiments=[])
+    cfg = config(args, score_langs=langs, eval_langs=langs, experiments=[])
     cfg.check_languages(langs)
     cfg.check_basics()
     check_out(Path(args.out))
-    run = Run(Path(args.out), cfg, _load(cfg))
-    for lang in langs:
-        run.scores(lang)
-        print(f"{lang}: {Path(args.out) / 'scores' / (lang + '.safetensors')}")
+    with locked(Path(args.out)):
+        run = Run(Path(args.out), cfg, _load(cfg))
+        for lang in langs:
+            run.scores(lang)
+            print(f"{lang}: {Path(args.out) / 'scores' / (lang + '.safetensors')}")
 
 
 def _eval_config(args) -> tuple[Config, list[str], dict[str, str]]:
@@ -276,6 +283,7 @@ def cmd_export(args) -> None:
 
     region = Region.load(Path(args.remove))
     cfg = config(args)
+    export.check_target(Path(args.out).expanduser().resolve(), cfg.model or "", args.force)  # before loading
     m = _load(cfg)
     region.check_model(m.module, m.info["fingerprint"])
     removed = models.removed_values(m.module, list(region.packed))
@@ -467,7 +475,12 @@ def _export_parser(sub) -> None:
         help="region file to remove (.safetensors from 'lingregion locate' or a run's regions/)",
     )
     x.add_argument("--out", required=True, metavar="DIR", help="folder to write (must not exist or be empty)")
-    x.add_argument("--force", action="store_true", help="replace --out if it already holds files")
+    x.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out if it holds an earlier export (a folder with lingregion-export.json; no other folder is "
+        "ever replaced)",
+    )
     add_config_flags(x, MODEL_FIELDS)
     x.set_defaults(func=cmd_export)
 
@@ -535,17 +548,27 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning) -> None:
+    """lingregion's own warnings as one line, as its errors are; any other as Python shows it."""
+    if issubclass(category, LingregionWarning):
+        print(f"lingregion: warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a LingregionError becomes one line on stderr and exit code 2."""
     args = parser().parse_args(argv)
-    try:
-        args.func(args)
-    except LingregionError as e:
-        print(f"lingregion: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("lingregion: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():  # restores the warning display for whoever called main
+        warnings.showwarning = _show_warning
+        try:
+            args.func(args)
+        except LingregionError as e:
+            print(f"lingregion: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("lingregion: interrupted; run the same command again to resume", file=sys.stderr)
+            return 130
     return 0
 
 

@@ -6,12 +6,16 @@ run folder keeps and the quick preset are all generated from these declarations,
 
 from __future__ import annotations
 
+import functools
+import os
+import re
+import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from . import corpus
-from .store import LingregionError
+from .store import LingregionError, digest
 
 PAPER_SCORE_LANGS = ["ar", "es", "ru", "zh", "ko", "vi"]
 PAPER_EVAL_LANGS = ["ar", "zh", "it", "ja", "ko", "fa", "pt", "ru", "es", "uk", "vi", "en"]
@@ -206,6 +210,28 @@ class Config:
     )
     down_lmeval_limit: int | None = opt(None, "documents per lm-eval task (default all)", flag="lmeval-limit")
 
+    def __post_init__(self):
+        """Every value against its field's declared type, whatever it came from (YAML, flags, the API), so that a
+        quoted 'false' never switches anything on; then what can be told from the value alone: language codes,
+        empty language lists, regexes and the device's spelling."""
+        for f in fields(self):
+            setattr(self, f.name, _typed(f.name, getattr(self, f.name), field_types()[f.name]))
+            if f.metadata["langs"]:
+                value = getattr(self, f.name)
+                if value == []:
+                    raise LingregionError(f"{f.name} is empty; name at least one language")
+                for lang in value if isinstance(value, list) else [value]:
+                    corpus.check_code(lang)
+        for lang in self.texts:
+            corpus.check_code(lang)
+        for name in ("include", "exclude"):
+            try:
+                re.compile(getattr(self, name) or "")
+            except re.error as e:
+                pattern = getattr(self, name)
+                raise LingregionError(f"{name} {pattern!r} is not a valid regex ({e}); fix the pattern") from None
+        check_device(self.device)
+
     @classmethod
     def quick(cls, **overrides) -> Config:
         """The small preset (minutes on a 2-core CPU), with `overrides` on top."""
@@ -241,6 +267,10 @@ class Config:
             )
         return d
 
+    def results_digest(self) -> str:
+        """What a saved result depends on in this config: a digest of every field but the NEUTRAL ones."""
+        return digest({k: v for k, v in asdict(self).items() if k not in NEUTRAL})
+
     def to_yaml(self) -> str:
         """The resolved config as YAML, which `--config` reads back."""
         import yaml
@@ -275,6 +305,7 @@ class Config:
             raise LingregionError("--seq-len must be ≥ 2 and token budgets and --batch-size ≥ 1")
         if self.scale_checkpoint_every < 1:
             raise LingregionError(f"--checkpoint-every {self.scale_checkpoint_every} must be a whole number ≥ 1")
+        check_device(self.device, present=True)
         for r in self.ratios + [self.mono_ratio]:
             if not 0 < r < 1:
                 raise LingregionError(f"ratio {r} is outside (0, 1); pass a fraction such as 0.01 for 1%")
@@ -285,6 +316,93 @@ class Config:
                 raise LingregionError(f"unknown {f.name} value {bad[0]!r}; choose from {', '.join(choices)}")
 
 
+# Fields that decide how a run goes, not what any result says: a result made under other values of these still
+# belongs to the run, so they are left out of Config.results_digest.
+NEUTRAL = {"experiments", "device", "batch_size", "down_batch", "scale_checkpoint_every", "train_checkpoint_every"}
+
+
+@functools.cache
 def field_types() -> dict[str, type]:
     """Each Config field's declared type (the annotations are strings under `from __future__`)."""
     return typing.get_type_hints(Config)
+
+
+def check_device(device: str, present: bool = False) -> None:
+    """Refuse a device torch cannot parse (cuda:x) and, with `present`, a GPU this machine does not have, before
+    any model loads. "auto" spreads the model over all visible GPUs."""
+    import torch
+
+    if device == "auto":
+        kind, index = "cuda", None
+    else:
+        try:
+            d = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise LingregionError(f"device {device!r} is not a torch device; use cpu, cuda, cuda:1 or auto") from None
+        kind, index = d.type, d.index
+    if present and kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (index or 0) >= count:
+            raise LingregionError(f"device {device!r}: this machine has {count} usable CUDA GPU(s); pass --device cpu")
+
+
+_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+
+
+def _described(annotation) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is list:
+        return f"a list of {_described(args[0]).removeprefix('a ').removeprefix('an ')}s".replace("texts", "text")
+    if origin is dict:
+        return f"a mapping of {_described(args[0])} to {_described(args[1])}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(["null" if a is type(None) else _described(a) for a in args])
+    return _KINDS[annotation]
+
+
+def _typed(name: str, value, annotation):
+    """`value` if it is of the declared type (an int where a float is declared becomes that float, a path its
+    text, a tuple a list); otherwise one line naming the key, the value, and the type it needs."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:  # X | None
+        if value is None:
+            return None
+        try:
+            return _typed(name, value, next(a for a in args if a is not type(None)))
+        except LingregionError:
+            _refuse(name, value, annotation)  # naming null as allowed too
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            return [_typed(f"each entry of {name}", v, args[0]) for v in value]
+    elif origin is dict:
+        if isinstance(value, dict):
+            each = f"each entry of {name}"
+            return {_typed(each, k, args[0]): _typed(each, v, args[1]) for k, v in value.items()}
+    elif annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, (str, os.PathLike)):
+            return os.fspath(value)
+    else:
+        raise TypeError(f"Config field {name}: type {annotation} is not one that config values are checked against")
+    return _refuse(name, value, annotation)
+
+
+def _refuse(name: str, value, annotation) -> typing.NoReturn:
+    hint = ""
+    if isinstance(value, str):
+        if annotation in (int, float) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value.strip()):
+            hint = "; write the number without quotes (YAML reads 1e-6 as text: write 1.0e-6)"
+        elif annotation is bool and value.strip().lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            hint = "; write true or false without quotes"
+    elif typing.get_origin(annotation) is list and not isinstance(value, dict):
+        hint = f"; write a list, e.g. [{value}]"
+    kind = "null" if value is None else _KINDS.get(type(value), type(value).__name__)
+    raise LingregionError(f"{name} must be {_described(annotation)}, not {value!r} ({kind}){hint}")

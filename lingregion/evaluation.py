@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import CHECKPOINT_EVERY, Checkpoint, windows_digest
 from .corpus import Windows
-from .models import fingerprint, input_device
+from .models import input_device, sample_fingerprint
 from .store import LingregionError
 
 LOGIT_CHUNK = 256  # positions per output-layer call with gradients: 256 × 262K fp32 logits ≈ 270 MB
@@ -184,7 +184,9 @@ def perplexity(
     UTF-8 bytes. nll == math.fsum(blocks["nll"]); tokens and bytes are the sums of theirs.
 
     checkpoint: a file to save the running sums to every `every` windows; a rerun of the same job
-    resumes from it, and it is deleted once the sums are complete."""
+    resumes from it, and it is deleted once the sums are complete. It records only a sampled check of the
+    model (a full fingerprint on every call would read all weights), so name the file by what the model is,
+    as the run folder does (its fingerprint and the edits applied)."""
     if block < 1:
         raise LingregionError(f"block {block} must be at least 1 token")
     check_output_layer(model)
@@ -196,7 +198,7 @@ def perplexity(
             checkpoint,
             {
                 "job": "perplexity",
-                "model": fingerprint(model),
+                "model": sample_fingerprint(model),
                 "windows": windows_digest(windows),
                 "batch_size": batch_size,
                 "block": block,

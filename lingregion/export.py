@@ -19,6 +19,7 @@ from .regions import Region
 from .store import (
     LingregionError,
     environment,
+    fsync,
     read_tensors,
     sha256_file,
     write_json,
@@ -78,11 +79,7 @@ def _score_files(region_path: Path, region: Region) -> dict:
 def export(model, tokenizer, out_dir: Path, edits: list[interventions.Edit], record: dict, force: bool = False) -> Path:
     """Save `model` with `edits` applied into `out_dir` (a new folder, or an old one replaced with `force`)."""
     out = Path(out_dir).expanduser().resolve()
-    source = getattr(model, "name_or_path", "") or ""
-    if source and Path(source).expanduser().exists() and Path(source).expanduser().resolve() == out:
-        raise LingregionError(f"{out} is the folder the model was loaded from; choose another --out")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise LingregionError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
+    check_target(out, getattr(model, "name_or_path", "") or "", force)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -97,6 +94,9 @@ def export(model, tokenizer, out_dir: Path, edits: list[interventions.Edit], rec
         }
         write_json(tmp / RECORD, full)
         write_text(tmp / "README.md", model_card(full))
+        for f in tmp.rglob("*"):  # on disk before the folder is renamed into place
+            if f.is_file():
+                fsync(f)
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -104,11 +104,33 @@ def export(model, tokenizer, out_dir: Path, edits: list[interventions.Edit], rec
     return out
 
 
+def check_target(out: Path, source: str, force: bool) -> None:
+    """Refuse an --out that is, or contains, the folder the model came from or the current directory, and
+    one that holds files unless `force` is given and it is an earlier export (it holds lingregion-export.json):
+    replacing a folder deletes it, so only a folder this command made may be replaced."""
+    src = Path(source).expanduser()
+    if source and src.exists() and (out == src.resolve() or out in src.resolve().parents):
+        raise LingregionError(f"{out} holds the model being exported ({src.resolve()}); choose another --out")
+    if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
+        raise LingregionError(f"{out} contains the current directory; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise LingregionError(f"{out} is a file; choose another --out")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise LingregionError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
+        if not (out / RECORD).is_file():
+            raise LingregionError(
+                f"{out} holds files but no {RECORD}, so it is not an earlier export; --force replaces only "
+                "those: choose another --out"
+            )
+
+
 def _swap_in(tmp: Path, out: Path) -> None:
     old = out.with_name(f".{out.name}.old{os.getpid()}")
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
+    fsync(out.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

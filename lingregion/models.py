@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .architectures import layer_prefix, routers
-from .store import LingregionError, read_json, sha256_file, write_json
+from .store import LingregionError, LingregionWarning, read_json, sha256_file, write_json
 
 DEFAULT_MODEL = "builtin:gemma-3-270m"
 # Mixture-of-experts routers (architectures.MAPPINGS role "router") are scored, selected, removed and trained like
@@ -300,16 +300,26 @@ def load(
         if local.exists() and not (local / "config.json").is_file():
             raise LingregionError(f"{name}: folder has no config.json; pass a Hugging Face model folder or hub id")
         info["revision"] = "local folder" if local.exists() else "hub (default revision)"
+    if trust_remote_code:
+        warnings.warn(
+            f"trust_remote_code is true: the Python code in {name}'s folder or hub repo runs with your "
+            "permissions as the model loads",
+            LingregionWarning,
+            stacklevel=2,
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **placement
         )
-    except OSError as e:
+    except (OSError, ValueError, KeyError) as e:  # ValueError, KeyError: an architecture transformers lacks
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LingregionError(
-            f"cannot load model {name!r}: {first}; pass a local HF folder or a reachable hub id"
+            f"cannot load model {name!r}: {first}; pass a local HF folder or a reachable hub id of a causal LM "
+            "that this transformers version supports"
         ) from None
+    if info["revision"] == "hub (default revision)" and getattr(model.config, "_commit_hash", None):
+        info["revision"] = f"hub commit {model.config._commit_hash}"  # what the default revision was at load
     if device:
         model.to(device)
     model.eval()
@@ -345,12 +355,29 @@ def scored_names(model: nn.Module, include: str | None = None, exclude: str | No
 
 
 def fingerprint(model: nn.Module) -> str:
-    """Identifies a checkpoint: names, shapes and a sample of the values of every parameter, so that a
-    region or score file from another model (or another checkpoint of the same shape) is refused."""
+    """Identifies a checkpoint: the SHA-256 of every parameter's name, shape, dtype and every one of its values,
+    bit for bit, so that a region, score or result made on another model, or on the same model with a few entries
+    changed (an export with a small region removed), is refused or recomputed. Reads every weight once (about a
+    second per GB on a CPU); `sample_fingerprint` is the cheap check for a job that is already keyed by this one."""
     h = hashlib.sha256()
     for name, p in model.named_parameters():
+        t = p.detach()
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t  # a sharded (FSDP) parameter: all of it
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())  # the stored bytes, not copied on a CPU
+    return h.hexdigest()[:16]
+
+
+def sample_fingerprint(model: nn.Module) -> str:
+    """Names, shapes and 64 evenly spaced values of every parameter: a cheap check, made for every resumable
+    evaluation, that a checkpoint is resumed on the model it was written with. It can miss a change between the
+    sampled entries, so a checkpoint's file must also be named by what `fingerprint` identifies (the run folder
+    keys each by the loaded model's fingerprint and the edits applied)."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
         h.update(f"{name}:{tuple(p.shape)};".encode())
-        h.update(p.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
+        h.update(flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

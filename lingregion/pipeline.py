@@ -10,7 +10,7 @@ from . import models, report
 from .config import Config
 from .experiments.registry import EXPERIMENTS, validate
 from .run import Run, check_out
-from .store import write_json, write_text
+from .store import locked, write_json, write_text
 
 
 def reproduce(cfg: Config | None = None, out: Path | str = "lingregion-run", progress: bool = True) -> dict:
@@ -19,23 +19,24 @@ def reproduce(cfg: Config | None = None, out: Path | str = "lingregion-run", pro
     cfg = cfg or Config()
     validate(cfg)
     check_out(Path(out))
-    started = time.time()
-    lm = models.load(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code, cfg.include, cfg.exclude)
-    run = Run(Path(out), cfg, lm, progress)
-    write_text(run.out / "config.yaml", cfg.to_yaml())
-    results, seconds = {}, {}
-    for name in [n for n in EXPERIMENTS if n in cfg.experiments]:
-        t0 = time.time()
-        results[name] = EXPERIMENTS[name].measure(run)
-        seconds[name] = round(time.time() - t0, 1)
-    write_json(
-        run.out / "run.json",
-        run.provenance(
-            config=asdict(cfg),
-            experiments=cfg.experiments,
-            seconds=round(time.time() - started, 1),
-            experiment_seconds=seconds,
-        ),
-    )
-    report.write(run.out)
+    with locked(Path(out)):  # before the model loads, so that a second run into `out` is refused at once
+        started = time.time()
+        lm = models.load(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code, cfg.include, cfg.exclude)
+        run = Run(Path(out), cfg, lm, progress)
+        write_text(run.out / "config.yaml", cfg.to_yaml())
+        results, seconds = {}, {}
+        for name in [n for n in EXPERIMENTS if n in cfg.experiments]:
+            t0 = time.time()
+            results[name] = EXPERIMENTS[name].measure(run)
+            seconds[name] = round(time.time() - t0, 1)
+        write_json(
+            run.out / "run.json",
+            run.provenance(
+                config=asdict(cfg),
+                experiments=cfg.experiments,
+                seconds=round(time.time() - started, 1),
+                experiment_seconds=seconds,
+            ),
+        )
+        report.write(run.out)
     return results

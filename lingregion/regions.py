@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .store import LingregionError, read_tensors, write_tensors
+from .store import Corrupt, LingregionError, read_tensors, write_tensors
 
 SIDES = ("top", "bottom", "random")
 FORMAT = "lingregion-region-v2"  # v1: the same, uncompressed
@@ -37,6 +37,19 @@ def _unpack(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 def _popcount(packed: torch.Tensor) -> int:
     return int(np.bitwise_count(packed.numpy()).sum())
+
+
+def _inflate(blob: bytes, size: int) -> bytes | None:
+    """`blob` decompressed if it is zlib data of exactly `size` bytes, else None. At most size + 1 bytes are ever
+    produced, so a crafted file (a few bytes that inflate to gigabytes) cannot exhaust memory."""
+    if size < 0:
+        return None
+    inflater = zlib.decompressobj()
+    try:
+        data = inflater.decompress(blob, size + 1)
+    except zlib.error:
+        return None
+    return data if len(data) == size and inflater.eof else None
 
 
 @dataclass
@@ -131,15 +144,17 @@ class Region:
                 f"{path}: not a region file (it may be a score file); pass a file written by 'lingregion locate'"
             )
         compressed = meta.pop("format") == FORMAT
-        shapes = {n: tuple(s) for n, s in meta.pop("shapes").items()}
+        try:
+            shapes = {n: tuple(int(d) for d in s) for n, s in meta.pop("shapes").items()}
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise Corrupt(path, "its shapes record is missing or malformed; the file is corrupt") from None
         packed = {}
         for n, t in tensors.items():
-            try:
-                data = zlib.decompress(t.numpy().tobytes()) if compressed else t.numpy().tobytes()
-            except zlib.error:
-                data = b""
-            if t.dtype != torch.uint8 or len(data) != (int(np.prod(shapes[n])) + 7) // 8:
-                raise LingregionError(f"{path}: mask for {n} has the wrong size; the file is corrupt, recreate it")
+            size = (int(np.prod(shapes[n])) + 7) // 8 if n in shapes else -1
+            raw = t.numpy().tobytes()
+            data = _inflate(raw, size) if compressed else raw
+            if t.dtype != torch.uint8 or data is None or len(data) != size:
+                raise Corrupt(path, f"mask for {n} has the wrong size; the file is corrupt")
             packed[n] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         return cls(packed, shapes, meta)
 
@@ -396,25 +411,33 @@ def top_set(scores: dict[str, torch.Tensor], layout: Layout) -> np.ndarray:
     out = []
     for name, offset, k in zip(layout.names, layout.offsets, layout.k):
         if k:
-            out.append(_top_indices(scores[name].detach().reshape(-1).float().cpu().numpy(), k) + offset)
+            out.append(tail_indices(scores[name].detach().reshape(-1).float().cpu().numpy(), k) + offset)
     return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
 
 
-def _top_indices(v: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest entries of v, ties at the k-th value by lowest index."""
+def tail_indices(v: np.ndarray, k: int, largest: bool = True) -> np.ndarray:
+    """Indices of the k largest (smallest) entries of the flat array v, ties at the k-th value by lowest
+    index: the entries `select` takes from one matrix, unordered. Only the entries beyond a sampled bracket
+    of the k-th value are partitioned, so this costs about one comparison pass over v."""
     n = len(v)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
     s = v[:: max(1, n // 4096)]
-    # A sample quantile a few standard deviations below the k-th value: every Top entry lies above it
-    # (checked: if fewer than k entries do, take them all).
-    m = len(s)
-    j = int(m * (1 - k / n) - 4 * np.sqrt(m * k / n) - 2)
-    cand = np.flatnonzero(v >= np.partition(s, j)[j]) if j > 0 else np.arange(n)
+    # A sample quantile a few standard deviations short of the k-th value: every selected entry lies beyond
+    # it (checked: if fewer than k entries do, take them all).
+    m, spread = len(s), 4 * np.sqrt(len(s) * k / n) + 2
+    if largest:
+        j = int(m * (1 - k / n) - spread)
+        cand = np.flatnonzero(v >= np.partition(s, j)[j]) if j > 0 else np.arange(n)
+    else:
+        j = int(m * k / n + spread)
+        cand = np.flatnonzero(v <= np.partition(s, j)[j]) if j < m - 1 else np.arange(n)
     if len(cand) < k:
         cand = np.arange(n)
     w = v[cand]
-    kth = np.partition(w, len(w) - k)[len(w) - k]
-    above = cand[w > kth]
-    return np.concatenate([above, cand[w == kth][: k - len(above)]]).astype(np.int64)
+    kth = np.partition(w, len(w) - k if largest else k - 1)[len(w) - k if largest else k - 1]
+    beyond = cand[w > kth] if largest else cand[w < kth]
+    return np.concatenate([beyond, cand[w == kth][: k - len(beyond)]]).astype(np.int64)
 
 
 def top_set_jaccards(a: np.ndarray, b: np.ndarray, layout: Layout) -> np.ndarray:

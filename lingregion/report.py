@@ -12,9 +12,10 @@ import html
 import re
 from pathlib import Path
 
+from .config import Config
 from .experiments.registry import EXPERIMENTS
-from .markup import bullets, heading, markdown_table
-from .store import LingregionError, read_json, write_text
+from .markup import bullets, heading, markdown_table, text
+from .store import LingregionError, locked, read_json, write_text
 
 
 # --- Markdown ---------------------------------------------------------------------------------------
@@ -96,10 +97,16 @@ def _revision(model: dict) -> str:
     return f"revision {revision}"
 
 
-def header(results: dict[str, dict], run: dict) -> list[dict]:
-    """What was run, from the saved provenance."""
-    first = next(iter(results.values()))
-    model, env, cfg = first["model"], first["environment"], run.get("config", {})
+def header(results: dict[str, dict], run: dict, foreign: dict[str, str] | None = None) -> list[dict]:
+    """What was run, from the saved provenance: the run's own model and versions (run.json's, else those of the
+    first result that belongs to the run), and which results do not belong to it (`foreign`: name → why)."""
+    foreign = foreign or {}
+    first = next((r for name, r in results.items() if name not in foreign), next(iter(results.values())))
+    model, env, cfg = (
+        run.get("model") or first["model"],
+        run.get("environment") or first["environment"],
+        run.get("config", {}),
+    )
     proto = first.get("protocol", {})
     minutes = f"{run['seconds'] / 60:.1f} min" if "seconds" in run else "unknown (run.json missing)"
     if run.get("experiment_seconds"):
@@ -125,8 +132,39 @@ def header(results: dict[str, dict], run: dict) -> list[dict]:
                 f"Python {env['python']}",
                 f"Time taken: {minutes}",
             ]
+            + [
+                f"**Not from this run**: {name}, made with {why}; rerun `lingregion reproduce --config "
+                "RUN/config.yaml --out RUN` with it selected to update it"
+                for name, why in foreign.items()
+            ]
         ),
     ]
+
+
+def foreign_results(results: dict[str, dict], run_dir: Path) -> tuple[dict[str, str], dict]:
+    """Which saved results were not made under the run folder's config.yaml and model ({name: why}), and
+    run.json's record if it belongs to that config ({} if not, e.g. from an earlier run killed before it was
+    rewritten). Without a config.yaml (a folder written through the API) every result is taken as it is."""
+    run = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
+    if not (run_dir / "config.yaml").is_file():
+        return {}, run
+    cfg = Config.from_dict(Config.read(run_dir / "config.yaml"))
+    want = cfg.results_digest()
+    if run and Config.from_dict(run.get("config", {})).results_digest() != want:
+        run = {}
+    own = [r for r in results.values() if r.get("config_digest") == want]
+    model = (run.get("model") or (own[0]["model"] if own else {})).get("fingerprint")
+    foreign = {}
+    for name, r in results.items():
+        if r.get("config_digest") != want:
+            foreign[name] = (
+                "another configuration than config.yaml's"
+                if r.get("config_digest")
+                else "a lingregion that did not record its configuration"
+            )
+        elif model and r["model"].get("fingerprint") != model:
+            foreign[name] = f"other weights ({r['model']['name']}, fingerprint {r['model'].get('fingerprint')})"
+    return foreign, run
 
 
 def build(run_dir: Path) -> list[dict]:
@@ -141,21 +179,33 @@ def build(run_dir: Path) -> list[dict]:
         raise LingregionError(
             f"{run_dir}: no saved results (results/*-summary.json); run 'lingregion reproduce --out {run_dir}' first"
         )
-    run = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
-    found = [s for name, r in results.items() if EXPERIMENTS[name].findings for s in EXPERIMENTS[name].findings(r)]
-    elements = header(results, run)
+    foreign, run = foreign_results(results, run_dir)
+    found = [
+        s
+        for name, r in results.items()
+        if EXPERIMENTS[name].findings and name not in foreign  # a headline must come from this run
+        for s in EXPERIMENTS[name].findings(r)
+    ]
+    elements = header(results, run, foreign)
     if found:
         elements += [heading("Findings"), bullets(found)]
     for name, result in results.items():
-        elements += EXPERIMENTS[name].section(result)
+        section = EXPERIMENTS[name].section(result)
+        if name in foreign:  # after the section's heading: the warning is read before any of its numbers
+            warning = f"**Not from this run**: this result was made with {foreign[name]}; compare it with care."
+            section = section[:1] + [text(warning)] + section[1:]
+        elements += section
     return elements
 
 
 def write(run_dir: Path) -> str:
     """(Re)build report.md and report.html in a run folder from its saved results; returns the Markdown."""
     run_dir = Path(run_dir)
-    elements = build(run_dir)
-    md = to_markdown(elements, run_dir)
-    write_text(run_dir / "report.md", md)
-    write_text(run_dir / "report.html", to_html(elements, run_dir, f"lingregion report: {run_dir.name}"))
+    if not run_dir.is_dir():
+        raise LingregionError(f"{run_dir}: no such run folder; pass a folder written by 'lingregion reproduce'")
+    with locked(run_dir):  # not while a run writes its results
+        elements = build(run_dir)
+        md = to_markdown(elements, run_dir)
+        write_text(run_dir / "report.md", md)
+        write_text(run_dir / "report.html", to_html(elements, run_dir, f"lingregion report: {run_dir.name}"))
     return md

@@ -8,7 +8,6 @@ picks up where it stopped when the same command is given again.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -20,7 +19,9 @@ from .config import Config
 from .regions import Region, select
 from .store import (
     LingregionError,
+    digest,
     environment,
+    read_cached,
     read_json,
     read_tensors,
     write_json,
@@ -28,17 +29,20 @@ from .store import (
 )
 
 ESTIMATOR_RECORDS = {"taylor": "taylor: |(θ − θ_removed) ⊙ Σ_windows ∂(mean token NLL)/∂θ|, fp32 accumulation"}
-
-
-def digest(obj) -> str:
-    """A short, stable hash of any JSON-able value: the key under which cached results are kept."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+# Part of the key of every score and evaluation the run folder caches: raise it when what they compute, or how
+# they are stored, changes, so that files made by the older code are recomputed rather than reused.
+CACHE_VERSION = 2
 
 
 def check_out(out: Path) -> None:
-    """A run folder must be a folder: refuse an existing file before anything is loaded or written."""
-    if Path(out).exists() and not Path(out).is_dir():
+    """A run folder must be a folder: refuse an existing file, or a path under one, before anything is loaded
+    or written."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
         raise LingregionError(f"{out} is a file, not a run folder; pass --out a folder (new or from an earlier run)")
+    file = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if file is not None:
+        raise LingregionError(f"{out} is under {file}, which is a file; pass --out a folder path")
 
 
 class Run:
@@ -88,8 +92,24 @@ class Run:
         }
 
     def save(self, name: str, result: dict) -> None:
-        """results/NAME-summary.json: what the report is rebuilt from, with how it was made."""
-        write_json(self.out / "results" / f"{name}-summary.json", self.provenance(**result))
+        """results/NAME-summary.json: what the report is rebuilt from, with how it was made, and the digest of
+        the config it was made under (the report flags a result whose digest is not that of config.yaml)."""
+        write_json(
+            self.out / "results" / f"{name}-summary.json",
+            self.provenance(**result, config_digest=self.cfg.results_digest()),
+        )
+
+    def made_of(self, **what) -> dict:
+        """The key of a cached score or evaluation: the model (its fingerprint and where it came from), the
+        version of the code that computes it, the dtype, and `what` else it depends on."""
+        info = self.info
+        return {
+            "fingerprint": info["fingerprint"],
+            "revision": info.get("revision"),
+            "version": CACHE_VERSION,
+            "dtype": self.cfg.dtype,
+            **what,
+        }
 
     # --- scores -------------------------------------------------------------------------------------
     def scores(
@@ -104,21 +124,15 @@ class Run:
         one `importance` pass over the same windows."""
         budget = None if budget == self.cfg.score_tokens else budget
         w = self.windows(lang, "score", budget)
-        made_of = {
-            "fingerprint": self.info["fingerprint"],
-            "windows": w.meta,
-            "names": digest(self.names),
-            "dtype": self.cfg.dtype,
-            "estimator": estimator,
-        }
+        made_of = self.made_of(windows=w.meta, names=digest(self.names), estimator=estimator)
         cfg = self.cfg
         share = max([*cfg.ratios, cfg.mono_ratio, cfg.struct_ratio, cfg.train_ratio, cfg.down_ratio])
         storage = cfg.score_storage if share < 0.5 else "float32"  # tails of half a matrix: keep it all
         label = f"{lang}-{budget}" if budget else lang
         path = self.out / "scores" / (label if estimator == "taylor" else f"{label}.{estimator}")
         path = path.with_name(path.name + ".safetensors")
-        if path.is_file():
-            tensors, meta = scorefile.load(path)
+        if loaded := read_cached(path, scorefile.load):
+            tensors, meta = loaded
             good = scorefile.exact_share(meta) >= (1.0 if exact else share) or (
                 not exact and storage == meta.get("precision") == "bfloat16"  # inexact by the user's choice
             )
@@ -183,7 +197,7 @@ class Run:
     def half_region(self, label: str, half: str) -> Region | None:
         """One half's Top mono_ratio set of a score made in this run folder (None if it was made without halves)."""
         path = self.out / "regions" / "halves" / f"{label}-{half}-top-{self.cfg.mono_ratio:g}.safetensors"
-        return Region.load(path) if path.is_file() else None
+        return read_cached(path, Region.load)
 
     def stability_of_scores(self) -> dict:
         """Split-half stability of every score this run has made or read, and of the core score when every
@@ -207,28 +221,26 @@ class Run:
         if self._core is not None:
             return self._core
         cfg, langs = self.cfg, list(self.cfg.score_langs)
-        made_of = {  # the same inputs as each language's scores
-            "languages": langs,
-            "fingerprint": self.info["fingerprint"],
-            "windows": {lang: self.windows(lang, "score").meta for lang in langs},
-            "names": digest(self.names),
-            "dtype": cfg.dtype,
-            "estimator": "taylor",
-        }
+        made_of = self.made_of(  # the same inputs as each language's scores
+            languages=langs,
+            windows={lang: self.windows(lang, "score").meta for lang in langs},
+            names=digest(self.names),
+            estimator="taylor",
+        )
         share = max([*cfg.ratios, cfg.struct_ratio, cfg.train_ratio, cfg.down_ratio])
         # a global selection may take more than `share` of one matrix: only float32 keeps it exact
         storage = cfg.score_storage if cfg.scope == "matrix" and share < 0.5 else "float32"
         path, partial = self.out / "scores" / "core.safetensors", self.out / "scores" / ".core.partial.safetensors"
-        if path.is_file():
-            tensors, meta = scorefile.load(path)
+        if loaded := read_cached(path, scorefile.load):
+            tensors, meta = loaded
             good = scorefile.exact_share(meta) >= share or storage == meta.get("precision") == "bfloat16"
             if meta.get("made_of") == made_of and good:
                 self._core = {n: tensors[n] for n in self.names}
                 return self._core
         total: dict[str, torch.Tensor] = {}
         done: list[str] = []
-        if partial.is_file():
-            tensors, meta = read_tensors(partial)
+        if loaded := read_cached(partial, read_tensors):
+            tensors, meta = loaded
             if meta.get("made_of") == made_of and meta.get("done") == langs[: len(meta.get("done") or [])]:
                 total, done = {n: tensors[n] for n in self.names}, list(meta["done"])
         t0 = time.time()
@@ -295,15 +307,13 @@ class Run:
         what they depend on (model, dtype, the exact edits and the evaluation text), so that changing one
         experiment's settings recomputes only what it changes."""
         path = self.out / "results" / results_file
-        cache = read_json(path) if path.is_file() else {}
+        cache = read_cached(path, read_json) or {}
         cache.setdefault("entries", {})
         cache.setdefault("keys", {})
-        made_of = {
-            "fingerprint": self.info["fingerprint"],
-            "dtype": self.cfg.dtype,
-            "edits": edits_digest(edits),
-            "block": evaluation.NLL_BLOCK,  # results without per-block NLL (older runs) are recomputed
-        }
+        made_of = self.made_of(
+            edits=edits_digest(edits),
+            block=evaluation.NLL_BLOCK,  # results without per-block NLL (older runs) are recomputed
+        )
         keys = {lang: digest({**made_of, "windows": self.windows(lang, "eval", budget).meta}) for lang in langs}
         todo = [lang for lang in langs if cache["keys"].get(f"{setting}/{lang}") != keys[lang]]
         if todo:

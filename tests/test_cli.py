@@ -154,6 +154,19 @@ def test_config_file_round_trip(tiny_folder, tmp_path, capsys):
     assert (cfg.seq_len, cfg.score_tokens, cfg.ratios, cfg.eval_tokens) == (32, 999, [0.2], 256)
 
 
+# Config files written by hand or shared: each value is checked against its field's type before anything runs.
+CONFIGS = {
+    "QUOTED_INT": 'seq_len: "16"\n',
+    "SCALAR_LIST": "ratios: 0.05\n",
+    "STRING_LIST": "experiments: removal\n",
+    "QUOTED_FALSE": 'trust_remote_code: "false"\n',
+    "NO_DOT": "est_ratios: [1e-6]\n",
+    "QUOTED_NULLABLE": 'down_items: "8"\n',
+    "BAD_KEY": "score_tokenz: 5\n",
+    "BAD_YAML": "ratios: [0.1\n",
+}
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -164,16 +177,91 @@ def test_config_file_round_trip(tiny_folder, tmp_path, capsys):
         (["reproduce", "--config", "BAD_KEY"], "unknown config key(s): score_tokenz"),
         (["reproduce", "--config", "BAD_YAML"], "not valid YAML"),
         (["evaluate", "--model", "/nonexistent/model", "--lang", "ru"], "cannot load model"),
+        (
+            ["reproduce", "--config", "QUOTED_INT"],
+            "seq_len must be a whole number, not '16' (text); write the number without quotes",
+        ),
+        (
+            ["reproduce", "--config", "SCALAR_LIST"],
+            "ratios must be a list of numbers, not 0.05 (a number); write a list",
+        ),
+        (["reproduce", "--config", "STRING_LIST"], "experiments must be a list of text, not 'removal' (text)"),
+        (
+            ["reproduce", "--config", "QUOTED_FALSE", "--model", "EVIL"],
+            "trust_remote_code must be true or false, not 'false' (text); write true or false without quotes",
+        ),
+        (["reproduce", "--config", "NO_DOT"], "each entry of est_ratios must be a number, not '1e-6' (text)"),
+        (["reproduce", "--config", "QUOTED_NULLABLE"], "down_items must be a whole number or null, not '8'"),
+        (["reproduce", "--score-langs", ""], "score_langs is empty; name at least one language"),
+        (["reproduce", "--eval-langs", ""], "eval_langs is empty; name at least one language"),
+        (["reproduce", "--include", "("], "include '(' is not a valid regex"),
+        (["evaluate", "--lang", "ru", "--device", "cuda:x", "--model", "NO_MODEL"], "'cuda:x' is not a torch device"),
+        (["evaluate", "--lang", "ru", "--device", "cuda:99", "--model", "NO_MODEL"], "usable CUDA GPU(s)"),
+        (["score", "--lang", "../../escaped=TEXT", "--model", "NO_MODEL"], "language code '../../escaped' is not"),
+        (["evaluate", "--model", "UNKNOWN_ARCH", "--lang", "ru"], "cannot load model"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(argv, message, tmp_path, capsys):
-    (tmp_path / "key.yaml").write_text("score_tokenz: 5\n")
-    (tmp_path / "bad.yaml").write_text("ratios: [0.1\n")
-    argv = [{"BAD_KEY": tmp_path / "key.yaml", "BAD_YAML": tmp_path / "bad.yaml"}.get(a, a) for a in argv]
-    code, _, err = run(capsys, *argv, *(["--out", tmp_path / "o"] if argv[0] == "reproduce" else []))
+    """Refused before any model loads (NO_MODEL would fail to load), with nothing written anywhere: no file
+    in or outside the run folder is created or removed (EVIL's code would leave a marker if it ran)."""
+    for name, text in CONFIGS.items():
+        (tmp_path / f"{name}.yaml").write_text(text)
+    (tmp_path / "text.txt").write_text("Квантовая механика. " * 50, encoding="utf-8")
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil" / "config.json").write_text(
+        json.dumps({"model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig"}})
+    )
+    (tmp_path / "evil" / "evil.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('remote code ran')\n")
+    (tmp_path / "unknown").mkdir()
+    (tmp_path / "unknown" / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    paths = {
+        **{name: tmp_path / f"{name}.yaml" for name in CONFIGS},
+        "EVIL": tmp_path / "evil",
+        "NO_MODEL": tmp_path / "no-model",
+        "TEXT": tmp_path / "text.txt",
+        "UNKNOWN_ARCH": tmp_path / "unknown",
+    }
+    argv = [_fill(a, paths) for a in argv]
+    before = sorted(tmp_path.rglob("*"))
+    code, _, err = run(capsys, *argv, *(["--out", tmp_path / "o"] if argv[0] in ("reproduce", "score") else []))
     assert code == 2
-    assert err.count("\n") == 1 and message in err and err.startswith("lingregion: error:")
-    assert not (tmp_path / "o").exists()  # nothing half-written
+    assert err.count("\n") == 1 and message in err and err.startswith("lingregion: error:"), err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing half-written, in the run folder or outside it
+
+
+def _fill(arg: str, paths: dict) -> str:
+    """`arg` with the placeholder it holds (a key of `paths`) replaced by that path."""
+    return next((arg.replace(k, str(v)) for k, v in paths.items() if k in arg), arg)
+
+
+def test_remote_code_is_announced_with_the_model(tiny_folder, tmp_path, capsys):
+    code, _, err = run(
+        capsys,
+        "evaluate",
+        "--model",
+        tiny_folder,
+        "--lang",
+        "ru",
+        "--trust-remote-code",
+        "--seq-len",
+        16,
+        "--eval-tokens",
+        32,
+    )
+    assert code == 0
+    assert f"lingregion: warning: trust_remote_code is true: the Python code in {tiny_folder}'s folder" in err
+
+
+def test_out_under_a_file_is_refused_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("keep me")
+    code, _, err = run(
+        capsys, "score", "--lang", "ru", "--model", tmp_path / "no-model", "--out", tmp_path / "notes.txt" / "run"
+    )
+    assert code == 2 and err.count("\n") == 1 and "is under" in err and "which is a file" in err
+    assert (
+        sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+        and (tmp_path / "notes.txt").read_text() == "keep me"
+    )
 
 
 def test_unknown_language_is_reported_before_any_experiment_rule(tmp_path, capsys):

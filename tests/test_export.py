@@ -1,5 +1,5 @@
 """Export of a region-removed model: a plain Hugging Face folder that reloads bit-identical with the same
-perplexity, its model card and record, refusal to overwrite, and the `export` command."""
+perplexity, its model card and record, refusal to replace anything but an earlier export, and the `export` command."""
 
 import json
 
@@ -86,7 +86,7 @@ def test_export_then_reload_is_bit_identical_with_the_same_perplexity(tiny_folde
     assert rec["base_model"]["fingerprint"] == m.info["fingerprint"]
 
 
-def test_export_refuses_to_overwrite_and_replaces_with_force(loaded, tmp_path):
+def test_force_replaces_only_an_earlier_export(loaded, tmp_path):
     m = loaded()
     region, path, removed = _region_on(m, tmp_path, with_scores=False)
     out = tmp_path / "exported"
@@ -96,10 +96,35 @@ def test_export_refuses_to_overwrite_and_replaces_with_force(loaded, tmp_path):
     assert record["scores"] == {}
     with pytest.raises(LingregionError, match="not empty"):
         export.export(m.module, m.tokenizer, out, [], record)
-    assert (out / "old.txt").is_file()
+    with pytest.raises(LingregionError, match="holds files but no lingregion-export.json"):
+        export.export(m.module, m.tokenizer, out, [], record, force=True)  # a folder of other files is never replaced
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    (out / "old.txt").unlink()
+    export.export(m.module, m.tokenizer, out, [], record)  # an empty folder is filled
     export.export(m.module, m.tokenizer, out, interventions.removal(region, removed), record, force=True)
-    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file() and (out / export.RECORD).is_file()  # an earlier export: replaced
     assert "were not found" in (out / "README.md").read_text(encoding="utf-8")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary or old folder left
+
+
+@pytest.mark.parametrize("where", ["model's folder", "its parent", "the current directory"])
+def test_export_never_replaces_the_model_or_the_current_directory(where, tiny_folder, tmp_path, capsys, monkeypatch):
+    m = models.load(str(tiny_folder))
+    _, path, _ = _region_on(m, tmp_path)
+    (tiny_folder / export.RECORD).write_text("{}")  # even a folder that looks like an earlier export
+    (tmp_path / export.RECORD).write_text("{}")
+    work = tmp_path / "work"
+    (work / export.RECORD).parent.mkdir()
+    (work / export.RECORD).write_text("{}")
+    monkeypatch.chdir(work)
+    out = {"model's folder": tiny_folder, "its parent": tmp_path, "the current directory": work}[where]
+    before = sorted(tmp_path.rglob("*"))
+    capsys.readouterr()  # the load above reports its progress
+    code = main(["export", "--model", str(tiny_folder), "--remove", str(path), "--out", str(out), "--force"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("lingregion: error:")
+    assert ("contains the current directory" if where == "the current directory" else "holds the model") in err
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 def test_export_command(tiny_folder, tmp_path, capsys):

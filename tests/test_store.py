@@ -50,3 +50,65 @@ def test_hashes_and_environment(tmp_path):
     env = store.environment()
     assert set(env) == {"lingregion", "torch", "transformers", "python", "platform"}
     assert env["lingregion"] == store.__version__
+
+
+def test_a_write_is_fsynced_before_and_after_its_rename(tmp_path, monkeypatch):
+    synced = []
+    real = store.os.fsync
+    monkeypatch.setattr(
+        store.os, "fsync", lambda fd: synced.append(store.os.readlink(f"/proc/self/fd/{fd}")) or real(fd)
+    )
+    store.write_text(tmp_path / "a.txt", "x")
+    assert len(synced) == 2 and synced[0].startswith(str(tmp_path / ".a.txt.")) and synced[1] == str(tmp_path)
+
+
+def test_a_cache_file_that_cannot_be_read_is_moved_aside_and_recomputed(tmp_path):
+    path = tmp_path / "removal.json"
+    path.write_text('{"entries": ')
+    with pytest.warns(
+        store.LingregionWarning, match=r"removal.json: not valid JSON .*moved it to removal.json.corrupt"
+    ):
+        assert store.read_cached(path, store.read_json) is None
+    assert not path.exists() and (tmp_path / "removal.json.corrupt").read_text() == '{"entries": '
+    assert store.read_cached(path, store.read_json) is None  # missing: nothing to say
+    store.write_json(path, {"a": 1})
+    assert store.read_cached(path, store.read_json) == {"a": 1}
+
+
+HOLD = """
+import sys, time
+from lingregion.store import locked
+with locked(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_run_folder_is_locked_by_one_process_at_a_time(tmp_path):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "run"
+    (folder / "scores").mkdir(parents=True)
+    (folder / "scores" / ".ru.safetensors.abc123.tmp").write_bytes(b"half")  # a killed writer's
+    (folder / "scores" / ".ru.partial.safetensors").write_bytes(b"resumable")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert not (folder / "scores" / ".ru.safetensors.abc123.tmp").exists()  # swept under the lock
+        assert (folder / "scores" / ".ru.partial.safetensors").exists()  # a checkpoint is kept to resume
+        with pytest.raises(LingregionError, match=rf"in use by another lingregion run \(PID {holder.pid}\)"):
+            with store.locked(folder):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with store.locked(folder):  # the system released the killed holder's lock
+        with store.locked(folder):  # nested calls of one process share it
+            pass
+    with pytest.raises(RuntimeError), store.locked(tmp_path / "new"):
+        raise RuntimeError("failed before writing anything")
+    assert not (tmp_path / "new").exists()  # a folder the lock made is not left behind
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LingregionError, match="cannot use .* as a run folder"), store.locked(tmp_path / "file" / "run"):
+        pass
