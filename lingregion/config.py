@@ -404,5 +404,5 @@ def _refuse(name: str, value, annotation) -> typing.NoReturn:
             hint = "; write true or false without quotes"
     elif typing.get_origin(annotation) is list and not isinstance(value, dict):
         hint = f"; write a list, e.g. [{value}]"
-    kind = "null" if value is None else _KINDS.get(type(value), type(value).__name__)
+    kind = {bool: "a boolean", type(None): "null"}.get(type(value)) or _KINDS.get(type(value), type(value).__name__)
     raise LingregionError(f"{name} must be {_described(annotation)}, not {value!r} ({kind}){hint}")

@@ -1,5 +1,6 @@
 """Kill a scoring job with SIGKILL once it has saved a checkpoint, run the same command again, and get
-bit for bit the scores of an uninterrupted run; and the same for an evaluation's running sums."""
+bit for bit the scores of an uninterrupted run; and the same for an evaluation's running sums. A checkpoint
+that cannot be read is set aside with a warning."""
 
 import os
 import signal
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from lingregion import checkpoint, corpus, evaluation, models
-from lingregion.store import read_tensors
+from lingregion.store import LingregionWarning, read_tensors
 
 from conftest import TEXT
 
@@ -133,3 +134,15 @@ def test_checkpoint_of_another_job_is_ignored(loaded, tmp_path):
     want = evaluation.perplexity(m.module, w, batch_size=2, progress=False)
     assert evaluation.perplexity(m.module, w, batch_size=2, progress=False, checkpoint=path) == want
     assert not path.exists()  # replaced by this job's own, then removed when it finished
+
+
+def test_a_corrupt_checkpoint_is_moved_aside_with_a_warning(loaded, tmp_path):
+    """As every cached file of a run: set aside (PATH.corrupt) and recomputed, never silently dropped."""
+    m = loaded("llama")
+    w = corpus.make_windows(m.tokenizer, TEXT * 4, 12, 10_000, "xx", "eval", "test")
+    path = tmp_path / "eval.safetensors"
+    path.write_bytes(b"\x00" * 40)
+    want = evaluation.perplexity(m.module, w, batch_size=2, progress=False)
+    with pytest.warns(LingregionWarning, match=r"eval.safetensors: not a readable safetensors file .* moved it to"):
+        assert evaluation.perplexity(m.module, w, batch_size=2, progress=False, checkpoint=path) == want
+    assert (tmp_path / "eval.safetensors.corrupt").read_bytes() == b"\x00" * 40 and not path.exists()

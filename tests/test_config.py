@@ -1,5 +1,6 @@
 """Config declares every field once; the quick preset, the CLI flags and their help come from it."""
 
+import re
 from dataclasses import MISSING, fields
 
 import pytest
@@ -82,3 +83,40 @@ def test_every_command_and_option_has_help_text():
         assert summaries[name] and p.description, name
         for a in p._actions:
             assert a.help or isinstance(a, argparse._HelpAction), (name, a.option_strings or a.dest)
+
+
+def test_values_are_typed_however_the_config_is_made(tmp_path):
+    """The API, a YAML file and the flags meet the same checks: a bool is never taken for a number, a number
+    where a float is declared becomes that float, a path its text, a tuple a list."""
+    cfg = Config(train_lr=1, ratios=(0.1,), texts={"ru": tmp_path / "ru.txt"}, model=tmp_path)
+    assert cfg.train_lr == 1.0 and isinstance(cfg.train_lr, float) and cfg.ratios == [0.1]
+    assert cfg.texts == {"ru": str(tmp_path / "ru.txt")} and cfg.model == str(tmp_path)
+    assert Config.from_dict({"down_items": None}).down_items is None
+    for kwargs, message in [
+        ({"seq_len": True}, "seq_len must be a whole number, not True (a boolean)"),
+        ({"seq_len": 16.0}, "seq_len must be a whole number, not 16.0 (a number)"),
+        ({"trust_remote_code": "false"}, "trust_remote_code must be true or false, not 'false'"),
+        ({"trust_remote_code": 0}, "trust_remote_code must be true or false, not 0 (a whole number)"),
+        ({"texts": {"ru": 5}}, "each entry of texts must be text, not 5"),
+        ({"score_langs": ["ru", "../x"]}, "language code '../x' is not 1 to 32 letters"),
+        ({"texts": {"../x": "f.txt"}}, "language code '../x'"),
+        ({"train_lang": "a" * 33}, "is not 1 to 32 letters"),
+        ({"mono_langs": []}, "mono_langs is empty"),
+        ({"exclude": "[a-"}, "exclude '[a-' is not a valid regex"),
+    ]:
+        with pytest.raises(LingregionError, match=re.escape(message)):
+            Config(**kwargs)
+
+
+def test_every_field_has_a_type_that_values_are_checked_against():
+    from lingregion.config import _typed, field_types
+
+    for f in fields(Config):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        assert _typed(f.name, default, field_types()[f.name]) == default, f.name
+
+
+def test_the_results_digest_leaves_out_what_does_not_change_a_result():
+    base = Config().results_digest()
+    assert Config(batch_size=1, device="cuda", experiments=["removal"]).results_digest() == base
+    assert Config(ratios=[0.02]).results_digest() != base and Config(model="x").results_digest() != base

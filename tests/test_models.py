@@ -143,3 +143,14 @@ def test_reproduce_quick_runs_on_a_gguf_model(tiny, tokenizer, tmp_path, monkeyp
     summary = read_json(out / "results" / "removal-summary.json")
     assert summary["model"]["class"] == "Qwen2ForCausalLM"
     assert summary["model"]["revision"]["gguf_sha256"] == sha256_file(tmp_path / "tiny.gguf")
+
+
+def test_the_fingerprint_sees_every_value_of_every_parameter(tiny):
+    """Two checkpoints that differ in one entry far into one matrix (an export with a one-entry region removed)
+    have different fingerprints; equal weights have equal ones, whatever the object."""
+    a, b = tiny("gemma3"), tiny("gemma3")
+    assert models.fingerprint(a) == models.fingerprint(b)
+    with torch.no_grad():
+        b.model.layers[1].mlp.down_proj.weight.view(-1)[-1] = 0.0  # the last entry, past any sample of the first ones
+    assert models.fingerprint(a) != models.fingerprint(b)
+    assert models.fingerprint(a.to(torch.bfloat16)) != models.fingerprint(tiny("gemma3"))  # the stored bytes count

@@ -285,3 +285,42 @@ def test_top_set_and_its_jaccard_equal_select_and_split_half_jaccard(tiny):
         uncertainty.split_half_jaccard(a, b, 0.01), abs=1e-15
     )
     assert regions.top_set_jaccards(ta, ta, layout).mean() == 1.0
+
+
+BOMB = """
+import resource, sys, zlib
+import torch
+from lingregion import regions, store
+# a mask said to cover 16 entries (2 bytes) whose compressed data inflates to 1 GiB
+z, parts = zlib.compressobj(9), []
+for _ in range(1024):
+    parts.append(z.compress(bytes(1 << 20)))
+parts.append(z.flush())
+blob = b"".join(parts)
+meta = {"model": "m", "shapes": {"w": [4, 4]}, "format": regions.FORMAT}
+store.write_tensors(sys.argv[1], {"w": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}, meta)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    regions.Region.load(sys.argv[1])
+except store.LingregionError as e:
+    print(e)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)  # MiB the load added at its peak
+"""
+
+
+def test_a_region_file_cannot_inflate_past_its_declared_size(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", BOMB, str(tmp_path / "bomb.safetensors")], capture_output=True, text=True
+    )
+    error, grown = proc.stdout.splitlines()
+    assert "mask for w has the wrong size; the file is corrupt; recreate it" in error
+    assert int(grown) < 64  # 1 GiB if it were inflated whole
+    # and a malformed shapes record is refused as corrupt, not a traceback
+    store.write_tensors(
+        tmp_path / "s.safetensors", {"w": torch.zeros(2, dtype=torch.uint8)}, {"format": regions.FORMAT}
+    )
+    with pytest.raises(store.Corrupt, match="shapes record is missing or malformed"):
+        Region.load(tmp_path / "s.safetensors")

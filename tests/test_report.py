@@ -1,11 +1,15 @@
 import base64
+import json
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
-from lingregion import markup, report
+from lingregion import Config, markup, report, reproduce
+from lingregion.cli import main
 from lingregion.figures import png
+
+from conftest import tiny_config
 
 VOID = {"meta", "img", "br", "hr", "link", "input"}
 
@@ -80,3 +84,34 @@ def test_report_needs_saved_results(tmp_path):
 
     with pytest.raises(LingregionError, match="no saved results"):
         report.write(tmp_path)
+
+
+def test_results_not_made_under_the_runs_config_or_model_are_flagged(tiny_folder, tmp_path, capsys):
+    """A result of an earlier model or configuration left in the folder is marked as such, in the header and
+    in its own section, and gives no headline; the header names the run's own model."""
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny_folder, eval_langs=["ru"], ratios=[0.05], random_seeds=1, experiments=["removal"])
+    reproduce(cfg, out, progress=False)
+    clean = report.write(out)
+    assert "Not from this run" not in clean and "## Findings" in clean
+    fingerprint = json.loads((out / "run.json").read_text())["model"]["fingerprint"]
+    assert f"fingerprint `{fingerprint}`" in clean
+
+    # config.yaml now names another model (a later run into the folder, killed before its results)
+    (out / "config.yaml").write_text(
+        Config.from_dict({**Config.read(out / "config.yaml"), "model": "other/model"}).to_yaml()
+    )
+    assert main(["report", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "**Not from this run**: removal, made with another configuration than config.yaml's" in md
+    assert "**Not from this run**: this result was made with another configuration" in md
+    assert "## Findings" not in md  # no headline from a result that is not this run's
+    assert "Not from this run" in (out / "report.html").read_text()
+
+    # the same config, but the summary came from other weights
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    summary = json.loads((out / "results" / "removal-summary.json").read_text())
+    summary["model"]["fingerprint"] = "0123456789abcdef"
+    (out / "results" / "removal-summary.json").write_text(json.dumps(summary))
+    md = report.write(out)
+    assert f"removal, made with other weights ({tiny_folder}, fingerprint 0123456789abcdef)" in md

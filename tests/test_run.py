@@ -1,11 +1,18 @@
 """The run folder: one score store for every estimator (compact language files, an exact fp32 core that an
-interrupted run resumes), regions selected once per run, and evaluations cached by what they depend on."""
+interrupted run resumes), regions selected once per run, and evaluations cached by what they depend on; one run
+at a time in a folder, and what a killed run or a corrupt cache file leaves behind is cleaned up or recomputed."""
 
+import json
+import signal
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 from lingregion import Config, importance, models, scorefile
+from lingregion.cli import main
 from lingregion.regions import select
 from lingregion.run import Run
 from lingregion.store import write_tensors
@@ -98,3 +105,107 @@ def test_regions_are_selected_once_per_run_and_evaluations_cached(tiny_folder, t
     again = Run(tmp_path / "run", cfg, m, progress=False)
     again.model = None  # a cached entry needs no model: evaluating would fail
     assert again.evaluate("t.json", "base", [], ["ru"]) == first
+
+
+# --- one run at a time, and what a killed or corrupted run leaves behind ----------------------------------
+RUN_ARGS = ["--seq-len", "16", "--score-tokens", "32", "--eval-tokens", "32", "--score-langs", "ru,es"]
+RUN_ARGS += ["--eval-langs", "ru,zh", "--ratios", "0.05", "--random-seeds", "1", "--experiments", "removal"]
+
+# Imports first and waits for the test's "go", so that two runs reach the lock together.
+RACER = """
+import os, sys, time
+import lingregion.pipeline
+from lingregion.cli import main
+print("ready", flush=True)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.01)
+sys.exit(main(sys.argv[2:]))
+"""
+
+# Writes removal.json's second save halfway and hangs there, to be killed mid-write.
+STALLER = """
+import json, sys, time
+from lingregion import run, store
+from lingregion.cli import main
+saves = []
+def stall(path, obj):
+    saves.append(path)
+    if len(saves) == 2:
+        def half(tmp):
+            open(tmp, "w").write(json.dumps(obj)[:40])
+            print("writing", flush=True)
+            time.sleep(600)
+        store._atomic(path, half)
+    store.write_json(path, obj)
+run.write_json = stall
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _table(out: Path) -> dict:
+    return json.loads((out / "results" / "removal-summary.json").read_text())["table"]
+
+
+def test_two_runs_into_one_folder_one_refuses_the_other_finishes(tiny_folder, tmp_path, capsys):
+    single = tmp_path / "single"
+    assert main(["reproduce", "--model", str(tiny_folder), "--out", str(single), *RUN_ARGS]) == 0
+    out, go = tmp_path / "run", tmp_path / "go"
+    argv = ["reproduce", "--model", str(tiny_folder), "--out", str(out), *RUN_ARGS]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, str(go), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    for p in procs:
+        assert p.stdout.readline() == "ready\n"
+    go.write_text("")
+    results = [(p.wait(timeout=600), p.stderr.read(), p.pid) for p in procs]
+    (winner,) = [r for r in results if r[0] == 0]
+    (loser,) = [r for r in results if r[0] != 0]
+    errors = [line for line in loser[1].splitlines() if line.startswith("lingregion:")]
+    assert loser[0] == 2 and errors == [
+        f"lingregion: error: {out.resolve()} is in use by another lingregion run (PID {winner[2]}); "
+        "wait for it to finish, or pass another --out"
+    ]
+    assert _table(out) == _table(single)  # the finished run is an uninterrupted run's
+    capsys.readouterr()
+    assert main(argv) == 0 and _table(out) == _table(single)  # the refused command, given again, runs
+
+
+def test_a_run_killed_mid_write_resumes_to_an_uninterrupted_result(tiny_folder, tmp_path, capsys):
+    single = tmp_path / "single"
+    assert main(["reproduce", "--model", str(tiny_folder), "--out", str(single), *RUN_ARGS]) == 0
+    out = tmp_path / "run"
+    argv = ["reproduce", "--model", str(tiny_folder), "--out", str(out), *RUN_ARGS]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STALLER, *argv], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        assert "writing" in proc.stdout.readline()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    (orphan,) = (out / "results").glob(".removal.json.*.tmp")  # what the kill left
+    assert json.loads((out / "results" / "removal.json").read_text())["entries"]  # the first save, whole
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert not orphan.exists() and not list(out.rglob("*.tmp"))
+    assert _table(out) == _table(single)
+
+
+def test_a_corrupt_cached_score_is_moved_aside_and_recomputed(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["reproduce", "--model", str(tiny_folder), "--out", str(out), *RUN_ARGS]
+    assert main(argv) == 0
+    table = _table(out)
+    score = out / "scores" / "ru.safetensors"
+    score.write_bytes(score.read_bytes()[:100])
+    (out / "scores" / "core.safetensors").unlink()  # so that the ru scores are read again
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"lingregion: warning: {score}: not a readable safetensors file" in err
+    assert "moved it to ru.safetensors.corrupt and recomputing" in err
+    assert (out / "scores" / "ru.safetensors.corrupt").stat().st_size == 100 and score.stat().st_size > 100
+    assert _table(out) == table
