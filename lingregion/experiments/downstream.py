@@ -15,7 +15,7 @@ import numpy as np
 from .. import figures, interventions, markup, tasks, uncertainty
 from ..regions import Region
 from ..run import Run, digest, edits_digest
-from ..store import LingregionError, read_json, write_bytes, write_json
+from ..store import LingregionError, read_cached, read_json, write_bytes, write_json
 
 NAME = "downstream"
 
@@ -44,8 +44,7 @@ def _settings(run: Run) -> list[tuple[str, Region | None, Path | None]]:
         )
     for lang in cfg.down_langs if cfg.down_mono else []:
         path = run.out / "regions" / f"monolingual-{lang}-{cfg.mono_ratio:g}.safetensors"
-        if path.is_file():
-            region = Region.load(path)
+        if (region := read_cached(path, Region.load)) is not None:
             region.check_model(run.model, run.info["fingerprint"])
             out.append((f"mono-{lang}", region, path))
     return out
@@ -58,7 +57,7 @@ class _Cache:
 
     def __init__(self, run: Run):
         self.path = run.out / "results" / RESULTS
-        self.data = read_json(self.path) if self.path.is_file() else {}
+        self.data = read_cached(self.path, read_json) or {}
         self.data.setdefault("entries", {})
         self.data.setdefault("keys", {})
         self.base = {"fingerprint": run.info["fingerprint"], "dtype": run.cfg.dtype}

@@ -16,7 +16,7 @@ from .. import importance, interventions, slices, uncertainty
 from ..corpus import Windows, load_windows
 from ..regions import Region, select
 from ..run import Run, digest
-from ..store import read_json, write_json
+from ..store import read_cached, read_json, write_json
 from .estimator_stability import GROUPS, SPLITS, SplitHalf
 
 STABILITY = "estimators-stability.json"  # the split-half Top sets' Jaccards, kept so that a rerun needs no pass
@@ -43,8 +43,8 @@ def top_regions(
     for label in labels:
         paths = {r: _region_path(run, label, r) for r in ratios}
         if all(p.is_file() for p in paths.values()):
-            loaded = {r: Region.load(p) for r, p in paths.items()}
-            if all(reg.meta.get("made_of") == made[label] for reg in loaded.values()):
+            loaded = {r: read_cached(p, Region.load) for r, p in paths.items()}
+            if all(reg is not None and reg.meta.get("made_of") == made[label] for reg in loaded.values()):
                 out[label] = loaded
                 continue
         missing.append(label)
@@ -120,7 +120,7 @@ def regions_and_stability(
     made = {name: made_of(run, name, windows, scopes[name]) for name in cfg.est_estimators}
     split_names = [n for n in cfg.est_estimators if importance.per_language(n)]
     key, cache = stability_key(run, windows, split_names), run.out / "results" / STABILITY
-    cached = read_json(cache) if cache.is_file() else {}
+    cached = read_cached(cache, read_json) or {}
     stability = cached.get("stability") if cached.get("key") == key else None
     splitter = None if stability else SplitHalf(t, split_names, cfg.est_overlap_ratio, cfg.seed)
 
