@@ -69,6 +69,24 @@ class Region:
             dict(meta or {}),
         )
 
+    @classmethod
+    def from_ranked(
+        cls,
+        ranked: Mapping[tuple[str, int], np.ndarray],
+        shapes: Mapping[str, tuple[int, ...]],
+        ratio: float,
+        meta=None,
+    ) -> Region:
+        """The per-matrix Top `ratio` of scores whose Top entries are given ranked (flat indices by falling score,
+        ties by index, per (name, expert): uncertainty.ranked_tops): the entries select(scores, ratio) takes."""
+        masks = {}
+        for n, shape in shapes.items():
+            m = torch.zeros(shape, dtype=torch.bool)
+            for e, part in enumerate(m.reshape(-1, *shape[-2:]) if len(shape) == 3 else [m]):
+                part.view(-1)[torch.from_numpy(ranked[(n, e)][: round(ratio * part.numel())])] = True
+            masks[n] = m
+        return cls.from_masks(masks, dict(meta or {}, ratio=ratio, side="top", scope="matrix", seed=None))
+
     def mask(self, name: str) -> torch.Tensor:
         """The boolean mask of one parameter, unpacked to the parameter's shape."""
         return _unpack(self.packed[name], self.shapes[name])

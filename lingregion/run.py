@@ -31,7 +31,10 @@ from .store import (
 ESTIMATOR_RECORDS = {"taylor": "taylor: |(θ − θ_removed) ⊙ Σ_windows ∂(mean token NLL)/∂θ|, fp32 accumulation"}
 # Part of the key of every score and evaluation the run folder caches: raise it when what they compute, or how
 # they are stored, changes, so that files made by the older code are recomputed rather than reused.
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: split-half statistics on a sample of matrices, with intervals and the stable share
+# The running core sum (a full fp32 copy) is written for resuming only once the languages since the last write took
+# this long: a quick run never pays for it, and a long run killed midway loses at most this much.
+CORE_RESUME_SECONDS = 120
 
 
 def check_out(out: Path) -> None:
@@ -59,6 +62,8 @@ class Run:
         self._regions: dict[tuple, tuple[dict, Region]] = {}
         self._stability: dict[str, dict] = {}  # label → split-half statistics of a score
         self._core_halves: tuple[dict, dict] = ({}, {})  # Σ over the scored languages of each half's importance
+        # the matrices whose scores keep split halves: a seeded sample, so that halves cost a share of the memory
+        self.halved = uncertainty.matrix_sample(self.names, cfg.split_half_share, cfg.seed) if cfg.split_halves else []
 
     def windows(self, lang: str, split: str, budget: int | None = None) -> corpus.Windows:
         """A language's score or eval windows at `budget` tokens (the config's by default), loaded once per run."""
@@ -153,7 +158,7 @@ class Run:
                 progress=self.progress,
                 checkpoint=path.with_name(f".{path.stem}.partial.safetensors"),
                 every=self.cfg.scale_checkpoint_every,
-                halves=cfg.split_halves,
+                halves=self.halved or False,
             )
             if cfg.split_halves:
                 stability = self._split_half(label, w, s.a, s.b)
@@ -182,14 +187,15 @@ class Run:
         the run selects, and their Spearman correlation; the halves' Top mono_ratio sets are kept as regions
         (regions/halves/LABEL-{a,b}-top-RATIO) so that languages can be compared half against half later."""
         cfg = self.cfg
-        meta = {"model": self.info["fingerprint"]}
-        tops = {r: [select(h, r, "top", "matrix", meta=meta) for h in (a, b)] for r in {*cfg.ratios, cfg.mono_ratio}}
-        stats = {
-            "split_half_jaccard": {f"{r:g}": tops[r][0].matrix_jaccard(tops[r][1]) for r in sorted(tops)},
-            "spearman": uncertainty.spearman(a, b, seed=cfg.seed),
-            "tokens_per_half": [sum(len(ids) - 1 for ids in w.input_ids[k::2]) for k in (0, 1)],
-        }
-        for k, region in zip("ab", tops[cfg.mono_ratio]):
+        stats, ranked = uncertainty.split_half(a, b, [*cfg.ratios, cfg.mono_ratio], cfg.seed)
+        stats["tokens_per_half"] = [sum(len(ids) - 1 for ids in w.input_ids[k::2]) for k in (0, 1)]
+        for k in "ab":
+            region = Region.from_ranked(
+                ranked[k],
+                {n: tuple(t.shape) for n, t in a.items()},
+                cfg.mono_ratio,
+                {"model": self.info["fingerprint"]},
+            )
             region.save(self.out / "regions" / "halves" / f"{label}-{k}-top-{cfg.mono_ratio:g}.safetensors")
         self._stability[label] = stats
         return stats
@@ -204,12 +210,8 @@ class Run:
         scored language's halves were computed in this process."""
         out = dict(self._stability)
         a, b = self._core_halves
-        if a and all(lang in self._stability for lang in self.cfg.score_langs) and len(a) == len(self.names):
-            shares = sorted({*self.cfg.ratios, self.cfg.mono_ratio})
-            out["core"] = {
-                "split_half_jaccard": {f"{r:g}": uncertainty.split_half_jaccard(a, b, r) for r in shares},
-                "spearman": uncertainty.spearman(a, b, seed=self.cfg.seed),
-            }
+        if a and all(lang in self._stability for lang in self.cfg.score_langs) and len(a) == len(self.halved):
+            out["core"] = uncertainty.split_half(a, b, [*self.cfg.ratios, self.cfg.mono_ratio], self.cfg.seed)[0]
         return out
 
     def core_scores(self) -> dict[str, torch.Tensor]:
@@ -243,13 +245,16 @@ class Run:
             tensors, meta = loaded
             if meta.get("made_of") == made_of and meta.get("done") == langs[: len(meta.get("done") or [])]:
                 total, done = {n: tensors[n] for n in self.names}, list(meta["done"])
-        t0 = time.time()
+        t0 = saved = time.time()
         for lang in tqdm(langs[len(done) :], desc="scoring languages", disable=not self.progress):
             # fp32 values: the sum must be the fp32 one, bit for bit, whatever the language files keep
             scoring.accumulate(total, self.scores(lang, exact=True))
             done.append(lang)
-            if len(done) < len(langs):
+            # The sum so far is a full fp32 copy: written only once the languages since the last write took
+            # CORE_RESUME_SECONDS, so that a quick run never pays for it and a long one loses little when killed.
+            if len(done) < len(langs) and time.time() - saved >= CORE_RESUME_SECONDS:
                 write_tensors(partial, total, {"made_of": made_of, "done": done, "format": "lingregion-core-partial"})
+                saved = time.time()
         scorefile.save(
             path,
             total,

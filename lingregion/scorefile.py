@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .regions import select
+from .regions import tail_indices
 from .store import LingregionError, read_tensors, write_tensors
 
 FORMAT = "lingregion-scores-v2"
@@ -85,16 +85,27 @@ def save(
             f"exact share {exact_share} is outside (0, 0.5); pass the largest region share, e.g. 0.03"
         )
     record.update(exact_share=exact_share, body_bits=BODY_BITS)
-    # the library's own selection picks the tails, so ties at their edges fall exactly as a later selection's
-    top = select(scores, exact_share, "top")
-    bottom = select(scores, exact_share, "bottom")
     tensors: dict[str, torch.Tensor] = {}
     for n, x in scores.items():
-        codes, exact, levels = _encode(
-            x.detach().float().reshape(-1), top.mask(n).reshape(-1), bottom.mask(n).reshape(-1)
-        )
-        tensors[f"{n}/codes"], tensors[f"{n}/exact"], tensors[f"{n}/levels"] = codes, exact, levels
+        v = x.detach().float().cpu().reshape(-1).numpy()
+        # regions.select's own rule (ties: lower flat index first) picks the tails, so ties at their edges fall
+        # exactly as a later selection's
+        top, bottom = (_tails(v, tuple(x.shape), exact_share, largest) for largest in (True, False))
+        smallest = v[bottom].min() if bottom.size else v.min()  # the Bottom tail holds the smallest value
+        if not (smallest >= 0 and np.isfinite(v.sum(dtype=np.float64))):  # NaN or ±inf make the sum not finite
+            raise LingregionError(f"scores of {n} are negative or not finite; importance scores must be ≥ 0")
+        tensors[f"{n}/codes"], tensors[f"{n}/exact"], tensors[f"{n}/levels"] = _encode(v, top, bottom)
     write_tensors(path, tensors, record)
+
+
+def _tails(v: np.ndarray, shape: tuple[int, ...], share: float, largest: bool) -> np.ndarray:
+    """Flat indices of the Top (Bottom) `share` of each matrix of a parameter, as `regions.select` takes them:
+    round(share · entries) per matrix, each expert of an [experts, out, in] stack a matrix of its own."""
+    if len(shape) != 3:
+        return tail_indices(v, round(share * len(v)), largest)
+    size = len(v) // shape[0]
+    k = round(share * size)
+    return np.concatenate([tail_indices(v[e * size : (e + 1) * size], k, largest) + e * size for e in range(shape[0])])
 
 
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -148,32 +159,40 @@ def bytes_per_parameter(precision: str, exact_share: float = EXACT_SHARE) -> flo
 # --- the compact encoding, one matrix at a time -------------------------------------------------------------
 
 
-def _encode(x: torch.Tensor, top: torch.Tensor, bottom: torch.Tensor):
-    """(packed codes, tail values in flat order, [lo, hi, level_0 .. level_14]) of one flat fp32 matrix.
+def _encode(v: np.ndarray, top: np.ndarray, bottom: np.ndarray):
+    """(packed codes, tail values in flat order, [lo, hi, level_0 .. level_14]) of one flat fp32 matrix, its Top
+    and Bottom tails given as flat indices.
 
     lo / hi are the tails' inner values (the largest of the Bottom tail, the smallest of the Top tail);
     with an empty tail they are the body's own extreme. The body's bins are equally wide on [lo, hi] (a
     sum over languages is thrown off by absolute errors, and equal widths bound those), and each level is
-    the mean of the body values in its bin, so that sums of decoded scores are unbiased per bin."""
-    exact = top | bottom
-    body = x[~exact]
-    hi = x[top].min() if top.any() else (body.max() if len(body) else x.max())
-    lo = x[bottom].max() if bottom.any() else (body.min() if len(body) else x.min())
-    codes = torch.full((x.numel(),), _EXACT_CODE, dtype=torch.uint8)
-    levels = torch.zeros(_LEVELS, dtype=torch.float32)
-    if len(body):
+    the mean of the body values in its bin, so that sums of decoded scores are unbiased per bin. Whole-array
+    numpy passes (a code for every entry, the tails then overwritten) rather than masked copies of the body:
+    this runs after every language's gradient pass, and must cost a small part of it."""
+    codes = np.zeros(len(v), dtype=np.uint8)
+    codes[top] = _EXACT_CODE
+    codes[bottom] = _EXACT_CODE
+    exact = codes == _EXACT_CODE
+    n_body = len(v) - int(np.count_nonzero(exact))
+    hi = v[top].min() if top.size else (np.max(v[~exact]) if n_body else v.max())
+    lo = v[bottom].max() if bottom.size else (np.min(v[~exact]) if n_body else v.min())
+    levels = np.zeros(_LEVELS, dtype=np.float32)
+    if n_body:
         width = (float(hi) - float(lo)) / _LEVELS  # bins need not be exact: decoding clamps to the tails
         if width > 0:
-            b = body.sub(float(lo)).mul_(1 / width).floor_().clamp_(0, _LEVELS - 1).long()
-        else:
-            b = torch.zeros(len(body), dtype=torch.long)
-        sums = torch.zeros(_LEVELS, dtype=torch.float64).index_add_(0, b, body.double())
-        counts = torch.bincount(b, minlength=_LEVELS).double()
-        centres = float(lo) + (torch.arange(_LEVELS, dtype=torch.float64) + 0.5) * max(width, 0.0)
-        levels = torch.where(counts > 0, sums / counts.clamp(min=1), centres).float()
-        codes[~exact] = b.to(torch.uint8)
-    packed = torch.from_numpy(_pack_nibbles(codes.numpy()))
-    return packed, x[exact].clone(), torch.cat([torch.stack([lo, hi]).float(), levels])
+            # float32 arithmetic as torch's x.sub(lo).mul_(1 / width): the same codes as earlier versions wrote
+            y = np.subtract(v, np.float32(lo), dtype=np.float32)
+            np.multiply(y, np.float32(1 / width), out=y)
+            np.clip(y, 0, _LEVELS - 1, out=y)  # y ≥ 0 and < 15, so truncation below is floor
+            codes = np.where(exact, np.uint8(_EXACT_CODE), y.astype(np.uint8))
+            del y
+        counts = np.bincount(codes, minlength=_EXACT_CODE + 1)[:_LEVELS]
+        sums = np.bincount(codes, weights=v, minlength=_EXACT_CODE + 1)[:_LEVELS]  # float64, in flat order
+        centres = float(lo) + (np.arange(_LEVELS, dtype=np.float64) + 0.5) * max(width, 0.0)
+        levels = np.where(counts > 0, sums / np.maximum(counts, 1), centres).astype(np.float32)
+    packed = torch.from_numpy(_pack_nibbles(codes))
+    edges = torch.tensor([float(lo), float(hi)], dtype=torch.float32)
+    return packed, torch.from_numpy(v[exact].copy()), torch.cat([edges, torch.from_numpy(levels)])
 
 
 def _decode(packed: torch.Tensor, exact: torch.Tensor, levels: torch.Tensor, n: int) -> torch.Tensor:

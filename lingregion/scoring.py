@@ -9,14 +9,16 @@ the LM head. Each gradient is folded into its fp32 accumulator as soon as autogr
 dropped, so no full set of `.grad` buffers is ever alive. Peak memory is the weights, one fp32
 accumulator per scored parameter, the activations of one batch and one output-layer chunk.
 
-Split halves (halves=True): the gradients of the even-numbered windows and those of the odd-numbered
-ones go to two fp32 accumulators A and B (a window's parity is its index among all the language's
-windows, whichever process takes it), and the full sum is A + B. Batches are formed within a half, so a
+Split halves (halves=True, or the names of the parameters to halve): for those parameters the gradients
+of the even-numbered windows and those of the odd-numbered ones go to two fp32 accumulators A and B (a
+window's parity is its index among all the language's windows, whichever process takes it), and their
+full sum is A + B; every other parameter keeps one accumulator. Batches are formed within a half, so a
 batch never mixes the two and no pass is added (with batch_size 1, none at all; otherwise at most one
-short batch per half). A + B is the full sum bit for bit by definition; it differs from the single
-accumulator of halves=False by the rounding of another order of additions (about 1e-7 relative), and
-halves=False computes exactly what it did before halves existed. The scoring pass holds one extra fp32
-copy of the scored parameters.
+short batch per half). A + B differs from a single accumulator by the rounding of another order of
+additions (about 1e-7 relative; with two windows not at all), and halves=False computes exactly what it
+did before halves existed. The scoring pass holds one extra fp32 copy of the halved parameters (a run
+halves a sample of its matrices, see `uncertainty.matrix_sample`); at the end the halves are copied to
+host memory and A + B is formed in A's place, so the device never holds more.
 
 Under torchrun each process sums its share of the windows and the sums are all-reduced once; with a
 checkpoint path the sums are saved every few windows and a rerun resumes from them (see checkpoint.py).
@@ -27,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import sys
+from collections.abc import Collection
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -49,18 +52,18 @@ from .store import LingregionError
 
 
 @contextmanager
-def _folded_into(params: dict[str, torch.nn.Parameter], into: list[dict[str, torch.Tensor | None]]):
-    """Within the block only the parameters named in the accumulators `into[0]` require grad, and each
-    gradient autograd makes is added to its accumulator in `into[0]` and dropped at once; flags are
-    restored afterwards. The caller may put another set of accumulators (of the same names) in `into[0]`
-    between backward passes. An accumulator that is still None takes over the first (fp32) gradient
-    itself, which spares zero-filling and one addition."""
-    names = set(into[0])
+def _folded_into(params: dict[str, torch.nn.Parameter], base: dict, into: list[dict[str, torch.Tensor | None]]):
+    """Within the block only the parameters named in the accumulators `base` require grad, and each
+    gradient autograd makes is added to its accumulator and dropped at once; flags are restored afterwards.
+    The accumulator is `into[0]`'s where it names the parameter, else `base`'s: the caller may put another
+    set of accumulators (of some of the names) in `into[0]` between backward passes. An accumulator that is
+    still None takes over the first (fp32) gradient itself, which spares zero-filling and one addition."""
+    names = set(base)
 
     def fold(name):
         def hook(p):
             g, p.grad = p.grad, None
-            acc = into[0]
+            acc = into[0] if name in into[0] else base
             if acc[name] is None:
                 acc[name] = g if g.dtype == torch.float32 else g.float()
             else:
@@ -69,7 +72,7 @@ def _folded_into(params: dict[str, torch.nn.Parameter], into: list[dict[str, tor
         return hook
 
     flags = {n: p.requires_grad for n, p in params.items()}
-    hooks = [params[n].register_post_accumulate_grad_hook(fold(n)) for n in into[0]]
+    hooks = [params[n].register_post_accumulate_grad_hook(fold(n)) for n in base]
     for n, p in params.items():
         p.requires_grad_(n in names)
     try:
@@ -139,12 +142,13 @@ def gradient_sum(
     progress: bool = True,
     checkpoint: Path | None = None,
     every: int = CHECKPOINT_EVERY,
-    halves: bool = False,
-) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    halves: bool | Collection[str] = False,
+) -> dict[str, torch.Tensor] | Halves:
     """Σ over windows of ∂(mean token NLL over all windows)/∂θ for each named parameter, in fp32.
 
-    halves: return (A, B), the sums over the even- and over the odd-numbered windows, instead of the full
-    sum A + B (each still of the mean over all windows, so that they add up to the full sum).
+    halves: True (every name) or the names to halve; returns Halves(full, A, B): the full sums of every
+    name, and for the halved ones the sums over the even- and over the odd-numbered windows (each still of
+    the mean over all windows, so that A + B is the full sum), on the CPU.
     checkpoint: a file to save the running sums to every `every` windows; a rerun of the same job
     resumes from it, and it is deleted once the sums are complete."""
     params = dict(model.named_parameters())
@@ -154,6 +158,7 @@ def gradient_sum(
             f"parameters not in this model: {', '.join(missing[:3])}; were the scores made for another model?"
         )
     total = windows.n_tokens  # the mean runs over all windows, whichever process takes which
+    halved = [n for n in names if n in set(halves)] if isinstance(halves, Collection) else names if halves else []
     ckpt = state = None
     if checkpoint:
         shapes = hashlib.sha256(repr([(n, tuple(params[n].shape)) for n in names]).encode()).hexdigest()[:16]
@@ -167,13 +172,18 @@ def gradient_sum(
                 "batch_size": batch_size,
             }
             # Without halves the key stays what it was, and so do the checkpoints it accepts.
-            | ({"halves": True} if halves else {}),
+            | ({"halves": hashlib.sha256(repr(halved).encode()).hexdigest()[:16]} if halves else {}),
             every,
         )
         state = ckpt.load()
     saved = state[0] if state else {}
-    prefixes = ["a/", "b/"] if halves else [""]  # names of the sums in the checkpoint: a half's are prefixed
-    sums = [{n: saved[k + n].to(params[n].device) if k + n in saved else None for n in names} for k in prefixes]
+    # names of the sums in the checkpoint: sums[0] holds A of the halved names and the full sum of the others,
+    # sums[1] B of the halved ones
+    prefixes = ["a/", "b/"] if halves else [""]
+    sums = [
+        {n: saved[k + n].to(params[n].device) if k + n in saved else None for n in (halved if k == "b/" else names)}
+        for k in prefixes
+    ]
     start = state[1] if state else 0
     check_output_layer(model)
     device = input_device(model)
@@ -183,7 +193,7 @@ def gradient_sum(
     bar = tqdm(total=n_windows, desc=f"score {windows.lang}", unit="win", disable=not show, leave=False)
     done = 0
     into = [sums[0]]
-    with _folded_into(params, into):
+    with _folded_into(params, sums[0], into):
         for b, (half, ids) in enumerate(schedule):
             done += len(ids)
             bar.update(len(ids))
@@ -207,27 +217,43 @@ def gradient_sum(
         distributed.sum_(acc.values())
     if ckpt:
         ckpt.remove()
-    return (sums[0], sums[1]) if halves else sums[0]
+    if not halves:
+        return sums[0]
+    full, b = sums
+    a = {}
+    for n in halved:  # to the host, then A + B in A's place: the device never holds a third copy
+        a[n] = full[n].to("cpu", copy=True)
+        full[n].add_(b[n])
+        b[n] = b[n].cpu()
+    return Halves(full, a, b)
 
 
 def taylor_importance(
     model, grads: dict[str, torch.Tensor], removed: dict[str, float], inplace: bool = False
 ) -> dict[str, torch.Tensor]:
-    """|(θ − θ_removed) ⊙ g| in fp32. inplace=True overwrites `grads` with the result, so that no
-    second full-size fp32 copy is ever alive."""
+    """|(θ − θ_removed) ⊙ g| in fp32, on g's device. inplace=True overwrites `grads` with the result, so that
+    no second full-size fp32 copy is ever alive."""
     params = dict(model.named_parameters())
     out = grads if inplace else {n: g.clone() for n, g in grads.items()}
     for n, g in out.items():
-        theta = params[n].detach()
+        theta = params[n].detach().to(g.device)
         g.mul_(theta.float() - removed[n] if removed[n] else theta).abs_()  # θ − 0 is θ: skip that pass
     return out
 
 
+class Halves(NamedTuple):
+    """Gradient sums of a pass with split halves (see gradient_sum)."""
+
+    full: dict[str, torch.Tensor]  # A + B for the halved names, the single sum for the others
+    a: dict[str, torch.Tensor]  # the even-numbered windows' sums of the halved names (CPU)
+    b: dict[str, torch.Tensor]  # the odd-numbered windows'
+
+
 class Split(NamedTuple):
-    """Importance from all of a language's windows and from each half of them (see gradient_sum)."""
+    """Importance from all of a language's windows and, for the halved parameters, from each half of them."""
 
     full: dict[str, torch.Tensor]  # |(θ − θ_removed) ⊙ (A + B)|, the scores a run stores
-    a: dict[str, torch.Tensor]  # |(θ − θ_removed) ⊙ A|: the even-numbered windows
+    a: dict[str, torch.Tensor]  # |(θ − θ_removed) ⊙ A|: the even-numbered windows (halved names, on the CPU)
     b: dict[str, torch.Tensor]  # |(θ − θ_removed) ⊙ B|: the odd-numbered windows
 
 
@@ -240,18 +266,18 @@ def score(
     progress: bool = True,
     checkpoint: Path | None = None,
     every: int = CHECKPOINT_EVERY,
-    halves: bool = False,
+    halves: bool | Collection[str] = False,
 ) -> dict[str, torch.Tensor] | Split:
     """The paper's importance I = |(θ − θ_removed) ⊙ g| of every scored parameter over one language's windows.
 
-    halves: a Split of the full importance and each half's (gradient_sum's A and B). The scoring pass
-    holds one extra fp32 copy of the scored parameters; the result holds three copies in all."""
+    halves: True (every name) or the names to halve: a Split of the full importance and each half's
+    (gradient_sum's A and B, on the CPU). The scoring pass holds one extra fp32 copy of the halved parameters."""
     if not halves:
         grads = gradient_sum(model, windows, names, batch_size, progress, checkpoint, every)
         return taylor_importance(model, grads, removed, inplace=True)
-    a, b = gradient_sum(model, windows, names, batch_size, progress, checkpoint, every, halves=True)
-    full = taylor_importance(model, {n: a[n] + b[n] for n in names}, removed, inplace=True)
-    return Split(full, *(taylor_importance(model, half, removed, inplace=True) for half in (a, b)))
+    sums = gradient_sum(model, windows, names, batch_size, progress, checkpoint, every, halves=halves)
+    full = taylor_importance(model, sums.full, removed, inplace=True)
+    return Split(full, *(taylor_importance(model, half, removed, inplace=True) for half in (sums.a, sums.b)))
 
 
 def accumulate(total: dict[str, torch.Tensor], scores: dict[str, torch.Tensor]) -> None:

@@ -12,13 +12,14 @@ Region stability compares the regions of the two halves of a language's scoring 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 from scipy import stats
 
-from .regions import select
+from .regions import tail_indices
 from .store import LingregionError
 
 RESAMPLES = 2000
@@ -118,13 +119,100 @@ def verdict(interval: tuple[float, float], threshold: float, direction: str) -> 
     raise LingregionError(f"unknown direction {direction!r}; use 'above' or 'below'")
 
 
+STABLE_SHARES = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # the grid `stable_share` searches
+STABLE_JACCARD = 0.9
+
+
+def matrix_sample(names: list[str], share: float, seed: int = 0) -> list[str]:
+    """The scored parameters that keep split halves: from each kind of parameter (the same name but for the
+    layer number, e.g. every layer's mlp.up_proj.weight) a seeded sample of round(share · count), at least
+    one, in parameter order. Every role and a spread of depths is represented, and the halves cost `share`
+    of the accumulator memory instead of all of it."""
+    if not 0 < share <= 1:
+        raise LingregionError(f"split-half share {share} is outside (0, 1]; pass e.g. 0.125")
+    kinds: dict[str, list[str]] = {}
+    for n in names:
+        kinds.setdefault(re.sub(r"\.\d+\.", ".#.", n), []).append(n)
+    rng, keep = np.random.default_rng(seed), set()
+    for members in kinds.values():
+        k = max(1, round(share * len(members)))
+        keep.update(members[i] for i in rng.choice(len(members), k, replace=False))
+    return [n for n in names if n in keep]
+
+
+def ranked_tops(scores: Mapping[str, torch.Tensor], share: float) -> dict[tuple[str, int], np.ndarray]:
+    """Per matrix (each expert of an [experts, out, in] stack its own, keyed (name, expert)), the flat indices
+    of its Top `share` ranked by score, ties by lowest index: the first round(r · n) of them are exactly the
+    entries `select(scores, r, "top")` takes, for every r ≤ share. One selection serves every smaller share."""
+    out = {}
+    for name, x in scores.items():
+        x = x.detach().float().cpu()
+        for e, m in enumerate(x.reshape(-1, *x.shape[-2:]) if x.dim() == 3 else [x]):
+            v = m.reshape(-1).numpy()
+            idx = tail_indices(v, round(share * len(v)))
+            out[(name, e)] = idx[np.lexsort((idx, -v[idx]))]
+    return out
+
+
+def _sizes(scores: Mapping[str, torch.Tensor]) -> dict[tuple[str, int], int]:
+    return {
+        (n, e): x.shape[-2:].numel() if x.dim() == 3 else x.numel()
+        for n, x in scores.items()
+        for e in range(x.shape[0] if x.dim() == 3 else 1)
+    }
+
+
+def top_jaccards(ranked_a: dict, ranked_b: dict, sizes: dict[tuple[str, int], int], ratio: float) -> np.ndarray:
+    """Jaccard of two per-matrix Top `ratio` sets (from `ranked_tops` of a share ≥ ratio), one value per matrix
+    whose Top set is not empty (round(ratio · entries) > 0: an empty one would count as a perfect overlap)."""
+    out = []
+    for key, n in sizes.items():
+        k = round(ratio * n)
+        if k:
+            inter = len(np.intersect1d(ranked_a[key][:k], ranked_b[key][:k], assume_unique=True))
+            out.append(inter / (2 * k - inter))
+    return np.asarray(out, dtype=np.float64)
+
+
+def mean_interval(values: np.ndarray, seed: int = 0, n: int = RESAMPLES, level: float = LEVEL) -> dict:
+    """{"value": the mean, "ci95": its percentile bootstrap interval over the values (here: matrices)}."""
+    if not len(values):
+        return {"value": math.nan, "ci95": None}
+    means = values[np.random.default_rng(seed).integers(0, len(values), (n, len(values)))].mean(1)
+    return {"value": float(values.mean()), "ci95": list(_interval(means, level))}
+
+
+def split_half(
+    half_a: Mapping[str, torch.Tensor], half_b: Mapping[str, torch.Tensor], ratios: list[float], seed: int = 0
+) -> tuple[dict, dict]:
+    """Split-half stability of a score from its two halves' importance: per ratio the mean over matrices of the
+    Jaccard of the halves' per-matrix Top sets, with a bootstrap interval over matrices; the same over the
+    grid of STABLE_SHARES, and the **stable share**: the largest share of the grid whose Jaccard interval lies
+    wholly at or above STABLE_JACCARD (None: none does). Returns (statistics, ranked Top sets of each half)."""
+    shares = sorted({*ratios, *STABLE_SHARES})
+    ranked = [ranked_tops(h, max(shares)) for h in (half_a, half_b)]
+    sizes = _sizes(half_a)
+    at = {r: mean_interval(top_jaccards(*ranked, sizes, r), seed) for r in shares}
+    stable = [r for r in STABLE_SHARES if at[r]["ci95"] and at[r]["ci95"][0] >= STABLE_JACCARD]
+    stats_ = {
+        "split_half_jaccard": {f"{r:g}": at[r]["value"] for r in sorted(ratios)},
+        "split_half_jaccard_ci95": {f"{r:g}": at[r]["ci95"] for r in sorted(ratios)},
+        "jaccard_by_share": {f"{r:g}": at[r] for r in STABLE_SHARES},
+        "stable_core_share": max(stable, default=None),
+        "matrices": len(sizes),
+        "spearman": spearman(half_a, half_b, seed=seed),
+    }
+    return stats_, {"a": ranked[0], "b": ranked[1]}
+
+
 def split_half_jaccard(half_a: Mapping[str, torch.Tensor], half_b: Mapping[str, torch.Tensor], ratio: float) -> float:
     """Mean over matrices of the Jaccard overlap of the two halves' per-matrix Top `ratio` sets.
 
     Matrices whose Top set is empty (round(ratio · entries) = 0) are left out: they would count as a
     perfect overlap of nothing."""
-    a, b = (select(h, ratio, "top", "matrix") for h in (half_a, half_b))
-    return a.matrix_jaccard(b)
+    ranked = [ranked_tops(h, ratio) for h in (half_a, half_b)]
+    values = top_jaccards(*ranked, _sizes(half_a), ratio)
+    return float(values.mean()) if len(values) else math.nan
 
 
 def spearman(
@@ -152,14 +240,19 @@ def spearman(
     return float(np.mean(rhos)) if rhos else math.nan
 
 
-def fit_budget(tokens: list[int], jaccards: list[float], target: float = 0.9) -> dict:
+FAR = 10  # no budget is ever stated beyond this many times the largest one measured
+
+
+def fit_budget(tokens: list[int], jaccards: list[float], target: float = 0.9, far: float = FAR) -> dict:
     """The scoring budget at which a region would overlap an independent sample's with Jaccard `target`.
 
     tokens[i]: the tokens of EACH of the two compared samples (for split halves, half the scoring budget
     used), jaccards[i] their overlap. A split-half Jaccard at n tokens per half is the overlap of two
     independent samples of n tokens, so the answer, n*, is the budget a run needs for its region to agree
     with that of another run on other text of the same size. Model: logit(J) = a + b · ln(tokens),
-    least squares over the points with 0 < J < 1; n* = exp((logit(target) − a) / b).
+    least squares over the points with 0 < J < 1; n* = exp((logit(target) − a) / b). The model is only a
+    local description (measured curves also accelerate), so n* is given only within `far` times the
+    largest budget measured.
 
     Returns {"tokens": n* or None, "reason": why None (else None), "model", "intercept": a, "slope": b,
     "extrapolation": n* / largest tokens given}."""
@@ -176,7 +269,54 @@ def fit_budget(tokens: list[int], jaccards: list[float], target: float = 0.9) ->
     if slope <= 0:
         return dict(out, reason="the split-half Jaccard does not grow with tokens at these budgets")
     needed = math.exp((math.log(target / (1 - target)) - intercept) / slope)
-    return dict(out, tokens=needed, extrapolation=needed / t[ok].max())
+    extrapolation = needed / t[ok].max()
+    if extrapolation > far:
+        return dict(out, extrapolation=extrapolation, reason=f"not reached within {far:g}× the largest budget measured")
+    return dict(out, tokens=needed, extrapolation=extrapolation)
+
+
+def _slopes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least-squares slope of each row of y against x."""
+    dx = x - x.mean()
+    return (y - y.mean(-1, keepdims=True)) @ dx / (dx @ dx)
+
+
+def doubling_gain(
+    tokens: list[int], jaccards: list[float], replicates: np.ndarray, target: float = 0.9, far: float = FAR
+) -> dict:
+    """How much the split-half Jaccard gains per doubling of the budget, and what that says about `target`.
+
+    tokens[i] (growing) and jaccards[i]: the measured curve; replicates: an array (resamples × budgets) of the
+    same curve from bootstrap resamples of the windows. The gain is the least-squares slope of J against
+    log2(tokens), with the replicates' percentile interval. The doublings still needed are (target − J_last) /
+    gain, with the interval the gain's interval gives (None: unbounded); a budget is stated only when it lies
+    within `far` times the largest measured one, otherwise "reason" says so in words."""
+    x = np.log2(np.asarray(tokens, dtype=np.float64))
+    j = np.asarray(jaccards, dtype=np.float64)
+    if len(x) < 2:
+        return {"per_doubling": None, "ci95": None, "tokens": None, "reason": "needs two or more budgets"}
+    gain = float(_slopes(x, j[None])[0])
+    lo, hi = _interval(_slopes(x, np.asarray(replicates, dtype=np.float64)), LEVEL)
+    gap = target - float(j[-1])
+    out = {"per_doubling": gain, "ci95": [lo, hi], "resamples": len(replicates), "unit": "window", "target": target}
+    if gap <= 0:
+        return dict(out, doublings=0.0, doublings_ci95=[0.0, 0.0], tokens=float(tokens[-1]), reason=None)
+
+    def doublings(g):
+        return gap / g if g > 0 else None
+
+    n = doublings(gain)
+    out.update(doublings=n, doublings_ci95=[doublings(hi), doublings(lo)])
+    if n is not None and n <= math.log2(far):
+        return dict(out, tokens=float(tokens[-1]) * 2**n, reason=None)
+    about = (
+        f"at the measured slope, about {n:.1f} doublings "
+        + (f"[{gap / hi:.1f}, " if hi > 0 else "[unbounded, ")
+        + (f"{gap / lo:.1f}]" if lo > 0 else "unbounded]")
+        if n is not None
+        else "the Jaccard does not grow with the budget at these budgets"
+    )
+    return dict(out, tokens=None, reason=f"not reached within {far:g}× the measured budget; {about}")
 
 
 # --- intervals and verdicts of saved results, shared by the experiments whose findings are perplexity ratios ---

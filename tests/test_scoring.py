@@ -119,7 +119,7 @@ def test_half_sums_add_up_to_the_full_sum_and_are_the_even_and_odd_windows(tiny,
     assert len(w.input_ids) >= 6  # batches of 2 would mix the halves if they could
     names = models.scored_names(model)
     removed = models.removed_values(model, names)
-    a, b = scoring.gradient_sum(model, w, names, batch_size=2, progress=False, halves=True)
+    _, a, b = scoring.gradient_sum(model, w, names, batch_size=2, progress=False, halves=True)
     split = scoring.score(model, w, names, removed, batch_size=2, progress=False, halves=True)
     full = scoring.taylor_importance(model, {n: a[n] + b[n] for n in names}, removed)
     alone = scoring.score(model, w, names, removed, batch_size=2, progress=False)
@@ -134,6 +134,39 @@ def test_half_sums_add_up_to_the_full_sum_and_are_the_even_and_odd_windows(tiny,
         want = scoring.gradient_sum(model, part, names, batch_size=2, progress=False)
         for n in names:
             torch.testing.assert_close(half[n], want[n] * (part.n_tokens / w.n_tokens), rtol=1e-4, atol=1e-7)
+
+
+def test_halving_a_sample_of_matrices_keeps_their_halves_and_one_sum_for_the_rest(tiny, tokenizer):
+    """halves=names: those names get the halves that halves=True gives them, bit for bit (on the CPU), the
+    others one accumulator; every full sum is the sum over all windows."""
+    model = tiny("llama")
+    w = windows(tokenizer, seq_len=8)
+    names = models.scored_names(model)
+    halved = names[1::3]
+    every = scoring.gradient_sum(model, w, names, progress=False, halves=True)
+    some = scoring.gradient_sum(model, w, names, progress=False, halves=halved)
+    plain = scoring.gradient_sum(model, w, names, progress=False)
+    assert list(some.a) == list(some.b) == halved and list(some.full) == names
+    for n in halved:
+        assert torch.equal(some.a[n], every.a[n]) and torch.equal(some.b[n], every.b[n])
+        assert torch.equal(some.full[n], every.full[n])
+        assert torch.equal(some.full[n], (some.a[n] + some.b[n]).to(some.full[n].device))
+    for n in names:
+        torch.testing.assert_close(some.full[n], plain[n], rtol=1e-5, atol=1e-7)  # rounding apart
+
+
+def test_with_two_windows_halved_scores_are_the_plain_scores_bit_for_bit(tiny, tokenizer):
+    """One window per half: A + B adds the same two gradients in the same order as one accumulator."""
+    import dataclasses
+
+    model = tiny("gemma3")
+    w = windows(tokenizer, seq_len=8)
+    w = dataclasses.replace(w, input_ids=w.input_ids[:2])
+    names = models.scored_names(model)
+    removed = models.removed_values(model, names)
+    split = scoring.score(model, w, names, removed, progress=False, halves=names[::2])
+    plain = scoring.score(model, w, names, removed, progress=False)
+    assert all(torch.equal(split.full[n], plain[n]) for n in names)
 
 
 class _Killed(Exception):
@@ -179,7 +212,9 @@ def test_halves_follow_the_global_window_number_across_processes(tiny, tokenizer
     sent = {}
     for rank in (1, 2):
         monkeypatch.setattr(distributed, "world", lambda rank=rank: (rank, 3))
-        monkeypatch.setattr(distributed, "sum_", lambda ts, rank=rank: sent.setdefault(rank, []).append(list(ts)))
+        monkeypatch.setattr(
+            distributed, "sum_", lambda ts, rank=rank: sent.setdefault(rank, []).append([t.clone() for t in ts])
+        )
         scoring.gradient_sum(model, w, names, progress=False, halves=True)
     calls = iter(range(2))
 

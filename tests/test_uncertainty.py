@@ -137,11 +137,15 @@ def test_budget_fit_recovers_a_synthetic_curve():
     rng = np.random.default_rng(0)
     jaccard = [1 / (1 + math.exp(-(intercept + slope * math.log(t)))) for t in tokens]
     want = math.exp((math.log(9) - intercept) / slope)
-    exact = uncertainty.fit_budget(tokens, jaccard)
+    exact = uncertainty.fit_budget(tokens, jaccard, far=100)
     assert exact["slope"] == pytest.approx(slope) and exact["tokens"] == pytest.approx(want)
     assert exact["extrapolation"] == pytest.approx(want / 2048)
-    noisy = uncertainty.fit_budget(tokens, [j * (1 + rng.normal(0, 0.01)) for j in jaccard])
+    noisy = uncertainty.fit_budget(tokens, [j * (1 + rng.normal(0, 0.01)) for j in jaccard], far=100)
     assert noisy["tokens"] == pytest.approx(want, rel=0.3)
+    # 13.8× the largest budget measured: beyond the default 10×, no budget is stated
+    capped = uncertainty.fit_budget(tokens, jaccard)
+    assert capped["tokens"] is None and "within 10×" in capped["reason"]
+    assert capped["extrapolation"] == pytest.approx(want / 2048)
     flat = uncertainty.fit_budget(tokens, jaccard[::-1])
     assert flat["tokens"] is None and "does not grow" in flat["reason"]
     assert uncertainty.fit_budget([512], [0.3])["tokens"] is None
@@ -242,3 +246,98 @@ def test_two_processes_fill_their_own_blocks(loaded, monkeypatch):
     starts = evaluation.block_layout(w, 8)[0] + [len(want["blocks"]["tokens"])]
     odd = [i for k in range(1, len(w.input_ids), 2) for i in range(starts[k], starts[k + 1])]
     assert parts[0][0].nonzero().squeeze(1).tolist() == odd
+
+
+# --- the gain per doubling, on synthetic curves --------------------------------------------------------------
+TOKENS = [1536, 3072, 6144, 12288]
+
+
+def _replicates(curve, noise=0.01, n=200):
+    return np.asarray(curve) + np.random.default_rng(1).normal(0, noise, (n, len(curve)))
+
+
+def test_doubling_gain_of_an_accelerating_curve_states_no_budget_beyond_ten_times():
+    # the measured ru curve: faster with each doubling; a logit fit would extrapolate 1e9 tokens
+    curve = [0.221, 0.251, 0.281, 0.328]
+    g = uncertainty.doubling_gain(TOKENS, curve, _replicates(curve))
+    x = np.log2(TOKENS)
+    assert g["per_doubling"] == pytest.approx(np.polyfit(x, curve, 1)[0], abs=1e-12)
+    lo, hi = g["ci95"]
+    assert lo < g["per_doubling"] < hi
+    need = (0.9 - 0.328) / g["per_doubling"]  # about 16 doublings: far beyond log2(10) ≈ 3.3
+    assert g["doublings"] == pytest.approx(need) and g["tokens"] is None
+    assert g["reason"].startswith("not reached within 10× the measured budget; at the measured slope, about 16.")
+    assert g["doublings_ci95"] == [pytest.approx((0.9 - 0.328) / hi), pytest.approx((0.9 - 0.328) / lo)]
+
+
+def test_doubling_gain_of_a_saturating_curve_states_the_budget_within_reach():
+    curve = [0.70, 0.80, 0.85, 0.875]  # halving gains; 0.9 one doubling or so away at the fitted slope
+    g = uncertainty.doubling_gain(TOKENS, curve, _replicates(curve, 0.002))
+    slope = np.polyfit(np.log2(TOKENS), curve, 1)[0]
+    assert g["per_doubling"] == pytest.approx(slope)
+    assert g["tokens"] == pytest.approx(12288 * 2 ** ((0.9 - 0.875) / slope)) and g["reason"] is None
+    reached = uncertainty.doubling_gain(TOKENS, [0.7, 0.8, 0.9, 0.95], _replicates([0.7, 0.8, 0.9, 0.95]))
+    assert reached["doublings"] == 0.0 and reached["tokens"] == 12288.0
+    flat = uncertainty.doubling_gain(TOKENS, [0.3, 0.3, 0.29, 0.28], _replicates([0.3, 0.3, 0.29, 0.28]))
+    assert flat["tokens"] is None and "does not grow" in flat["reason"]
+    # an interval that reaches zero gain leaves the number of doublings unbounded above
+    noisy = uncertainty.doubling_gain(TOKENS, [0.3, 0.31, 0.31, 0.32], _replicates([0.3, 0.31, 0.31, 0.32], 0.05))
+    assert noisy["ci95"][0] < 0 and noisy["doublings_ci95"][1] is None and "unbounded]" in noisy["reason"]
+
+
+def test_matrix_sample_takes_each_kind_of_matrix_seeded():
+    names = [f"model.layers.{i}.{m}" for i in range(16) for m in ("mlp.up_proj.weight", "input_layernorm.weight")]
+    names += ["model.layers.0.extra.weight"]
+    picked = uncertainty.matrix_sample(names, 0.125, seed=3)
+    assert picked == uncertainty.matrix_sample(names, 0.125, seed=3)
+    assert picked != uncertainty.matrix_sample(names, 0.125, seed=4)
+    assert sum("up_proj" in n for n in picked) == 2 and sum("layernorm" in n for n in picked) == 2
+    assert "model.layers.0.extra.weight" in picked  # a kind with one member keeps it
+    assert picked == [n for n in names if n in picked]  # parameter order
+    assert uncertainty.matrix_sample(names, 1.0) == names
+    with pytest.raises(LingregionError, match="outside"):
+        uncertainty.matrix_sample(names, 0)
+
+
+def test_ranked_tops_give_every_smaller_top_set_and_its_region():
+    from lingregion.regions import Region, select
+
+    g = torch.Generator().manual_seed(0)
+    scores = {
+        "w": torch.rand(40, 50, generator=g),
+        "ties": torch.randint(0, 4, (30, 30), generator=g).float(),
+        "stack": torch.rand(3, 20, 10, generator=g),
+    }
+    ranked = uncertainty.ranked_tops(scores, 0.2)
+    for r in (0.01, 0.05, 0.2):
+        want = select(scores, r, "top")
+        got = Region.from_ranked(ranked, {n: tuple(t.shape) for n, t in scores.items()}, r, {"x": 1})
+        assert all(torch.equal(got.mask(n), want.mask(n)) for n in scores)
+        assert got.meta == dict(want.meta, x=1)
+
+
+def test_split_half_stable_share_is_the_largest_share_whose_interval_clears_the_bar():
+    g = torch.Generator().manual_seed(0)
+    base = {f"m{i}": torch.rand(100, 1000, generator=g) for i in range(6)}
+    # the other half agrees on the largest 0.1% of each matrix and nowhere else
+    other = {}
+    for n, x in base.items():
+        y = torch.rand(x.shape, generator=g) * x.max()
+        top = x.reshape(-1).topk(100).indices
+        y.view(-1)[top] = x.reshape(-1)[top] + 2
+        other[n] = y
+    stats, _ = uncertainty.split_half(base, other, [0.01], seed=0)
+    at = stats["jaccard_by_share"]
+    assert [at[f"{r:g}"]["value"] for r in (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)] == [1.0] * 5
+    assert at["0.001"]["ci95"] == [1.0, 1.0] and at["0.003"]["ci95"][1] < 0.5
+    assert stats["stable_core_share"] == 1e-3 and stats["matrices"] == 6
+    # the 1% Jaccard, directly: 100 shared entries and 900 chosen at random among the rest on each side
+    direct = []
+    for n in base:
+        a, b = (set(h[n].reshape(-1).topk(1000).indices.tolist()) for h in (base, other))
+        direct.append(len(a & b) / len(a | b))
+    assert stats["split_half_jaccard"]["0.01"] == pytest.approx(np.mean(direct), abs=1e-12)
+    lo, hi = stats["split_half_jaccard_ci95"]["0.01"]
+    assert lo <= np.mean(direct) <= hi
+    unstable, _ = uncertainty.split_half(base, {n: torch.rand(x.shape, generator=g) for n, x in base.items()}, [0.01])
+    assert unstable["stable_core_share"] is None

@@ -15,6 +15,9 @@ import copy
 import dataclasses
 import math
 
+import numpy as np
+from tqdm.auto import tqdm
+
 from .. import figures, markup, models, scoring, uncertainty
 from ..corpus import Windows
 from ..run import Run
@@ -23,7 +26,7 @@ from ..store import LingregionError, write_bytes
 NAME = "stability"
 FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1)
 TARGET = 0.9
-FAR = 100  # a fitted budget this many times beyond the largest measured one is only a sign of scale
+RESAMPLES = 64  # bootstrap resamples of the windows for the gain per doubling (each redoes every budget's halves)
 
 
 def validate(cfg) -> None:
@@ -51,22 +54,36 @@ def budgets(n_windows: int) -> list[int]:
     )
 
 
-def _halves_at(run: Run, w: Windows, sizes: list[int]) -> tuple[dict[int, tuple[dict, dict]], dict]:
-    """The two halves' importance at each budget, and the full importance at the largest, from one pass over
-    the windows in chunks."""
-    out, acc, start = {}, None, 0
-    for end in sizes:
-        a, b = scoring.gradient_sum(run.model, _slice(w, start, end), run.names, progress=run.progress, halves=True)
-        tokens = sum(len(ids) - 1 for ids in w.input_ids[start:end])
-        # each chunk's sums are means over its own tokens: back to plain sums so that chunks add up
-        for half in (a, b):
-            for t in half.values():
-                t.mul_(tokens)
-        acc = (a, b) if acc is None else tuple({n: x[n] + y[n] for n in x} for x, y in zip(acc, (a, b)))
-        out[end] = tuple(scoring.taylor_importance(run.model, h, run.removed) for h in acc)
-        start = end
-    full = scoring.taylor_importance(run.model, {n: acc[0][n] + acc[1][n] for n in acc[0]}, run.removed, inplace=True)
-    return out, full
+def _pass(run: Run, w: Windows, windows: int, halved: list[str]) -> tuple[list[dict], dict]:
+    """One pass over the first `windows` windows, two at a time: each window's gradient sum (a plain sum over
+    its tokens) of the halved matrices, on the CPU, and the full importance of every scored matrix."""
+    per_window, full = [], None
+    for start in tqdm(range(0, windows, 2), desc=f"stability {w.lang}", disable=not run.progress, leave=False):
+        pair = _slice(w, start, start + 2)
+        sums = scoring.gradient_sum(run.model, pair, run.names, progress=False, halves=halved)
+        for t in (*sums.full.values(), *sums.a.values(), *sums.b.values()):
+            t.mul_(pair.n_tokens)  # each call's sums are means over its own tokens: back to plain sums
+        per_window += [sums.a, sums.b]
+        full = sums.full if full is None else {n: full[n].add_(sums.full[n]) for n in full}
+    return per_window, scoring.taylor_importance(run.model, full, run.removed, inplace=True)
+
+
+def _halves(run: Run, per_window: list[dict], order) -> tuple[dict, dict]:
+    """The two halves' importance over the windows `order` (positions alternate between the halves)."""
+    a, b = ({n: sum(per_window[i][n] for i in order[parity::2]) for n in per_window[0]} for parity in (0, 1))
+    return (scoring.taylor_importance(run.model, h, run.removed, inplace=True) for h in (a, b))
+
+
+def _resampled(run: Run, per_window: list[dict], sizes: list[int], ratio: float, seed: int) -> np.ndarray:
+    """The split-half Jaccard curve (Top `ratio`) at every budget, for RESAMPLES bootstrap resamples of the
+    windows: each resample draws the windows with replacement, and every budget takes a prefix of the draw."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((RESAMPLES, len(sizes)))
+    for r in range(RESAMPLES):
+        draw = rng.integers(0, sizes[-1], sizes[-1])
+        for i, size in enumerate(sizes):
+            out[r, i] = uncertainty.split_half_jaccard(*_halves(run, per_window, draw[:size]), ratio)
+    return out
 
 
 def _other_precision(run: Run, w: Windows) -> tuple[str, dict]:
@@ -84,27 +101,31 @@ def measure(run: Run) -> dict:
     the precision comparison, and the split-half stability of every language the run scored."""
     cfg = run.cfg
     per_lang = {}
+    halved = uncertainty.matrix_sample(run.names, cfg.split_half_share, cfg.seed)
     for lang in cfg.stability_langs:
         w = run.windows(lang, "score", cfg.stability_tokens)
         sizes = budgets(len(w.input_ids))
-        halves, full = _halves_at(run, w, sizes)
+        per_window, full = _pass(run, w, sizes[-1], halved)
         points = []
         for size in sizes:
-            a, b = halves[size]
+            stats, _ = uncertainty.split_half(*_halves(run, per_window, range(size)), cfg.ratios, cfg.seed)
             points.append(
-                {
-                    "windows": size,
-                    "tokens_per_half": sum(len(ids) for ids in w.input_ids[:size]) // 2,
-                    "split_half_jaccard": {f"{r:g}": uncertainty.split_half_jaccard(a, b, r) for r in cfg.ratios},
-                    "spearman": uncertainty.spearman(a, b, seed=cfg.seed),
-                }
+                {"windows": size, "tokens_per_half": sum(len(ids) for ids in w.input_ids[:size]) // 2, **stats}
             )
-        fit = uncertainty.fit_budget(
+        curve = (
             [p["tokens_per_half"] for p in points],
             [p["split_half_jaccard"][f"{min(cfg.ratios):g}"] for p in points],
-            TARGET,
         )
-        entry = {"points": points, "fit": fit, f"tokens_for_jaccard_{TARGET}": fit["tokens"]}
+        fit = uncertainty.fit_budget(*curve, TARGET)
+        gain = uncertainty.doubling_gain(*curve, _resampled(run, per_window, sizes, min(cfg.ratios), cfg.seed), TARGET)
+        del per_window
+        entry = {
+            "points": points,
+            "fit": fit,
+            "gain": gain,
+            "stable_core_share": points[-1]["stable_core_share"],
+            f"tokens_for_jaccard_{TARGET}": gain["tokens"],
+        }
         if cfg.stability_other_dtype and lang == cfg.stability_langs[0]:
             slowdown = models.bfloat16_slowdown(cfg.device) if cfg.dtype == "float32" else 1.0
             if slowdown > models.EMULATED_BF16:  # an emulated bf16 pass would take longer than the rest of the run
@@ -127,7 +148,13 @@ def measure(run: Run) -> dict:
         "score_tokens": cfg.score_tokens,
         "per_language": per_lang,
         "split_half_jaccard": {lang: e["points"][-1]["split_half_jaccard"] for lang, e in per_lang.items()},
-        f"tokens_for_jaccard_{TARGET}": {lang: e["fit"]["tokens"] for lang, e in per_lang.items()},
+        f"tokens_for_jaccard_{TARGET}": {lang: e["gain"]["tokens"] for lang, e in per_lang.items()},
+        "gain_per_doubling": {lang: e["gain"]["per_doubling"] for lang, e in per_lang.items()},
+        "gain_per_doubling_ci95": {lang: e["gain"]["ci95"] for lang, e in per_lang.items()},
+        "stable_core_share": {lang: e["stable_core_share"] for lang, e in per_lang.items()},
+        "halved_matrices": len(halved),
+        "halved_share": sum(run.model.get_parameter(n).numel() for n in halved)
+        / sum(run.model.get_parameter(n).numel() for n in run.names),
         "scored": run.stability_of_scores(),
         "figures": ["figures/stability.png"],
     }
@@ -157,26 +184,30 @@ def chart(result: dict) -> bytes:
     return figures.png(fig)
 
 
-def _need(fit: dict, target: float) -> str:
-    x = fit["tokens"]
-    if x is None:
-        return f"the fit cannot tell what a Jaccard of {target} needs ({fit['reason']})"
-    far = fit["extrapolation"] > FAR
-    return f"a Jaccard of {target} needs " + (
-        f"{x:.1e} tokens per sample by the logit fit, {fit['extrapolation']:.0e}× the largest budget measured: "
-        "far out of reach"
-        if far
-        else f"about {x:,.0f} tokens per sample (logit fit)"
-    )
+def _need(gain: dict, target: float) -> str:
+    """What the gain per doubling says about reaching `target`, in words."""
+    if gain.get("per_doubling") is None:
+        return f"the budget a Jaccard of {target} needs cannot be told ({gain['reason']})"
+    lo, hi = gain["ci95"]
+    slope = f"the Jaccard gains {gain['per_doubling']:+.3f} [{lo:+.3f}, {hi:+.3f}] per doubling of the budget"
+    if gain["tokens"] is None:
+        return f"{slope}; a Jaccard of {target} is {gain['reason']}"
+    return f"{slope}; a Jaccard of {target} needs about {gain['tokens']:,.0f} tokens per sample"
+
+
+def _stable(share: float | None) -> str:
+    grid = uncertainty.STABLE_SHARES
+    return f"{share:g}" if share else f"none of {grid[0]:g} … {grid[-1]:g}"
 
 
 def findings(result: dict) -> list[str]:
-    """The budget each language's region needs, beside the budget used, and precision against sampling."""
+    """The budget each language's region needs, beside the budget used; the stable core share; precision
+    against sampling."""
     out, target = [], result["target"]
     for lang, e in result["per_language"].items():
         last = e["points"][-1]
         r = f"{min(result['ratios']):g}"
-        need = e["fit"]["tokens"]
+        need = e["gain"]["tokens"]
         verdict = (
             "inconclusive at this budget"
             if need is None or need > result["score_tokens"]
@@ -185,7 +216,9 @@ def findings(result: dict) -> list[str]:
         out.append(
             f"{lang}: the Top {r} region of two disjoint samples of {last['tokens_per_half']:,} tokens overlaps "
             f"with Jaccard {last['split_half_jaccard'][r]:.2f} (Spearman {last['spearman']:.2f}); "
-            f"{_need(e['fit'], target)}, against {result['score_tokens']:,} used: the region is **{verdict}**."
+            f"{_need(e['gain'], target)}, against {result['score_tokens']:,} used: the region is **{verdict}**. "
+            f"Stable core (the largest Top share whose split-half Jaccard is ≥ {uncertainty.STABLE_JACCARD} at the "
+            f"lower end of its interval): {_stable(e['stable_core_share'])}."
         )
         p = e.get("precision")
         if p and "skipped" in p:
@@ -201,6 +234,12 @@ def findings(result: dict) -> list[str]:
     return out
 
 
+def _jaccard_cell(stats: dict, ratio: float) -> str:
+    value = stats["split_half_jaccard"].get(f"{ratio:g}", math.nan)
+    ci = (stats.get("split_half_jaccard_ci95") or {}).get(f"{ratio:g}")
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.3f}"
+
+
 def section(result: dict) -> list:
     """Report blocks: the stability table per language and budget, the figure, every scored language."""
     r = f"{min(result['ratios']):g}"
@@ -208,21 +247,26 @@ def section(result: dict) -> list:
         [
             lang,
             f"{p['tokens_per_half']:,}",
-            *[f"{p['split_half_jaccard'][f'{x:g}']:.3f}" for x in result["ratios"]],
+            *[_jaccard_cell(p, x) for x in result["ratios"]],
             f"{p['spearman']:.3f}",
+            _stable(p.get("stable_core_share")),
         ]
         for lang, e in result["per_language"].items()
         for p in e["points"]
     ]
-    head = ["Language", "Tokens per half", *[f"Jaccard Top {x:g}" for x in result["ratios"]], "Spearman"]
+    head = ["Language", "Tokens per half", *[f"Jaccard Top {x:g}" for x in result["ratios"]], "Spearman", "Stable core"]
     scored = result.get("scored") or {}
     out = [
         markup.heading("Stability: how much text a region needs"),
         markup.text(
             "Each language's windows are split into two interleaved halves (even and odd windows) and both are "
             "scored in the same pass; the Jaccard overlap of the halves' per-matrix Top sets is the overlap of two "
-            "independent samples of that many tokens. "
-            f"The fit logit(J) = a + b·ln(tokens) gives the budget at which J would reach {result['target']}."
+            "independent samples of that many tokens. Jaccards are means over a seeded sample of "
+            f"{result.get('halved_matrices', 'the')} matrices (every kind of matrix, a spread of layers), with a "
+            "bootstrap interval over matrices. The gain per doubling is the slope of J against log2(tokens), its "
+            f"interval from {RESAMPLES} bootstrap resamples of the windows; no budget is stated beyond "
+            f"{uncertainty.FAR}× the largest measured. The stable core is the largest Top share whose Jaccard "
+            f"interval lies at or above {uncertainty.STABLE_JACCARD}."
         ),
         markup.table(head, rows, caption="Split-half overlap at growing budgets (prefixes of the same windows)."),
         markup.figure(
@@ -236,15 +280,13 @@ def section(result: dict) -> list:
         langs = [lang for lang in scored if lang != "core"] + (["core"] if "core" in scored else [])
         out.append(
             markup.table(
-                ["Scores", *[f"Jaccard Top {x:g}" for x in result["ratios"]], "Spearman"],
+                ["Scores", *[f"Jaccard Top {x:g}" for x in result["ratios"]], "Spearman", "Stable core"],
                 [
                     [
                         lang,
-                        *[
-                            f"{scored[lang]['split_half_jaccard'].get(f'{x:g}', math.nan):.3f}"
-                            for x in result["ratios"]
-                        ],
+                        *[_jaccard_cell(scored[lang], x) for x in result["ratios"]],
                         f"{scored[lang].get('spearman', math.nan):.3f}",
+                        _stable(scored[lang].get("stable_core_share")),
                     ]
                     for lang in langs
                 ],

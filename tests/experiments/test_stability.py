@@ -33,28 +33,40 @@ def test_budgets_are_even_prefixes():
     assert stability.budgets(5) == [2, 4]
 
 
-def test_chunked_halves_equal_a_direct_split(loaded, tokenizer):
-    """The prefix sums of chunk halves are the halves of the whole prefix (up to scale)."""
+def test_window_sums_give_every_budgets_halves_and_the_full_scores(loaded, tokenizer):
+    """Windows scored two at a time: each window's own gradient sum of the halved matrices, whose even and
+    odd ones add up to the halves of a direct split, and the full importance of every matrix."""
     from lingregion import corpus
 
     from conftest import TEXT
 
     m = loaded()
     w = corpus.make_windows(tokenizer, TEXT, 16, 8 * 16, "ru", "score")
+    assert len(w.input_ids) == 8
 
     class FakeRun:
         model, names, removed, progress = m.module, m.names, m.removed, False
 
-    halves, full = stability._halves_at(FakeRun, w, [2, 4, 8])
-    a, b = scoring.gradient_sum(m.module, w, m.names, progress=False, halves=True)
-    want_a = scoring.taylor_importance(m.module, a, m.removed)
-    for n in m.names:  # chunk sums are rescaled to plain sums: compare up to the common factor
-        got = halves[8][0][n] / w.n_tokens
-        assert torch.allclose(got, want_a[n], rtol=1e-4, atol=1e-7)
-    assert uncertainty.split_half_jaccard(halves[8][0], want_a, 0.05) == pytest.approx(1.0, abs=0.02)
-    direct = scoring.score(m.module, w, m.names, m.removed, progress=False)
+    halved = m.names[::2]
+    per_window, full = stability._pass(FakeRun, w, 8, halved)
+    assert len(per_window) == 8 and all(list(g) == halved for g in per_window)
+    one = stability._slice(w, 3, 4)
+    alone = scoring.gradient_sum(m.module, one, halved, progress=False)
+    for n in halved:  # a plain sum over the window's tokens
+        torch.testing.assert_close(per_window[3][n], alone[n] * one.n_tokens, rtol=1e-5, atol=1e-7)
+    a, b = stability._halves(FakeRun, per_window, range(8))
+    split = scoring.score(m.module, w, m.names, m.removed, progress=False, halves=halved)
+    for got, want in ((a, split.a), (b, split.b)):
+        for n in halved:  # plain sums, against means over all tokens: compare up to the common factor
+            torch.testing.assert_close(got[n] / w.n_tokens, want[n], rtol=1e-4, atol=1e-7)
     for n in m.names:
-        assert torch.allclose(full[n] / w.n_tokens, direct[n], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(full[n] / w.n_tokens, split.full[n], rtol=1e-4, atol=1e-7)
+    # a bootstrap resample is a draw of windows; the identity draw is the measured curve
+    curve = [uncertainty.split_half_jaccard(*stability._halves(FakeRun, per_window, range(k)), 0.05) for k in (2, 4, 8)]
+    replicates = stability._resampled(FakeRun, per_window, [2, 4, 8], 0.05, seed=0)
+    assert replicates.shape == (stability.RESAMPLES, 3) and ((0 <= replicates) & (replicates <= 1)).all()
+    assert not (replicates == curve).all(1).all()  # resamples differ from the measured curve
+    assert (replicates == stability._resampled(FakeRun, per_window, [2, 4, 8], 0.05, seed=0)).all()
 
 
 def test_removal_intervals_random_draws_and_stability_end_to_end(tiny_folder, tmp_path, monkeypatch):
@@ -73,6 +85,11 @@ def test_removal_intervals_random_draws_and_stability_end_to_end(tiny_folder, tm
     assert removal["ci95_method"]["resamples"] == uncertainty.RESAMPLES
     st = json.loads((out / "results" / "stability-summary.json").read_text())
     assert set(st["split_half_jaccard"]) == {"ru"} and "tokens_for_jaccard_0.9" in st
+    lo, hi = st["gain_per_doubling_ci95"]["ru"]
+    assert lo <= hi and st["gain_per_doubling"]["ru"] == st["per_language"]["ru"]["gain"]["per_doubling"]
+    assert "ru" in st["stable_core_share"] and 0 < st["halved_share"] <= 1
+    gain = st["per_language"]["ru"]["gain"]
+    assert gain["tokens"] is None or gain["tokens"] <= 10 * st["per_language"]["ru"]["points"][-1]["tokens_per_half"]
     assert {"ru", "es", "core"} <= set(st["scored"])  # every scored language, and the core score
     assert 0 <= st["scored"]["ru"]["split_half_jaccard"]["0.05"] <= 1
     precision = st["per_language"]["ru"]["precision"]
