@@ -160,7 +160,7 @@ CONFIGS = {
     "SCALAR_LIST": "ratios: 0.05\n",
     "STRING_LIST": "experiments: removal\n",
     "QUOTED_FALSE": 'trust_remote_code: "false"\n',
-    "NO_DOT": "est_ratios: [1e-6]\n",
+    "YES": "trust_remote_code: yes\n",
     "QUOTED_NULLABLE": 'down_items: "8"\n',
     "BAD_KEY": "score_tokenz: 5\n",
     "BAD_YAML": "ratios: [0.1\n",
@@ -190,7 +190,7 @@ CONFIGS = {
             ["reproduce", "--config", "QUOTED_FALSE", "--model", "EVIL"],
             "trust_remote_code must be true or false, not 'false' (text); write true or false without quotes",
         ),
-        (["reproduce", "--config", "NO_DOT"], "each entry of est_ratios must be a number, not '1e-6' (text)"),
+        (["reproduce", "--config", "YES"], "trust_remote_code must be true or false, not 'yes' (text)"),
         (["reproduce", "--config", "QUOTED_NULLABLE"], "down_items must be a whole number or null, not '8'"),
         (["reproduce", "--score-langs", ""], "score_langs is empty; name at least one language"),
         (["reproduce", "--eval-langs", ""], "eval_langs is empty; name at least one language"),
@@ -262,6 +262,15 @@ def test_out_under_a_file_is_refused_before_the_model_loads(tmp_path, capsys):
         sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
         and (tmp_path / "notes.txt").read_text() == "keep me"
     )
+
+
+def test_config_files_are_read_with_yaml_1_2_scalars(tmp_path):
+    """Only true and false are booleans (Norwegian, no, stays a language), and 1e-6 is a number."""
+    from lingregion.config import Config
+
+    (tmp_path / "c.yaml").write_text("eval_langs: [no, en]\nest_ratios: [1e-6, 1.0e-4]\ndown_mono: false\n")
+    cfg = Config.from_dict(Config.read(tmp_path / "c.yaml"))
+    assert cfg.eval_langs == ["no", "en"] and cfg.est_ratios == [1e-6, 1e-4] and cfg.down_mono is False
 
 
 def test_unknown_language_is_reported_before_any_experiment_rule(tmp_path, capsys):
