@@ -7,7 +7,7 @@ bits per byte, generation) → experiments (one module per paper experiment) →
 The verbs below are the notebook API; `lingregion.<module>` holds the machinery behind each.
 """
 
-from .api import applied, core, generate, locate, monolingual, perplexity, plot, removed, score, windows
+from .api import applied, core, generate, locate, monolingual, perplexity, plot, removed, score, train, windows
 from .config import Config
 from .models import Model, load
 from .regions import Region
@@ -29,6 +29,7 @@ __all__ = [
     "removed",
     "reproduce",
     "score",
+    "train",
     "windows",
 ]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import corpus, evaluation, figures, interventions, regions, scorefile, scoring
+from . import corpus, evaluation, figures, freezing, interventions, pretraining, regions, scorefile, scoring
 from .config import Config
 from .models import Model
 from .store import LingregionError, write_bytes
@@ -153,6 +153,31 @@ def applied(m: Model, edits: list[interventions.Edit]) -> Iterator[Model]:
 def perplexity(m: Model, w: corpus.Windows, batch_size: int = Config.batch_size, progress: bool = True) -> dict:
     """Token-weighted perplexity and bits per byte of the windows: {'ppl', 'bpb', 'nll', 'tokens', 'bytes'}."""
     return evaluation.perplexity(m.module, w, batch_size, progress)
+
+
+def train(
+    m: Model,
+    data: corpus.Windows,
+    freeze: regions.Region | None = None,
+    eval: Mapping[str, corpus.Windows] | None = None,
+    steps: int = 100,
+    lr: float = 5e-5,
+    *,
+    values: str = "current",
+    out: str | Path | None = None,
+    progress: bool = True,
+    **settings,
+) -> dict:
+    """Further pre-train `m` on `data` (windows, or a dataset of rows with input_ids) through the Hugging Face
+    Trainer with `freeze` held bit-identical (`values="removed"`: at its removed value), and the perplexity of
+    each `eval` language before, half-way and after, with intervals; `settings` are further
+    `freezing.TrainConfig` fields (warmup, batch_size, eval_steps, ...). With `out`, the model is saved there as a
+    plain Hugging Face folder with its model card and summary, and a rerun resumes. Returns the summary."""
+    defaults = {"warmup": min(100, steps // 10), "eval_steps": sorted({0, steps // 2, steps})}
+    cfg = freezing.TrainConfig(steps=steps, lr=lr, **{**defaults, **settings})
+    return pretraining.train(
+        m, data, freeze, eval, values=values, settings=cfg, out=Path(out) if out else None, progress=progress
+    )
 
 
 def generate(m: Model, prompt: str, max_new_tokens: int = 16) -> str:

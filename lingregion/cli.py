@@ -167,6 +167,7 @@ def cmd_reproduce(args) -> None:
 
 def cmd_score(args) -> None:
     """Per-language importance files, as a run folder keeps them."""
+    from . import distributed
     from .run import Run, check_out
     from .store import locked
 
@@ -176,6 +177,7 @@ def cmd_score(args) -> None:
     cfg.check_basics()
     check_out(Path(args.out))
     with locked(Path(args.out)):
+        distributed.world()  # under torchrun, the other processes wait here until rank 0 holds the lock
         run = Run(Path(args.out), cfg, _load(cfg))
         for lang in langs:
             run.scores(lang)

@@ -6,7 +6,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from . import models, report
+from . import distributed, models, report
 from .config import Config
 from .experiments.registry import EXPERIMENTS, validate
 from .run import Run, check_out
@@ -20,6 +20,7 @@ def reproduce(cfg: Config | None = None, out: Path | str = "lingregion-run", pro
     validate(cfg)
     check_out(Path(out))
     with locked(Path(out)):  # before the model loads, so that a second run into `out` is refused at once
+        distributed.world()  # under torchrun, the other processes wait here until rank 0 holds the lock
         started = time.time()
         lm = models.load(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code, cfg.include, cfg.exclude)
         run = Run(Path(out), cfg, lm, progress)

@@ -163,8 +163,15 @@ def locked(folder: Path) -> Iterator[Path]:
     writes (a second one is refused, naming the holder's PID). The lock is an flock: the system releases it
     when the holder exits, SIGKILL included, so a stale .lock file never blocks anything. On taking it, the
     temporary files that killed runs left behind are removed. Nested calls in one process share the lock.
-    A folder this call created is removed again if the block fails before writing anything into it."""
+    A folder this call created is removed again if the block fails before writing anything into it.
+
+    Under torchrun the N processes of one job write the same files: rank 0 holds the lock for all of them,
+    and the others must wait for it by joining the process group inside the block (`distributed.world()`),
+    which rank 0 joins only once it holds the lock."""
     folder = Path(folder).resolve()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        yield folder
+        return
     if folder in _held:
         _held[folder] += 1
         try:

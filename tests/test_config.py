@@ -120,3 +120,15 @@ def test_the_results_digest_leaves_out_what_does_not_change_a_result():
     base = Config().results_digest()
     assert Config(batch_size=1, device="cuda", experiments=["removal"]).results_digest() == base
     assert Config(ratios=[0.02]).results_digest() != base and Config(model="x").results_digest() != base
+
+
+def test_the_default_removal_table_has_the_papers_thirty_languages_and_quick_stays_small():
+    from lingregion import corpus
+    from lingregion.config import PAPER_EVAL_LANGS
+
+    cfg = Config()
+    table = list(dict.fromkeys(cfg.eval_langs + cfg.eval_more_langs))
+    assert len(table) == 30 and table[:12] == PAPER_EVAL_LANGS and set(table) <= set(corpus.builtin_languages())
+    quick = Config.quick()
+    assert quick.eval_more_langs == [] and len(quick.eval_langs) == 5
+    assert (cfg.train_lr, quick.train_lr) == (1e-4, 5e-5)  # the CPU forgetting protocol; quick as it was

@@ -104,7 +104,7 @@ LAYERS = [
     ["models", "config"],
     ["evaluation", "interventions", "scoring", "scorefile", "figures", "uncertainty", "memory"],
     ["importance", "slices", "freezing", "tasks", "export"],
-    ["run", "api"],
+    ["run", "pretraining", "api"],
     [
         "experiments",
         "experiments.training",

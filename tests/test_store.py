@@ -84,7 +84,7 @@ with locked(sys.argv[1]):
 """
 
 
-def test_a_run_folder_is_locked_by_one_process_at_a_time(tmp_path):
+def test_a_run_folder_is_locked_by_one_process_at_a_time(tmp_path, monkeypatch):
     import subprocess
     import sys
 
@@ -98,6 +98,11 @@ def test_a_run_folder_is_locked_by_one_process_at_a_time(tmp_path):
         assert not (folder / "scores" / ".ru.safetensors.abc123.tmp").exists()  # swept under the lock
         assert (folder / "scores" / ".ru.partial.safetensors").exists()  # a checkpoint is kept to resume
         with pytest.raises(LingregionError, match=rf"in use by another lingregion run \(PID {holder.pid}\)"):
+            with store.locked(folder):
+                pass
+        with monkeypatch.context() as env:  # another process of the holder's torchrun job: rank 0 holds it for all
+            env.setenv("WORLD_SIZE", "2")
+            env.setenv("RANK", "1")
             with store.locked(folder):
                 pass
     finally:

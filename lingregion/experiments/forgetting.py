@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from .. import markup, uncertainty
+from ..config import Config
+from ..pretraining import curve_figure, forgetting_intervals, forgetting_verdict
 from ..run import Run
 from ..store import write_bytes
-from .training import PAPER_SAMPLES, change, curve_figure, curves, final, trained, training_record, validate_training
+from .training import PAPER_SAMPLES, change, curves, final, trained, training_record, validate_training
 
 NAME = "forgetting"
 FORGETTING = {"none": "No freezing", "core": "Core frozen", "random": "Random frozen"}
@@ -46,7 +46,9 @@ def measure(run: Run) -> dict:
         "base": {lang: {k: v for k, v in r.items() if k != "blocks"} for lang, r in start.items()},
         "table": table,
         "region_entries": {s: (r.count() if r is not None else 0) for s, r in regions.items()},
-        "intervals": _intervals(start, {s: final(run, start, h) for s, h in histories.items()}, langs[1:], cfg.seed),
+        "intervals": forgetting_intervals(
+            start, {s: final(run, start, h) for s, h in histories.items()}, langs[1:], cfg.seed
+        ),
         "ci95_method": uncertainty.method_record(seed=cfg.seed)
         | {"languages": "each untrained language's blocks resampled on their own, the same draw for every setting"},
         "verdict_rule": uncertainty.RULE,
@@ -66,59 +68,26 @@ def forgetting(res: dict, setting: str) -> float:
     return math.exp(sum(math.log(ppl[lang][-1] / ppl[lang][0]) for lang in langs) / len(langs))
 
 
-def _intervals(start: dict, ends: dict[str, dict], untrained: list[str], seed: int) -> dict:
-    """95% intervals of the forgetting of each setting (geometric mean over the untrained languages of end / start
-    perplexity) and of the ratios the finding compares (core / none, core / random). Each language's blocks
-    are resampled once for all settings (they share the text), languages independently (their texts differ);
-    without blocks the intervals are None, with the reason."""
-    draws, reason = {}, None
-    for lang in untrained:
-        logs, why = uncertainty.joint_log_ppl({"start": start[lang]} | {s: ends[s][lang] for s in FORGETTING}, seed)
-        if logs is None:
-            reason = reason or f"{lang}: {why}"
-        draws[lang] = logs
-    point = {
-        s: float(np.mean([uncertainty.log_ppl(ends[s][lang]) - uncertainty.log_ppl(start[lang]) for lang in untrained]))
-        for s in FORGETTING
-    }
-    boot = None
-    if reason is None:
-        boot = {s: np.mean([draws[lang][s] - draws[lang]["start"] for lang in untrained], axis=0) for s in FORGETTING}
-
-    def entry(log_value: float, log_draws) -> dict:
-        if log_draws is None:
-            return {"value": math.exp(log_value), "ci95": None, "reason": reason}
-        return {"value": math.exp(log_value), "ci95": [math.exp(v) for v in uncertainty.percentile(log_draws)]}
-
-    out = {s: entry(point[s], boot and boot[s]) for s in FORGETTING}
-    for other in ("none", "random"):
-        out[f"core_vs_{other}"] = entry(point["core"] - point[other], boot and boot["core"] - boot[other])
-    return out
-
-
 def verdicts(res: dict) -> dict:
-    """The paper's finding (less forgetting with the core frozen) from 95% intervals (uncertainty.RULE):
-
-    - it can be tested only when there is forgetting to reduce: the interval of the forgetting with nothing
-      frozen lies above 1; otherwise the verdict is inconclusive at this budget, with the reason;
-    - it holds when the intervals of forgetting(core) / forgetting(none) and forgetting(core) / forgetting(random)
-      both lie below 1, does not hold when either lies above 1, and is inconclusive otherwise."""
+    """The paper's finding (less forgetting with the core frozen) from 95% intervals (`forgetting_verdict`):
+    inconclusive when nothing measurably was forgotten, then naming the budget that would decide."""
     iv = res.get("intervals")
     if iv is None:
         return {"verdict": uncertainty.INCONCLUSIVE, "reason": "this result has no intervals; rerun to compute them"}
-    if iv["none"].get("ci95") is None:
-        return {"verdict": uncertainty.INCONCLUSIVE, "reason": iv["none"].get("reason")}
-    parts = {k: uncertainty.verdict_of(iv[k], 1.0, "below") for k in ("core_vs_none", "core_vs_random")}
-    forgot = uncertainty.verdict_of(iv["none"], 1.0, "above")
-    if forgot != uncertainty.HOLDS:
-        return {
-            "verdict": uncertainty.INCONCLUSIVE,
-            "parts": parts,
-            "reason": "with nothing frozen the untrained languages did not measurably get worse (95% interval "
-            f"{markup.cell(iv['none'])} does not lie above 1), so there was no forgetting to reduce "
-            f"(the paper trains up to {PAPER_SAMPLES[-1]:,} samples)",
-        }
-    return {"verdict": uncertainty.all_of(list(parts.values())), "parts": parts}
+    return forgetting_verdict(iv, _budget(res))
+
+
+def _budget(res: dict) -> str:
+    """What would decide an inconclusive result: the default preset's training, sized so that the built-in
+    model forgets measurably with nothing frozen, when this result trained less; else the paper's budget."""
+    default = Config()
+    lr, samples = res["hyperparameters"]["lr"], res["samples"][-1]
+    if samples < default.train_samples[-1] or lr < default.train_lr:
+        return (
+            f" at {samples:,} samples and lr {lr:g}; the default preset's {default.train_samples[-1]:,} samples at "
+            f"lr {default.train_lr:g} are the budget at which the built-in model forgets measurably"
+        )
+    return f" (the paper trains up to {PAPER_SAMPLES[-1]:,} samples)"
 
 
 def findings(res: dict) -> list[str]:

@@ -7,9 +7,10 @@ from __future__ import annotations
 import math
 
 from .. import interventions, markup, uncertainty
+from ..pretraining import curve_figure
 from ..run import Run
 from ..store import write_bytes
-from .training import PAPER_SAMPLES, curve_figure, curves, final, trained, training_record, validate_training
+from .training import PAPER_SAMPLES, curves, final, trained, training_record, validate_training
 
 NAME = "recovery"
 

@@ -1,6 +1,6 @@
 """Further pre-training one language with regions removed or frozen, shared by the recovery (Table 2) and
-forgetting experiments: the config's training run, one cached training setting, its perplexity curves, the
-record of how it was trained, and the curve figure.
+forgetting experiments: the config's training run, one cached training setting, its perplexity curves and the
+record of how it was trained (the curve figure is `pretraining.curve_figure`, shared with `lingregion train`).
 
 Only the transformer-layer parameters are trained (the embedding and the LM head tied to it, 170M of
 Gemma 3 270M's 268M parameters, stay fixed), which keeps a CPU step affordable; the paper trained
@@ -17,7 +17,7 @@ from dataclasses import asdict
 
 import torch
 
-from .. import figures, freezing, interventions, markup, models
+from .. import freezing, interventions, markup, models
 from ..regions import Region
 from ..run import Run, digest, edits_digest
 from ..store import LingregionError, read_json, write_json
@@ -179,23 +179,3 @@ def training_record(run: Run, histories: dict[str, dict]) -> dict:
 def change(values: list[float]) -> str:
     """A curve's first and last value and their ratio: 12.3 → 10.1 (×0.821)."""
     return f"{markup.fmt(values[0])} → {markup.fmt(values[-1])} (×{values[-1] / values[0]:.3f})"
-
-
-# --- figure ---------------------------------------------------------------------------------------------
-def curve_figure(res: dict, labels: dict[str, str]) -> bytes:
-    """One panel per language: perplexity against training samples, one line per setting."""
-    langs, samples = res["languages"], res["samples"]
-    fig, axes = figures.subplots(1, len(langs), figsize=(4.2 * len(langs), 3.6), squeeze=False)
-    for ax, lang in zip(axes[0], langs):
-        for setting, label in labels.items():
-            ax.plot(samples, res["table"][setting]["ppl"][lang], marker="o", label=label)
-        ax.axhline(res["base"][lang]["ppl"], color="grey", linestyle="--", linewidth=1, label="unmodified")
-        ax.set_xscale("symlog", linthresh=max(1, min(s for s in samples if s > 0)))
-        ax.set_yscale("log")
-        ax.set_title(lang + (" (trained)" if lang == res["train_lang"] else ""))
-        ax.set_xlabel("training samples")
-        ax.set_ylabel("perplexity")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    return figures.png(fig)

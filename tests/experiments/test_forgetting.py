@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lingregion import corpus, evaluation, freezing, markup, models, reproduce, uncertainty
+from lingregion import corpus, evaluation, freezing, markup, models, pretraining, reproduce, uncertainty
 from lingregion.experiments import forgetting, training
 from lingregion.regions import Region
 from lingregion.run import Run
@@ -114,8 +114,9 @@ def result_of(start: dict, ends: dict) -> dict:
     return {
         "languages": langs,
         "samples": [0, 10],
+        "hyperparameters": {"lr": 5e-5},
         "table": table,
-        "intervals": forgetting._intervals(start, ends, list(start), seed=0),
+        "intervals": pretraining.forgetting_intervals(start, ends, list(start), seed=0),
     }
 
 
@@ -128,7 +129,9 @@ def test_verdict_turns_inconclusive_when_the_text_is_cut(loaded):
         v = forgetting.verdicts(res)
         assert v["verdict"] == want, tokens
         assert f"**{want}**" in forgetting.findings(res)[0]
-    assert "no forgetting to reduce" in v["reason"]
+    assert (
+        "no forgetting to reduce at 10 samples and lr 5e-05; the default preset's 8 samples at lr 0.0001" in v["reason"]
+    )
     # with enough text, a random region frozen that forgets as little as the core: the finding does not hold
     base, worse = evaluations(loaded, 1000)
     res = result_of({"xx": base}, {"none": {"xx": worse}, "core": {"xx": worse}, "random": {"xx": base}})
