@@ -150,7 +150,7 @@ def foreign_results(results: dict[str, dict], run_dir: Path) -> tuple[dict[str, 
         return {}, run
     cfg = Config.from_dict(Config.read(run_dir / "config.yaml"))
     want = cfg.results_digest()
-    if run and Config.from_dict(run.get("config", {})).results_digest() != want:
+    if run and _digest_of(run.get("config", {})) != want:
         run = {}
     own = [r for r in results.values() if r.get("config_digest") == want]
     model = (run.get("model") or (own[0]["model"] if own else {})).get("fingerprint")
@@ -165,6 +165,14 @@ def foreign_results(results: dict[str, dict], run_dir: Path) -> tuple[dict[str, 
         elif model and r["model"].get("fingerprint") != model:
             foreign[name] = f"other weights ({r['model']['name']}, fingerprint {r['model'].get('fingerprint')})"
     return foreign, run
+
+
+def _digest_of(config: dict) -> str | None:
+    """The results digest of a config recorded by a run, or None if this version cannot read it (an older one's)."""
+    try:
+        return Config.from_dict(config).results_digest()
+    except LingregionError:
+        return None
 
 
 def build(run_dir: Path) -> list[dict]:

@@ -115,3 +115,9 @@ def test_results_not_made_under_the_runs_config_or_model_are_flagged(tiny_folder
     (out / "results" / "removal-summary.json").write_text(json.dumps(summary))
     md = report.write(out)
     assert f"removal, made with other weights ({tiny_folder}, fingerprint 0123456789abcdef)" in md
+
+    # a run.json this version cannot read (a key since removed) is not taken for the run's record
+    record = json.loads((out / "run.json").read_text())
+    record["config"]["a_key_since_removed"] = 1
+    (out / "run.json").write_text(json.dumps(record))
+    assert "Time taken: unknown" in report.write(out)
