@@ -7,6 +7,7 @@ Every flag that sets a run's configuration is generated from a `Config` field (n
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import types
 import typing
@@ -309,6 +310,82 @@ def cmd_plot(args) -> None:
     print(args.out)
 
 
+def _train_settings(args, seq_len: int, batch_size: int, seed: int):
+    """The run --steps (or --tokens), --lr, --warmup, ... ask for, evaluated at --eval-steps."""
+    from . import freezing
+
+    per_step = args.batch * args.accum
+    steps = math.ceil(args.tokens / (per_step * seq_len)) if args.tokens else args.steps
+    warmup = args.warmup if args.warmup is not None else min(100, steps // 10)
+    at = args.eval_steps if args.eval_steps is not None else [0, steps // 2, steps]
+    return freezing.TrainConfig(
+        steps=steps,
+        lr=args.lr,
+        warmup=warmup,
+        batch_size=args.batch,
+        accumulation=args.accum,
+        dtype=args.train_dtype,
+        seed=seed,
+        eval_steps=sorted(set(at)),
+        eval_batch_size=batch_size,
+        checkpoint_every=args.save_steps,
+    )
+
+
+def cmd_train(args) -> None:
+    """Further pre-training on one text with a region frozen; with --compare, nothing / it / a random region."""
+    from . import distributed, pretraining, report
+    from .run import Run, check_out
+    from .store import locked, write_text
+
+    cfg = config(args)
+    cfg.check_basics()
+    out = Path(args.out)
+    check_out(out)
+    settings = _train_settings(args, cfg.seq_len, cfg.batch_size, cfg.seed)
+    settings.validate()
+    if args.compare and args.freeze == "none":
+        raise LingregionError("--compare needs a region to freeze: pass --freeze core:top:0.01, mono:L or a file")
+    m = _load(cfg)
+    per_step = settings.samples_per_step
+    data = pretraining.windows_for(
+        m, args.text, "score", cfg.seq_len, settings.steps * per_step * cfg.seq_len, cfg.texts
+    )
+    tracked = list(dict.fromkeys([data.lang, *args.track]))
+    evals = {
+        lang: pretraining.windows_for(m, lang, "eval", cfg.seq_len, cfg.eval_tokens, cfg.texts) for lang in tracked
+    }
+    if pretraining.needs_scores(args.freeze):
+        run_dir = Path(args.run) if args.run else out / "run"
+        with locked(run_dir):
+            region = pretraining.region_for(args.freeze, m, Run(run_dir, cfg, m))
+    else:
+        region = pretraining.region_for(args.freeze, m)
+    if args.compare:
+        result = pretraining.compare(
+            m,
+            data,
+            region,
+            evals,
+            data.lang,
+            settings=args.compare,
+            values=args.freeze_values,
+            config=settings,
+            out=out,
+        )
+        elements = pretraining.compare_section(result)
+    else:
+        result = pretraining.train(m, data, region, evals, values=args.freeze_values, settings=settings, out=out)
+        elements = pretraining.section(result)
+    if not distributed.is_main():
+        return
+    md = report.to_markdown(elements, out)
+    write_text(out / "report.md", md)
+    write_text(out / "report.html", report.to_html(elements, out, f"lingregion train: {out.name}"))
+    print(md.replace("**", ""))
+    print(f"model: {out}{' (one folder per setting)' if args.compare else ''}; report: {out / 'report.html'}")
+
+
 def cmd_report(args) -> None:
     """The report rebuilt from a run folder's saved results."""
     from . import report
@@ -487,6 +564,78 @@ def _export_parser(sub) -> None:
     x.set_defaults(func=cmd_export)
 
 
+def _train_parser(sub) -> None:
+    t = sub.add_parser(
+        "train",
+        help="further pre-train a model on your text with a region frozen, tracking forgetting",
+        description="Train --model on --text with the --freeze region held bit-identical, through the Hugging "
+        "Face Trainer (accelerate launch and torchrun work as for any Trainer script), tracking the perplexity of "
+        "--eval-langs. OUT becomes a plain Hugging Face folder with a model card, train-summary.json (perplexity "
+        "before, during and after, with intervals) and report.html. Rerunning the same command resumes from the "
+        "last checkpoint. --compare none,core,random trains once per setting (OUT/SETTING) and reports the "
+        "forgetting of the untrained languages with a verdict.",
+    )
+    t.add_argument(
+        "--text",
+        required=True,
+        help="what to train on: a built-in language (or one given as --lang L=PATH), a .txt/.jsonl/.parquet file "
+        "or hf:DATASET (its score split; every 5th document is held out for evaluation)",
+    )
+    t.add_argument(
+        "--freeze",
+        default="none",
+        metavar="REGION",
+        help="none (default); core:SIDE:RATIO, e.g. core:top:0.01, from the core score of --score-langs (scored "
+        "into --run first if needed); mono:L[:RATIO], L's monolingual region among --mono-langs; or a region file",
+    )
+    t.add_argument(
+        "--freeze-values",
+        choices=["current", "removed"],
+        default="current",
+        help="hold the region at its current values (default) or at its removed value (keep a removal removed)",
+    )
+    t.add_argument(
+        "--compare",
+        type=_items,
+        metavar="LIST",
+        help="train once per setting among none,core,random (none: nothing frozen; core: --freeze's region; "
+        "random: a seeded random region of its size) and report forgetting and the verdict",
+    )
+    t.add_argument(
+        "--eval-langs",
+        dest="track",  # not Config.eval_langs (the removal table's languages)
+        type=_items,
+        default=[],
+        metavar="LIST",
+        help="languages tracked (the trained one always is)",
+    )
+    length = t.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    length.add_argument("--tokens", type=int, help="train on this many window positions instead of --steps")
+    t.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default 5e-5, the paper's)")
+    t.add_argument(
+        "--warmup",
+        type=int,
+        help="linear warm-up steps before the cosine decay (default: the paper's 100, or a tenth of the steps "
+        "when fewer than 1,000)",
+    )
+    t.add_argument("--batch", type=int, default=1, help="windows per forward/backward pass (default 1)")
+    t.add_argument("--accum", type=int, default=1, help="passes per optimizer step (default 1; the paper: 256 samples)")
+    t.add_argument("--train-dtype", choices=["float32", "bfloat16"], default="float32", help="bf16: autocast")
+    t.add_argument(
+        "--eval-steps", type=_list_of(int), metavar="LIST", help="steps to evaluate at (default: 0, half, the last)"
+    )
+    t.add_argument("--save-steps", type=int, default=50, help="steps between checkpoints (0: none; default 50)")
+    t.add_argument("--run", metavar="DIR", help="run folder of the scores behind --freeze core/mono (default OUT/run)")
+    t.add_argument("--out", required=True, metavar="DIR", help="the trained model's folder (reused to resume)")
+    add_config_flags(
+        t,
+        MODEL_FIELDS
+        + ["seq_len", "eval_tokens", "batch_size", "score_langs", "score_tokens", "mono_langs", "seed", "texts"],
+    )
+    t.set_defaults(func=cmd_train)
+
+
 def _small_parsers(sub) -> None:
     pl = sub.add_parser(
         "plot",
@@ -544,6 +693,7 @@ def parser() -> argparse.ArgumentParser:
         _locate_parser,
         _evaluate_parser,
         _export_parser,
+        _train_parser,
         _small_parsers,
     ):
         add(sub)
