@@ -91,10 +91,13 @@ def save(
         # regions.select's own rule (ties: lower flat index first) picks the tails, so ties at their edges fall
         # exactly as a later selection's
         top, bottom = (_tails(v, tuple(x.shape), exact_share, largest) for largest in (True, False))
-        smallest = v[bottom].min() if bottom.size else v.min()  # the Bottom tail holds the smallest value
-        if not (smallest >= 0 and np.isfinite(v.sum(dtype=np.float64))):  # NaN or ±inf make the sum not finite
+        codes, exact, levels = _encode(v, top, bottom)
+        # the Bottom tail holds the smallest value; a NaN (not in any tail) or ±inf would make a level or the
+        # tails' values not finite
+        smallest = v[bottom].min() if bottom.size else v.min()
+        if not (smallest >= 0 and torch.isfinite(levels).all() and torch.isfinite(exact).all()):
             raise LingregionError(f"scores of {n} are negative or not finite; importance scores must be ≥ 0")
-        tensors[f"{n}/codes"], tensors[f"{n}/exact"], tensors[f"{n}/levels"] = _encode(v, top, bottom)
+        tensors[f"{n}/codes"], tensors[f"{n}/exact"], tensors[f"{n}/levels"] = codes, exact, levels
     write_tensors(path, tensors, record)
 
 
@@ -184,10 +187,15 @@ def _encode(v: np.ndarray, top: np.ndarray, bottom: np.ndarray):
             y = np.subtract(v, np.float32(lo), dtype=np.float32)
             np.multiply(y, np.float32(1 / width), out=y)
             np.clip(y, 0, _LEVELS - 1, out=y)  # y ≥ 0 and < 15, so truncation below is floor
-            codes = np.where(exact, np.uint8(_EXACT_CODE), y.astype(np.uint8))
+            with np.errstate(invalid="ignore"):  # a NaN score: refused by the caller, which checks the levels
+                codes = y.astype(np.uint8)
             del y
-        counts = np.bincount(codes, minlength=_EXACT_CODE + 1)[:_LEVELS]
-        sums = np.bincount(codes, weights=v, minlength=_EXACT_CODE + 1)[:_LEVELS]  # float64, in flat order
+            codes[top] = _EXACT_CODE
+            codes[bottom] = _EXACT_CODE
+        bins = codes.astype(np.intp)  # what bincount counts in; converted once for both counts
+        counts = np.bincount(bins, minlength=_EXACT_CODE + 1)[:_LEVELS]
+        sums = np.bincount(bins, weights=v, minlength=_EXACT_CODE + 1)[:_LEVELS]  # float64, in flat order
+        del bins
         centres = float(lo) + (np.arange(_LEVELS, dtype=np.float64) + 0.5) * max(width, 0.0)
         levels = np.where(counts > 0, sums / np.maximum(counts, 1), centres).astype(np.float32)
     packed = torch.from_numpy(_pack_nibbles(codes))
