@@ -45,7 +45,7 @@ ROLES = {
     "input_norm": "input (pre-attention) norm",
 }
 MAPPINGS: dict[str, str] = {
-    # LLaMA, Llama 3, Mistral, Qwen2/3, Gemma 3, OLMo-2, Mixtral/Qwen-MoE/OLMoE attention and dense MLPs
+    # LLaMA, Llama 3, Mistral, Qwen2/3, Gemma 2/3, OLMo-2, Mixtral/Qwen-MoE/OLMoE attention and dense MLPs
     "q_proj": "q",
     "k_proj": "k",
     "v_proj": "v",

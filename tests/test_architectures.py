@@ -5,6 +5,7 @@ families checked by what the model computes, not by re-deriving each layout's in
 error and the registration of an architecture lingregion does not know."""
 
 import inspect
+import sys
 
 import pytest
 import torch
@@ -15,10 +16,32 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from lingregion import api, architectures, corpus, evaluation, export, freezing, interventions, models, scoring, slices
 from lingregion.store import LingregionError
 
-from conftest import CONFIGS, TEXT, make_model
+from conftest import CONFIGS, IDS, SMALL, TEXT, make_model
+
+# Gemma 2: logits soft-capped (c · tanh(z / c)) and attention scores too, and four norms per layer (input,
+# post-attention, pre- and post-feed-forward), each scaling by (1 + w); caps small enough here to bite.
+CONFIGS["gemma2"] = lambda: _gemma2()
+
+
+def _gemma2():
+    from transformers import Gemma2Config
+
+    return Gemma2Config(
+        **SMALL,
+        **IDS,
+        intermediate_size=48,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=16,
+        final_logit_softcapping=0.25,
+        attn_logit_softcapping=0.5,
+        query_pre_attn_scalar=16,
+    )
+
 
 ARCHS = [
     "gemma3",
+    "gemma2",
     "llama",
     "llama3",
     "qwen2",
@@ -197,6 +220,9 @@ CAPTURED: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
 def _capture(module, query, key, value, attention_mask, **kwargs):
     CAPTURED.append((query.detach(), key.detach(), value.detach()))
+    if kwargs.get("softcap"):  # soft-capped scores (Gemma 2): sdpa has no cap, the model's own eager code has
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        return eager(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -385,3 +411,23 @@ def test_router_note_reaches_the_provenance(tmp_path, tokenizer):
     m = models.load(str(tmp_path / "moe"))
     assert m.info["router"] == models.ROUTER_NOTE
     assert "model.layers.0.mlp.shared_expert_gate.weight" in m.names
+
+
+def test_gemma2_caps_its_logits_and_removes_its_four_norms_at_minus_one(tokenizer):
+    """Gemma 2's output layer is soft-capped, and lingregion's own output pass applies the same cap; each of its
+    four (1 + w) norms per layer is removed at w = −1."""
+    m = handle("gemma2", tokenizer)
+    head, cap = evaluation.output_layer(m.module)
+    assert cap == 0.25
+    ids = windows(tokenizer).input_ids[0][None]
+    with torch.no_grad():
+        hidden, targets = evaluation.hidden_and_targets(m.module, ids)
+        logits = m.module(input_ids=ids).logits[0, :-1].float()
+        assert logits.abs().max() <= cap  # the cap bites: uncapped logits of this model exceed it
+        assert head(hidden).abs().max() > cap
+        want = F.cross_entropy(logits, targets, reduction="none")
+        torch.testing.assert_close(evaluation.token_nll(m.module, hidden, targets), want, rtol=1e-5, atol=1e-5)
+    norms = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+    for layer in range(2):
+        for norm in norms:
+            assert m.removed[f"model.layers.{layer}.{norm}.weight"] == -1.0
