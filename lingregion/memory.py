@@ -1,7 +1,8 @@
 """How much memory scoring and evaluation need for a model, from its config alone (no weights loaded).
 
-Scoring holds the weights, one fp32 accumulator per scored parameter, the activations autograd saves
-for one batch, one scored parameter's transient gradient, and one output-layer chunk of fp32 logits
+Scoring holds the weights, one fp32 accumulator per scored parameter and a second one for each matrix
+of the split-half sample (`uncertainty.matrix_sample`; the halves go to host memory after the pass), the
+activations autograd saves for one batch, one scored parameter's transient gradient, and one output-layer chunk of fp32 logits
 (whose buffer becomes their gradient; three buffers with soft-capping, plus the head's own output in
 the model's dtype when that is not fp32). Evaluation holds the weights, one layer's intermediates and
 one output-layer tile (evaluation.TILES: positions × vocabulary entries, in the model's dtype, plus
@@ -20,9 +21,12 @@ import copy
 import torch
 
 from .evaluation import LOGIT_CHUNK, tiles
+from .config import Config
 from .models import DTYPES, scored_names
+from .uncertainty import matrix_sample
 
 GB = 1e9
+SPLIT_HALF_SHARE = Config.__dataclass_fields__["split_half_share"].default  # what a run halves by default
 
 
 def _narrow(config, k: int, layers: int):
@@ -75,16 +79,27 @@ def _saved_bytes(config, layers: int, k: int, seq_len: int, batch_size: int, dty
     return sum(saved.values())
 
 
-def estimate(config, seq_len: int, batch_size: int, dtype: str = "bfloat16", device: str = "cuda") -> dict:
+def estimate(
+    config,
+    seq_len: int,
+    batch_size: int,
+    dtype: str = "bfloat16",
+    device: str = "cuda",
+    split_half_share: float | None = SPLIT_HALF_SHARE,
+) -> dict:
     """Bytes needed to score (the peak of one backward pass) and to evaluate a model of this config
-    on a device of this type ("cuda" or "cpu": they differ in evaluation's output-layer tile)."""
+    on a device of this type ("cuda" or "cpu": they differ in evaluation's output-layer tile).
+    split_half_share: the share of matrices scoring keeps split halves for (Config.split_half_share; None:
+    split halves off)."""
     from transformers import AutoModelForCausalLM
 
     torch_dtype = DTYPES[dtype]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    names = set(scored_names(model))
+    ordered = scored_names(model)
+    names = set(ordered)
     params = dict(model.named_parameters())
+    halved = matrix_sample(ordered, split_half_share) if split_half_share else []
     total = sum(p.numel() for p in params.values())
     scored = sum(params[n].numel() for n in names)
     largest = max(params[n].numel() for n in names)
@@ -101,13 +116,15 @@ def estimate(config, seq_len: int, batch_size: int, dtype: str = "bfloat16", dev
         "scored_parameters": scored,
         "weights": total * size,
         "accumulators": scored * 4,
+        "split_halves": sum(params[n].numel() for n in halved) * 4,
         "activations": activations,
         "output_chunk": positions * 4 * (3 if capped else 1) + head_output,
         "transient_gradient": largest * size,
         "evaluation_layer": per_layer,
     }
     out["scoring_peak"] = sum(
-        out[key] for key in ("weights", "accumulators", "activations", "output_chunk", "transient_gradient")
+        out[key]
+        for key in ("weights", "accumulators", "split_halves", "activations", "output_chunk", "transient_gradient")
     )
     rows, cols = tiles(device.split(":")[0])
     block = min(rows, batch_size * (seq_len - 1)) * min(cols, config.vocab_size)
