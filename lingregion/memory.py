@@ -2,11 +2,11 @@
 
 Scoring holds the weights, one fp32 accumulator per scored parameter and a second one for each matrix
 of the split-half sample (`uncertainty.matrix_sample`; the halves go to host memory after the pass), the
-activations autograd saves for one batch, one scored parameter's transient gradient, and one output-layer chunk of fp32 logits
-(whose buffer becomes their gradient; three buffers with soft-capping, plus the head's own output in
-the model's dtype when that is not fp32). Evaluation holds the weights, one layer's intermediates and
-one output-layer tile (evaluation.TILES: positions × vocabulary entries, in the model's dtype, plus
-its fp32 copy when that is not fp32).
+activations autograd saves for one batch, one scored parameter's transient gradient, and one
+output-layer chunk of fp32 logits (whose buffer becomes their gradient; three buffers with soft-capping,
+plus the head's own output in the model's dtype when that is not fp32). Evaluation holds the weights,
+one layer's intermediates and one output-layer tile (evaluation.TILES: positions × vocabulary entries,
+in the model's dtype, plus its fp32 copy when that is not fp32).
 
 Parameter counts come from the model built on the "meta" device (no memory). Activations are measured,
 not guessed: a 1- and a 2-layer copy of the architecture, narrowed k-fold (fewer heads and channels,
@@ -20,8 +20,8 @@ import copy
 
 import torch
 
-from .evaluation import LOGIT_CHUNK, tiles
 from .config import Config
+from .evaluation import LOGIT_CHUNK, tiles
 from .models import DTYPES, scored_names
 from .uncertainty import matrix_sample
 
