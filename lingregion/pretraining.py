@@ -171,8 +171,9 @@ def train(
 
     With `out`, the trained model is written there as a plain Hugging Face folder with its model card and
     summary, and checkpoints go to out/checkpoints every settings.checkpoint_every steps: the same call after
-    a kill resumes from the last one, and the same call after a finished run returns its summary. Without
-    `out`, the model is left trained in memory."""
+    a kill resumes from the last one, and the same call after a finished run returns its summary without
+    training (the trained model is the one in `out`). The model in memory is left trained, requires_grad as
+    it was."""
     cfg = settings or freezing.TrainConfig(steps=100, eval_steps=[0, 100])
     cfg.validate()
     if values not in VALUES:
@@ -196,8 +197,8 @@ def train(
         checkpoints = Path(out) / "checkpoints" if out is not None else Path(scratch)
         resume = _resume_point(checkpoints, signature) if out is not None else None
         t0 = time.time()
-        trainer = _trainer(m, train_rows, cfg, names, freeze, values, evals, checkpoints, progress)
         flags = {n: p.requires_grad for n, p in m.module.named_parameters()}
+        trainer = _trainer(m, train_rows, cfg, names, freeze, values, evals, checkpoints, progress)
         try:
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         finally:

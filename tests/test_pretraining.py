@@ -122,10 +122,12 @@ def test_the_api_verb_trains_in_memory(loaded, tokenizer):
     g = torch.Generator().manual_seed(0)
     region = lr.core({n: torch.rand(p.shape, generator=g) for n, p in m.module.named_parameters() if n in m.names})
     source = {n: p.detach().clone() for n, p in m.module.named_parameters()}
+    m.module.model.layers[0].mlp.up_proj.weight.requires_grad_(False)  # a caller's flag, trained, then put back
+    flags = {n: p.requires_grad for n, p in m.module.named_parameters()}
     summary = lr.train(m, w, freeze=region, eval=evals, steps=2, lr=1e-2, batch_size=2, progress=False)
     assert summary["frozen"]["bit_identical"] and sorted(summary["evals"]) == ["0", "1", "2"]
     assert_frozen_as_source(region, {n: p.detach() for n, p in m.module.named_parameters()}, source)
-    assert all(not p.requires_grad or n in source for n, p in m.module.named_parameters())  # flags restored
+    assert {n: p.requires_grad for n, p in m.module.named_parameters()} == flags and not m.module.training
 
 
 def test_compare_reports_forgetting_with_the_shared_intervals(tiny_folder, tmp_path, capsys):
