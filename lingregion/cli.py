@@ -351,10 +351,9 @@ def cmd_train(args) -> None:
     data = pretraining.windows_for(
         m, args.text, "score", cfg.seq_len, settings.steps * per_step * cfg.seq_len, cfg.texts
     )
-    tracked = list(dict.fromkeys([data.lang, *args.track]))
-    evals = {
-        lang: pretraining.windows_for(m, lang, "eval", cfg.seq_len, cfg.eval_tokens, cfg.texts) for lang in tracked
-    }
+    evals = {data.lang: pretraining.windows_for(m, args.text, "eval", cfg.seq_len, cfg.eval_tokens, cfg.texts)}
+    for lang in [x for x in args.track if x not in evals]:
+        evals[lang] = pretraining.windows_for(m, lang, "eval", cfg.seq_len, cfg.eval_tokens, cfg.texts)
     if pretraining.needs_scores(args.freeze):
         run_dir = Path(args.run) if args.run else out / "run"
         with locked(run_dir):

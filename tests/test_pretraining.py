@@ -162,6 +162,18 @@ def test_compare_reports_forgetting_with_the_shared_intervals(tiny_folder, tmp_p
     assert_frozen_as_source(region, weights(out / "core"), source)
 
 
+def test_train_on_your_own_text_tracks_its_held_out_documents(tiny_folder, tmp_path):
+    from conftest import TEXT
+
+    (tmp_path / "mine.txt").write_text("\n\n".join(TEXT * 4), encoding="utf-8")  # every 5th document held out
+    out = tmp_path / "out"
+    argv = ["train", "--model", str(tiny_folder), "--text", str(tmp_path / "mine.txt"), "--eval-langs", "es"]
+    assert main([*argv, *TINY, *SHORT, "--out", str(out)]) == 0
+    summary = read_json(out / "train-summary.json")
+    assert summary["languages"] == ["text", "es"] and summary["train_text"]["source"] == str(tmp_path / "mine.txt")
+    assert summary["eval_windows"]["text"]["split"] == "eval" and summary["frozen"] is None
+
+
 def test_random_like_matches_the_region_parameter_by_parameter():
     model = make_model("llama")
     g = torch.Generator().manual_seed(0)
