@@ -2,12 +2,13 @@
 the Hugging Face Trainer, tracking how much the other languages forget.
 
 Training is the Trainer's own loop (AdamW with the paper's lr 5e-5, betas (0.9, 0.95) and weight decay 0.001,
-none on norms and biases; cosine after a linear warm-up; gradient clipping and accumulation; fp32 or bf16
-autocast) with `freezing.FreezeCallback`, so `accelerate launch` and `torchrun` run it as they run any Trainer
-script. Only the transformer-layer parameters are trained by default, as in the recovery and forgetting
-experiments. The perplexity of each tracked language is measured at chosen steps into the Trainer's state,
-so a checkpoint carries the curve so far, and a killed run given the same command again resumes from the last
-checkpoint. At the end the frozen entries are compared bit for bit with the values they were held at.
+none on norms and biases; gradient clipping and accumulation; fp32 or bf16 autocast) with the experiments'
+schedule (`freezing.lr_factor`: linear warm-up, then half cosine) and `freezing.FreezeCallback`, so
+`accelerate launch` and `torchrun` run it as they run any Trainer script. Only the transformer-layer
+parameters are trained by default, as in the recovery and forgetting experiments. The perplexity of each
+tracked language is measured at chosen steps into the Trainer's state, so a checkpoint carries the curve so
+far, and a killed run given the same command again resumes from the last checkpoint. At the end the frozen
+entries are compared bit for bit with the values they were held at.
 
 The output folder is a plain Hugging Face model (loadable by transformers and lm-eval) with a model card
 (README.md) and `train-summary.json`: every tracked language's perplexity before, during and after training,
@@ -232,8 +233,6 @@ def _trainer(m, train_rows, cfg, names, freeze, values, evals, checkpoints: Path
         adam_beta1=cfg.betas[0],
         adam_beta2=cfg.betas[1],
         weight_decay=cfg.weight_decay,
-        lr_scheduler_type="cosine",
-        warmup_steps=cfg.warmup,
         max_grad_norm=cfg.clip,
         bf16=cfg.dtype == "bfloat16",
         seed=cfg.seed,
@@ -252,7 +251,17 @@ def _trainer(m, train_rows, cfg, names, freeze, values, evals, checkpoints: Path
     callbacks = [Track(evals, cfg.eval_steps, cfg.eval_batch_size, progress)]
     if freeze is not None:
         callbacks.append(freezing.FreezeCallback(freeze, _hold_values(m, freeze, values)))
-    return Trainer(model=m.module, args=args, train_dataset=train_rows, data_collator=_collate, callbacks=callbacks)
+
+    class Scheduled(Trainer):
+        """The Trainer with the experiments' schedule (`freezing.lr_factor`), whose warm-up moves the weights from
+        the first update on; the Trainer's own cosine warm-up starts at lr 0, which wastes the first step."""
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.lr_scheduler is None:
+                self.lr_scheduler = freezing.scheduler_for(optimizer or self.optimizer, cfg)
+            return self.lr_scheduler
+
+    return Scheduled(model=m.module, args=args, train_dataset=train_rows, data_collator=_collate, callbacks=callbacks)
 
 
 def _hold_values(m: models.Model, region: Region, values: str) -> dict[str, float] | None:
@@ -334,7 +343,7 @@ def _summary(m, data, cfg, names, freeze, values, evals, log_history, held, widt
         "settings": {
             **asdict(cfg),
             "optimizer": "AdamW (Hugging Face Trainer), no weight decay on norms and biases",
-            "schedule": "linear warm-up, then cosine (Hugging Face Trainer)",
+            "schedule": "linear warm-up (the first update already moves), then half cosine: freezing.lr_factor",
         },
         "seed": cfg.seed,
         "trainable_parameters": sum(p.numel() for n, p in m.module.named_parameters() if n in set(names)),

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import lingregion as lr
-from lingregion import evaluation, models, pretraining, uncertainty
+from lingregion import evaluation, freezing, models, pretraining, uncertainty
 from lingregion.cli import main
 from lingregion.regions import Region
 from lingregion.store import read_json
@@ -80,6 +80,8 @@ def test_train_writes_a_plain_model_with_the_region_bit_identical(tiny_folder, t
         "bit_identical": True,
     }
     assert len(summary["history"]["loss"]) == 4 and sorted(summary["evals"], key=int) == ["0", "2", "4"]
+    # the experiments' schedule (the first update already moves), not the Trainer's warm-up from lr 0
+    assert summary["history"]["learning_rate"] == [1e-2 * freezing.lr_factor(s, 1, 4) for s in range(4)]
 
     # the step-0 perplexities are the source model's, and each change is the ratio of the saved results
     m = models.load(str(tiny_folder))
