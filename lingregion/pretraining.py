@@ -190,10 +190,12 @@ def train(
     if out is None:  # nothing to resume into: no checkpoints
         cfg = freezing.TrainConfig(**{**asdict(cfg), "checkpoint_every": 0})
     signature = _signature(m, data, cfg, names, freeze, values, evals)
-    if out is not None:
-        done = Path(out) / SUMMARY
-        if done.is_file() and read_json(done).get("signature") == signature:
-            return read_json(done)
+    if out is not None and (Path(out) / "config.json").is_file():  # a finished model: this run's, or refused
+        prior = read_json(Path(out) / SUMMARY) if (Path(out) / SUMMARY).is_file() else {}
+        if prior.get("signature") == signature:
+            return prior
+        other = "a model trained with other settings, text or region" if prior else "a model"
+        raise LingregionError(f"{out} already holds {other}; pass another --out")
     with tempfile.TemporaryDirectory() as scratch:
         checkpoints = Path(out) / "checkpoints" if out is not None else Path(scratch)
         resume = _resume_point(checkpoints, signature) if out is not None else None

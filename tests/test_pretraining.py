@@ -101,6 +101,12 @@ def test_train_writes_a_plain_model_with_the_region_bit_identical(tiny_folder, t
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     assert main([*argv, "--freeze", str(tmp_path / "top.safetensors"), *TINY, *SHORT, "--out", str(out)]) == 0
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    # another run into the same folder is refused, not written over it
+    assert (
+        main([*argv, "--freeze", str(tmp_path / "top.safetensors"), *TINY, *SHORT, "--lr", "2e-2", "--out", str(out)])
+        == 2
+    )
+    assert "already holds a model trained with other settings" in capsys.readouterr().err
 
 
 def test_train_with_the_core_region_scored_first_and_held_removed(tiny_folder, tmp_path):
