@@ -6,14 +6,18 @@ Every case is a function of a `Setup` (model, data, scores) that does the whole 
 from __future__ import annotations
 
 import importlib.util
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from lingregion import corpus, evaluation, interventions, models, scoring
+from lingregion import corpus, evaluation, interventions, models, scoring, uncertainty
+from lingregion.config import Config
 from lingregion.regions import select
+from lingregion.run import Run
 
 
 @dataclass
@@ -67,6 +71,28 @@ def _windows(tokenizer, split: str, seq_len: int, n: int) -> corpus.Windows:
 def score_lean(s: Setup):
     """lingregion: only scored parameters require grad, gradients folded into fp32 sums as they appear."""
     return scoring.score(s.m.module, s.score_windows, s.names, s.removed, batch_size=1, progress=False)
+
+
+def gradient_halves(s: Setup):
+    """The gradient pass alone, with the default split-half sample (what a run's scoring pass does)."""
+    halved = uncertainty.matrix_sample(s.names, Config().split_half_share)
+    return scoring.gradient_sum(s.m.module, s.score_windows, s.names, progress=False, halves=halved)
+
+
+def gradient_plain(s: Setup):
+    """The gradient pass alone, one accumulator per parameter."""
+    return scoring.gradient_sum(s.m.module, s.score_windows, s.names, progress=False)
+
+
+def score_language(s: Setup, model_name: str | None):
+    """What a run does for one language, end to end, into a fresh run folder: the gradient pass with split
+    halves, the importance, the split-half statistics and regions, and the compact score file written."""
+    seq_len = len(s.score_windows.input_ids[0])
+    cfg = Config(model=model_name, seq_len=seq_len, score_tokens=seq_len * len(s.score_windows.input_ids))
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Run(Path(tmp) / "run", cfg, s.m, progress=False)
+        run._windows[("es", "score", cfg.score_tokens)] = s.score_windows
+        run.scores("es")
 
 
 @contextmanager

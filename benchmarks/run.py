@@ -199,6 +199,33 @@ def bench_scoring(s: cases.Setup, args) -> tuple[dict, dict]:
     }, last["naive"]
 
 
+def bench_scoring_cost(s: cases.Setup, args) -> dict:
+    """What a user waits for per language: a run's whole scoring of one language (gradient pass with split
+    halves, importance, split-half statistics, compact score file written) against the gradient pass alone,
+    the pass with split halves against the plain pass, and the whole job against a bare forward+backward."""
+    tokens = s.score_windows.n_tokens
+    secs, _ = interleaved(
+        "scoring cost",
+        {
+            "bare": lambda: cases.score_bare(s),
+            "gradient": lambda: cases.gradient_plain(s),
+            "gradient.halves": lambda: cases.gradient_halves(s),
+            "language": lambda: cases.score_language(s, args.model),
+        },
+        args.reps,
+    )
+    return {
+        "tokens": tokens,
+        "windows": len(s.score_windows.input_ids),
+        "seconds": secs,
+        "tokens_per_s": {k: tokens / v for k, v in secs.items()},
+        "after_gradient_seconds": secs["language"] - secs["gradient.halves"],
+        "after_gradient_over_gradient": (secs["language"] - secs["gradient.halves"]) / secs["gradient.halves"],
+        "halves_over_plain_throughput": secs["gradient"] / secs["gradient.halves"],
+        "language_over_bare_throughput": secs["bare"] / secs["language"],
+    }
+
+
 def bench_perplexity(s: cases.Setup, args) -> dict:
     fns = {"lean": lambda: cases.ppl_lean(s), "naive": lambda: cases.ppl_naive(s)}
     if cases.lmeval_available():
@@ -677,8 +704,61 @@ def markdown(r: dict) -> str:
 
 
 def markdown_extra(r: dict) -> str:
-    """Tables of the bfloat16 comparison and of score storage, where they were measured."""
+    """Tables of the scoring cost per language, the bfloat16 comparison and score storage, where measured."""
     out = []
+    if "scoring_cost" in r:
+        c = r["scoring_cost"]
+        sec, tps = c["seconds"], c["tokens_per_s"]
+        out += [
+            "",
+            f"**One language's scoring, end to end** ({c['windows']} windows, {c['tokens']} predicted tokens; "
+            "interleaved reps, median):",
+            "",
+            "| | seconds | tok/s |",
+            "|---|---|---|",
+            *[
+                f"| {label} | {sec[k]:.2f} | {tps[k]:.1f} |"
+                for k, label in (
+                    ("bare", "bare forward+backward (`model(labels=).loss.backward()`)"),
+                    ("gradient", "gradient pass, one accumulator"),
+                    ("gradient.halves", "gradient pass with the split-half sample"),
+                    ("language", "`Run.scores`: pass, importance, split-half statistics, compact file written"),
+                )
+            ],
+            "",
+            "| Target | Measured | Goal | Met |",
+            "|---|---|---|---|",
+            "| "
+            + " | ".join(
+                _row(
+                    "Work after the gradient pass / the pass",
+                    c["after_gradient_over_gradient"],
+                    "≤ 0.3",
+                    c["after_gradient_over_gradient"] <= 0.3,
+                )
+            )
+            + " |",
+            "| "
+            + " | ".join(
+                _row(
+                    "Gradient pass throughput with split halves / without",
+                    c["halves_over_plain_throughput"],
+                    "≥ 0.9",
+                    c["halves_over_plain_throughput"] >= 0.9,
+                )
+            )
+            + " |",
+            "| "
+            + " | ".join(
+                _row(
+                    "One language end to end / bare forward+backward (throughput)",
+                    c["language_over_bare_throughput"],
+                    "report",
+                    None,
+                )
+            )
+            + " |",
+        ]
     if "bfloat16" in r:
         b = r["bfloat16"]
         out += [
@@ -725,9 +805,14 @@ def markdown_extra(r: dict) -> str:
 
 def only(s: cases.Setup, args, r: dict, started: float) -> None:
     """`--only`: the bfloat16 comparison and / or score storage alone, written and printed like a full run."""
-    unknown = set(args.only) - {"bfloat16", "storage"}
+    unknown = set(args.only) - {"bfloat16", "storage", "scoring-cost"}
     if unknown:
-        raise SystemExit(f"--only: unknown part(s) {', '.join(sorted(unknown))}; use bfloat16 and/or storage")
+        raise SystemExit(
+            f"--only: unknown part(s) {', '.join(sorted(unknown))}; use bfloat16, storage and/or scoring-cost"
+        )
+    if "scoring-cost" in args.only:
+        print("scoring cost per language", flush=True)
+        r["scoring_cost"] = bench_scoring_cost(s, args)
     if "storage" in args.only:
         print("scores for the storage figures", flush=True)
         s.scores = cases.score_lean(s)
@@ -790,8 +875,9 @@ def main(argv=None) -> None:
     p.add_argument(
         "--only",
         type=lambda v: v.split(","),
-        help="run only these parts, comma-separated: bfloat16 (bf16 beside fp32: speed, regions, perplexity) "
-        "and/or storage (score file bytes per parameter and regions read back); default: everything",
+        help="run only these parts, comma-separated: bfloat16 (bf16 beside fp32: speed, regions, perplexity), "
+        "storage (score file bytes per parameter and regions read back) and/or scoring-cost (one language's "
+        "whole scoring against its gradient pass); default: everything",
     )
     p.add_argument("--memory", choices=list(MEMORY_CASES), help=argparse.SUPPRESS)  # subprocess mode
     p.add_argument("--scores", help=argparse.SUPPRESS)
@@ -820,6 +906,8 @@ def main(argv=None) -> None:
         return only(s, args, r, started)
     print("scoring", flush=True)
     r["scoring"], naive_scores = bench_scoring(s, args)
+    print("scoring cost per language", flush=True)
+    r["scoring_cost"] = bench_scoring_cost(s, args)
     print("perplexity", flush=True)
     r["perplexity"] = bench_perplexity(s, args)
     with tempfile.TemporaryDirectory() as tmp:

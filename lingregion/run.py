@@ -159,6 +159,7 @@ class Run:
                 checkpoint=path.with_name(f".{path.stem}.partial.safetensors"),
                 every=self.cfg.scale_checkpoint_every,
                 halves=self.halved or False,
+                model_fingerprint=self.info["fingerprint"],
             )
             if cfg.split_halves:
                 stability = self._split_half(label, w, s.a, s.b)

@@ -143,6 +143,7 @@ def gradient_sum(
     checkpoint: Path | None = None,
     every: int = CHECKPOINT_EVERY,
     halves: bool | Collection[str] = False,
+    model_fingerprint: str | None = None,
 ) -> dict[str, torch.Tensor] | Halves:
     """Σ over windows of ∂(mean token NLL over all windows)/∂θ for each named parameter, in fp32.
 
@@ -150,7 +151,9 @@ def gradient_sum(
     name, and for the halved ones the sums over the even- and over the odd-numbered windows (each still of
     the mean over all windows, so that A + B is the full sum), on the CPU.
     checkpoint: a file to save the running sums to every `every` windows; a rerun of the same job
-    resumes from it, and it is deleted once the sums are complete."""
+    resumes from it, and it is deleted once the sums are complete. Its key holds `model_fingerprint`, the
+    model's `models.fingerprint` when the caller has it already (hashing every weight again costs a second
+    per GB), else computed here."""
     params = dict(model.named_parameters())
     missing = [n for n in names if n not in params]
     if missing:
@@ -166,7 +169,7 @@ def gradient_sum(
             checkpoint,
             {
                 "job": "gradient_sum",
-                "model": fingerprint(model),
+                "model": model_fingerprint or fingerprint(model),
                 "names": shapes,
                 "windows": windows_digest(windows),
                 "batch_size": batch_size,
@@ -267,15 +270,16 @@ def score(
     checkpoint: Path | None = None,
     every: int = CHECKPOINT_EVERY,
     halves: bool | Collection[str] = False,
+    model_fingerprint: str | None = None,
 ) -> dict[str, torch.Tensor] | Split:
     """The paper's importance I = |(θ − θ_removed) ⊙ g| of every scored parameter over one language's windows.
 
     halves: True (every name) or the names to halve: a Split of the full importance and each half's
     (gradient_sum's A and B, on the CPU). The scoring pass holds one extra fp32 copy of the halved parameters."""
     if not halves:
-        grads = gradient_sum(model, windows, names, batch_size, progress, checkpoint, every)
+        grads = gradient_sum(model, windows, names, batch_size, progress, checkpoint, every, False, model_fingerprint)
         return taylor_importance(model, grads, removed, inplace=True)
-    sums = gradient_sum(model, windows, names, batch_size, progress, checkpoint, every, halves=halves)
+    sums = gradient_sum(model, windows, names, batch_size, progress, checkpoint, every, halves, model_fingerprint)
     full = taylor_importance(model, sums.full, removed, inplace=True)
     return Split(full, *(taylor_importance(model, half, removed, inplace=True) for half in (sums.a, sums.b)))
 
