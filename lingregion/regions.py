@@ -204,6 +204,12 @@ def _select_group(
     if k == 0:
         yield from ((n, torch.zeros(scores[n].shape, dtype=torch.bool)) for n in names)
         return
+    if len(names) == 1 and scores[names[0]].device.type == "cpu":  # one matrix: a sampled bracket, one pass
+        x = scores[names[0]]
+        m = torch.zeros(x.shape, dtype=torch.bool)
+        m.view(-1)[torch.from_numpy(tail_indices(x.detach().reshape(-1).float().numpy(), k, largest))] = True
+        yield names[0], m
+        return
     beyond = torch.gt if largest else torch.lt
     threshold, n_beyond = _kth(scores, names, k, largest)
     need = k - n_beyond
