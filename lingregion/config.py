@@ -22,7 +22,6 @@ PAPER_EVAL_LANGS = ["ar", "zh", "it", "ja", "ko", "fa", "pt", "ru", "es", "uk", 
 # The paper evaluates removal on 30 languages: its twelve, and here the 18 built-in languages with the most
 # evaluation text after them (`lingregion languages`: fr 59,653 tokens down to nl 5,989; ties by code).
 MORE_EVAL_LANGS = "fr th he tr et sl cs ro fi lt pl da hu el sk lv no nl".split()
-MAY_BE_EMPTY = {"eval_more_langs"}  # language lists that may name none (the quick removal table adds no language)
 MONO_LANGS = PAPER_SCORE_LANGS + ["uk", "pt"]  # so that related pairs exist (ru-uk, es-pt)
 EXPERIMENT_NAMES = [
     "removal",
@@ -68,16 +67,11 @@ class Config:
         PAPER_SCORE_LANGS, "languages whose importance is summed into the core score", langs=True
     )
     eval_langs: list[str] = opt(
-        PAPER_EVAL_LANGS,
-        "languages evaluated in the removal table",
+        PAPER_EVAL_LANGS + MORE_EVAL_LANGS,
+        "languages evaluated in the removal table and the monolingual interaction matrix (default: the paper's "
+        "30, its twelve and then the 18 built-in languages with the most evaluation text)",
         langs=True,
         quick=["ar", "zh", "ru", "uk", "en"],
-    )
-    eval_more_langs: list[str] = opt(
-        MORE_EVAL_LANGS,
-        "further languages of the removal table only, after eval_langs (the paper's table has 30 languages)",
-        langs=True,
-        quick=[],
     )
     parallel: bool = opt(
         False,
@@ -238,7 +232,7 @@ class Config:
             setattr(self, f.name, _typed(f.name, getattr(self, f.name), field_types()[f.name]))
             if f.metadata["langs"]:
                 value = getattr(self, f.name)
-                if value == [] and f.name not in MAY_BE_EMPTY:
+                if value == []:
                     raise LingregionError(f"{f.name} is empty; name at least one language")
                 for lang in value if isinstance(value, list) else [value]:
                     corpus.check_code(lang)

@@ -14,8 +14,7 @@ NAME = "removal"
 def measure(run: Run) -> dict:
     """Perplexity of every evaluation language with the Top / Bottom / Random k% of the core score
     removed, against the unmodified model, and what the removed entries were before removal."""
-    cfg = run.cfg
-    langs = list(dict.fromkeys(cfg.eval_langs + cfg.eval_more_langs))
+    cfg, langs = run.cfg, run.cfg.eval_langs
     core = run.core_scores()
     params = dict(run.model.named_parameters())
     table = {"base": run.evaluate("removal.json", "base", [], langs)}
