@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -86,19 +87,26 @@ def save(
         )
     record.update(exact_share=exact_share, body_bits=BODY_BITS)
     tensors: dict[str, torch.Tensor] = {}
-    for n, x in scores.items():
-        v = x.detach().float().cpu().reshape(-1).numpy()
-        # regions.select's own rule (ties: lower flat index first) picks the tails, so ties at their edges fall
-        # exactly as a later selection's
-        top, bottom = (_tails(v, tuple(x.shape), exact_share, largest) for largest in (True, False))
-        codes, exact, levels = _encode(v, top, bottom)
-        # the Bottom tail holds the smallest value; a NaN (not in any tail) or ±inf would make a level or the
-        # tails' values not finite
-        smallest = v[bottom].min() if bottom.size else v.min()
-        if not (smallest >= 0 and torch.isfinite(levels).all() and torch.isfinite(exact).all()):
-            raise LingregionError(f"scores of {n} are negative or not finite; importance scores must be ≥ 0")
-        tensors[f"{n}/codes"], tensors[f"{n}/exact"], tensors[f"{n}/levels"] = codes, exact, levels
+    # numpy releases the GIL in its whole-array passes, so matrices are encoded on as many threads as torch uses
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        parts = pool.map(lambda item: _encode_matrix(*item, exact_share), scores.items())
+        for n, (codes, exact, levels) in zip(scores, parts):
+            tensors[f"{n}/codes"], tensors[f"{n}/exact"], tensors[f"{n}/levels"] = codes, exact, levels
     write_tensors(path, tensors, record)
+
+
+def _encode_matrix(name: str, x: torch.Tensor, exact_share: float):
+    v = x.detach().float().cpu().reshape(-1).numpy()
+    # regions.select's own rule (ties: lower flat index first) picks the tails, so ties at their edges fall
+    # exactly as a later selection's
+    top, bottom = (_tails(v, tuple(x.shape), exact_share, largest) for largest in (True, False))
+    codes, exact, levels = _encode(v, top, bottom)
+    # the Bottom tail holds the smallest value; a NaN (not in any tail) or ±inf would make a level or the
+    # tails' values not finite
+    smallest = v[bottom].min() if bottom.size else v.min()
+    if not (smallest >= 0 and torch.isfinite(levels).all() and torch.isfinite(exact).all()):
+        raise LingregionError(f"scores of {name} are negative or not finite; importance scores must be ≥ 0")
+    return codes, exact, levels
 
 
 def _tails(v: np.ndarray, shape: tuple[int, ...], share: float, largest: bool) -> np.ndarray:
