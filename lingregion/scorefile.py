@@ -100,13 +100,10 @@ def _encode_matrix(name: str, x: torch.Tensor, exact_share: float):
     # regions.select's own rule (ties: lower flat index first) picks the tails, so ties at their edges fall
     # exactly as a later selection's
     top, bottom = (_tails(v, tuple(x.shape), exact_share, largest) for largest in (True, False))
-    codes, exact, levels = _encode(v, top, bottom)
-    # the Bottom tail holds the smallest value; a NaN (not in any tail) or ±inf would make a level or the
-    # tails' values not finite
-    smallest = v[bottom].min() if bottom.size else v.min()
-    if not (smallest >= 0 and torch.isfinite(levels).all() and torch.isfinite(exact).all()):
+    smallest = v[bottom].min() if bottom.size else v.min()  # the Bottom tail holds the smallest value
+    if not (smallest >= 0 and np.isfinite(v.max())):  # max() is NaN if any entry is
         raise LingregionError(f"scores of {name} are negative or not finite; importance scores must be ≥ 0")
-    return codes, exact, levels
+    return _encode(v, top, bottom)
 
 
 def _tails(v: np.ndarray, shape: tuple[int, ...], share: float, largest: bool) -> np.ndarray:
@@ -194,8 +191,10 @@ def _encode(v: np.ndarray, top: np.ndarray, bottom: np.ndarray):
             # float32 arithmetic as torch's x.sub(lo).mul_(1 / width): the same codes as earlier versions wrote
             y = np.subtract(v, np.float32(lo), dtype=np.float32)
             np.multiply(y, np.float32(1 / width), out=y)
-            np.clip(y, 0, _LEVELS - 1, out=y)  # y ≥ 0 and < 15, so truncation below is floor
-            with np.errstate(invalid="ignore"):  # a NaN score: refused by the caller, which checks the levels
+            # The body's y lie in [0, 15], so truncation below is floor(min(y, 14)); the tails' codes are
+            # overwritten next, whatever the cast made of theirs.
+            np.minimum(y, _LEVELS - 1, out=y)
+            with np.errstate(invalid="ignore"):
                 codes = y.astype(np.uint8)
             del y
             codes[top] = _EXACT_CODE
@@ -238,7 +237,8 @@ def _decode(packed: torch.Tensor, exact: torch.Tensor, levels: torch.Tensor, n: 
 def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
     if len(codes) % 2:
         codes = np.append(codes, np.uint8(0))
-    return (codes[0::2] << 4 | codes[1::2]).astype(np.uint8)
+    out = np.left_shift(codes[0::2], 4)
+    return np.bitwise_or(out, codes[1::2], out=out)
 
 
 def _unpack_nibbles(packed: np.ndarray, n: int) -> np.ndarray:
