@@ -3,7 +3,7 @@
     python benchmarks/stages.py RUN_DIR [RUN_DIR ...]
 
 Reads run.json (seconds per experiment, as `lingregion reproduce` records them) and the score files'
-provenance (seconds each score took: gradient pass, importance, split-half statistics, file written).
+provenance (seconds each score took before its file was written: gradient pass, importance, split-half statistics).
 Scores are made inside the first experiment that needs them, so their seconds are part of that
 experiment's. Prints JSON, then a Markdown table with one column per run folder (e.g. before / after).
 """

@@ -346,43 +346,47 @@ def cmd_train(args) -> None:
     settings.validate()
     if args.compare and args.freeze == "none":
         raise LingregionError("--compare needs a region to freeze: pass --freeze core:top:0.01, mono:L or a file")
-    m = _load(cfg)
-    per_step = settings.samples_per_step
-    data = pretraining.windows_for(
-        m, args.text, "score", cfg.seq_len, settings.steps * per_step * cfg.seq_len, cfg.texts
-    )
-    evals = {data.lang: pretraining.windows_for(m, args.text, "eval", cfg.seq_len, cfg.eval_tokens, cfg.texts)}
-    for lang in [x for x in args.track if x not in evals]:
-        evals[lang] = pretraining.windows_for(m, lang, "eval", cfg.seq_len, cfg.eval_tokens, cfg.texts)
-    if pretraining.needs_scores(args.freeze):
-        run_dir = Path(args.run) if args.run else out / "run"
-        with locked(run_dir):
-            region = pretraining.region_for(args.freeze, m, Run(run_dir, cfg, m))
-    else:
-        region = pretraining.region_for(args.freeze, m)
-    if args.compare:
-        result = pretraining.compare(
-            m,
-            data,
-            region,
-            evals,
-            data.lang,
-            settings=args.compare,
-            values=args.freeze_values,
-            config=settings,
-            out=out,
+    # OUT is written by every process of a torchrun job: rank 0 holds its lock, the others wait for it in
+    # the process group's rendezvous, which rank 0 joins only once it holds the lock.
+    with locked(out):
+        distributed.world()
+        m = _load(cfg)
+        per_step = settings.samples_per_step
+        data = pretraining.windows_for(
+            m, args.text, "score", cfg.seq_len, settings.steps * per_step * cfg.seq_len, cfg.texts
         )
-        elements = pretraining.compare_section(result)
-    else:
-        result = pretraining.train(m, data, region, evals, values=args.freeze_values, settings=settings, out=out)
-        elements = pretraining.section(result)
-    if not distributed.is_main():
-        return
-    md = report.to_markdown(elements, out)
-    write_text(out / "report.md", md)
-    write_text(out / "report.html", report.to_html(elements, out, f"lingregion train: {out.name}"))
-    print(md.replace("**", ""))
-    print(f"model: {out}{' (one folder per setting)' if args.compare else ''}; report: {out / 'report.html'}")
+        evals = {data.lang: pretraining.windows_for(m, args.text, "eval", cfg.seq_len, cfg.eval_tokens, cfg.texts)}
+        for lang in [x for x in args.track if x not in evals]:
+            evals[lang] = pretraining.windows_for(m, lang, "eval", cfg.seq_len, cfg.eval_tokens, cfg.texts)
+        if pretraining.needs_scores(args.freeze):
+            run_dir = Path(args.run) if args.run else out / "run"
+            with locked(run_dir):
+                region = pretraining.region_for(args.freeze, m, Run(run_dir, cfg, m))
+        else:
+            region = pretraining.region_for(args.freeze, m)
+        if args.compare:
+            result = pretraining.compare(
+                m,
+                data,
+                region,
+                evals,
+                data.lang,
+                settings=args.compare,
+                values=args.freeze_values,
+                config=settings,
+                out=out,
+            )
+            elements = pretraining.compare_section(result)
+        else:
+            result = pretraining.train(m, data, region, evals, values=args.freeze_values, settings=settings, out=out)
+            elements = pretraining.section(result)
+        if not distributed.is_main():
+            return
+        md = report.to_markdown(elements, out)
+        write_text(out / "report.md", md)
+        write_text(out / "report.html", report.to_html(elements, out, f"lingregion train: {out.name}"))
+        print(md.replace("**", ""))
+        print(f"model: {out}{' (one folder per setting)' if args.compare else ''}; report: {out / 'report.html'}")
 
 
 def cmd_report(args) -> None:

@@ -44,13 +44,8 @@ SUMMARY = "train-summary.json"
 COMPARE_SUMMARY = "compare-summary.json"
 VALUES = ("current", "removed")  # hold the frozen region where it is, or at θ_removed (a removed region)
 SETTINGS = {"none": "No freezing", "core": "Region frozen", "random": "Random frozen"}
-_EVAL = "lingregion_eval"
-_INT_OF_WIDTH = {
-    1: torch.uint8,
-    2: torch.int16,
-    4: torch.int32,
-    8: torch.int64,
-}  # the key of a tracked-perplexity entry in the Trainer's log_history
+_EVAL = "lingregion_eval"  # the key of a tracked-perplexity entry in the Trainer's log_history
+_INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 # --- which region ------------------------------------------------------------------------------------------
@@ -373,6 +368,14 @@ def save(m: models.Model, out: Path, summary: dict) -> None:
     figure. Files are written into a temporary folder and moved in with config.json last, so `out` does not
     look like a model until the weights are all there."""
     out.mkdir(parents=True, exist_ok=True)
+    # The summary and figure first: a folder with config.json is taken for a finished model on a rerun, so
+    # config.json must be the very last file to arrive.
+    if summary["evals"]:
+        lang = summary["train_text"].get("lang")
+        write_bytes(
+            out / "figures" / "train.png", curve_figure(_curves({"train": summary}, lang), {"train": "trained"})
+        )
+    write_json(out / SUMMARY, summary)
     tmp = out / f".model.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -383,12 +386,6 @@ def save(m: models.Model, out: Path, summary: dict) -> None:
             os.replace(f, out / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if summary["evals"]:
-        lang = summary["train_text"].get("lang")
-        write_bytes(
-            out / "figures" / "train.png", curve_figure(_curves({"train": summary}, lang), {"train": "trained"})
-        )
-    write_json(out / SUMMARY, summary)
 
 
 def model_card(summary: dict) -> str:

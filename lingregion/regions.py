@@ -135,12 +135,6 @@ class Region:
         both, either = self & other, self | other
         return np.array([both.count(n) / either.count(n) for n in self.packed if either.count(n)])
 
-    def matrix_jaccard(self, other: Region) -> float:
-        """The mean over matrices of `matrix_jaccards` (each matrix counts once, whatever its size); nan when
-        every matrix is empty in both."""
-        overlaps = self.matrix_jaccards(other)
-        return float(np.mean(overlaps)) if len(overlaps) else math.nan
-
     def save(self, path: Path) -> None:
         """Write the masks, shapes and meta to a safetensors file (atomically). Each packed mask is stored
         zlib-compressed: a k% region has far less than 1 bit of information per entry (a 3% mask compresses

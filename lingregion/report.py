@@ -148,8 +148,10 @@ def foreign_results(results: dict[str, dict], run_dir: Path) -> tuple[dict[str, 
     run = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
     if not (run_dir / "config.yaml").is_file():
         return {}, run
-    cfg = Config.from_dict(Config.read(run_dir / "config.yaml"))
-    want = cfg.results_digest()
+    try:
+        want = Config.from_dict(Config.read(run_dir / "config.yaml")).results_digest()
+    except LingregionError:  # a config.yaml of an older version (a removed key, YAML 1.1 booleans): unverified
+        return {}, run
     if run and _digest_of(run.get("config", {})) != want:
         run = {}
     own = [r for r in results.values() if r.get("config_digest") == want]

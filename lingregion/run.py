@@ -62,6 +62,7 @@ class Run:
         self._regions: dict[tuple, tuple[dict, Region]] = {}
         self._stability: dict[str, dict] = {}  # label → split-half statistics of a score
         self._core_halves: tuple[dict, dict] = ({}, {})  # Σ over the scored languages of each half's importance
+        self._core_halved: set[str] = set()  # the languages in those sums (a score read from disk adds none)
         # the matrices whose scores keep split halves: a seeded sample, so that halves cost a share of the memory
         self.halved = uncertainty.matrix_sample(self.names, cfg.split_half_share, cfg.seed) if cfg.split_halves else []
 
@@ -130,6 +131,8 @@ class Run:
         budget = None if budget == self.cfg.score_tokens else budget
         w = self.windows(lang, "score", budget)
         made_of = self.made_of(windows=w.meta, names=digest(self.names), estimator=estimator)
+        if estimator == "taylor":  # its split-half statistics and half regions cover this sample of matrices
+            made_of["halved"] = digest(self.halved)
         cfg = self.cfg
         share = max([*cfg.ratios, cfg.mono_ratio, cfg.struct_ratio, cfg.train_ratio, cfg.down_ratio])
         storage = cfg.score_storage if share < 0.5 else "float32"  # tails of half a matrix: keep it all
@@ -166,6 +169,7 @@ class Run:
                 if budget is None and lang in cfg.score_langs:  # the core score's halves are these halves' sums
                     for total, half in zip(self._core_halves, (s.a, s.b)):
                         scoring.accumulate(total, half)
+                    self._core_halved.add(lang)
                 s = s.full
         scorefile.save(
             path,
@@ -211,7 +215,7 @@ class Run:
         scored language's halves were computed in this process."""
         out = dict(self._stability)
         a, b = self._core_halves
-        if a and all(lang in self._stability for lang in self.cfg.score_langs) and len(a) == len(self.halved):
+        if a and self._core_halved == set(self.cfg.score_langs):
             out["core"] = uncertainty.split_half(a, b, [*self.cfg.ratios, self.cfg.mono_ratio], self.cfg.seed)[0]
         return out
 

@@ -43,6 +43,7 @@ EXACT_SHARE = 0.03  # the paper's largest region share (core 3%, each language's
 BODY_BITS = 4
 _EXACT_CODE = (1 << BODY_BITS) - 1  # the code of a tail entry; body codes are 0 .. _EXACT_CODE - 1
 _LEVELS = _EXACT_CODE
+ENCODE_THREADS = 4
 
 
 class Inexact(UserWarning):
@@ -87,8 +88,10 @@ def save(
         )
     record.update(exact_share=exact_share, body_bits=BODY_BITS)
     tensors: dict[str, torch.Tensor] = {}
-    # numpy releases the GIL in its whole-array passes, so matrices are encoded on as many threads as torch uses
-    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+    # numpy releases the GIL in its whole-array passes, so matrices are encoded on torch's threads, at most
+    # ENCODE_THREADS: each holds about 19 bytes per entry of its matrix in scratch (a 7B model's largest, 45M
+    # entries, 0.9 GB)
+    with ThreadPoolExecutor(max(1, min(ENCODE_THREADS, torch.get_num_threads()))) as pool:
         parts = pool.map(lambda item: _encode_matrix(*item, exact_share), scores.items())
         for n, (codes, exact, levels) in zip(scores, parts):
             tensors[f"{n}/codes"], tensors[f"{n}/exact"], tensors[f"{n}/levels"] = codes, exact, levels
