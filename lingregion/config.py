@@ -68,8 +68,9 @@ class Config:
     )
     eval_langs: list[str] = opt(
         PAPER_EVAL_LANGS + MORE_EVAL_LANGS,
-        "languages evaluated in the removal table and the monolingual interaction matrix (default: the paper's "
-        "30, its twelve and then the 18 built-in languages with the most evaluation text)",
+        "languages evaluated in the removal table and (those among mono_eval_langs) the monolingual interaction "
+        "matrix (default: the paper's 30, its twelve and then the 18 built-in languages with the most evaluation "
+        "text)",
         langs=True,
         quick=["ar", "zh", "ru", "uk", "en"],
     )
@@ -123,6 +124,12 @@ class Config:
         "languages whose monolingual regions are found",
         langs=True,
         quick=["ar", "zh", "ru", "uk"],
+    )
+    mono_eval_langs: list[str] = opt(
+        PAPER_EVAL_LANGS,
+        "which of eval_langs the interaction matrix evaluates (default the paper's twelve: each further language "
+        "costs one evaluation per monolingual region and control)",
+        langs=True,
     )
     mono_ratio: float = opt(0.03, "Top share of each language's own score before the set difference")
     mono_eval_tokens: int = opt(512, "evaluation tokens per language and setting of the interaction matrix", quick=256)

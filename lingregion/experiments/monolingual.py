@@ -113,7 +113,7 @@ def measure(run: Run) -> dict:
     """Table 5 and beyond: each language's monolingual region S_L* = S_L − ∪ S_L', the languages ×
     languages interaction matrix of its removal, a same-size Bottom control, generation cases, and
     where the regions sit (overlaps, layers, matrix types)."""
-    cfg, langs, evals = run.cfg, run.cfg.mono_langs, run.cfg.eval_langs
+    cfg, langs, evals = run.cfg, run.cfg.mono_langs, interaction_langs(run.cfg)
     budget = cfg.mono_eval_tokens
     est, tag = cfg.mono_estimator, _tag(cfg.mono_estimator)  # the paper's taylor keeps its names (no tag)
     tops, core, monos = _regions(run, langs, est, tag)
@@ -193,7 +193,7 @@ def _table5(run: Run, tops: dict[str, Region], monos: dict[str, Region], est: st
     """Table 5's layout for the focus language at two scoring budgets (the full one and a quarter of it):
     its monolingual region removed (Top) against Bottom of the same size, the control."""
     cfg = run.cfg
-    langs, evals, budget, focus = cfg.mono_langs, cfg.eval_langs, cfg.mono_eval_tokens, cfg.mono_focus
+    langs, evals, budget, focus = cfg.mono_langs, interaction_langs(cfg), cfg.mono_eval_tokens, cfg.mono_focus
     small, table5 = max(cfg.score_tokens // 4, cfg.seq_len), {}
     for label, b in (("full", None), ("quarter", small)):
         f_tops = tops if b is None else _tops(run, langs, b, est)[0]
@@ -359,8 +359,19 @@ def _needed_budget(run: Run) -> float | None:
     return max((v for v in fitted.values() if v), default=None)
 
 
+def interaction_langs(cfg) -> list[str]:
+    """The languages the interaction matrix evaluates: eval_langs, those among mono_eval_langs."""
+    return [lang for lang in cfg.eval_langs if lang in cfg.mono_eval_langs]
+
+
 def validate(cfg) -> None:
-    """Refuse a focus language that is not among the monolingual languages."""
+    """Refuse a focus language that is not among the monolingual languages, and an interaction matrix
+    without languages."""
+    if not interaction_langs(cfg):
+        raise LingregionError(
+            f"none of eval_langs ({','.join(cfg.eval_langs)}) is among mono_eval_langs "
+            f"({','.join(cfg.mono_eval_langs)}); add one to --mono-eval-langs"
+        )
     if cfg.mono_focus not in cfg.mono_langs:
         raise LingregionError(
             f"--mono-focus {cfg.mono_focus} is not among the monolingual languages "

@@ -51,3 +51,17 @@ def test_interaction_matrix_uses_the_core_evaluation(tiny_folder, tmp_path, toke
     for f in ["interaction.png", "jaccard.png", "distribution.png"]:
         assert (out / "figures" / f).read_bytes().startswith(b"\x89PNG")
     assert "## Monolingual regions" in (out / "report.md").read_text()
+
+
+def test_the_interaction_matrix_evaluates_the_paper_languages_of_eval_langs():
+    from lingregion.config import MORE_EVAL_LANGS, PAPER_EVAL_LANGS, Config
+    from lingregion.experiments import monolingual
+    from lingregion.store import LingregionError
+
+    assert monolingual.interaction_langs(Config()) == PAPER_EVAL_LANGS  # the removal table's 30, less the 18
+    assert len(Config().eval_langs) == 30 and set(MORE_EVAL_LANGS).isdisjoint(monolingual.interaction_langs(Config()))
+    quick = Config.quick()
+    assert monolingual.interaction_langs(quick) == quick.eval_langs  # --quick: all five, as before
+    assert monolingual.interaction_langs(Config(eval_langs=["fr", "ru"], mono_eval_langs=["ru", "fr"])) == ["fr", "ru"]
+    with pytest.raises(LingregionError, match="none of eval_langs"):
+        monolingual.validate(Config(eval_langs=["fr"]))
