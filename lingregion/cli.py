@@ -482,7 +482,8 @@ def _stability_parser(sub) -> None:
         help="how much text a language's region needs (split-half stability)",
         description="Score each --lang at 1/8, 1/4, 1/2 and all of --stability-tokens (one pass, "
         "two interleaved halves), report the split-half Jaccard of the Top regions and the "
-        "budget at which it would reach 0.9; also the same windows in the other precision.",
+        "gain per doubling of the budget (and the budget for 0.9, within 10x of the largest measured); also the "
+        "same windows in the other precision.",
     )
     st.add_argument("--out", default=DEFAULT_OUT, help=f"run folder (default {DEFAULT_OUT})")
     add_config_flags(

@@ -27,6 +27,14 @@ from .store import (
 )
 
 RECORD = "lingregion-export.json"
+# How a model card says to load the folder it sits in (an exported or a trained model alike)
+LOAD_SNIPPET = (
+    "```python",
+    "from transformers import AutoModelForCausalLM, AutoTokenizer",
+    "model = AutoModelForCausalLM.from_pretrained('THIS_FOLDER')",
+    "tokenizer = AutoTokenizer.from_pretrained('THIS_FOLDER')",
+    "```",
+)
 
 
 def region_record(region: Region, path: Path | None, model, removed: dict[str, float]) -> dict:
@@ -234,11 +242,7 @@ def model_card(record: dict) -> str:
     lines += [
         "## Use",
         "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "model = AutoModelForCausalLM.from_pretrained('THIS_FOLDER')",
-        "tokenizer = AutoTokenizer.from_pretrained('THIS_FOLDER')",
-        "```",
+        *LOAD_SNIPPET,
         "",
         "```bash",
         "lm_eval --model hf --model_args pretrained=THIS_FOLDER --tasks mmlu",

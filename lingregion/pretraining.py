@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from . import corpus, distributed, evaluation, figures, freezing, markup, models, uncertainty
+from . import corpus, distributed, evaluation, export, figures, freezing, markup, models, uncertainty
 from .corpus import Windows
 from .regions import Region, monolingual, select
 from .run import Run, digest
@@ -421,11 +421,7 @@ def model_card(summary: dict) -> str:
         "",
         f"Every number with its provenance: `{SUMMARY}`.",
         "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "model = AutoModelForCausalLM.from_pretrained('THIS_FOLDER')",
-        "tokenizer = AutoTokenizer.from_pretrained('THIS_FOLDER')",
-        "```",
+        *export.LOAD_SNIPPET,
         "",
     ]
     return "\n".join(lines)

@@ -194,13 +194,9 @@ class Run:
         cfg = self.cfg
         stats, ranked = uncertainty.split_half(a, b, [*cfg.ratios, cfg.mono_ratio], cfg.seed)
         stats["tokens_per_half"] = [sum(len(ids) - 1 for ids in w.input_ids[k::2]) for k in (0, 1)]
+        shapes, meta = {n: tuple(t.shape) for n, t in a.items()}, {"model": self.info["fingerprint"]}
         for k in "ab":
-            region = Region.from_ranked(
-                ranked[k],
-                {n: tuple(t.shape) for n, t in a.items()},
-                cfg.mono_ratio,
-                {"model": self.info["fingerprint"]},
-            )
+            region = Region.from_ranked(ranked[k], shapes, cfg.mono_ratio, meta)
             region.save(self.out / "regions" / "halves" / f"{label}-{k}-top-{cfg.mono_ratio:g}.safetensors")
         self._stability[label] = stats
         return stats

@@ -161,7 +161,11 @@ def gradient_sum(
             f"parameters not in this model: {', '.join(missing[:3])}; were the scores made for another model?"
         )
     total = windows.n_tokens  # the mean runs over all windows, whichever process takes which
-    halved = [n for n in names if n in set(halves)] if isinstance(halves, Collection) else names if halves else []
+    if isinstance(halves, Collection):
+        wanted = set(halves)
+        halved = [n for n in names if n in wanted]
+    else:
+        halved = names if halves else []
     ckpt = state = None
     if checkpoint:
         shapes = hashlib.sha256(repr([(n, tuple(params[n].shape)) for n in names]).encode()).hexdigest()[:16]
