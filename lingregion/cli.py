@@ -684,9 +684,18 @@ def _small_parsers(sub) -> None:
     cp.set_defaults(func=cmd_corpus)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors (a flag's wrong type, an unknown choice) as one line and exit 2, like the
+    program's own errors, instead of the usage block before them. The subcommands' parsers are of this class
+    too (add_subparsers makes them of the parent's)."""
+
+    def error(self, message: str):
+        self.exit(2, f"lingregion: error: {message} ({self.prog} --help lists the options)\n")
+
+
 def parser() -> argparse.ArgumentParser:
     """The whole command line."""
-    p = argparse.ArgumentParser(prog="lingregion", description="Find and test the linguistic regions of LLMs.")
+    p = _Parser(prog="lingregion", description="Find and test the linguistic regions of LLMs.")
     p.add_argument("--version", action="version", version=f"lingregion {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for add in (

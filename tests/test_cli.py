@@ -328,3 +328,19 @@ def test_console_script_exits_2():
         text=True,
     )
     assert proc.returncode == 2 and "lingregion: error:" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["reproduce", "--quick", "--split-half-share", "abc"], "argument --split-half-share: invalid float value"),
+        (["reproduce", "--quick", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+        (["nosuch"], "invalid choice: 'nosuch'"),
+    ],
+)
+def test_a_flag_argparse_refuses_is_one_line_exit_2(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, *(["--out", str(tmp_path / "o")] if argv[0] == "reproduce" else [])])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("lingregion: error:") and message in err
+    assert "usage:" not in err and not (tmp_path / "o").exists()
