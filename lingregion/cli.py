@@ -690,6 +690,7 @@ class _Parser(argparse.ArgumentParser):
     too (add_subparsers makes them of the parent's)."""
 
     def error(self, message: str):
+        """Exit 2 with argparse's message on one line, naming where the options are listed."""
         self.exit(2, f"lingregion: error: {message} ({self.prog} --help lists the options)\n")
 
 
