@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,19 @@ from .store import Corrupt, LingregionError, read_tensors, write_tensors
 SIDES = ("top", "bottom", "random")
 FORMAT = "lingregion-region-v2"  # v1: the same, uncompressed
 SCOPES = ("matrix", "global")
+MATRIX_THREADS = 4
+SAMPLE = 4096  # entries of a matrix that bracket its k-th value (tails)
+
+
+def map_matrices(fn: Callable, items: Iterable) -> list:
+    """[fn(item) for item in items], on torch's threads (at most MATRIX_THREADS). Per-matrix work is a few
+    whole-array numpy passes, which release the GIL, so matrices run in parallel; each thread holds one
+    matrix's scratch (a 7B model's largest matrix has 45M entries)."""
+    workers = max(1, min(MATRIX_THREADS, torch.get_num_threads()))
+    if workers == 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
 
 
 def _pack(mask: torch.Tensor) -> torch.Tensor:
@@ -437,25 +451,38 @@ def tail_indices(v: np.ndarray, k: int, largest: bool = True) -> np.ndarray:
     """Indices of the k largest (smallest) entries of the flat array v, ties at the k-th value by lowest
     index: the entries `select` takes from one matrix, unordered. Only the entries beyond a sampled bracket
     of the k-th value are partitioned, so this costs about one comparison pass over v."""
+    return tails(v, k, (largest,))[0]
+
+
+def tails(v: np.ndarray, k: int, sides: tuple[bool, ...] = (True, False)) -> list[np.ndarray]:
+    """`tail_indices(v, k, largest)` for each `largest` of `sides`, bracketed from one sample."""
     n = len(v)
     if k <= 0:
-        return np.zeros(0, dtype=np.int64)
-    s = v[:: max(1, n // 4096)]
-    # A sample quantile a few standard deviations short of the k-th value: every selected entry lies beyond
-    # it (checked: if fewer than k entries do, take them all).
+        return [np.zeros(0, dtype=np.int64) for _ in sides]
+    # Sampled at random positions: a stride would sample a few columns of a matrix, and columns differ
+    # (outlier dimensions), which biases the bracket. Any sample gives the same result; this one is fixed.
+    s = v if n <= 2 * SAMPLE else v[np.random.default_rng(n).integers(0, n, SAMPLE)]
+    # Sample quantiles a few standard deviations short of the k-th value from either end: every selected
+    # entry lies beyond its side's (checked: if fewer than k entries do, that side takes them all).
     m, spread = len(s), 4 * np.sqrt(len(s) * k / n) + 2
-    if largest:
-        j = int(m * (1 - k / n) - spread)
-        cand = np.flatnonzero(v >= np.partition(s, j)[j]) if j > 0 else np.arange(n)
+    at = {True: int(m * (1 - k / n) - spread), False: int(m * k / n + spread)}
+    if all(0 < at[side] < m - 1 for side in sides):
+        q = np.partition(s, [at[side] for side in sides])
+        cands = [np.flatnonzero(v >= q[at[side]] if side else v <= q[at[side]]) for side in sides]
     else:
-        j = int(m * k / n + spread)
-        cand = np.flatnonzero(v <= np.partition(s, j)[j]) if j < m - 1 else np.arange(n)
-    if len(cand) < k:
-        cand = np.arange(n)
-    w = v[cand]
-    kth = np.partition(w, len(w) - k if largest else k - 1)[len(w) - k if largest else k - 1]
+        cands = [np.arange(n)] * len(sides)
+    return [
+        _tail(c, v[c], k, side) if len(c) >= k else _tail(np.arange(n), v, k, side) for c, side in zip(cands, sides)
+    ]
+
+
+def _tail(cand: np.ndarray, w: np.ndarray, k: int, largest: bool) -> np.ndarray:
+    """The k largest (smallest) of the candidate entries `cand` (values w, which hold all of v's), ties by
+    lowest index (cand is in index order)."""
+    j = len(w) - k if largest else k - 1
+    kth = np.partition(w, j)[j]
     beyond = cand[w > kth] if largest else cand[w < kth]
-    return np.concatenate([beyond, cand[w == kth][: k - len(beyond)]]).astype(np.int64)
+    return np.concatenate([beyond, cand[w == kth][: k - len(beyond)]]).astype(np.int64, copy=False)
 
 
 def top_set_jaccards(a: np.ndarray, b: np.ndarray, layout: Layout) -> np.ndarray:

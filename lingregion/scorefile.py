@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import json
 import math
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .regions import tail_indices
+from .regions import map_matrices, tails
 from .store import LingregionError, read_tensors, write_tensors
 
 FORMAT = "lingregion-scores-v2"
@@ -43,7 +42,6 @@ EXACT_SHARE = 0.03  # the paper's largest region share (core 3%, each language's
 BODY_BITS = 4
 _EXACT_CODE = (1 << BODY_BITS) - 1  # the code of a tail entry; body codes are 0 .. _EXACT_CODE - 1
 _LEVELS = _EXACT_CODE
-ENCODE_THREADS = 4
 
 
 class Inexact(UserWarning):
@@ -88,13 +86,10 @@ def save(
         )
     record.update(exact_share=exact_share, body_bits=BODY_BITS)
     tensors: dict[str, torch.Tensor] = {}
-    # numpy releases the GIL in its whole-array passes, so matrices are encoded on torch's threads, at most
-    # ENCODE_THREADS: each holds about 19 bytes per entry of its matrix in scratch (a 7B model's largest, 45M
-    # entries, 0.9 GB)
-    with ThreadPoolExecutor(max(1, min(ENCODE_THREADS, torch.get_num_threads()))) as pool:
-        parts = pool.map(lambda item: _encode_matrix(*item, exact_share), scores.items())
-        for n, (codes, exact, levels) in zip(scores, parts):
-            tensors[f"{n}/codes"], tensors[f"{n}/exact"], tensors[f"{n}/levels"] = codes, exact, levels
+    # about 19 bytes of scratch per entry of the matrix being encoded, on each thread
+    parts = map_matrices(lambda item: _encode_matrix(*item, exact_share), scores.items())
+    for n, (codes, exact, levels) in zip(scores, parts):
+        tensors[f"{n}/codes"], tensors[f"{n}/exact"], tensors[f"{n}/levels"] = codes, exact, levels
     write_tensors(path, tensors, record)
 
 
@@ -102,21 +97,21 @@ def _encode_matrix(name: str, x: torch.Tensor, exact_share: float):
     v = x.detach().float().cpu().reshape(-1).numpy()
     # regions.select's own rule (ties: lower flat index first) picks the tails, so ties at their edges fall
     # exactly as a later selection's
-    top, bottom = (_tails(v, tuple(x.shape), exact_share, largest) for largest in (True, False))
+    top, bottom = _tails(v, tuple(x.shape), exact_share)
     smallest = v[bottom].min() if bottom.size else v.min()  # the Bottom tail holds the smallest value
     if not (smallest >= 0 and np.isfinite(v.max())):  # max() is NaN if any entry is
         raise LingregionError(f"scores of {name} are negative or not finite; importance scores must be ≥ 0")
     return _encode(v, top, bottom)
 
 
-def _tails(v: np.ndarray, shape: tuple[int, ...], share: float, largest: bool) -> np.ndarray:
-    """Flat indices of the Top (Bottom) `share` of each matrix of a parameter, as `regions.select` takes them:
-    round(share · entries) per matrix, each expert of an [experts, out, in] stack a matrix of its own."""
+def _tails(v: np.ndarray, shape: tuple[int, ...], share: float) -> list[np.ndarray]:
+    """Flat indices of the Top and the Bottom `share` of each matrix of a parameter, as `regions.select` takes
+    them: round(share · entries) per matrix, each expert of an [experts, out, in] stack a matrix of its own."""
     if len(shape) != 3:
-        return tail_indices(v, round(share * len(v)), largest)
+        return tails(v, round(share * len(v)))
     size = len(v) // shape[0]
-    k = round(share * size)
-    return np.concatenate([tail_indices(v[e * size : (e + 1) * size], k, largest) + e * size for e in range(shape[0])])
+    parts = [tails(v[e * size : (e + 1) * size], round(share * size)) for e in range(shape[0])]
+    return [np.concatenate([p[side] + e * size for e, p in enumerate(parts)]) for side in (0, 1)]
 
 
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -180,37 +175,44 @@ def _encode(v: np.ndarray, top: np.ndarray, bottom: np.ndarray):
     the mean of the body values in its bin, so that sums of decoded scores are unbiased per bin. Whole-array
     numpy passes (a code for every entry, the tails then overwritten) rather than masked copies of the body:
     this runs after every language's gradient pass, and must cost a small part of it."""
+    tails = np.sort(np.concatenate([top, bottom]))  # the tail values are stored in flat order
+    if len(tails) > 1 and not np.all(tails[1:] != tails[:-1]):  # only a near-constant matrix has both tails share
+        tails = np.unique(tails)
+    n_body = len(v) - len(tails)
+    if top.size and bottom.size:
+        hi, lo = v[top].min(), v[bottom].max()
+    else:  # a tail is empty (a matrix too small for one entry): the body's own extreme stands in for it
+        body = np.delete(v, tails)
+        hi = v[top].min() if top.size else (body.max() if n_body else v.max())
+        lo = v[bottom].max() if bottom.size else (body.min() if n_body else v.min())
     codes = np.zeros(len(v), dtype=np.uint8)
-    codes[top] = _EXACT_CODE
-    codes[bottom] = _EXACT_CODE
-    exact = codes == _EXACT_CODE
-    n_body = len(v) - int(np.count_nonzero(exact))
-    hi = v[top].min() if top.size else (np.max(v[~exact]) if n_body else v.max())
-    lo = v[bottom].max() if bottom.size else (np.min(v[~exact]) if n_body else v.min())
     levels = np.zeros(_LEVELS, dtype=np.float32)
+    width = (float(hi) - float(lo)) / _LEVELS  # bins need not be exact: decoding clamps to the tails
+    if n_body and width > 0:
+        # float32 arithmetic as torch's x.sub(lo).mul_(1 / width): the same codes as earlier versions wrote
+        y = np.subtract(v, np.float32(lo), dtype=np.float32)
+        np.multiply(y, np.float32(1 / width), out=y)
+        # The body's y lie in [0, 15] (a hair above 15 at hi by rounding), so its codes are min(floor(y), 14),
+        # the minimum taken on the bytes; the tails' codes are overwritten next, whatever the cast made of theirs.
+        with np.errstate(invalid="ignore"):
+            codes = y.astype(np.uint8)
+        del y
+        np.minimum(codes, _LEVELS - 1, out=codes)
+    codes[tails] = _EXACT_CODE
+    packed = _pack_nibbles(codes)
     if n_body:
-        width = (float(hi) - float(lo)) / _LEVELS  # bins need not be exact: decoding clamps to the tails
-        if width > 0:
-            # float32 arithmetic as torch's x.sub(lo).mul_(1 / width): the same codes as earlier versions wrote
-            y = np.subtract(v, np.float32(lo), dtype=np.float32)
-            np.multiply(y, np.float32(1 / width), out=y)
-            # The body's y lie in [0, 15], so truncation below is floor(min(y, 14)); the tails' codes are
-            # overwritten next, whatever the cast made of theirs.
-            np.minimum(y, _LEVELS - 1, out=y)
-            with np.errstate(invalid="ignore"):
-                codes = y.astype(np.uint8)
-            del y
-            codes[top] = _EXACT_CODE
-            codes[bottom] = _EXACT_CODE
-        bins = codes.astype(np.intp)  # what bincount counts in; converted once for both counts
-        counts = np.bincount(bins, minlength=_EXACT_CODE + 1)[:_LEVELS]
-        sums = np.bincount(bins, weights=v, minlength=_EXACT_CODE + 1)[:_LEVELS]  # float64, in flat order
-        del bins
+        # Per-bin sums in float64, added in flat order. torch counts straight from the uint8 codes (numpy's
+        # bincount first converts every entry to intp), and the counts come from the packed bytes, half as
+        # many: a byte's count goes to both of its codes, and an odd matrix's padding nibble is taken back.
+        sums = torch.bincount(torch.from_numpy(codes), torch.from_numpy(v).double(), _EXACT_CODE + 1)
+        pairs = torch.bincount(torch.from_numpy(packed), minlength=256).reshape(16, 16)
+        counts = (pairs.sum(0) + pairs.sum(1)).numpy()
+        counts[0] -= len(v) % 2
+        counts, sums = counts[:_LEVELS], sums.numpy()[:_LEVELS]
         centres = float(lo) + (np.arange(_LEVELS, dtype=np.float64) + 0.5) * max(width, 0.0)
         levels = np.where(counts > 0, sums / np.maximum(counts, 1), centres).astype(np.float32)
-    packed = torch.from_numpy(_pack_nibbles(codes))
     edges = torch.tensor([float(lo), float(hi)], dtype=torch.float32)
-    return packed, torch.from_numpy(v[exact].copy()), torch.cat([edges, torch.from_numpy(levels)])
+    return torch.from_numpy(packed), torch.from_numpy(v[tails]), torch.cat([edges, torch.from_numpy(levels)])
 
 
 def _decode(packed: torch.Tensor, exact: torch.Tensor, levels: torch.Tensor, n: int) -> torch.Tensor:

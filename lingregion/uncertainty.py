@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from .regions import tail_indices
+from .regions import map_matrices, tail_indices
 from .store import LingregionError
 
 RESAMPLES = 2000
@@ -144,14 +144,23 @@ def ranked_tops(scores: Mapping[str, torch.Tensor], share: float) -> dict[tuple[
     """Per matrix (each expert of an [experts, out, in] stack its own, keyed (name, expert)), the flat indices
     of its Top `share` ranked by score, ties by lowest index: the first round(r · n) of them are exactly the
     entries `select(scores, r, "top")` takes, for every r ≤ share. One selection serves every smaller share."""
-    out = {}
-    for name, x in scores.items():
-        x = x.detach().float().cpu()
-        for e, m in enumerate(x.reshape(-1, *x.shape[-2:]) if x.dim() == 3 else [x]):
-            v = m.reshape(-1).numpy()
-            idx = tail_indices(v, round(share * len(v)))
-            out[(name, e)] = idx[np.lexsort((idx, -v[idx]))]
-    return out
+    matrices = [
+        ((name, e), m.reshape(-1).numpy())
+        for name, x in scores.items()
+        for e, m in enumerate(_matrices(x.detach().float().cpu()))
+    ]
+
+    def ranked(item):
+        _, v = item
+        idx = tail_indices(v, round(share * len(v)))
+        return idx[np.lexsort((idx, -v[idx]))]
+
+    return dict(zip((key for key, _ in matrices), map_matrices(ranked, matrices)))
+
+
+def _matrices(x: torch.Tensor) -> list[torch.Tensor]:
+    """The matrices a selection treats on their own: each expert of an [experts, out, in] stack, else x."""
+    return list(x.reshape(-1, *x.shape[-2:])) if x.dim() == 3 else [x]
 
 
 def _sizes(scores: Mapping[str, torch.Tensor]) -> dict[tuple[str, int], int]:
@@ -227,16 +236,20 @@ def spearman(
     dominated by the differences of scale between matrices, which both halves share. A matrix of more
     than `sample` entries is represented by a seeded uniform sample of that many (the same positions in
     both halves), which bounds time and memory. Matrices constant in either half (ρ undefined) are left out."""
-    rng = np.random.default_rng(seed)
-    rhos = []
-    for n in half_a:
+    rng, pairs = np.random.default_rng(seed), []
+    for n in half_a:  # the samples are drawn in parameter order, so ρ does not depend on the threads
         x = half_a[n].reshape(-1).float().cpu().numpy()
         y = half_b[n].reshape(-1).float().cpu().numpy()
         if len(x) > sample:
             at = rng.choice(len(x), sample, replace=False)
             x, y = x[at], y[at]
-        if x.min() < x.max() and y.min() < y.max():
-            rhos.append(stats.spearmanr(x, y).statistic)
+        pairs.append((x, y))
+
+    def rho(pair):
+        x, y = pair
+        return stats.spearmanr(x, y).statistic if x.min() < x.max() and y.min() < y.max() else None
+
+    rhos = [r for r in map_matrices(rho, pairs) if r is not None]
     return float(np.mean(rhos)) if rhos else math.nan
 
 
