@@ -176,7 +176,7 @@ def _encode(v: np.ndarray, top: np.ndarray, bottom: np.ndarray):
     numpy passes (a code for every entry, the tails then overwritten) rather than masked copies of the body:
     this runs after every language's gradient pass, and must cost a small part of it."""
     tails = np.sort(np.concatenate([top, bottom]))  # the tail values are stored in flat order
-    if len(tails) > 1 and not np.all(tails[1:] != tails[:-1]):  # only a near-constant matrix has both tails share
+    if np.any(tails[1:] == tails[:-1]):  # only a near-constant matrix has an entry in both tails
         tails = np.unique(tails)
     n_body = len(v) - len(tails)
     if top.size and bottom.size:

@@ -164,11 +164,7 @@ def _matrices(x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _sizes(scores: Mapping[str, torch.Tensor]) -> dict[tuple[str, int], int]:
-    return {
-        (n, e): x.shape[-2:].numel() if x.dim() == 3 else x.numel()
-        for n, x in scores.items()
-        for e in range(x.shape[0] if x.dim() == 3 else 1)
-    }
+    return {(n, e): m.numel() for n, x in scores.items() for e, m in enumerate(_matrices(x))}
 
 
 def top_jaccards(ranked_a: dict, ranked_b: dict, sizes: dict[tuple[str, int], int], ratio: float) -> np.ndarray:
