@@ -36,12 +36,15 @@ def old_scorefile(commit: str, folder: Path):
     package = folder / "old"
     package.mkdir()
     for name in ("scorefile", "regions"):
-        text = subprocess.run(
-            ["git", "-C", str(ROOT), "show", f"{commit}:lingregion/{name}.py"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
+        show = ["git", "-C", str(ROOT), "show", f"{commit}:lingregion/{name}.py"]
+        got = subprocess.run(show, capture_output=True, text=True)
+        if got.returncode:
+            print(
+                f"encoding.py: error: no lingregion/{name}.py at {commit!r}; pass a commit of this repository",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+        text = got.stdout
         (package / f"{name}.py").write_text(text.replace("from .store import", "from lingregion.store import"))
     (package / "__init__.py").write_text("")
     sys.path.insert(0, str(folder))
